@@ -1,0 +1,38 @@
+# Inference gateway: `make run` serves the demo model, `make test` runs the whole suite.
+
+PYTHON  ?= python3
+VENV    ?= .venv
+HOST    ?= 127.0.0.1
+PORT    ?= 8000
+WORKERS ?= 1
+MODELS  ?= models
+
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: install run test lint models clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+models: install
+	$(BIN)/python -m model_store --root $(MODELS) train-demo --if-empty
+
+run: models
+	GATEWAY_MODEL_ROOT=$(MODELS) $(BIN)/python -m gateway --host $(HOST) --port $(PORT) --workers $(WORKERS)
+
+test: install
+	@scripts/ensure-tools.sh redis-server
+	$(BIN)/python -m pytest
+
+lint: install
+	$(BIN)/ruff check gateway model_store tests
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) build *.egg-info

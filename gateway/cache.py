@@ -1,0 +1,210 @@
+"""Cache tiers: an in-process L1 in front of a shared Redis L2.
+
+L1 is ``cachetools.TTLCache``: bounded by entries (LRU eviction) and by age. L2 is Redis as an
+accelerator, never a dependency: every call is bounded by ``timeout_s``, failures feed a circuit
+breaker that skips Redis while open, and an unreachable Redis reads as a miss. Lookups issued
+within one event-loop tick go out as one ``MGET``; writes are queued (bounded) and sent in
+pipelines by a background task, so neither delays a response.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import cachetools
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import RedisError
+
+from gateway.breaker import CircuitBreaker
+from gateway.metrics import Metrics
+
+__all__ = ["L1Cache", "RedisCache", "connect_redis"]
+
+log = logging.getLogger("gateway.cache")
+
+_WRITE_CHUNK = 512
+
+
+class L1Cache:
+    """In-process TTL + LRU map from key to decoded value. Event-loop thread only."""
+
+    def __init__(self, max_entries: int, ttl_s: float) -> None:
+        self._data: cachetools.TTLCache[str, Any] = cachetools.TTLCache(max_entries, ttl_s)
+
+    def get(self, key: str) -> Any | None:
+        return self._data.get(key)
+
+    def put(self, key: str, value: Any) -> None:
+        self._data[key] = value
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+def connect_redis(url: str, *, timeout_s: float, max_connections: int) -> aioredis.Redis:
+    """A client with one pool for ``redis://``, ``rediss://`` or ``unix://`` URLs.
+
+    Connecting is lazy: a Redis that is down does not fail this call. redis-py's own retries
+    are off, since the circuit breaker decides when to try again.
+    """
+    client: aioredis.Redis = aioredis.from_url(
+        url,
+        socket_timeout=timeout_s,
+        socket_connect_timeout=timeout_s,
+        max_connections=max_connections,
+        retry=Retry(NoBackoff(), 0),
+    )
+    return client
+
+
+class RedisCache:
+    """The L2 tier over one ``redis.asyncio`` client. Start with ``start()``, end with
+    ``aclose()`` (which also closes the client's pool)."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        timeout_s: float,
+        ttl_s: int,
+        breaker: CircuitBreaker,
+        metrics: Metrics,
+        write_backlog: int = 10_000,
+    ) -> None:
+        self._client = client
+        self._timeout = timeout_s
+        self._ttl = ttl_s
+        self._breaker = breaker
+        self._metrics = metrics
+        self._pending: list[tuple[Sequence[str], asyncio.Future[list[bytes | None] | None]]] = []
+        self._flush_scheduled = False
+        self._reads: set[asyncio.Task[None]] = set()
+        self._writes: deque[tuple[str, bytes]] = deque(maxlen=write_backlog)
+        self._write_wake: asyncio.Event | None = None
+        self._write_idle: asyncio.Event | None = None  # set while nothing is queued or sending
+        self._writer: asyncio.Task[None] | None = None
+
+    @property
+    def status(self) -> Literal["ok", "degraded"]:
+        return "ok" if self._breaker.state == "closed" else "degraded"
+
+    async def start(self) -> None:
+        """Start the background writer and probe Redis once; a failed probe only logs."""
+        self._write_wake = asyncio.Event()
+        self._write_idle = asyncio.Event()
+        self._write_idle.set()
+        self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+        try:
+            async with asyncio.timeout(self._timeout * 4):
+                await self._client.ping()
+            self._breaker.success()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed(exc)
+            log.warning("redis not reachable at startup (%s); serving from L1 + model", exc)
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None] | None:
+        """Raw values for ``keys`` (None per missing key), or None when Redis was skipped or
+        failed. Merged with the other lookups of this loop tick into one ``MGET``."""
+        if self._breaker.blocked():
+            return None
+        fut: asyncio.Future[list[bytes | None] | None] = (
+            asyncio.get_running_loop().create_future()
+        )
+        self._pending.append((keys, fut))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        return await fut
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        pending, self._pending = self._pending, []
+        if not self._breaker.allow():
+            for _, fut in pending:
+                if not fut.done():
+                    fut.set_result(None)
+            return
+        task = asyncio.get_running_loop().create_task(self._mget(pending))
+        self._reads.add(task)
+        task.add_done_callback(self._reads.discard)
+
+    async def _mget(
+        self, pending: list[tuple[Sequence[str], asyncio.Future[list[bytes | None] | None]]]
+    ) -> None:
+        keys = [k for ks, _ in pending for k in ks]
+        values: list[bytes | None] | None = None
+        try:
+            async with asyncio.timeout(self._timeout):
+                values = await self._client.mget(keys)
+            self._breaker.success()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._failed(exc)
+        except BaseException:  # cancelled (shutdown): the probe slot must not stay taken
+            self._breaker.failure()
+            raise
+        finally:
+            start = 0
+            for ks, fut in pending:
+                end = start + len(ks)
+                if not fut.done():
+                    fut.set_result(None if values is None else values[start:end])
+                start = end
+
+    def put(self, key: str, value: bytes) -> None:
+        """Queue one write (``SET key value EX ttl``); never blocks. When the backlog is full
+        the oldest queued write is dropped."""
+        if self._write_wake is None or self._breaker.blocked():
+            self._metrics.l2_writes_dropped.inc()
+            return
+        if len(self._writes) == self._writes.maxlen:
+            self._metrics.l2_writes_dropped.inc()
+        self._writes.append((key, value))
+        self._write_wake.set()
+        assert self._write_idle is not None
+        self._write_idle.clear()
+
+    async def _write_loop(self) -> None:
+        assert self._write_wake is not None and self._write_idle is not None
+        while True:
+            if not self._writes:
+                self._write_idle.set()
+                self._write_wake.clear()
+                await self._write_wake.wait()
+            chunk = [self._writes.popleft() for _ in range(min(_WRITE_CHUNK, len(self._writes)))]
+            if not self._breaker.allow():
+                self._metrics.l2_writes_dropped.inc(len(chunk))
+                continue
+            try:
+                pipe = self._client.pipeline(transaction=False)
+                for key, value in chunk:
+                    pipe.set(key, value, ex=self._ttl)
+                async with asyncio.timeout(self._timeout * 2):
+                    await pipe.execute()
+                self._breaker.success()
+            except (RedisError, OSError, TimeoutError) as exc:
+                self._failed(exc)
+                self._metrics.l2_writes_dropped.inc(len(chunk))
+
+    def _failed(self, exc: BaseException) -> None:
+        self._metrics.redis_errors.inc()
+        self._breaker.failure()
+        log.debug("redis call failed: %r", exc)
+
+    async def flush_writes(self) -> None:
+        """Wait until every queued write has been sent or dropped."""
+        if self._write_idle is not None:
+            await self._write_idle.wait()
+
+    async def aclose(self) -> None:
+        """Stop the writer and pending reads, then close the connection pool."""
+        tasks = [t for t in (self._writer, *self._reads) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._client.aclose()

@@ -1,0 +1,88 @@
+"""Errors a request can end with, and their one mapping to HTTP responses.
+
+Every error body is ``{"error": {"code": "<stable_code>", "message": "<what and where>"}}``.
+"""
+
+from __future__ import annotations
+
+import orjson
+from starlette.responses import Response
+
+__all__ = [
+    "BodyTooLarge",
+    "DeadlineExceeded",
+    "GatewayError",
+    "InvalidInput",
+    "MalformedJson",
+    "ModelFailed",
+    "NotFound",
+    "Overloaded",
+    "Unavailable",
+    "error_response",
+]
+
+
+class GatewayError(Exception):
+    """Base: a request that ends with ``status`` and a stable ``code``."""
+
+    status = 500
+    code = "internal_error"
+    headers: dict[str, str] = {}  # noqa: RUF012 - read-only class default
+
+    def __init__(self, message: str, *, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if code is not None:
+            self.code = code
+
+
+class InvalidInput(GatewayError):
+    status = 422
+    code = "invalid_input"
+
+
+class MalformedJson(GatewayError):
+    status = 400
+    code = "malformed_json"
+
+
+class BodyTooLarge(GatewayError):
+    status = 413
+    code = "body_too_large"
+
+
+class NotFound(GatewayError):
+    status = 404
+    code = "model_not_found"
+
+
+class Overloaded(GatewayError):
+    """Queue full: refused at once; the client may retry after ``Retry-After`` seconds."""
+
+    status = 503
+    code = "overloaded"
+    headers = {"Retry-After": "1"}  # noqa: RUF012
+
+
+class Unavailable(GatewayError):
+    status = 503
+    code = "unavailable"
+    headers = {"Retry-After": "1"}  # noqa: RUF012
+
+
+class DeadlineExceeded(GatewayError):
+    status = 504
+    code = "deadline_exceeded"
+
+
+class ModelFailed(GatewayError):
+    """The model raised for this input; the message names the error type only."""
+
+    status = 500
+    code = "model_error"
+
+
+def error_response(exc: GatewayError) -> Response:
+    body = orjson.dumps({"error": {"code": exc.code, "message": exc.message}})
+    return Response(body, status_code=exc.status, headers=exc.headers,
+                    media_type="application/json")

@@ -1,0 +1,139 @@
+"""Request input: bounded body reading and validation of rows against a model's features.
+
+Everything here raises a ``GatewayError`` naming what is wrong and where; nothing reaches the
+model or the cache unless it is a finite float64 matrix of the right shape.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+import orjson
+from starlette.requests import Request
+
+from gateway.errors import BodyTooLarge, InvalidInput, MalformedJson
+
+__all__ = ["parse_instances", "parse_query", "read_json"]
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """The request body parsed as JSON, refused with 413 as soon as it exceeds ``limit`` bytes
+    (by ``Content-Length`` before reading, or while streaming a chunked body)."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"body of {declared} bytes exceeds the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    try:
+        return orjson.loads(b"".join(chunks))
+    except orjson.JSONDecodeError as exc:
+        raise MalformedJson(f"body is not valid JSON: {exc}") from None
+
+
+def _number(value: Any, where: str) -> float:
+    if type(value) is float:
+        if math.isfinite(value):
+            return value
+        raise InvalidInput(f"{where}: {value} is not a finite number", code="non_finite")
+    if type(value) is int:
+        try:
+            return float(value)
+        except OverflowError:
+            raise InvalidInput(f"{where}: {value} is out of float64 range",
+                               code="non_finite") from None
+    raise InvalidInput(f"{where}: expected a number, got {_kind(value)}", code="not_a_number")
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if value is None:
+        return "null"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
+
+
+def parse_query(pairs: Iterable[tuple[str, str]], features: Sequence[str]) -> np.ndarray:
+    """One row from query parameters named exactly after ``features`` (any order)."""
+    given: dict[str, str] = {}
+    for name, raw in pairs:
+        if name in given:
+            raise InvalidInput(f"query parameter {name!r} given more than once",
+                               code="duplicate_feature")
+        given[name] = raw
+    if len(given) != len(features) or any(f not in given for f in features):
+        missing = [f for f in features if f not in given]
+        extra = sorted(set(given) - set(features))
+        raise InvalidInput(
+            f"query parameters must be exactly {', '.join(features)}"
+            + (f"; missing: {', '.join(missing)}" if missing else "")
+            + (f"; unknown: {', '.join(extra)}" if extra else ""),
+            code="wrong_features",
+        )
+    row = np.empty((1, len(features)), dtype=np.float64)
+    for i, name in enumerate(features):
+        raw = given[name]
+        try:
+            value = float(raw)
+        except ValueError:
+            raise InvalidInput(f"query parameter {name}={raw!r} is not a number",
+                               code="not_a_number") from None
+        if not math.isfinite(value):
+            raise InvalidInput(f"query parameter {name}={raw!r} is not a finite number",
+                               code="non_finite")
+        row[0, i] = value
+    return row
+
+
+def parse_instances(instances: Any, features: Sequence[str], max_rows: int) -> np.ndarray:
+    """Rows from ``instances``: a non-empty list of lists (features in order) or of objects
+    keyed by feature name; at most ``max_rows``."""
+    if not isinstance(instances, list):
+        raise InvalidInput(f"instances: expected a list of rows, got {_kind(instances)}",
+                           code="invalid_instances")
+    if not instances:
+        raise InvalidInput("instances: at least one row is required", code="empty_instances")
+    if len(instances) > max_rows:
+        raise InvalidInput(f"instances: {len(instances)} rows exceed the limit of {max_rows}",
+                           code="too_many_rows")
+    n_features = len(features)
+    out = np.empty((len(instances), n_features), dtype=np.float64)
+    for i, row in enumerate(instances):
+        if isinstance(row, list):
+            if len(row) != n_features:
+                raise InvalidInput(
+                    f"instances[{i}]: expected {n_features} values "
+                    f"({', '.join(features)}), got {len(row)}",
+                    code="wrong_feature_count",
+                )
+            for j, value in enumerate(row):
+                out[i, j] = _number(value, f"instances[{i}][{j}] ({features[j]})")
+        elif isinstance(row, dict):
+            if len(row) != n_features or any(f not in row for f in features):
+                missing = [f for f in features if f not in row]
+                extra = sorted(set(row) - set(features))
+                raise InvalidInput(
+                    f"instances[{i}]: keys must be exactly {', '.join(features)}"
+                    + (f"; missing: {', '.join(missing)}" if missing else "")
+                    + (f"; unknown: {', '.join(map(str, extra))}" if extra else ""),
+                    code="wrong_features",
+                )
+            for j, name in enumerate(features):
+                out[i, j] = _number(row[name], f"instances[{i}].{name}")
+        else:
+            raise InvalidInput(f"instances[{i}]: expected a list or an object, got {_kind(row)}",
+                               code="invalid_instances")
+    return out

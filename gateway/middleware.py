@@ -1,0 +1,57 @@
+"""ASGI middleware, written as plain ``app`` + keyword-option classes."""
+
+from __future__ import annotations
+
+import time
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway.metrics import Metrics
+
+__all__ = ["MetricsMiddleware"]
+
+
+class MetricsMiddleware:
+    """Counts HTTP requests by route template and status, and times them.
+
+    Requests that match no route are labelled ``other`` so labels stay bounded.
+    """
+
+    def __init__(self, app: ASGIApp, *, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+        self._paths: dict[object, str] = {}  # endpoint -> template, for plain Starlette routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            template = self._template(scope)
+            self.metrics.requests.labels(template, str(status)).inc()
+            self.metrics.request_seconds.labels(template).observe(time.perf_counter() - start)
+
+    def _template(self, scope: Scope) -> str:
+        path = getattr(scope.get("route"), "path", None)
+        if isinstance(path, str):
+            return path
+        endpoint = scope.get("endpoint")
+        if endpoint is None:
+            return "other"
+        if endpoint not in self._paths:
+            routes = getattr(scope.get("router"), "routes", ())
+            self._paths[endpoint] = next(
+                (r.path for r in routes if getattr(r, "endpoint", None) is endpoint), "other"
+            )
+        return self._paths[endpoint]

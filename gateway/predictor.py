@@ -1,0 +1,237 @@
+"""The prediction path: keys -> L1 -> L2 -> single-flight -> micro-batcher -> model.
+
+``Predictor.predict`` answers a matrix of validated rows for one model version, computing only
+the rows no tier holds, each at most once at a time (single-flight), in as few model calls as
+the load allows (micro-batcher). Results go to L1 before the in-flight entry is freed, and to
+Redis in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import anyio
+import numpy as np
+import orjson
+
+from gateway.batcher import BatcherClosed, MicroBatcher, QueueFull
+from gateway.cache import L1Cache, RedisCache
+from gateway.errors import GatewayError, ModelFailed, Overloaded, Unavailable
+from gateway.keys import row_keys
+from gateway.metrics import Metrics
+from gateway.singleflight import SingleFlight
+from model_store import LoadedModel
+
+__all__ = ["ModelRuntime", "Predictor", "Source"]
+
+log = logging.getLogger("gateway.predictor")
+
+Source = Literal["l1", "l2", "miss"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Row:
+    x: np.ndarray  # one canonical row, shape (n_features,)
+    proba: bool
+
+
+class ModelRuntime:
+    """One loaded model version: the estimator, its batcher (if batching) and its counters."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        metrics: Metrics,
+        *,
+        limiter: anyio.CapacityLimiter,
+        batching: bool,
+        max_batch_size: int,
+        max_delay_s: float,
+        max_queue: int,
+        concurrency: int,
+    ) -> None:
+        self.model = model
+        self.manifest = model.manifest
+        version = str(model.version)
+        self._calls = metrics.model_calls.labels(model.name, version)
+        self._rows = metrics.model_rows.labels(model.name, version)
+        self.limiter = limiter
+        self.batcher: MicroBatcher[_Row, Any] | None = None
+        if batching:
+            queue_gauge = metrics.queue_rows.labels(f"{model.name}:{version}")
+            self.batcher = MicroBatcher(
+                self.run,
+                limiter=limiter,
+                max_batch_size=max_batch_size,
+                max_delay_s=max_delay_s,
+                max_queue=max_queue,
+                concurrency=concurrency,
+                on_batch=metrics.batch_rows.observe,
+                on_queue=queue_gauge.set,
+            )
+
+    def run(self, rows: Sequence[_Row]) -> list[Any]:
+        """Worker thread: answer ``rows`` with one ``predict`` and/or one ``predict_proba``."""
+        out: list[Any] = [None] * len(rows)
+        for proba in (False, True):
+            idx = [i for i, r in enumerate(rows) if r.proba is proba]
+            if not idx:
+                continue
+            x = np.stack([rows[i].x for i in idx])
+            values = self.model.predict_proba(x) if proba else self.model.predict(x)
+            self._calls.inc()
+            self._rows.inc(len(idx))
+            for i, v in zip(idx, values, strict=True):
+                out[i] = v
+        return out
+
+
+class Predictor:
+    """Shared by all models of one app; see the module docstring."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        prefix: str,
+        l1: L1Cache | None,
+        l2: RedisCache | None,
+        coalesce: bool,
+    ) -> None:
+        self._metrics = metrics
+        self._prefix = prefix
+        self._l1 = l1
+        self._l2 = l2
+        self._flights: SingleFlight[str, Any] | None = (
+            SingleFlight(abandon=True) if coalesce else None
+        )
+        self._l1_hit = metrics.cache_lookups.labels("l1", "hit")
+        self._l1_miss = metrics.cache_lookups.labels("l1", "miss")
+        self._l2_hit = metrics.cache_lookups.labels("l2", "hit")
+        self._l2_miss = metrics.cache_lookups.labels("l2", "miss")
+        self._l2_error = metrics.cache_lookups.labels("l2", "error")
+
+    async def predict(
+        self, rt: ModelRuntime, rows: np.ndarray, proba: bool
+    ) -> tuple[list[Any], list[Source]]:
+        """Values and cache sources for the canonical rows ``rows``, in row order.
+
+        Raises:
+            Overloaded: the model's queue is full.
+            Unavailable: shutting down.
+            ModelFailed: the model raised for one of the rows.
+        Cancelling it (deadline, client gone) drops its rows that nobody else waits for.
+        """
+        n = len(rows)
+        values: list[Any] = [None] * n
+        sources: list[Source] = ["miss"] * n
+        keys: list[str] | None = None
+        if self._l1 is not None or self._flights is not None:
+            keys = row_keys(self._prefix, rt.manifest.name, rt.manifest.digest, rows, proba)
+        missing = range(n)
+        if self._l1 is not None and keys is not None:
+            missing = self._from_l1(keys, values, sources)
+            if missing and self._l2 is not None:
+                missing = await self._from_l2(keys, missing, values, sources)
+        if not missing:
+            return values, sources
+        if len(missing) == 1:
+            i = missing[0]
+            values[i] = await self._compute(rt, rows[i], keys[i] if keys else None, proba)
+        else:
+            computed = await asyncio.gather(
+                *(self._compute(rt, rows[i], keys[i] if keys else None, proba) for i in missing)
+            )
+            for i, v in zip(missing, computed, strict=True):
+                values[i] = v
+        return values, sources
+
+    def _from_l1(self, keys: list[str], values: list[Any], sources: list[Source]) -> list[int]:
+        assert self._l1 is not None
+        missing = []
+        for i, key in enumerate(keys):
+            v = self._l1.get(key)
+            if v is None:
+                missing.append(i)
+            else:
+                values[i] = v
+                sources[i] = "l1"
+        if missing:
+            self._l1_miss.inc(len(missing))
+        if len(missing) < len(keys):
+            self._l1_hit.inc(len(keys) - len(missing))
+        return missing
+
+    async def _from_l2(
+        self, keys: list[str], missing: list[int], values: list[Any], sources: list[Source]
+    ) -> list[int]:
+        assert self._l2 is not None and self._l1 is not None
+        raw = await self._l2.get_many([keys[i] for i in missing])
+        if raw is None:
+            self._l2_error.inc(len(missing))
+            return missing
+        still = []
+        for i, blob in zip(missing, raw, strict=True):
+            if blob is None:
+                still.append(i)
+                continue
+            v = orjson.loads(blob)
+            values[i] = v
+            sources[i] = "l2"
+            self._l1.put(keys[i], v)
+        if still:
+            self._l2_miss.inc(len(still))
+        if len(still) < len(missing):
+            self._l2_hit.inc(len(missing) - len(still))
+        return still
+
+    async def _compute(self, rt: ModelRuntime, x: np.ndarray, key: str | None, proba: bool) -> Any:
+        if self._flights is None or key is None:
+            return await self._infer_and_store(rt, x, key, proba)
+        value, shared = await self._flights.do(
+            key, lambda: self._infer_and_store(rt, x, key, proba)
+        )
+        if shared:
+            self._metrics.coalesced.labels(rt.manifest.name).inc()
+        return value
+
+    async def _infer_and_store(
+        self, rt: ModelRuntime, x: np.ndarray, key: str | None, proba: bool
+    ) -> Any:
+        if self._l1 is not None and key is not None:
+            cached = self._l1.get(key)  # stored by a flight that ended after our lookup
+            if cached is not None:
+                return cached
+        value = await self._infer(rt, _Row(x, proba))
+        if self._l1 is not None and key is not None:
+            self._l1.put(key, value)
+            if self._l2 is not None:
+                self._l2.put(key, orjson.dumps(value))
+        return value
+
+    async def _infer(self, rt: ModelRuntime, row: _Row) -> Any:
+        try:
+            if rt.batcher is not None:
+                return await rt.batcher.submit(row)
+            (value,) = await anyio.to_thread.run_sync(rt.run, [row], limiter=rt.limiter)
+            return value
+        except QueueFull as exc:
+            raise Overloaded(f"model {rt.manifest.name} v{rt.manifest.version}: {exc}") from exc
+        except BatcherClosed as exc:
+            raise Unavailable(f"shutting down: {exc}") from exc
+        except GatewayError:
+            raise
+        except Exception as exc:  # the model's own error: named, logged, answered as 500
+            log.warning("model %s v%s raised %r", rt.manifest.name, rt.manifest.version, exc)
+            raise ModelFailed(
+                f"model {rt.manifest.name} v{rt.manifest.version} failed on this input "
+                f"({type(exc).__name__})"
+            ) from exc
+
+    async def aclose(self) -> None:
+        if self._flights is not None:
+            await self._flights.aclose()

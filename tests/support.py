@@ -1,0 +1,163 @@
+"""Test support: an instrumented estimator wrapper, an in-process client, real processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import joblib
+import numpy as np
+from fastapi import FastAPI
+
+from gateway import Settings, create_app
+from model_store import ModelStore
+
+POISON = -999.0  # a row whose first feature is this makes the Probe raise
+
+
+class Probe:
+    """Wraps a fitted estimator: counts calls and rows, can hold calls at a gate, raises on a
+    row whose first value is ``POISON``. Thread-safe."""
+
+    def __init__(self, estimator: Any) -> None:
+        self.estimator = estimator
+        self.n_features_in_ = estimator.n_features_in_
+        self.classes_ = getattr(estimator, "classes_", None)
+        self.calls = 0
+        self.rows = 0
+        self.batch_sizes: list[int] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()  # set whenever a call starts
+        self._lock = threading.Lock()
+
+    def _enter(self, x: np.ndarray) -> None:
+        with self._lock:
+            self.calls += 1
+            self.rows += len(x)
+            self.batch_sizes.append(len(x))
+        self.entered.set()
+        self.gate.wait(timeout=30)
+        if np.any(x[:, 0] == POISON):
+            raise ValueError("poisoned row")
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        self._enter(x)
+        return self.estimator.predict(x)
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        self._enter(x)
+        return self.estimator.predict_proba(x)
+
+
+class ProbeLoader:
+    """A ``ModelStore`` loader that wraps each loaded estimator in a ``Probe``."""
+
+    def __init__(self) -> None:
+        self.probes: dict[Path, Probe] = {}
+
+    def __call__(self, path: Path) -> Probe:
+        probe = Probe(joblib.load(path))
+        self.probes[path] = probe
+        return probe
+
+    def only(self) -> Probe:
+        (probe,) = self.probes.values()
+        return probe
+
+
+@asynccontextmanager
+async def serve(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
+    """Run the app's lifespan and yield an in-process client whose requests see its state."""
+    async with app.router.lifespan_context(app) as state:
+
+        async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            await app(dict(scope, state=dict(state or {})), receive, send)
+
+        transport = httpx.ASGITransport(app=asgi)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            yield client
+
+
+@asynccontextmanager
+async def probed_app(root: Path, **overrides: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Probe, FastAPI]]:
+    """An in-process gateway over ``root`` whose single model is wrapped in a Probe."""
+    loader = ProbeLoader()
+    settings = Settings(model_root=root, **overrides)
+    app = create_app(settings, store=ModelStore(root, loader=loader))
+    async with serve(app) as client:
+        yield client, loader.only(), app
+
+
+async def wait_for(predicate: Callable[[], bool], *, steps: int = 100_000) -> None:
+    """Yield to the event loop until ``predicate()`` holds (no timed sleeping)."""
+    for _ in range(steps):
+        if predicate():
+            return
+        await asyncio.sleep(0)
+    raise AssertionError("condition not reached")
+
+
+async def wait_thread_event(event: threading.Event) -> None:
+    """Await a ``threading.Event`` set by a worker thread."""
+    done = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    threading.Thread(target=lambda: (event.wait(30), loop.call_soon_threadsafe(done.set)),
+                     daemon=True).start()
+    await done.wait()
+    assert event.is_set()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def uvicorn_process(env: dict[str, str], *, port: int | None = None) -> Iterator[str]:
+    """Start ``python -m gateway`` as a real process; yield its base URL once it is up.
+
+    Waits on the server's own "Application startup complete" line, then stops it (SIGTERM,
+    then SIGKILL) by PID.
+    """
+    port = port or free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", "--port", str(port), "--log-level", "info"],
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    log: list[str] = []
+    try:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            log.append(line)
+            if "Application startup complete" in line:
+                break
+        else:
+            raise RuntimeError("gateway exited during startup:\n" + "".join(log))
+        threading.Thread(target=_drain, args=(proc.stderr, log), daemon=True).start()
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _drain(stream: Any, log: list[str]) -> None:
+    for line in stream:
+        log.append(line)
