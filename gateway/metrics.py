@@ -29,7 +29,8 @@ class Metrics:
             buckets=_LATENCY_BUCKETS, registry=r,
         )
         self.cache_lookups = Counter(
-            "gateway_cache_lookups", "Cache lookups by tier (l1, l2) and result (hit, miss, error).",
+            "gateway_cache_lookups",
+            "Cache lookups by tier (l1, l2) and result (hit, miss, error).",
             ["tier", "result"], registry=r,
         )
         self.coalesced = Counter(

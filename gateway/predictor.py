@@ -115,6 +115,10 @@ class Predictor:
         self._l2_miss = metrics.cache_lookups.labels("l2", "miss")
         self._l2_error = metrics.cache_lookups.labels("l2", "error")
 
+    def waiting(self) -> int:
+        """Requests waiting on an in-flight computation now (0 without coalescing)."""
+        return self._flights.waiting() if self._flights is not None else 0
+
     async def predict(
         self, rt: ModelRuntime, rows: np.ndarray, proba: bool
     ) -> tuple[list[Any], list[Source]]:

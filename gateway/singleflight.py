@@ -47,6 +47,10 @@ class SingleFlight(Generic[K, V]):
         """Keys in flight now."""
         return len(self._calls)
 
+    def waiting(self) -> int:
+        """Callers waiting now, over all keys."""
+        return sum(c.waiters for c in self._calls.values())
+
     async def do(self, key: K, fn: Callable[[], Awaitable[V]]) -> tuple[V, bool]:
         """Run ``fn()`` once for all concurrent callers of ``key``.
 

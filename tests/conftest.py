@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,12 +12,6 @@ from model_store.demo import IRIS_FEATURES, iris_data, train_iris
 
 # A redis-server of the test session's own, on a free port (never the machine's 6379).
 redis_server = factories.redis_proc(port=None)
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
-        if inspect.iscoroutinefunction(getattr(item, "function", None)):
-            item.add_marker(pytest.mark.anyio)
 
 
 @pytest.fixture

@@ -19,6 +19,7 @@ import numpy as np
 from fastapi import FastAPI
 
 from gateway import Settings, create_app
+from gateway.runtime import Gateway
 from model_store import ModelStore
 
 POISON = -999.0  # a row whose first feature is this makes the Probe raise
@@ -78,24 +79,34 @@ class ProbeLoader:
 @asynccontextmanager
 async def serve(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
     """Run the app's lifespan and yield an in-process client whose requests see its state."""
-    async with app.router.lifespan_context(app) as state:
-
-        async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
-            await app(dict(scope, state=dict(state or {})), receive, send)
-
-        transport = httpx.ASGITransport(app=asgi)
-        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
-            yield client
+    async with serve_with_state(app) as (client, _gateway):
+        yield client
 
 
 @asynccontextmanager
-async def probed_app(root: Path, **overrides: Any) -> AsyncIterator[tuple[httpx.AsyncClient, Probe, FastAPI]]:
+async def serve_with_state(app: FastAPI) -> AsyncIterator[tuple[httpx.AsyncClient, Gateway]]:
+    """``serve``, also yielding the lifespan's ``Gateway``."""
+    async with app.router.lifespan_context(app) as state:
+        assert state is not None
+
+        async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            await app(dict(scope, state=dict(state)), receive, send)
+
+        transport = httpx.ASGITransport(app=asgi)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            yield client, state["gateway"]
+
+
+@asynccontextmanager
+async def probed_app(
+    root: Path, **overrides: Any
+) -> AsyncIterator[tuple[httpx.AsyncClient, Probe, Gateway]]:
     """An in-process gateway over ``root`` whose single model is wrapped in a Probe."""
     loader = ProbeLoader()
     settings = Settings(model_root=root, **overrides)
     app = create_app(settings, store=ModelStore(root, loader=loader))
-    async with serve(app) as client:
-        yield client, loader.only(), app
+    async with serve_with_state(app) as (client, gateway):
+        yield client, loader.only(), gateway
 
 
 async def wait_for(predicate: Callable[[], bool], *, steps: int = 100_000) -> None:

@@ -12,6 +12,8 @@ from model_store import ArtifactRejected, ModelNotFound, ModelStore
 from model_store.__main__ import main as cli
 from model_store.demo import IRIS_FEATURES, iris_data
 
+pytestmark = pytest.mark.anyio
+
 
 def test_round_trip_keeps_predictions_and_manifest(tmp_path: Path, iris_estimator) -> None:
     store = ModelStore(tmp_path)

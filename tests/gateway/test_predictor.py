@@ -1,0 +1,167 @@
+"""Single-flight and micro-batching through the HTTP path (in-process), on the real forest."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.support import POISON, probed_app, wait_for, wait_thread_event
+
+pytestmark = pytest.mark.anyio
+
+
+def q(row: list[float] | np.ndarray) -> str:
+    names = ("sepal_length", "sepal_width", "petal_length", "petal_width")
+    return "/predict?" + "&".join(f"{n}={v}" for n, v in zip(names, row, strict=True))
+
+
+def metric(text: str, line_start: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(line_start):
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+async def test_200_identical_new_rows_make_one_model_call(session_store: Path) -> None:
+    async with probed_app(session_store) as (client, probe, gw):
+        probe.gate.clear()
+        tasks = [asyncio.create_task(client.get(q([6.1, 2.8, 4.7, 1.2]))) for _ in range(200)]
+        await wait_thread_event(probe.entered)
+        await wait_for(lambda: gw.predictor.waiting() == 200)
+        probe.gate.set()
+        responses = await asyncio.gather(*tasks)
+        assert {r.json()["prediction"] for r in responses} == {"versicolor"}
+        assert probe.calls == 1
+        text = (await client.get("/metrics")).text
+        assert metric(text, 'gateway_model_calls_total{model="iris",version="1"}') == 1
+        assert metric(text, 'gateway_coalesced_total{model="iris"}') == 199
+
+
+async def test_first_caller_cancelled_others_still_answered(session_store: Path) -> None:
+    async with probed_app(session_store) as (client, probe, gw):
+        probe.gate.clear()
+        first = asyncio.create_task(client.get(q([6.3, 3.3, 6.0, 2.5])))
+        await wait_thread_event(probe.entered)
+        others = [asyncio.create_task(client.get(q([6.3, 3.3, 6.0, 2.5]))) for _ in range(199)]
+        await wait_for(lambda: gw.predictor.waiting() == 200)
+        first.cancel()
+        await wait_for(lambda: gw.predictor.waiting() == 199)
+        probe.gate.set()
+        responses = await asyncio.gather(*others)
+        assert [r.json() for r in responses] == [{"prediction": "virginica"}] * 199
+        assert probe.calls == 1
+        with pytest.raises(asyncio.CancelledError):
+            await first
+
+
+async def test_256_distinct_rows_batch_into_at_most_5_calls(session_store: Path, random_rows,
+                                                            iris_estimator) -> None:
+    rows = random_rows[:256]
+    async with probed_app(session_store, max_batch_size=64) as (client, probe, gw):
+        probe.gate.clear()
+        tasks = [asyncio.create_task(client.get(q(r))) for r in rows]
+        await wait_thread_event(probe.entered)
+        rt = gw.runtime("iris")
+        assert rt.batcher is not None
+        await wait_for(lambda: rt.batcher.queued_rows + probe.rows == 256)
+        probe.gate.set()
+        answers = [r.json()["prediction"] for r in await asyncio.gather(*tasks)]
+        assert answers == iris_estimator.predict(rows).tolist()
+        assert probe.calls <= 5 and probe.rows == 256
+        assert max(probe.batch_sizes) <= 64
+
+
+async def test_poisoned_row_fails_alone(session_store: Path, iris_rows, iris_estimator) -> None:
+    rows = iris_rows[:8].tolist()
+    rows[3] = [POISON, 1, 1, 1]
+    async with probed_app(session_store) as (client, probe, gw):
+        probe.gate.clear()
+        warm = asyncio.create_task(client.get(q([7.7, 3.8, 6.7, 2.2])))
+        await wait_thread_event(probe.entered)
+        tasks = [asyncio.create_task(client.get(q(r))) for r in rows]
+        rt = gw.runtime("iris")
+        await wait_for(lambda: rt.batcher is not None and rt.batcher.queued_rows == 8)
+        probe.gate.set()
+        await warm
+        responses = await asyncio.gather(*tasks)
+        assert [r.status_code for r in responses] == [200, 200, 200, 500, 200, 200, 200, 200]
+        assert responses[3].json()["error"]["code"] == "model_error"
+        expected = iris_estimator.predict(np.array(rows[:3] + rows[4:])).tolist()
+        assert [r.json()["prediction"] for r in responses if r.status_code == 200] == expected
+        # the failure was not cached: asking again runs the model again
+        calls = probe.calls
+        assert (await client.get(q(rows[3]))).status_code == 500
+        assert probe.calls == calls + 1
+
+
+async def test_queue_overflow_is_refused_at_once_with_503(session_store: Path,
+                                                          random_rows) -> None:
+    async with probed_app(session_store, max_queue_rows=4) as (client, probe, gw):
+        probe.gate.clear()
+        running = asyncio.create_task(client.get(q(random_rows[0])))
+        await wait_thread_event(probe.entered)
+        queued = [asyncio.create_task(client.get(q(r))) for r in random_rows[1:5]]
+        rt = gw.runtime("iris")
+        await wait_for(lambda: rt.batcher is not None and rt.batcher.queued_rows == 4)
+        refused = await client.get(q(random_rows[5]))
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert refused.json()["error"]["code"] == "overloaded"
+        probe.gate.set()
+        assert all(r.status_code == 200 for r in await asyncio.gather(running, *queued))
+        text = (await client.get("/metrics")).text
+        assert metric(text, 'gateway_rejected_total{reason="overloaded"}') == 1
+
+
+async def test_expired_deadline_is_504_and_its_row_is_dropped(session_store: Path,
+                                                              random_rows) -> None:
+    async with probed_app(session_store) as (client, probe, gw):
+        probe.gate.clear()
+        running = asyncio.create_task(client.get(q(random_rows[0])))
+        await wait_thread_event(probe.entered)
+        r = await client.get(q(random_rows[1]), headers={"X-Request-Timeout-Ms": "20"})
+        assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
+        rt = gw.runtime("iris")
+        await wait_for(lambda: rt.batcher is not None and rt.batcher.queued_rows == 0)
+        probe.gate.set()
+        assert (await running).status_code == 200
+        assert probe.rows == 1  # the expired row never reached the model
+
+
+async def test_caller_cancelled_while_batch_runs_others_complete(session_store: Path,
+                                                                 random_rows) -> None:
+    async with probed_app(session_store) as (client, probe, gw):
+        probe.gate.clear()
+        running = asyncio.create_task(client.get(q(random_rows[0])))
+        await wait_thread_event(probe.entered)
+        batch = [asyncio.create_task(client.get(q(r))) for r in random_rows[1:6]]
+        rt = gw.runtime("iris")
+        await wait_for(lambda: rt.batcher is not None and rt.batcher.queued_rows == 5)
+        probe.entered.clear()
+        probe.gate.set()
+        await wait_thread_event(probe.entered)  # the 5-row batch is in predict
+        probe.gate.clear()
+        batch[2].cancel()
+        probe.gate.set()
+        done = await asyncio.gather(running, *batch, return_exceptions=True)
+        assert isinstance(done[3], asyncio.CancelledError)
+        assert [r.status_code for i, r in enumerate(done) if i != 3] == [200] * 5
+        # and the next caller of the cancelled row still gets a correct answer
+        r = await client.get(q(random_rows[3]))
+        assert r.status_code == 200 and r.headers["x-cache"] == "l1"
+
+
+async def test_naive_configuration_calls_predict_per_row(session_store: Path,
+                                                         random_rows) -> None:
+    async with probed_app(session_store, cache="off", coalesce="off", batch="off") as (
+        client, probe, _):
+        for _ in range(3):
+            r = await client.get(q(random_rows[0]))
+            assert r.headers["x-cache"] == "miss"
+        r = await client.post("/v1/models/iris/predict",
+                              json={"instances": random_rows[:5].tolist()})
+        assert r.status_code == 200
+        assert probe.calls == 8 and probe.batch_sizes == [1] * 8
