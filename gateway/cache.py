@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import cachetools
@@ -34,8 +35,12 @@ _WRITE_CHUNK = 512
 class L1Cache:
     """In-process TTL + LRU map from key to decoded value. Event-loop thread only."""
 
-    def __init__(self, max_entries: int, ttl_s: float) -> None:
-        self._data: cachetools.TTLCache[str, Any] = cachetools.TTLCache(max_entries, ttl_s)
+    def __init__(
+        self, max_entries: int, ttl_s: float, *, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._data: cachetools.TTLCache[str, Any] = cachetools.TTLCache(
+            max_entries, ttl_s, timer=clock
+        )
 
     def get(self, key: str) -> Any | None:
         return self._data.get(key)
@@ -141,7 +146,7 @@ class RedisCache:
         values: list[bytes | None] | None = None
         try:
             async with asyncio.timeout(self._timeout):
-                values = await self._client.mget(keys)
+                values = await self._client.mget(keys)  # type: ignore[assignment]
             self._breaker.success()
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed(exc)

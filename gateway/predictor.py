@@ -136,7 +136,7 @@ class Predictor:
         keys: list[str] | None = None
         if self._l1 is not None or self._flights is not None:
             keys = row_keys(self._prefix, rt.manifest.name, rt.manifest.digest, rows, proba)
-        missing = range(n)
+        missing: list[int] = list(range(n))
         if self._l1 is not None and keys is not None:
             missing = self._from_l1(keys, values, sources)
             if missing and self._l2 is not None:

@@ -19,6 +19,7 @@ finishes, as in Go's ``x/sync/singleflight``.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -63,7 +64,7 @@ class SingleFlight(Generic[K, V]):
         if call is None or call.abandoned:
             call = _Call(asyncio.get_running_loop().create_task(_run(fn)))
             self._calls[key] = call
-            call.task.add_done_callback(lambda _t, c=call: self._finished(key, c))
+            call.task.add_done_callback(functools.partial(self._finished, key, call))
         call.waiters += 1
         try:
             return await asyncio.shield(call.task), shared
@@ -73,7 +74,7 @@ class SingleFlight(Generic[K, V]):
                 call.abandoned = True
                 call.task.cancel()
 
-    def _finished(self, key: K, call: _Call[V]) -> None:
+    def _finished(self, key: K, call: _Call[V], _task: object) -> None:
         if self._calls.get(key) is call:
             del self._calls[key]
         if not call.task.cancelled():

@@ -49,3 +49,7 @@ def store_root(tmp_path: Path, iris_estimator: object) -> Iterator[Path]:
     root = tmp_path / "models"
     ModelStore(root).register(iris_estimator, "iris", features=IRIS_FEATURES)
     yield root
+
+
+# A second one, for tests that stop and restart it.
+redis_fault_server = factories.redis_proc(port=None)

@@ -71,9 +71,9 @@ class ProbeLoader:
         self.probes[path] = probe
         return probe
 
-    def only(self) -> Probe:
-        (probe,) = self.probes.values()
-        return probe
+    def latest(self) -> Probe:
+        """The probe of the last version loaded (versions load in ascending order)."""
+        return list(self.probes.values())[-1]
 
 
 @asynccontextmanager
@@ -101,12 +101,12 @@ async def serve_with_state(app: FastAPI) -> AsyncIterator[tuple[httpx.AsyncClien
 async def probed_app(
     root: Path, **overrides: Any
 ) -> AsyncIterator[tuple[httpx.AsyncClient, Probe, Gateway]]:
-    """An in-process gateway over ``root`` whose single model is wrapped in a Probe."""
+    """An in-process gateway over ``root``; yields the latest version's Probe."""
     loader = ProbeLoader()
     settings = Settings(model_root=root, **overrides)
     app = create_app(settings, store=ModelStore(root, loader=loader))
     async with serve_with_state(app) as (client, gateway):
-        yield client, loader.only(), gateway
+        yield client, loader.latest(), gateway
 
 
 async def wait_for(predicate: Callable[[], bool], *, steps: int = 100_000) -> None:
@@ -150,15 +150,16 @@ def uvicorn_process(env: dict[str, str], *, port: int | None = None) -> Iterator
         text=True,
     )
     log: list[str] = []
+    assert proc.stderr is not None
+    drain = threading.Thread(target=_drain, args=(proc.stderr, log), daemon=True)
     try:
-        assert proc.stderr is not None
         for line in proc.stderr:
             log.append(line)
             if "Application startup complete" in line:
                 break
         else:
             raise RuntimeError("gateway exited during startup:\n" + "".join(log))
-        threading.Thread(target=_drain, args=(proc.stderr, log), daemon=True).start()
+        drain.start()
         yield f"http://127.0.0.1:{port}"
     finally:
         proc.terminate()
@@ -167,6 +168,9 @@ def uvicorn_process(env: dict[str, str], *, port: int | None = None) -> Iterator
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+        if drain.is_alive():
+            drain.join(timeout=5)
+        proc.stderr.close()
 
 
 def _drain(stream: Any, log: list[str]) -> None:

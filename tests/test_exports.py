@@ -1,0 +1,23 @@
+"""The public surface of each package is pinned here; changing it is a deliberate act."""
+
+from __future__ import annotations
+
+import gateway
+import model_store
+
+
+def test_gateway_exports() -> None:
+    assert gateway.__all__ == ["Settings", "create_app"]
+
+
+def test_model_store_exports() -> None:
+    assert model_store.__all__ == [
+        "ArtifactRejected",
+        "LoadedModel",
+        "Manifest",
+        "ModelNotFound",
+        "ModelStore",
+        "ModelStoreError",
+    ]
+    for name in model_store.__all__:
+        assert getattr(model_store, name).__module__ == "model_store.store"
