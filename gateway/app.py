@@ -14,12 +14,12 @@ from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.responses import Response
-from starlette.routing import Route
 
 from gateway.errors import GatewayError, InvalidInput, error_response
-from gateway.inputs import parse_instances, parse_query, read_json
+from gateway.inputs import parse_instances, read_json
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.middleware import MetricsMiddleware
+from gateway.query_endpoint import QueryPredictEndpoint
 from gateway.runtime import Gateway
 from gateway.settings import Settings
 from model_store import ModelStore
@@ -38,21 +38,6 @@ def _json(body: Any, status: int = 200, headers: Mapping[str, str] | None = None
 def _gateway(request: Request) -> Gateway:
     gw: Gateway = request.scope["state"]["gateway"]
     return gw
-
-
-async def predict_query(request: Request) -> Response:
-    """``GET /predict?<feature>=<value>&…`` for the default model (hot path, plain route)."""
-    gw = _gateway(request)
-    try:
-        rt = gw.runtime(gw.settings.default_model)
-        row = parse_query(request.query_params.multi_items(), rt.manifest.features)
-        timeout_s = gw.timeout_s(request.headers.get(_TIMEOUT_HEADER))
-        values, sources = await gw.predict(rt, row, False, timeout_s)
-    except GatewayError as exc:
-        gw.count_rejection(exc)
-        return error_response(exc)
-    return Response(orjson.dumps({"prediction": values[0]}), headers={"X-Cache": sources[0]},
-                    media_type="application/json")
 
 
 _PREDICT_BODY_KEYS = frozenset({"instances", "version", "probabilities"})
@@ -150,7 +135,7 @@ async def _validation_error(_request: Request, exc: Exception) -> Response:
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema plus the plain ``GET /predict`` route."""
+    """FastAPI's schema plus ``GET /predict`` (served by ``QueryPredictEndpoint``)."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
                              description=app.description)
@@ -196,13 +181,15 @@ def create_app(settings: Settings | None = None, *, store: ModelStore | None = N
         version="0.1.0",
         description="Cached, coalesced, micro-batched predictions from versioned models.",
         lifespan=lifespan,
-        middleware=[Middleware(MetricsMiddleware, metrics=app_metrics)],
+        middleware=[
+            Middleware(QueryPredictEndpoint, metrics=app_metrics),
+            Middleware(MetricsMiddleware, metrics=app_metrics),
+        ],
         exception_handlers={
             GatewayError: _gateway_error,
             HTTPException: _http_error,
             RequestValidationError: _validation_error,
         },
-        routes=[Route("/predict", predict_query, methods=["GET"])],
     )
     app.add_api_route(
         "/v1/models/{name}/predict", predict_v1, methods=["POST"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
+from urllib.parse import parse_qsl
 
 import numpy as np
 import orjson
@@ -16,7 +17,7 @@ from starlette.requests import Request
 
 from gateway.errors import BodyTooLarge, InvalidInput, MalformedJson
 
-__all__ = ["parse_instances", "parse_query", "read_json"]
+__all__ = ["parse_instances", "parse_query", "parse_query_string", "read_json"]
 
 
 async def read_json(request: Request, limit: int) -> Any:
@@ -64,6 +65,18 @@ def _kind(value: Any) -> str:
     if isinstance(value, dict):
         return "an object"
     return type(value).__name__
+
+
+def parse_query_string(query: bytes, features: Sequence[str]) -> np.ndarray:
+    """``parse_query`` over a raw query string (percent-encoding and ``+`` understood)."""
+    text = query.decode("latin-1")
+    if "%" in text or "+" in text:
+        pairs: Iterable[tuple[str, str]] = parse_qsl(text, keep_blank_values=True)
+    else:
+        pairs = (
+            (name, value) for name, _, value in (p.partition("=") for p in text.split("&") if p)
+        )
+    return parse_query(pairs, features)
 
 
 def parse_query(pairs: Iterable[tuple[str, str]], features: Sequence[str]) -> np.ndarray:

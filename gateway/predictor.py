@@ -20,7 +20,7 @@ import orjson
 
 from gateway.batcher import BatcherClosed, MicroBatcher, QueueFull
 from gateway.cache import L1Cache, RedisCache
-from gateway.errors import GatewayError, ModelFailed, Overloaded, Unavailable
+from gateway.errors import DeadlineExceeded, GatewayError, ModelFailed, Overloaded, Unavailable
 from gateway.keys import row_keys
 from gateway.metrics import Metrics
 from gateway.singleflight import SingleFlight
@@ -120,11 +120,15 @@ class Predictor:
         return self._flights.waiting() if self._flights is not None else 0
 
     async def predict(
-        self, rt: ModelRuntime, rows: np.ndarray, proba: bool
+        self, rt: ModelRuntime, rows: np.ndarray, proba: bool, timeout_s: float
     ) -> tuple[list[Any], list[Source]]:
         """Values and cache sources for the canonical rows ``rows``, in row order.
 
+        L1 hits are answered without awaiting anything; what remains runs under the
+        ``timeout_s`` deadline.
+
         Raises:
+            DeadlineExceeded: no complete answer within ``timeout_s``.
             Overloaded: the model's queue is full.
             Unavailable: shutting down.
             ModelFailed: the model raised for one of the rows.
@@ -139,10 +143,29 @@ class Predictor:
         missing: list[int] = list(range(n))
         if self._l1 is not None and keys is not None:
             missing = self._from_l1(keys, values, sources)
-            if missing and self._l2 is not None:
-                missing = await self._from_l2(keys, missing, values, sources)
-        if not missing:
-            return values, sources
+            if not missing:
+                return values, sources
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._fill(rt, rows, proba, keys, missing, values, sources)
+        except TimeoutError:
+            raise DeadlineExceeded(f"no answer within {timeout_s * 1000:.0f} ms") from None
+        return values, sources
+
+    async def _fill(
+        self,
+        rt: ModelRuntime,
+        rows: np.ndarray,
+        proba: bool,
+        keys: list[str] | None,
+        missing: list[int],
+        values: list[Any],
+        sources: list[Source],
+    ) -> None:
+        if self._l2 is not None and keys is not None:
+            missing = await self._from_l2(keys, missing, values, sources)
+            if not missing:
+                return
         if len(missing) == 1:
             i = missing[0]
             values[i] = await self._compute(rt, rows[i], keys[i] if keys else None, proba)
@@ -152,7 +175,6 @@ class Predictor:
             )
             for i, v in zip(missing, computed, strict=True):
                 values[i] = v
-        return values, sources
 
     def _from_l1(self, keys: list[str], values: list[Any], sources: list[Source]) -> list[int]:
         assert self._l1 is not None

@@ -13,7 +13,7 @@ import numpy as np
 
 from gateway.breaker import CircuitBreaker
 from gateway.cache import L1Cache, RedisCache, connect_redis
-from gateway.errors import DeadlineExceeded, GatewayError, InvalidInput, NotFound, Unavailable
+from gateway.errors import GatewayError, InvalidInput, NotFound, Unavailable
 from gateway.metrics import Metrics
 from gateway.predictor import ModelRuntime, Predictor, Source
 from gateway.settings import Settings
@@ -146,7 +146,7 @@ class Gateway:
     async def predict(
         self, rt: ModelRuntime, rows: np.ndarray, proba: bool, timeout_s: float
     ) -> tuple[list[Any], list[Source]]:
-        """``Predictor.predict`` under the request's deadline (DeadlineExceeded past it)."""
+        """``Predictor.predict`` for a request; see there for errors."""
         if not self.accepting:
             raise Unavailable("shutting down", code="shutting_down")
         if proba and not rt.model.has_proba:
@@ -154,13 +154,7 @@ class Gateway:
                 f"model {rt.manifest.name} v{rt.manifest.version} has no probabilities",
                 code="probabilities_unsupported",
             )
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await self.predictor.predict(rt, rows, proba)
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"no answer within {timeout_s * 1000:.0f} ms", code="deadline_exceeded"
-            ) from None
+        return await self.predictor.predict(rt, rows, proba, timeout_s)
 
     def count_rejection(self, exc: GatewayError) -> None:
         self.metrics.rejected.labels(exc.code).inc()

@@ -29,7 +29,7 @@ def test_l1_expires_by_age_and_evicts_least_recently_used() -> None:
     l1.put("c", 3)
     assert (l1.get("a"), l1.get("b"), l1.get("c")) == (1, None, 3)
     now[0] = 10.5
-    assert l1.get("a") is None and len(l1) == 0
+    assert l1.get("a") is None and l1.get("c") is None and len(l1) == 0
 
 
 def url(proc: Any) -> str:
