@@ -10,7 +10,7 @@ MODELS  ?= models
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install run test lint models clean
+.PHONY: install run test lint bench models clean
 
 install: $(STAMP)
 
@@ -27,11 +27,16 @@ run: models
 	GATEWAY_MODEL_ROOT=$(MODELS) $(BIN)/python -m gateway --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
 test: install
-	@scripts/ensure-tools.sh redis-server
+	@scripts/ensure-tools.sh redis-server wrk
 	$(BIN)/python -m pytest
 
+# Side-by-side load test of the gateway configurations; BENCH_ARGS=--quick for a short run.
+bench: models
+	@scripts/ensure-tools.sh redis-server wrk
+	$(BIN)/python -m bench --model-root $(MODELS) $(BENCH_ARGS)
+
 lint: install
-	$(BIN)/ruff check gateway model_store tests
+	$(BIN)/ruff check gateway model_store bench tests
 	$(BIN)/mypy
 
 clean:

@@ -28,6 +28,9 @@ class Metrics:
             "gateway_request_seconds", "HTTP request latency.", ["route"],
             buckets=_LATENCY_BUCKETS, registry=r,
         )
+        self.in_flight = Gauge(
+            "gateway_requests_in_flight", "HTTP requests being answered now.", registry=r,
+        )
         self.cache_lookups = Counter(
             "gateway_cache_lookups",
             "Cache lookups by tier (l1, l2) and result (hit, miss, error).",

@@ -29,6 +29,7 @@ class QueryPredictEndpoint:
         self.app = app
         self.path = path
         self._requests = metrics.requests
+        self._in_flight = metrics.in_flight
         self._seconds = metrics.request_seconds.labels(path)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -36,6 +37,14 @@ class QueryPredictEndpoint:
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
+        self._in_flight.inc()
+        try:
+            await self._answer(scope, send)
+        finally:
+            self._in_flight.dec()
+            self._seconds.observe(time.perf_counter() - start)
+
+    async def _answer(self, scope: Scope, send: Send) -> None:
         gw: Gateway = scope["state"]["gateway"]
         timeout_header = None
         for name, value in scope["headers"]:
@@ -58,4 +67,3 @@ class QueryPredictEndpoint:
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
         self._requests.labels(self.path, str(status)).inc()
-        self._seconds.observe(time.perf_counter() - start)

@@ -21,3 +21,9 @@ def test_model_store_exports() -> None:
     ]
     for name in model_store.__all__:
         assert getattr(model_store, name).__module__ == "model_store.store"
+
+
+def test_bench_exports() -> None:
+    import bench
+
+    assert bench.__all__ == ["Options", "Run", "ZipfSampler", "run_bench"]

@@ -1,0 +1,99 @@
+"""Python load for what wrk cannot do: an identical burst, and open-loop (fixed-rate) load."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+
+import httpx
+import numpy as np
+
+__all__ = ["BurstResult", "OpenLoopResult", "burst", "open_loop", "unique_row"]
+
+_FEATURES = ("sepal_length", "sepal_width", "petal_length", "petal_width")
+
+
+def unique_row(salt: int, n: int) -> dict[str, str]:
+    """A row never produced for another ``(salt, n)``; same shape as the wrk scripts' rows."""
+    k = salt * 10_000_000 + n
+    return {
+        "sepal_length": f"{4 + (n % 40) / 10 + k * 1e-12:.12f}",
+        "sepal_width": f"{2 + (n % 25) / 10:.1f}",
+        "petal_length": f"{1 + (n % 60) / 10:.1f}",
+        "petal_width": f"{(n % 25) / 10:.1f}",
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class BurstResult:
+    requests: int
+    errors: int
+    seconds: float
+    distinct_answers: int
+
+
+async def _burst(url: str, n: int, params: dict[str, str]) -> BurstResult:
+    limits = httpx.Limits(max_connections=n, max_keepalive_connections=n)
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=30) as client:
+        # Open every connection first, so the burst itself is n requests on n open sockets.
+        await asyncio.gather(*(client.get("/readyz") for _ in range(n)))
+        start = time.perf_counter()
+        responses = await asyncio.gather(*(client.get("/predict", params=params)
+                                           for _ in range(n)), return_exceptions=True)
+        seconds = time.perf_counter() - start
+    ok = [r for r in responses if isinstance(r, httpx.Response) and r.status_code == 200]
+    return BurstResult(n, n - len(ok), seconds, len({r.content for r in ok}))
+
+
+def burst(url: str, n: int, salt: int) -> BurstResult:
+    """Fire ``n`` identical requests for one new row at once."""
+    return asyncio.run(_burst(url, n, unique_row(salt, 0)))
+
+
+@dataclass(frozen=True, slots=True)
+class OpenLoopResult:
+    rate: float
+    sent: int
+    errors: int
+    latency_us: dict[float, int]
+
+
+async def _open_loop(url: str, rate: float, duration_s: float, salt: int,
+                     percentiles: tuple[float, ...]) -> OpenLoopResult:
+    total = max(1, int(rate * duration_s))
+    latencies = np.zeros(total)
+    errors = 0
+    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
+
+    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=10) as client:
+
+        async def one(i: int, due: float) -> None:
+            nonlocal errors
+            try:
+                r = await client.get("/predict", params=unique_row(salt, i))
+                if r.status_code != 200:
+                    errors += 1
+            except httpx.HTTPError:
+                errors += 1
+            # Measured from when the request was due, not when it went out: a late sender
+            # does not hide queueing (no coordinated omission).
+            latencies[i] = time.perf_counter() - due
+
+        start = time.perf_counter()
+        tasks = []
+        for i in range(total):
+            due = start + i / rate
+            delay = due - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)  # the arrival schedule itself
+            tasks.append(asyncio.create_task(one(i, due)))
+        await asyncio.gather(*tasks)
+    lat = {p: int(np.percentile(latencies, p) * 1e6) for p in percentiles}
+    return OpenLoopResult(rate, total, errors, lat)
+
+
+def open_loop(url: str, rate: float, duration_s: float, salt: int,
+              percentiles: tuple[float, ...]) -> OpenLoopResult:
+    """Unique rows at a fixed arrival ``rate`` (requests/s) for ``duration_s``."""
+    return asyncio.run(_open_loop(url, rate, duration_s, salt, percentiles))

@@ -1,0 +1,39 @@
+"""Scenarios and gateway configurations the bench compares."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["CONFIGS", "DEFAULT_CONFIGS", "SCENARIOS", "Scenario"]
+
+# Gateway settings per configuration; "naive" is one worker-thread predict per row.
+CONFIGS: dict[str, dict[str, str]] = {
+    "naive": {"GATEWAY_CACHE": "off", "GATEWAY_COALESCE": "off", "GATEWAY_BATCH": "off"},
+    "cache": {"GATEWAY_CACHE": "on", "GATEWAY_COALESCE": "off", "GATEWAY_BATCH": "off"},
+    "cache+coalesce": {"GATEWAY_CACHE": "on", "GATEWAY_COALESCE": "on", "GATEWAY_BATCH": "off"},
+    "full": {"GATEWAY_CACHE": "on", "GATEWAY_COALESCE": "on", "GATEWAY_BATCH": "on"},
+    "nocache": {"GATEWAY_CACHE": "off", "GATEWAY_COALESCE": "on", "GATEWAY_BATCH": "on"},
+}
+DEFAULT_CONFIGS = ("naive", "cache", "cache+coalesce", "full")
+
+
+@dataclass(frozen=True, slots=True)
+class Scenario:
+    name: str
+    description: str
+    engine: str  # "wrk" (closed loop) or "burst" (Python, identical requests at once)
+    get_only: bool = True  # only GET /predict: can run against any --baseline-url
+    connections: int | None = None  # None: the --connections flag
+    needs_redis_control: bool = False  # kills the bench's own redis-server mid-run
+
+
+SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
+    Scenario("hot", "one row, asked again and again", "wrk"),
+    Scenario("unique", "every request a new row", "wrk"),
+    Scenario("zipf", "10,000 rows, Zipf-skewed (s=1.1)", "wrk"),
+    Scenario("multirow", "POST of 32 new rows per request", "wrk", get_only=False),
+    Scenario("lowload", "one connection, every request a new row", "wrk", connections=1),
+    Scenario("burst", "N identical new rows fired at once", "burst"),
+    Scenario("redis-down", "zipf load; Redis killed halfway", "wrk", get_only=False,
+             needs_redis_control=True),
+)}
