@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -22,6 +23,7 @@ from gateway.middleware import MetricsMiddleware
 from gateway.query_endpoint import QueryPredictEndpoint
 from gateway.runtime import Gateway
 from gateway.settings import Settings
+from gateway.v2 import v2_router
 from model_store import ModelStore
 
 __all__ = ["create_app", "from_env"]
@@ -67,14 +69,17 @@ async def predict_v1(name: str, request: Request) -> Response:
         rt = gw.runtime(name, payload.get("version"))
         rows = parse_instances(payload["instances"], rt.manifest.features, gw.settings.max_rows)
         timeout_s = gw.timeout_s(request.headers.get(_TIMEOUT_HEADER))
-        labels, sources = await gw.predict(rt, rows, False, timeout_s)
+        if proba:
+            (labels, sources), (probs, proba_sources) = await asyncio.gather(
+                gw.predict(rt, rows, False, timeout_s), gw.predict(rt, rows, True, timeout_s))
+        else:
+            labels, sources = await gw.predict(rt, rows, False, timeout_s)
         body: dict[str, Any] = {
             "model": rt.manifest.name,
             "version": str(rt.manifest.version),
             "predictions": labels,
         }
         if proba:
-            probs, proba_sources = await gw.predict(rt, rows, True, timeout_s)
             body["classes"] = list(rt.manifest.classes)
             body["probabilities"] = probs
             sources = [max(a, b, key=_SOURCE_RANK.__getitem__)
@@ -213,6 +218,7 @@ def create_app(settings: Settings | None = None, *, store: ModelStore | None = N
     app.add_api_route("/healthz", healthz, methods=["GET"])
     app.add_api_route("/readyz", readyz, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
+    app.include_router(v2_router())
     app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
     return app
 

@@ -17,12 +17,12 @@ from starlette.requests import Request
 
 from gateway.errors import BodyTooLarge, InvalidInput, MalformedJson
 
-__all__ = ["parse_instances", "parse_query", "parse_query_string", "read_json"]
+__all__ = ["parse_instances", "parse_query", "parse_query_string", "read_body", "read_json"]
 
 
-async def read_json(request: Request, limit: int) -> Any:
-    """The request body parsed as JSON, refused with 413 as soon as it exceeds ``limit`` bytes
-    (by ``Content-Length`` before reading, or while streaming a chunked body)."""
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused with 413 as soon as it exceeds ``limit`` bytes (by
+    ``Content-Length`` before reading, or while streaming a chunked body)."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"body of {declared} bytes exceeds the limit of {limit} bytes")
@@ -33,8 +33,14 @@ async def read_json(request: Request, limit: int) -> Any:
         if size > limit:
             raise BodyTooLarge(f"body exceeds the limit of {limit} bytes")
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json(request: Request, limit: int) -> Any:
+    """``read_body`` parsed as JSON (400 when it is not JSON)."""
+    body = await read_body(request, limit)
     try:
-        return orjson.loads(b"".join(chunks))
+        return orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise MalformedJson(f"body is not valid JSON: {exc}") from None
 

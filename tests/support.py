@@ -39,6 +39,7 @@ class Probe:
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()  # set whenever a call starts
+        self.permits: threading.Semaphore | None = None  # if set, each call takes one permit
         self._lock = threading.Lock()
 
     def _enter(self, x: np.ndarray) -> None:
@@ -47,7 +48,10 @@ class Probe:
             self.rows += len(x)
             self.batch_sizes.append(len(x))
         self.entered.set()
-        self.gate.wait(timeout=30)
+        if self.permits is not None:
+            self.permits.acquire(timeout=30)
+        else:
+            self.gate.wait(timeout=30)
         if np.any(x[:, 0] == POISON):
             raise ValueError("poisoned row")
 

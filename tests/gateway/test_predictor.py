@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -131,27 +132,31 @@ async def test_expired_deadline_is_504_and_its_row_is_dropped(session_store: Pat
         assert probe.rows == 1  # the expired row never reached the model
 
 
-async def test_caller_cancelled_while_batch_runs_others_complete(session_store: Path,
-                                                                 random_rows) -> None:
+async def test_caller_cancelled_while_batch_runs_others_complete(
+    session_store: Path, random_rows, iris_estimator
+) -> None:
     async with probed_app(session_store) as (client, probe, gw):
-        probe.gate.clear()
+        probe.permits = threading.Semaphore(0)  # each model call waits for one release()
         running = asyncio.create_task(client.get(q(random_rows[0])))
         await wait_thread_event(probe.entered)
         batch = [asyncio.create_task(client.get(q(r))) for r in random_rows[1:6]]
         rt = gw.runtime("iris")
         await wait_for(lambda: rt.batcher is not None and rt.batcher.queued_rows == 5)
         probe.entered.clear()
-        probe.gate.set()
-        await wait_thread_event(probe.entered)  # the 5-row batch is in predict
-        probe.gate.clear()
+        probe.permits.release()  # the first call finishes
+        await wait_thread_event(probe.entered)  # the 5-row batch is in predict, held
         batch[2].cancel()
-        probe.gate.set()
+        await wait_for(lambda: batch[2].done())
+        probe.permits.release()
         done = await asyncio.gather(running, *batch, return_exceptions=True)
         assert isinstance(done[3], asyncio.CancelledError)
         assert [r.status_code for i, r in enumerate(done) if i != 3] == [200] * 5
-        # and the next caller of the cancelled row still gets a correct answer
+        # and the next caller of the cancelled row still gets a correct answer (computed
+        # again: the row's only caller had left, so its flight was abandoned)
+        probe.permits = None
         r = await client.get(q(random_rows[3]))
-        assert r.status_code == 200 and r.headers["x-cache"] == "l1"
+        assert r.status_code == 200 and r.headers["x-cache"] == "miss"
+        assert r.json()["prediction"] == iris_estimator.predict(random_rows[3:4])[0]
 
 
 async def test_naive_configuration_calls_predict_per_row(session_store: Path,

@@ -1,0 +1,123 @@
+"""Decoding of Open Inference Protocol requests, with hostile binary bodies."""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+import orjson
+import pytest
+
+from gateway.errors import InvalidInput, MalformedJson
+from gateway.v2_codec import OutputSpec, decode_infer_request, encode_infer_response
+from model_store.demo import IRIS_FEATURES
+
+ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]])
+
+
+def binary_request(rows: np.ndarray, dtype: str = "FP64", np_dtype: str = "<f8",
+                   size: int | None = None, extra: dict | None = None,
+                   tail: bytes = b"") -> tuple[bytes, str]:
+    data = rows.astype(np_dtype).tobytes()
+    header = orjson.dumps({
+        "inputs": [{"name": "input", "shape": list(rows.shape), "datatype": dtype,
+                    "parameters": {"binary_data_size": len(data) if size is None else size}}],
+        **(extra or {}),
+    })
+    return header + data + tail, str(len(header))
+
+
+def decode(body: bytes, header_len: str | None = None):
+    return decode_infer_request(body, header_len, IRIS_FEATURES, max_rows=1024)
+
+
+@pytest.mark.parametrize(("dtype", "np_dtype"), [("FP64", "<f8"), ("FP32", "<f4"),
+                                                 ("INT32", "<i4"), ("INT64", "<i8")])
+def test_binary_tensor_of_each_datatype(dtype: str, np_dtype: str) -> None:
+    rows = ROWS if dtype.startswith("FP") else np.array([[5, 3, 1, 0], [6, 3, 6, 2]])
+    req = decode(*binary_request(rows, dtype, np_dtype))
+    assert np.array_equal(req.rows, rows.astype(np_dtype).astype(np.float64))
+    assert req.outputs is None and req.binary_default is False
+
+
+def test_json_data_flat_or_nested_and_per_feature_tensors() -> None:
+    nested = {"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP64",
+                          "data": ROWS.tolist()}], "id": "r1",
+              "outputs": [{"name": "label", "parameters": {"binary_data": True}}]}
+    req = decode(orjson.dumps(nested))
+    assert np.array_equal(req.rows, ROWS) and req.request_id == "r1"
+    assert req.outputs == (OutputSpec("label", True),)
+    flat = {"inputs": [{"name": "x", "shape": [2, 4], "datatype": "FP32",
+                        "data": ROWS.ravel().tolist()}]}
+    assert np.array_equal(decode(orjson.dumps(flat)).rows, ROWS.astype("<f4").astype("<f8"))
+    per_feature = {"inputs": [
+        {"name": f, "shape": [2, 1], "datatype": "FP64", "data": ROWS[:, i].tolist()}
+        for i, f in reversed(list(enumerate(IRIS_FEATURES)))]}
+    assert np.array_equal(decode(orjson.dumps(per_feature)).rows, ROWS)
+
+
+HOSTILE = [
+    ("size larger than body", lambda: binary_request(ROWS, size=10**12)),
+    ("size smaller than shape", lambda: binary_request(ROWS, size=8)),
+    ("negative size", lambda: binary_request(ROWS, size=-64)),
+    ("truncated data", lambda: (lambda b, h: (b[:-5], h))(*binary_request(ROWS))),
+    ("trailing bytes", lambda: binary_request(ROWS, tail=b"xx")),
+    ("header length past body", lambda: (binary_request(ROWS)[0], "999999")),
+    ("header length negative", lambda: (binary_request(ROWS)[0], "-4")),
+    ("header length zero", lambda: (binary_request(ROWS)[0], "0")),
+    ("huge shape", lambda: (orjson.dumps({"inputs": [{"name": "input", "shape": [2**40, 4],
+     "datatype": "FP64", "parameters": {"binary_data_size": 2**45}}]}), None)),
+    ("huge inner dimension", lambda: (orjson.dumps({"inputs": [{"name": "input",
+     "shape": [1, 2**40], "datatype": "FP64", "data": []}]}), None)),
+    ("negative dimension", lambda: (orjson.dumps({"inputs": [{"name": "input",
+     "shape": [-1, 4], "datatype": "FP64", "data": []}]}), None)),
+    ("wrong feature count", lambda: binary_request(ROWS[:, :3])),
+    ("bad datatype", lambda: binary_request(ROWS, dtype="FP16")),
+    ("nan", lambda: binary_request(np.array([[np.nan, 1, 2, 3]]))),
+    ("inf fp32", lambda: binary_request(np.array([[np.inf, 1, 2, 3]]), "FP32", "<f4")),
+    ("no inputs", lambda: (b'{"inputs": []}', None)),
+    ("data count mismatch", lambda: (orjson.dumps({"inputs": [{"name": "i", "shape": [2, 4],
+     "datatype": "FP64", "data": [1, 2, 3]}]}), None)),
+    ("string data", lambda: (orjson.dumps({"inputs": [{"name": "i", "shape": [1, 4],
+     "datatype": "FP64", "data": [1, "2", 3, 4]}]}), None)),
+    ("bool data", lambda: (orjson.dumps({"inputs": [{"name": "i", "shape": [1, 4],
+     "datatype": "FP64", "data": [1, True, 3, 4]}]}), None)),
+    ("missing feature", lambda: (orjson.dumps({"inputs": [{"name": f, "shape": [1, 1],
+     "datatype": "FP64", "data": [1.0]} for f in IRIS_FEATURES[:3]]}), None)),
+    ("too many rows", lambda: binary_request(np.ones((1025, 4)))),
+    ("bad binary_data flag", lambda: binary_request(ROWS, extra={"outputs": [
+        {"name": "label", "parameters": {"binary_data": "yes"}}]})),
+]
+
+
+@pytest.mark.parametrize(("case", "make"), HOSTILE, ids=[c[0] for c in HOSTILE])
+def test_hostile_requests_are_refused(case: str, make) -> None:
+    body, header_len = make()
+    with pytest.raises(InvalidInput):
+        decode(body, header_len)
+
+
+def test_malformed_header_json() -> None:
+    with pytest.raises(MalformedJson):
+        decode(b'{"inputs": [', None)
+
+
+def test_encode_binary_and_json_outputs() -> None:
+    probs = np.array([[1.0, 0.0, 0.0], [0.0, 0.25, 0.75]])
+    body, header_len = encode_infer_response(
+        model_name="iris", model_version="1", request_id="abc",
+        outputs=[(OutputSpec("label", True), "BYTES", [2], ["setosa", "virginica"]),
+                 (OutputSpec("probabilities", False), "FP64", [2, 3], probs)])
+    assert header_len is not None
+    header = orjson.loads(body[:header_len])
+    assert header["id"] == "abc" and header["model_version"] == "1"
+    label, proba = header["outputs"]
+    assert label["parameters"]["binary_data_size"] == len(body) - header_len
+    blob = body[header_len:]
+    (n,) = struct.unpack("<I", blob[:4])
+    assert blob[4:4 + n] == b"setosa"
+    assert proba["data"] == probs.ravel().tolist() and proba["shape"] == [2, 3]
+    body, header_len = encode_infer_response(
+        model_name="iris", model_version="1", request_id=None,
+        outputs=[(OutputSpec("label", False), "BYTES", [1], ["setosa"])])
+    assert header_len is None and orjson.loads(body)["outputs"][0]["data"] == ["setosa"]
