@@ -118,6 +118,17 @@ def checks(rows: Sequence[Row]) -> list[Check]:
     if b and b.model_calls is not None:
         out.append(Check("burst: model calls for N identical new rows", "== 1",
                          f"{b.model_calls:g}", b.model_calls == 1))
+    comp, full = by.get(("compiled", "unique")), by.get(("full", "unique"))
+    if comp and full and full.rps:
+        ratio = comp.rps / full.rps
+        out.append(Check("unique: compiled vs sklearn backend (both full)", ">= 3x",
+                         f"{ratio:.1f}x", ratio >= 3))
+    comp, full = by.get(("compiled", "lowload")), by.get(("full", "lowload"))
+    if comp and full and comp.p50_ms is not None and full.p50_ms:
+        ratio = comp.p50_ms / full.p50_ms
+        out.append(Check("lowload: compiled p50 vs sklearn p50", "<= 0.5x",
+                         f"{comp.p50_ms:.3f} ms vs {full.p50_ms:.3f} ms ({ratio:.2f}x)",
+                         ratio <= 0.5))
     down = by.get(("full", "redis-down"))
     if down:
         out.append(Check("redis-down: errors while Redis is killed", "== 0",

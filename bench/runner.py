@@ -19,7 +19,7 @@ from bench.scrape import Counters, scrape
 from bench.wrk import WrkResult, run_wrk
 from bench.zipf import ZipfSampler
 from model_store import ModelStore
-from model_store.demo import IRIS_FEATURES, train_iris
+from model_store.demo import IRIS_FEATURES, iris_data, train_iris
 
 __all__ = ["Options", "Run", "run_bench"]
 
@@ -97,9 +97,11 @@ class _Salts:
 
 
 def ensure_demo_model(root: Path) -> None:
+    """The demo Iris model, compiled and verified, unless the store has it already."""
     store = ModelStore(root)
     if not store.models().get("iris"):
-        store.register(train_iris(), "iris", features=IRIS_FEATURES)
+        store.register(train_iris(), "iris", features=IRIS_FEATURES,
+                       train_rows=iris_data()[0])
 
 
 def _zipf_rows(n: int) -> np.ndarray:
@@ -177,7 +179,8 @@ class Bench:
             sc = SCENARIOS[name]
             if get_only and not sc.get_only:
                 continue
-            if sc.needs_redis_control and (self.redis is None or config in ("naive", "nocache")):
+            if sc.needs_redis_control and (
+                    self.redis is None or CONFIGS.get(config, {}).get("GATEWAY_CACHE") != "on"):
                 continue
             self.scenario(config, url, sc, metrics=metrics)
         for rate in self.opts.open_loop_rates:

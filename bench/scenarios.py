@@ -6,15 +6,28 @@ from dataclasses import dataclass
 
 __all__ = ["CONFIGS", "DEFAULT_CONFIGS", "SCENARIOS", "Scenario"]
 
-# Gateway settings per configuration; "naive" is one worker-thread predict per row.
+_SKLEARN = {"GATEWAY_BACKEND": "sklearn"}
+
+# Gateway settings per configuration. The mechanism comparisons run on the sklearn backend
+# ("naive" is one worker-thread predict per row); "compiled" is "full" on the verified ONNX
+# backend, with model calls placed inline or in the thread by measurement.
 CONFIGS: dict[str, dict[str, str]] = {
-    "naive": {"GATEWAY_CACHE": "off", "GATEWAY_COALESCE": "off", "GATEWAY_BATCH": "off"},
-    "cache": {"GATEWAY_CACHE": "on", "GATEWAY_COALESCE": "off", "GATEWAY_BATCH": "off"},
-    "cache+coalesce": {"GATEWAY_CACHE": "on", "GATEWAY_COALESCE": "on", "GATEWAY_BATCH": "off"},
-    "full": {"GATEWAY_CACHE": "on", "GATEWAY_COALESCE": "on", "GATEWAY_BATCH": "on"},
-    "nocache": {"GATEWAY_CACHE": "off", "GATEWAY_COALESCE": "on", "GATEWAY_BATCH": "on"},
+    "naive": {"GATEWAY_CACHE": "off", "GATEWAY_COALESCE": "off", "GATEWAY_BATCH": "off",
+              **_SKLEARN},
+    "cache": {"GATEWAY_CACHE": "on", "GATEWAY_COALESCE": "off", "GATEWAY_BATCH": "off",
+              **_SKLEARN},
+    "cache+coalesce": {"GATEWAY_CACHE": "on", "GATEWAY_COALESCE": "on", "GATEWAY_BATCH": "off",
+                       **_SKLEARN},
+    "full": {"GATEWAY_CACHE": "on", "GATEWAY_COALESCE": "on", "GATEWAY_BATCH": "on",
+             **_SKLEARN},
+    "nocache": {"GATEWAY_CACHE": "off", "GATEWAY_COALESCE": "on", "GATEWAY_BATCH": "on",
+                **_SKLEARN},
+    "compiled": {"GATEWAY_CACHE": "on", "GATEWAY_COALESCE": "on", "GATEWAY_BATCH": "on",
+                 "GATEWAY_BACKEND": "auto"},
+    "compiled-naive": {"GATEWAY_CACHE": "off", "GATEWAY_COALESCE": "off", "GATEWAY_BATCH": "off",
+                       "GATEWAY_BACKEND": "auto"},
 }
-DEFAULT_CONFIGS = ("naive", "cache", "cache+coalesce", "full")
+DEFAULT_CONFIGS = ("naive", "cache", "cache+coalesce", "full", "compiled")
 
 
 @dataclass(frozen=True, slots=True)

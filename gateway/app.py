@@ -15,6 +15,7 @@ from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from gateway.errors import GatewayError, InvalidInput, error_response
 from gateway.inputs import parse_instances, read_json
@@ -167,6 +168,18 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
     return app.openapi_schema
 
 
+class GatewayApp(FastAPI):
+    """FastAPI, except that ``GET /predict`` goes straight to its plain-ASGI endpoint."""
+
+    query_endpoint: QueryPredictEndpoint
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.query_endpoint.handles(scope):
+            await self.query_endpoint(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
+
+
 def create_app(settings: Settings | None = None, *, store: ModelStore | None = None) -> FastAPI:
     """The gateway app. Nothing is loaded or connected until the lifespan starts."""
     settings = settings or Settings()
@@ -181,21 +194,19 @@ def create_app(settings: Settings | None = None, *, store: ModelStore | None = N
         finally:
             await gw.aclose()
 
-    app = FastAPI(
+    app = GatewayApp(
         title="Inference gateway",
         version="0.1.0",
         description="Cached, coalesced, micro-batched predictions from versioned models.",
         lifespan=lifespan,
-        middleware=[
-            Middleware(QueryPredictEndpoint, metrics=app_metrics),
-            Middleware(MetricsMiddleware, metrics=app_metrics),
-        ],
+        middleware=[Middleware(MetricsMiddleware, metrics=app_metrics)],
         exception_handlers={
             GatewayError: _gateway_error,
             HTTPException: _http_error,
             RequestValidationError: _validation_error,
         },
     )
+    app.query_endpoint = QueryPredictEndpoint(metrics=app_metrics)
     app.add_api_route(
         "/v1/models/{name}/predict", predict_v1, methods=["POST"],
         openapi_extra={"requestBody": {"required": True, "content": {"application/json": {

@@ -10,11 +10,11 @@ themselves from load, with no timer on the idle path:
 * ``max_delay_s > 0`` holds a dispatch up to that long for the batch to fill.
 
 Each ``submit`` gets its own future, resolved exactly once: with the row's result, with the
-row's own error (a failing batch is retried row by row in the same worker-thread call, so one
-bad row fails alone), or with ``BatcherClosed`` at shutdown. A caller that goes away (cancelled,
-or its deadline passed) before its row is dispatched is dropped from the queue; one cancelled
-while its batch runs is skipped at fan-out, never breaking it for the others. The batch
-function runs in a worker thread under the given ``anyio.CapacityLimiter``.
+row's own error (a failing batch is retried row by row in the same call, so one bad row fails
+alone), or with ``BatcherClosed`` at shutdown. A caller that goes away (cancelled, or its
+deadline passed) before its row is dispatched is dropped from the queue; one cancelled while its
+batch runs is skipped at fan-out, never breaking it for the others. The batch function runs
+where the ``Executor`` puts it: a worker thread, or inline when it is measured to be tiny.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-import anyio
+from gateway.executor import Executor
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -57,21 +57,20 @@ class _Failure:
 class MicroBatcher(Generic[T, R]):
     """Batches ``submit(item)`` calls into ``fn(items) -> results`` calls (same length/order).
 
-    Raises ValueError for limits out of range. ``on_batch(rows)`` and ``on_queue(rows)``
-    are optional observers (metrics); they run on the event loop and must not block.
+    Raises ValueError for limits out of range. ``on_batch(rows)`` is an optional observer
+    (metrics); it runs on the event loop and must not block.
     """
 
     def __init__(
         self,
         fn: Callable[[Sequence[T]], Sequence[R]],
         *,
-        limiter: anyio.CapacityLimiter,
+        executor: Executor,
         max_batch_size: int = 64,
         max_delay_s: float = 0.0,
         max_queue: int = 4096,
         concurrency: int = 1,
         on_batch: Callable[[int], None] | None = None,
-        on_queue: Callable[[int], None] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -82,13 +81,12 @@ class MicroBatcher(Generic[T, R]):
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
         self._fn = fn
-        self._limiter = limiter
+        self._executor = executor
         self._max_batch = max_batch_size
         self._max_delay = max_delay_s
         self._max_queue = max_queue
         self._concurrency = concurrency
         self._on_batch = on_batch
-        self._on_queue = on_queue
         self._queue: deque[_Entry[T, R]] = deque()
         self._queued = 0  # entries in _queue with queued=True
         self._running: set[asyncio.Task[None]] = set()
@@ -133,8 +131,6 @@ class MicroBatcher(Generic[T, R]):
 
     def _set_queued(self, n: int) -> None:
         self._queued = n
-        if self._on_queue is not None:
-            self._on_queue(n)
 
     async def _dispatch_loop(self) -> None:
         assert self._wake is not None and self._slots is not None
@@ -185,7 +181,7 @@ class MicroBatcher(Generic[T, R]):
             if self._on_batch is not None:
                 self._on_batch(len(batch))
             items = [e.item for e in batch]
-            results = await anyio.to_thread.run_sync(self._run, items, limiter=self._limiter)
+            results = await self._executor.run(self._run, items)
             for entry, result in zip(batch, results, strict=True):
                 if entry.future.done():  # its caller left while the batch ran
                     continue
@@ -201,8 +197,8 @@ class MicroBatcher(Generic[T, R]):
         finally:
             self._slots.release()
 
-    def _run(self, items: list[T]) -> list[R | _Failure]:
-        """Worker thread: the whole batch, or row by row if the batch raises."""
+    def _run(self, items: Sequence[T]) -> list[R | _Failure]:
+        """The whole batch, or row by row if the batch raises."""
         try:
             out = list(self._fn(items))
             if len(out) != len(items):

@@ -46,6 +46,14 @@ class Metrics:
         self.model_rows = Counter(
             "gateway_model_rows", "Rows passed to the model.", ["model", "version"], registry=r,
         )
+        self.model_exec = Counter(
+            "gateway_model_exec", "Model calls by where they ran (inline, thread).",
+            ["model", "version", "place"], registry=r,
+        )
+        self.model_call_seconds = Gauge(
+            "gateway_model_call_seconds_avg", "Moving average of one model call's duration.",
+            ["model", "version"], registry=r,
+        )
         self.batch_rows = Histogram(
             "gateway_batch_rows", "Rows per dispatched batch.", buckets=_BATCH_BUCKETS, registry=r,
         )

@@ -21,6 +21,7 @@ import orjson
 from gateway.batcher import BatcherClosed, MicroBatcher, QueueFull
 from gateway.cache import L1Cache, RedisCache
 from gateway.errors import DeadlineExceeded, GatewayError, ModelFailed, Overloaded, Unavailable
+from gateway.executor import Executor, Placement
 from gateway.keys import row_keys
 from gateway.metrics import Metrics
 from gateway.singleflight import SingleFlight
@@ -48,6 +49,9 @@ class ModelRuntime:
         metrics: Metrics,
         *,
         limiter: anyio.CapacityLimiter,
+        prefer_compiled: bool = True,
+        placement: Placement = "auto",
+        inline_max_s: float = 100e-6,
         batching: bool,
         max_batch_size: int,
         max_delay_s: float,
@@ -59,30 +63,43 @@ class ModelRuntime:
         version = str(model.version)
         self._calls = metrics.model_calls.labels(model.name, version)
         self._rows = metrics.model_rows.labels(model.name, version)
-        self.limiter = limiter
+        self.prefer_compiled = prefer_compiled
+        self.backends = model.backends(prefer_compiled=prefer_compiled)
+        inline_calls = metrics.model_exec.labels(model.name, version, "inline")
+        thread_calls = metrics.model_exec.labels(model.name, version, "thread")
+        call_seconds = metrics.model_call_seconds.labels(model.name, version)
+
+        def on_call(inline: bool, _seconds: float) -> None:
+            (inline_calls if inline else thread_calls).inc()
+            call_seconds.set(self.executor.per_call_s)
+
+        self.executor = Executor(limiter=limiter, placement=placement,
+                                 inline_max_s=inline_max_s, on_call=on_call)
         self.batcher: MicroBatcher[_Row, Any] | None = None
         if batching:
-            queue_gauge = metrics.queue_rows.labels(f"{model.name}:{version}")
             self.batcher = MicroBatcher(
                 self.run,
-                limiter=limiter,
+                executor=self.executor,
                 max_batch_size=max_batch_size,
                 max_delay_s=max_delay_s,
                 max_queue=max_queue,
                 concurrency=concurrency,
                 on_batch=metrics.batch_rows.observe,
-                on_queue=queue_gauge.set,
             )
+            batcher = self.batcher
+            metrics.queue_rows.labels(f"{model.name}:{version}").set_function(
+                lambda: batcher.queued_rows)
 
     def run(self, rows: Sequence[_Row]) -> list[Any]:
-        """Worker thread: answer ``rows`` with one ``predict`` and/or one ``predict_proba``."""
+        """Answer ``rows`` with one ``predict`` and/or one ``predict_proba`` call."""
         out: list[Any] = [None] * len(rows)
         for proba in (False, True):
             idx = [i for i, r in enumerate(rows) if r.proba is proba]
             if not idx:
                 continue
             x = np.stack([rows[i].x for i in idx])
-            values = self.model.predict_proba(x) if proba else self.model.predict(x)
+            values = (self.model.predict_proba(x, prefer_compiled=self.prefer_compiled) if proba
+                      else self.model.predict(x, prefer_compiled=self.prefer_compiled))
             self._calls.inc()
             self._rows.inc(len(idx))
             for i, v in zip(idx, values, strict=True):
@@ -101,11 +118,13 @@ class Predictor:
         l1: L1Cache | None,
         l2: RedisCache | None,
         coalesce: bool,
+        l2_min_call_s: float = 0.0,
     ) -> None:
         self._metrics = metrics
         self._prefix = prefix
         self._l1 = l1
         self._l2 = l2
+        self._l2_min_call = l2_min_call_s
         self._flights: SingleFlight[str, Any] | None = (
             SingleFlight(abandon=True) if coalesce else None
         )
@@ -162,7 +181,7 @@ class Predictor:
         values: list[Any],
         sources: list[Source],
     ) -> None:
-        if self._l2 is not None and keys is not None:
+        if self._l2 is not None and keys is not None and self._l2_pays(rt):
             missing = await self._from_l2(keys, missing, values, sources)
             if not missing:
                 return
@@ -175,6 +194,10 @@ class Predictor:
             )
             for i, v in zip(missing, computed, strict=True):
                 values[i] = v
+
+    def _l2_pays(self, rt: ModelRuntime) -> bool:
+        """Is a Redis round trip cheaper than a call of this model? (Yes until measured.)"""
+        return not rt.executor.measured or rt.executor.per_call_s >= self._l2_min_call
 
     def _from_l1(self, keys: list[str], values: list[Any], sources: list[Source]) -> list[int]:
         assert self._l1 is not None
@@ -235,7 +258,7 @@ class Predictor:
         value = await self._infer(rt, _Row(x, proba))
         if self._l1 is not None and key is not None:
             self._l1.put(key, value)
-            if self._l2 is not None:
+            if self._l2 is not None and self._l2_pays(rt):
                 self._l2.put(key, orjson.dumps(value))
         return value
 
@@ -243,7 +266,7 @@ class Predictor:
         try:
             if rt.batcher is not None:
                 return await rt.batcher.submit(row)
-            (value,) = await anyio.to_thread.run_sync(rt.run, [row], limiter=rt.limiter)
+            (value,) = await rt.executor.run(rt.run, [row])
             return value
         except QueueFull as exc:
             raise Overloaded(f"model {rt.manifest.name} v{rt.manifest.version}: {exc}") from exc

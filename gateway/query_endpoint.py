@@ -1,7 +1,8 @@
 """``GET /predict?<feature>=<value>&…``: the hot path, served as plain ASGI.
 
-It answers before FastAPI's routing, dependency and telemetry layers, which cost more than the
-whole cached answer; it keeps the same errors, metrics and state as every other route.
+``GatewayApp`` hands it the request before FastAPI's middleware, routing and telemetry layers,
+which cost more than the whole cached answer; it keeps the same errors, metrics and state as
+every other route.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ from __future__ import annotations
 import time
 
 import orjson
-from starlette.types import ASGIApp, Receive, Scope, Send
+from prometheus_client import Counter
+from starlette.types import Receive, Scope, Send
 
 from gateway.errors import GatewayError
 from gateway.inputs import parse_query_string
@@ -23,19 +25,20 @@ _TIMEOUT_HEADER = b"x-request-timeout-ms"
 
 
 class QueryPredictEndpoint:
-    """Serves ``GET path`` for the default model; passes every other request to ``app``."""
+    """Answers ``GET path`` for the default model (the caller routes only that to it)."""
 
-    def __init__(self, app: ASGIApp, *, metrics: Metrics, path: str = "/predict") -> None:
-        self.app = app
+    def __init__(self, *, metrics: Metrics, path: str = "/predict") -> None:
         self.path = path
         self._requests = metrics.requests
+        self._by_status: dict[int, Counter] = {}
         self._in_flight = metrics.in_flight
         self._seconds = metrics.request_seconds.labels(path)
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != self.path or scope["method"] != "GET":
-            await self.app(scope, receive, send)
-            return
+    def handles(self, scope: Scope) -> bool:
+        return bool(scope["type"] == "http" and scope["path"] == self.path
+                    and scope["method"] == "GET")
+
+    async def __call__(self, scope: Scope, _receive: Receive, send: Send) -> None:
         start = time.perf_counter()
         self._in_flight.inc()
         try:
@@ -66,4 +69,7 @@ class QueryPredictEndpoint:
         headers.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-        self._requests.labels(self.path, str(status)).inc()
+        counter = self._by_status.get(status)
+        if counter is None:
+            counter = self._by_status[status] = self._requests.labels(self.path, str(status))
+        counter.inc()

@@ -72,6 +72,7 @@ class Gateway:
         predictor = Predictor(
             metrics, prefix=settings.cache_prefix, l1=l1, l2=l2,
             coalesce=settings.coalesce == "on",
+            l2_min_call_s=settings.l2_min_call_us / 1e6,
         )
         gw = cls(settings, store, metrics, predictor, l1, l2)
         limiter = anyio.CapacityLimiter(settings.infer_concurrency)
@@ -85,6 +86,9 @@ class Gateway:
                     continue
                 rt = ModelRuntime(
                     model, metrics, limiter=limiter,
+                    prefer_compiled=settings.backend == "auto",
+                    placement=settings.execution,
+                    inline_max_s=settings.inline_max_us / 1e6,
                     batching=settings.batch == "on",
                     max_batch_size=settings.max_batch_size,
                     max_delay_s=settings.max_batch_delay_us / 1e6,
@@ -95,8 +99,9 @@ class Gateway:
                     rt.batcher.start()
                 gw.models.setdefault(name, {})[version] = rt
                 m = model.manifest
-                log.info("loaded model %s v%d (%s, %d features, sha256 %s)",
-                         name, version, m.task, len(m.features), m.sha256[:12])
+                log.info("loaded model %s v%d (%s, %d features, sha256 %s, backends %s)",
+                         name, version, m.task, len(m.features), m.sha256[:12],
+                         ", ".join(f"{o}={b}" for o, b in rt.backends.items()))
         if not gw.models:
             log.warning("no model loaded from %s", store.root)
         log.info(
@@ -175,7 +180,7 @@ class Gateway:
                 "latest": str(latest.version),
                 "versions": [
                     {"version": str(v), "sha256": rt.manifest.sha256,
-                     "created": rt.manifest.created}
+                     "created": rt.manifest.created, "backends": rt.backends}
                     for v, rt in sorted(versions.items())
                 ],
                 "task": latest.task,

@@ -53,6 +53,10 @@ class Settings(BaseSettings):
     redis_write_backlog: int = Field(10_000, ge=1)
     """Cache writes waiting to be sent to Redis; beyond it new writes are dropped."""
 
+    l2_min_call_us: int = Field(250, ge=0)
+    """Redis is consulted for a model only while its calls take at least this long on average
+    (microseconds): answering a cheaper model again costs less than asking Redis. 0: always."""
+
     breaker_failures: int = Field(3, ge=1)
     """Consecutive Redis failures that open the circuit (Redis skipped)."""
 
@@ -65,6 +69,17 @@ class Settings(BaseSettings):
 
     batch: Switch = "on"
     """``off`` disables micro-batching: one ``predict`` thread call per row."""
+
+    backend: Literal["auto", "sklearn"] = "auto"
+    """``auto`` serves each output from the compiled (ONNX) model where the store verified it;
+    ``sklearn`` always calls the estimator."""
+
+    execution: Literal["auto", "inline", "thread"] = "auto"
+    """Where model calls run: ``auto`` inline on the event loop when measured to be tiny,
+    otherwise a worker thread; or force one."""
+
+    inline_max_us: int = Field(100, ge=0, le=10_000)
+    """With ``execution=auto``: the longest call (predicted, microseconds) run inline."""
 
     infer_concurrency: int = Field(1, ge=1, le=64)
     """Model calls running at once per model version (worker-thread slots)."""

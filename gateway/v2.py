@@ -89,7 +89,8 @@ async def model_metadata(name: str, request: Request, version: str | None = None
         "inputs": [{"name": "input", "datatype": "FP64", "shape": [-1, len(m.features)]}],
         "outputs": [{"name": n, "datatype": d, "shape": s} for n, d, s in _outputs(rt)],
         "parameters": {"version": str(m.version), "sha256": m.sha256, "task": m.task,
-                       "features": list(m.features), "classes": list(m.classes)},
+                       "features": list(m.features), "classes": list(m.classes),
+                       "backends": rt.backends},
     })
 
 

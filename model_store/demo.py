@@ -1,11 +1,11 @@
-"""The demo model: Iris species from four measurements."""
+"""Demo models: Iris species from four measurements, and a heavier synthetic forest."""
 
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
-from sklearn.datasets import load_iris
+from sklearn.datasets import load_iris, make_classification
 from sklearn.ensemble import RandomForestClassifier
 
 IRIS_FEATURES = ("sepal_length", "sepal_width", "petal_length", "petal_width")
@@ -22,3 +22,12 @@ def train_iris() -> Any:
     """``RandomForestClassifier(n_estimators=100, random_state=0)`` fitted on Iris."""
     x, y = iris_data()
     return RandomForestClassifier(n_estimators=100, random_state=0).fit(x, y)
+
+
+def train_heavy() -> tuple[Any, np.ndarray]:
+    """A 300-tree forest on 20 synthetic features (4 classes), and its training rows: a model
+    whose calls stay measurable when compiled."""
+    x, y = make_classification(n_samples=4000, n_features=20, n_informative=12, n_classes=4,
+                               random_state=0)
+    model = RandomForestClassifier(n_estimators=300, random_state=0).fit(x, y)
+    return model, x

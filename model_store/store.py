@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import platform
 import re
@@ -27,12 +28,24 @@ import joblib
 import numpy as np
 import sklearn
 
+from model_store.compiled import (
+    ONNX_ARTIFACT,
+    CompileError,
+    OnnxModel,
+    compiled_library_versions,
+    convert_onnx,
+    verification_rows,
+    verify,
+)
+
 if TYPE_CHECKING:
     from gateway.singleflight import SingleFlight
 
 ARTIFACT = "model.joblib"
 MANIFEST = "model.json"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+log = logging.getLogger("model_store")
 
 Task = Literal["classification", "regression"]
 Loader = Callable[[Path], Any]
@@ -63,6 +76,9 @@ class Manifest:
     created: str
     library_versions: dict[str, str]
     artifact: str = ARTIFACT
+    backends: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Compiled backends: ``{"onnx": {"artifact", "sha256", "checks": {output: {...}}, ...}}``
+    or ``{"onnx": {"error": "<why it could not be compiled>"}}``."""
 
     @property
     def digest(self) -> str:
@@ -87,15 +103,29 @@ class Manifest:
             created=str(data["created"]),
             library_versions=dict(data.get("library_versions") or {}),
             artifact=str(data.get("artifact", ARTIFACT)),
+            backends=dict(data.get("backends") or {}),
         )
+
+    def verified(self, backend: str, output: str) -> bool:
+        """Was ``backend`` verified against the estimator for ``output``?"""
+        checks = self.backends.get(backend, {}).get("checks", {})
+        return bool(checks.get(output, {}).get("verified", False))
+
+
+Backend = Literal["sklearn", "onnx"]
 
 
 @dataclass(frozen=True, slots=True)
 class LoadedModel:
-    """A verified manifest with its estimator, ready to predict."""
+    """A verified manifest with its estimator (and compiled model, if any), ready to predict.
+
+    Each output is served by the compiled model only where the manifest records that it was
+    verified for that output; ``prefer_compiled=False`` forces the estimator.
+    """
 
     manifest: Manifest
     estimator: Any
+    compiled: OnnxModel | None = None
 
     @property
     def name(self) -> str:
@@ -109,14 +139,35 @@ class LoadedModel:
     def has_proba(self) -> bool:
         return self.manifest.task == "classification" and hasattr(self.estimator, "predict_proba")
 
-    def predict(self, rows: np.ndarray) -> list[Any]:
+    def backend(self, output: str, *, prefer_compiled: bool = True) -> Backend:
+        """Which backend answers ``output`` (``label`` or ``probabilities``)."""
+        if prefer_compiled and self.compiled is not None and self.manifest.verified("onnx", output):
+            return "onnx"
+        return "sklearn"
+
+    def backends(self, *, prefer_compiled: bool = True) -> dict[str, Backend]:
+        outputs = ["label", "probabilities"] if self.has_proba else ["label"]
+        return {o: self.backend(o, prefer_compiled=prefer_compiled) for o in outputs}
+
+    def predict(self, rows: np.ndarray, *, prefer_compiled: bool = True) -> list[Any]:
         """Labels (or values) for ``rows`` as plain Python objects, in row order."""
-        out: list[Any] = self.estimator.predict(rows).tolist()
+        if self.compiled is not None and self.backend("label", prefer_compiled=prefer_compiled) \
+                == "onnx":
+            values = self.compiled.predict(rows)
+        else:
+            values = self.estimator.predict(rows)
+        out: list[Any] = values.tolist()
         return out
 
-    def predict_proba(self, rows: np.ndarray) -> list[list[float]]:
+    def predict_proba(self, rows: np.ndarray, *, prefer_compiled: bool = True
+                      ) -> list[list[float]]:
         """Class probabilities for ``rows``, columns in ``manifest.classes`` order."""
-        out: list[list[float]] = self.estimator.predict_proba(rows).astype(np.float64).tolist()
+        if self.compiled is not None and self.backend(
+                "probabilities", prefer_compiled=prefer_compiled) == "onnx":
+            values = self.compiled.predict_proba(rows)
+        else:
+            values = self.estimator.predict_proba(rows)
+        out: list[list[float]] = np.asarray(values, dtype=np.float64).tolist()
         return out
 
 
@@ -248,7 +299,25 @@ class ModelStore:
                 f"{artifact}: estimator expects {n} features, manifest lists "
                 f"{len(manifest.features)}"
             )
-        return LoadedModel(manifest, estimator)
+        return LoadedModel(manifest, estimator, self._load_compiled(manifest, estimator))
+
+    def _load_compiled(self, manifest: Manifest, estimator: Any) -> OnnxModel | None:
+        """The verified compiled model, if the manifest has one; its sha256 is checked before
+        it is loaded, like the joblib artifact's."""
+        onnx = manifest.backends.get("onnx", {})
+        if "sha256" not in onnx:
+            return None
+        path = self.root / manifest.name / str(manifest.version) / onnx["artifact"]
+        if not path.is_file():
+            raise ArtifactRejected(f"{path}: compiled artifact missing")
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != onnx["sha256"]:
+            raise ArtifactRejected(f"{path}: sha256 mismatch with the manifest; refusing to load")
+        try:
+            return OnnxModel(data, getattr(estimator, "classes_", None))
+        except CompileError as exc:
+            log.warning("%s: compiled backend not loaded, serving sklearn: %s", path, exc)
+            return None
 
     async def load(self, name: str, version: int) -> LoadedModel:
         """``load_sync`` in a worker thread; concurrent loads of one version load it once."""
@@ -267,15 +336,21 @@ class ModelStore:
         *,
         version: int | None = None,
         features: Sequence[str] | None = None,
+        backend: Literal["auto", "sklearn", "onnx"] = "auto",
+        train_rows: np.ndarray | None = None,
+        proba_atol: float = 1e-6,
     ) -> Manifest:
         """Store a fitted estimator as a new version and return its manifest.
 
         ``version`` defaults to the next one. The version directory is written under a
         temporary name and renamed into place, so readers never see half a version.
+        ``backend`` ``auto`` also compiles it (see ``compile``), falling back to sklearn with
+        a logged reason when it cannot be converted; ``onnx`` requires the conversion.
 
         Raises:
             ValueError: bad name, version taken or not positive, feature list that disagrees
                 with the estimator.
+            CompileError: ``backend="onnx"`` and the estimator cannot be converted.
         """
         if not _NAME.match(name):
             raise ValueError(f"invalid model name {name!r}")
@@ -309,9 +384,77 @@ class ModelStore:
                 created=datetime.now(UTC).isoformat(timespec="seconds"),
                 library_versions=library_versions(),
             )
+            if backend != "sklearn":
+                manifest = _compile_into(tmp, manifest, estimator, train_rows, proba_atol,
+                                         required=backend == "onnx")
             (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
             os.rename(tmp, model_dir / str(version))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         return manifest
+
+    def compile(
+        self,
+        name: str,
+        version: int,
+        *,
+        train_rows: np.ndarray | None = None,
+        proba_atol: float = 1e-6,
+    ) -> Manifest:
+        """Compile an existing version to ONNX, verify it per output, record the result in
+        its manifest (replaced atomically) and return the new manifest.
+
+        Raises:
+            ModelNotFound, ArtifactRejected: as ``load_sync``.
+            CompileError: the estimator cannot be converted (the manifest records why).
+        """
+        loaded = self.load_sync(name, version)
+        vdir = self.root / name / str(version)
+        manifest = _compile_into(vdir, loaded.manifest, loaded.estimator, train_rows,
+                                 proba_atol, required=False)
+        tmp = vdir / f".{MANIFEST}.tmp"
+        tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+        os.replace(tmp, vdir / MANIFEST)
+        if "error" in manifest.backends.get("onnx", {}):
+            raise CompileError(manifest.backends["onnx"]["error"])
+        return manifest
+
+
+def _compile_into(
+    vdir: Path,
+    manifest: Manifest,
+    estimator: Any,
+    train_rows: np.ndarray | None,
+    proba_atol: float,
+    *,
+    required: bool,
+) -> Manifest:
+    """Write ``model.onnx`` into ``vdir`` and return ``manifest`` with what verification found.
+
+    A conversion failure is recorded (and logged); it raises only when ``required``.
+    """
+    n_features = len(manifest.features)
+    try:
+        data = convert_onnx(estimator, n_features)
+    except CompileError as exc:
+        if required:
+            raise
+        log.warning("%s v%d: not compiled, serving sklearn: %s", manifest.name,
+                    manifest.version, exc)
+        return dataclasses.replace(manifest, backends={"onnx": {"error": str(exc)}})
+    rows = verification_rows(estimator, n_features, train_rows)
+    checks = verify(estimator, OnnxModel(data, getattr(estimator, "classes_", None)), rows,
+                    proba_atol)
+    for output, check in checks.items():
+        if not check.verified:
+            log.warning("%s v%d: onnx %s not verified (mismatches %d, max diff %.3g); "
+                        "sklearn serves it", manifest.name, manifest.version, output,
+                        check.mismatches, check.max_abs_diff)
+    (vdir / ONNX_ARTIFACT).write_bytes(data)
+    return dataclasses.replace(manifest, backends={"onnx": {
+        "artifact": ONNX_ARTIFACT,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "checks": {o: c.to_json() for o, c in checks.items()},
+        "library_versions": compiled_library_versions(),
+    }})

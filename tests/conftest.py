@@ -37,19 +37,29 @@ def random_rows() -> np.ndarray:
 
 @pytest.fixture(scope="session")
 def session_store(tmp_path_factory: pytest.TempPathFactory, iris_estimator: object) -> Path:
-    """A store with iris v1, shared read-only by the session."""
+    """A store with iris v1 on the sklearn backend, shared read-only by the session."""
     root = tmp_path_factory.mktemp("models")
-    ModelStore(root).register(iris_estimator, "iris", features=IRIS_FEATURES)
+    ModelStore(root).register(iris_estimator, "iris", features=IRIS_FEATURES, backend="sklearn")
     return root
 
 
 @pytest.fixture
 def store_root(tmp_path: Path, iris_estimator: object) -> Iterator[Path]:
-    """A store with iris v1 of the test's own (tests may add versions)."""
+    """A store with iris v1 (sklearn backend) of the test's own (tests may add versions)."""
     root = tmp_path / "models"
-    ModelStore(root).register(iris_estimator, "iris", features=IRIS_FEATURES)
+    ModelStore(root).register(iris_estimator, "iris", features=IRIS_FEATURES, backend="sklearn")
     yield root
 
 
 # A second one, for tests that stop and restart it.
 redis_fault_server = factories.redis_proc(port=None)
+
+
+@pytest.fixture(scope="session")
+def compiled_store(tmp_path_factory: pytest.TempPathFactory, iris_estimator: object,
+                   iris_rows: np.ndarray) -> Path:
+    """A store with iris v1 compiled to ONNX and verified, shared read-only by the session."""
+    root = tmp_path_factory.mktemp("compiled")
+    ModelStore(root).register(iris_estimator, "iris", features=IRIS_FEATURES, backend="onnx",
+                              train_rows=iris_rows)
+    return root

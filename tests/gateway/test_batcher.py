@@ -8,6 +8,7 @@ import anyio
 import pytest
 
 from gateway.batcher import BatcherClosed, MicroBatcher, QueueFull
+from gateway.executor import Executor
 from tests.support import wait_for, wait_thread_event
 
 pytestmark = pytest.mark.anyio
@@ -31,8 +32,12 @@ class Doubler:
         return [2 * i for i in items]
 
 
+def thread_executor() -> Executor:
+    return Executor(limiter=anyio.CapacityLimiter(1), placement="thread")
+
+
 def make(fn: Doubler, **kw: int) -> MicroBatcher[int, int]:
-    b: MicroBatcher[int, int] = MicroBatcher(fn, limiter=anyio.CapacityLimiter(1), **kw)
+    b: MicroBatcher[int, int] = MicroBatcher(fn, executor=thread_executor(), **kw)
     b.start()
     return b
 
@@ -159,7 +164,7 @@ async def test_shutdown_fails_leftovers_after_grace() -> None:
 
 async def test_max_delay_grows_the_batch() -> None:
     fn = Doubler()
-    b = MicroBatcher(fn, limiter=anyio.CapacityLimiter(1), max_batch_size=4, max_delay_s=1.0)
+    b = MicroBatcher(fn, executor=thread_executor(), max_batch_size=4, max_delay_s=1.0)
     b.start()
     tasks = [asyncio.create_task(b.submit(i)) for i in range(4)]
     assert await asyncio.gather(*tasks) == [0, 2, 4, 6]
@@ -168,8 +173,7 @@ async def test_max_delay_grows_the_batch() -> None:
 
 
 def test_bad_limits_raise() -> None:
-    lim = anyio.CapacityLimiter(1)
     for kw in ({"max_batch_size": 0}, {"max_queue": 0}, {"concurrency": 0},
                {"max_delay_s": -1.0}):
         with pytest.raises(ValueError):
-            MicroBatcher(Doubler(), limiter=lim, **kw)  # type: ignore[arg-type]
+            MicroBatcher(Doubler(), executor=thread_executor(), **kw)  # type: ignore[arg-type]

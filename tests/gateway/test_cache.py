@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import redis
 
+from gateway import Settings, create_app
 from gateway.cache import L1Cache
 from model_store import ModelStore
 from model_store.demo import IRIS_FEATURES
@@ -193,3 +194,27 @@ async def test_cache_off_disables_both_tiers(session_store: Path, redis_server: 
         assert probe.calls == 2
 
 
+
+
+async def test_redis_is_skipped_for_a_model_cheaper_than_a_round_trip(
+    compiled_store: Path, redis_server: Any, random_rows: np.ndarray
+) -> None:
+    from tests.support import serve_with_state
+
+    app = create_app(Settings(model_root=compiled_store, redis_url=url(redis_server),
+                              cache_prefix="cheap", execution="inline", l2_min_call_us=250))
+    async with serve_with_state(app) as (client, gw):
+        rt = gw.runtime("iris")
+        for row in random_rows[200:220]:
+            assert (await client.get(q(row))).status_code == 200
+        assert rt.executor.measured and rt.executor.per_call_s < 250e-6
+        assert gw.l2 is not None
+        await gw.l2.flush_writes()
+        r = redis.Redis(host=redis_server.host, port=redis_server.port)
+        written = len(r.keys("cheap:iris:*"))
+        assert 0 < written < 20  # only while the model's cost was not yet measured
+        for row in random_rows[220:240]:
+            assert (await client.get(q(row))).headers["x-cache"] == "miss"
+        await gw.l2.flush_writes()
+        assert len(r.keys("cheap:iris:*")) == written
+        assert (await client.get(q(random_rows[230]))).headers["x-cache"] == "l1"
