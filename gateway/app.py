@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -189,6 +190,9 @@ def create_app(settings: Settings | None = None, *, store: ModelStore | None = N
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         gw = await Gateway.open(settings, store, app_metrics)
+        if settings.gc_freeze:
+            gc.collect()
+            gc.freeze()
         try:
             yield {"gateway": gw}
         finally:

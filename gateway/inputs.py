@@ -93,7 +93,11 @@ def parse_query(pairs: Iterable[tuple[str, str]], features: Sequence[str]) -> np
             raise InvalidInput(f"query parameter {name!r} given more than once",
                                code="duplicate_feature")
         given[name] = raw
-    if len(given) != len(features) or any(f not in given for f in features):
+    try:
+        raws = [given[f] for f in features]
+    except KeyError:
+        raws = []
+    if len(given) != len(features) or not raws:
         missing = [f for f in features if f not in given]
         extra = sorted(set(given) - set(features))
         raise InvalidInput(
@@ -102,19 +106,21 @@ def parse_query(pairs: Iterable[tuple[str, str]], features: Sequence[str]) -> np
             + (f"; unknown: {', '.join(extra)}" if extra else ""),
             code="wrong_features",
         )
-    row = np.empty((1, len(features)), dtype=np.float64)
-    for i, name in enumerate(features):
-        raw = given[name]
-        try:
-            value = float(raw)
-        except ValueError:
-            raise InvalidInput(f"query parameter {name}={raw!r} is not a number",
-                               code="not_a_number") from None
+    try:
+        values = [float(raw) for raw in raws]
+    except ValueError:
+        for name, raw in zip(features, raws, strict=True):
+            try:
+                float(raw)
+            except ValueError:
+                raise InvalidInput(f"query parameter {name}={raw!r} is not a number",
+                                   code="not_a_number") from None
+        raise
+    for name, raw, value in zip(features, raws, values, strict=True):
         if not math.isfinite(value):
             raise InvalidInput(f"query parameter {name}={raw!r} is not a finite number",
                                code="non_finite")
-        row[0, i] = value
-    return row
+    return np.array([values], dtype=np.float64)
 
 
 def parse_instances(instances: Any, features: Sequence[str], max_rows: int) -> np.ndarray:

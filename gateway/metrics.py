@@ -16,7 +16,8 @@ _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
 class Metrics:
-    """Every metric the gateway exports. Thread-safe (prometheus-client)."""
+    """Every metric the gateway exports. The prometheus-client objects are thread-safe;
+    ``in_flight`` is a plain int changed on the event loop only."""
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
@@ -28,9 +29,10 @@ class Metrics:
             "gateway_request_seconds", "HTTP request latency.", ["route"],
             buckets=_LATENCY_BUCKETS, registry=r,
         )
-        self.in_flight = Gauge(
+        self.in_flight = 0  # requests being answered now; read at scrape time, no lock
+        Gauge(
             "gateway_requests_in_flight", "HTTP requests being answered now.", registry=r,
-        )
+        ).set_function(lambda: self.in_flight)
         self.cache_lookups = Counter(
             "gateway_cache_lookups",
             "Cache lookups by tier (l1, l2) and result (hit, miss, error).",

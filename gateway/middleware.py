@@ -35,11 +35,11 @@ class MetricsMiddleware:
                 status = message["status"]
             await send(message)
 
-        self.metrics.in_flight.inc()
+        self.metrics.in_flight += 1
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            self.metrics.in_flight.dec()
+            self.metrics.in_flight -= 1
             template = self._template(scope)
             self.metrics.requests.labels(template, str(status)).inc()
             self.metrics.request_seconds.labels(template).observe(time.perf_counter() - start)

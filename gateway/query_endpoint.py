@@ -31,7 +31,7 @@ class QueryPredictEndpoint:
         self.path = path
         self._requests = metrics.requests
         self._by_status: dict[int, Counter] = {}
-        self._in_flight = metrics.in_flight
+        self._metrics = metrics
         self._seconds = metrics.request_seconds.labels(path)
 
     def handles(self, scope: Scope) -> bool:
@@ -40,11 +40,11 @@ class QueryPredictEndpoint:
 
     async def __call__(self, scope: Scope, _receive: Receive, send: Send) -> None:
         start = time.perf_counter()
-        self._in_flight.inc()
+        self._metrics.in_flight += 1
         try:
             await self._answer(scope, send)
         finally:
-            self._in_flight.dec()
+            self._metrics.in_flight -= 1
             self._seconds.observe(time.perf_counter() - start)
 
     async def _answer(self, scope: Scope, send: Send) -> None:
