@@ -75,7 +75,6 @@ class Gateway:
             l2_min_call_s=settings.l2_min_call_us / 1e6,
         )
         gw = cls(settings, store, metrics, predictor, l1, l2)
-        limiter = anyio.CapacityLimiter(settings.infer_concurrency)
         for name, versions in store.models().items():
             for version in versions:
                 try:
@@ -85,7 +84,8 @@ class Gateway:
                     log.error("model %s v%d not loaded: %s", name, version, exc)
                     continue
                 rt = ModelRuntime(
-                    model, metrics, limiter=limiter,
+                    model, metrics,
+                    limiter=anyio.CapacityLimiter(settings.infer_concurrency),
                     prefer_compiled=settings.backend == "auto",
                     placement=settings.execution,
                     inline_max_s=settings.inline_max_us / 1e6,
