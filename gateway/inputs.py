@@ -73,6 +73,18 @@ def _kind(value: Any) -> str:
     return type(value).__name__
 
 
+def _wrong_features(what: str, features: Sequence[str], given: Iterable[str]) -> InvalidInput:
+    names = set(map(str, given))
+    missing = [f for f in features if f not in names]
+    extra = sorted(names - set(features))
+    return InvalidInput(
+        f"{what} must be exactly {', '.join(features)}"
+        + (f"; missing: {', '.join(missing)}" if missing else "")
+        + (f"; unknown: {', '.join(extra)}" if extra else ""),
+        code="wrong_features",
+    )
+
+
 def parse_query_string(query: bytes, features: Sequence[str]) -> np.ndarray:
     """``parse_query`` over a raw query string (percent-encoding and ``+`` understood)."""
     text = query.decode("latin-1")
@@ -98,14 +110,7 @@ def parse_query(pairs: Iterable[tuple[str, str]], features: Sequence[str]) -> np
     except KeyError:
         raws = []
     if len(given) != len(features) or not raws:
-        missing = [f for f in features if f not in given]
-        extra = sorted(set(given) - set(features))
-        raise InvalidInput(
-            f"query parameters must be exactly {', '.join(features)}"
-            + (f"; missing: {', '.join(missing)}" if missing else "")
-            + (f"; unknown: {', '.join(extra)}" if extra else ""),
-            code="wrong_features",
-        )
+        raise _wrong_features("query parameters", features, given)
     try:
         values = [float(raw) for raw in raws]
     except ValueError:
@@ -148,14 +153,7 @@ def parse_instances(instances: Any, features: Sequence[str], max_rows: int) -> n
                 out[i, j] = _number(value, f"instances[{i}][{j}] ({features[j]})")
         elif isinstance(row, dict):
             if len(row) != n_features or any(f not in row for f in features):
-                missing = [f for f in features if f not in row]
-                extra = sorted(set(row) - set(features))
-                raise InvalidInput(
-                    f"instances[{i}]: keys must be exactly {', '.join(features)}"
-                    + (f"; missing: {', '.join(missing)}" if missing else "")
-                    + (f"; unknown: {', '.join(map(str, extra))}" if extra else ""),
-                    code="wrong_features",
-                )
+                raise _wrong_features(f"instances[{i}]: keys", features, row)
             for j, name in enumerate(features):
                 out[i, j] = _number(row[name], f"instances[{i}].{name}")
         else:
