@@ -218,3 +218,16 @@ async def test_redis_is_skipped_for_a_model_cheaper_than_a_round_trip(
         await gw.l2.flush_writes()
         assert len(r.keys("cheap:iris:*")) == written
         assert (await client.get(q(random_rows[230]))).headers["x-cache"] == "l1"
+
+
+async def test_unix_socket_url(session_store: Path, redis_server: Any,
+                               random_rows: np.ndarray) -> None:
+    row = random_rows[300]
+    unix = f"unix://{redis_server.unixsocket}"
+    async with gateway_on(session_store, unix, cache_prefix="unix") as (a, _, gw):
+        await a.get(q(row))
+        assert gw.l2 is not None
+        await gw.l2.flush_writes()
+    async with gateway_on(session_store, unix, cache_prefix="unix") as (b, probe, _):
+        assert (await b.get(q(row))).headers["x-cache"] == "l2"
+        assert probe.calls == 0

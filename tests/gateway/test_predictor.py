@@ -170,3 +170,23 @@ async def test_naive_configuration_calls_predict_per_row(session_store: Path,
                               json={"instances": random_rows[:5].tolist()})
         assert r.status_code == 200
         assert probe.calls == 8 and probe.batch_sizes == [1] * 8
+
+
+async def test_shutdown_drains_then_fails_leftovers_with_503(session_store: Path,
+                                                              random_rows) -> None:
+    async with probed_app(session_store, shutdown_grace_s=0.05) as (client, probe, gw):
+        probe.gate.clear()
+        running = asyncio.create_task(client.get(q(random_rows[0])))
+        await wait_thread_event(probe.entered)
+        queued = asyncio.create_task(client.get(q(random_rows[1])))
+        rt = gw.runtime("iris")
+        await wait_for(lambda: rt.batcher is not None and rt.batcher.queued_rows == 1)
+        closing = asyncio.create_task(gw.aclose())
+        r = await queued  # not dispatched within the grace period
+        assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+        assert (await client.get("/readyz")).status_code == 503
+        refused = await client.get(q(random_rows[2]))
+        assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"
+        probe.gate.set()
+        await closing
+        assert (await running).status_code in (200, 503)
