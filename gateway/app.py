@@ -5,11 +5,10 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -23,7 +22,8 @@ from gateway.inputs import parse_instances, read_json
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.middleware import MetricsMiddleware
 from gateway.query_endpoint import QueryPredictEndpoint
-from gateway.runtime import Gateway
+from gateway.responses import json_response
+from gateway.runtime import Gateway, gateway_of
 from gateway.settings import Settings
 from gateway.v2 import v2_router
 from model_store import ModelStore
@@ -34,14 +34,6 @@ _TIMEOUT_HEADER = "x-request-timeout-ms"
 _SOURCE_RANK = {"l1": 0, "l2": 1, "miss": 2}
 
 
-def _json(body: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body), status_code=status, headers=headers,
-                    media_type="application/json")
-
-
-def _gateway(request: Request) -> Gateway:
-    gw: Gateway = request.scope["state"]["gateway"]
-    return gw
 
 
 _PREDICT_BODY_KEYS = frozenset({"instances", "version", "probabilities"})
@@ -53,7 +45,7 @@ async def predict_v1(name: str, request: Request) -> Response:
 
     The answer keeps row order and says, per row, where it came from (`l1`, `l2`, `miss`).
     """
-    gw = _gateway(request)
+    gw = gateway_of(request)
     try:
         payload = await read_json(request, gw.settings.max_body_bytes)
         if not isinstance(payload, dict):
@@ -90,22 +82,22 @@ async def predict_v1(name: str, request: Request) -> Response:
     except GatewayError as exc:
         gw.count_rejection(exc)
         return error_response(exc)
-    return _json(body)
+    return json_response(body)
 
 
 async def list_models(request: Request) -> Response:
     """Loaded models: names, versions, features, classes."""
-    return _json({"models": _gateway(request).describe()})
+    return json_response({"models": gateway_of(request).describe()})
 
 
 async def healthz() -> Response:
     """Liveness: the process answers."""
-    return _json({"status": "ok"})
+    return json_response({"status": "ok"})
 
 
 async def readyz(request: Request) -> Response:
     """Readiness: 200 once models are loaded (cache degradation does not fail it), else 503."""
-    gw = _gateway(request)
+    gw = gateway_of(request)
     ready = gw.accepting and bool(gw.models)
     body = {
         "status": "ready" if ready else "not_ready",
@@ -114,11 +106,11 @@ async def readyz(request: Request) -> Response:
     }
     if gw.failed:
         body["failed"] = gw.failed
-    return _json(body, status=200 if ready else 503)
+    return json_response(body, status=200 if ready else 503)
 
 
 async def metrics(request: Request) -> Response:
-    return Response(_gateway(request).metrics.render(), media_type=CONTENT_TYPE)
+    return Response(gateway_of(request).metrics.render(), media_type=CONTENT_TYPE)
 
 
 async def _gateway_error(_request: Request, exc: Exception) -> Response:
@@ -129,7 +121,7 @@ async def _gateway_error(_request: Request, exc: Exception) -> Response:
 async def _http_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return _json({"error": {"code": code, "message": str(exc.detail)}}, exc.status_code,
+    return json_response({"error": {"code": code, "message": str(exc.detail)}}, exc.status_code,
                  headers=exc.headers)
 
 
@@ -138,7 +130,7 @@ async def _validation_error(_request: Request, exc: Exception) -> Response:
     where = "; ".join(
         f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', '')}" for e in exc.errors()
     )
-    return _json({"error": {"code": "invalid_input", "message": where}}, 422)
+    return json_response({"error": {"code": "invalid_input", "message": where}}, 422)
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

@@ -5,8 +5,9 @@ Every error body is ``{"error": {"code": "<stable_code>", "message": "<what and 
 
 from __future__ import annotations
 
-import orjson
 from starlette.responses import Response
+
+from gateway.responses import json_response
 
 __all__ = [
     "BodyTooLarge",
@@ -83,6 +84,5 @@ class ModelFailed(GatewayError):
 
 
 def error_response(exc: GatewayError) -> Response:
-    body = orjson.dumps({"error": {"code": exc.code, "message": exc.message}})
-    return Response(body, status_code=exc.status, headers=exc.headers,
-                    media_type="application/json")
+    return json_response({"error": {"code": exc.code, "message": exc.message}}, exc.status,
+                         exc.headers)

@@ -22,7 +22,7 @@ from gateway.batcher import BatcherClosed, MicroBatcher, QueueFull
 from gateway.cache import L1Cache, RedisCache
 from gateway.errors import DeadlineExceeded, GatewayError, ModelFailed, Overloaded, Unavailable
 from gateway.executor import Executor, Placement
-from gateway.keys import row_keys
+from gateway.keys import canonical_rows, row_keys
 from gateway.metrics import Metrics
 from gateway.singleflight import SingleFlight
 from model_store import LoadedModel
@@ -141,7 +141,7 @@ class Predictor:
     async def predict(
         self, rt: ModelRuntime, rows: np.ndarray, proba: bool, timeout_s: float
     ) -> tuple[list[Any], list[Source]]:
-        """Values and cache sources for the canonical rows ``rows``, in row order.
+        """Values and cache sources for ``rows`` (float64, validated), in row order.
 
         L1 hits are answered without awaiting anything; what remains runs under the
         ``timeout_s`` deadline.
@@ -153,6 +153,7 @@ class Predictor:
             ModelFailed: the model raised for one of the rows.
         Cancelling it (deadline, client gone) drops its rows that nobody else waits for.
         """
+        rows = canonical_rows(rows)
         n = len(rows)
         values: list[Any] = [None] * n
         sources: list[Source] = ["miss"] * n

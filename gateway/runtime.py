@@ -10,6 +10,7 @@ from typing import Any
 
 import anyio
 import numpy as np
+from starlette.requests import Request
 
 from gateway.breaker import CircuitBreaker
 from gateway.cache import L1Cache, RedisCache, connect_redis
@@ -19,7 +20,7 @@ from gateway.predictor import ModelRuntime, Predictor, Source
 from gateway.settings import Settings
 from model_store import ModelStore, ModelStoreError
 
-__all__ = ["Gateway"]
+__all__ = ["Gateway", "gateway_of"]
 
 log = logging.getLogger("gateway")
 
@@ -201,3 +202,9 @@ class Gateway:
         if self.l2 is not None:
             await self.l2.aclose()
         self.models.clear()
+
+
+def gateway_of(request: Request) -> Gateway:
+    """The ``Gateway`` the lifespan handed to this request."""
+    gw: Gateway = request.scope["state"]["gateway"]
+    return gw

@@ -12,14 +12,14 @@ import asyncio
 from typing import Any
 
 import numpy as np
-import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from gateway.errors import GatewayError, InvalidInput
 from gateway.inputs import read_body
 from gateway.predictor import ModelRuntime
-from gateway.runtime import Gateway
+from gateway.responses import json_response
+from gateway.runtime import Gateway, gateway_of
 from gateway.v2_codec import OutputSpec, decode_infer_request, encode_infer_response
 
 __all__ = ["v2_router"]
@@ -30,19 +30,12 @@ _HEADER_LENGTH = "inference-header-content-length"
 _V2_STATUS = {422: 400, 400: 400}  # our validation errors are the protocol's bad requests
 
 
-def _gateway(request: Request) -> Gateway:
-    gw: Gateway = request.scope["state"]["gateway"]
-    return gw
-
-
-def _json(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps(body), status_code=status, headers=headers,
-                    media_type="application/json")
 
 
 def _error(gw: Gateway, exc: GatewayError) -> Response:
     gw.count_rejection(exc)
-    return _json({"error": exc.message}, _V2_STATUS.get(exc.status, exc.status), exc.headers)
+    status = _V2_STATUS.get(exc.status, exc.status)
+    return json_response({"error": exc.message}, status, exc.headers)
 
 
 def _outputs(rt: ModelRuntime) -> list[tuple[str, str, list[int]]]:
@@ -57,24 +50,24 @@ def _outputs(rt: ModelRuntime) -> list[tuple[str, str, list[int]]]:
 
 async def server_metadata() -> Response:
     """Server name, version and supported protocol extensions."""
-    return _json({"name": SERVER_NAME, "version": SERVER_VERSION,
+    return json_response({"name": SERVER_NAME, "version": SERVER_VERSION,
                   "extensions": ["binary_tensor_data"]})
 
 
 async def live() -> Response:
-    return _json({"live": True})
+    return json_response({"live": True})
 
 
 async def ready(request: Request) -> Response:
-    gw = _gateway(request)
+    gw = gateway_of(request)
     is_ready = gw.accepting and bool(gw.models)
-    return _json({"ready": is_ready}, 200 if is_ready else 503)
+    return json_response({"ready": is_ready}, 200 if is_ready else 503)
 
 
 async def model_metadata(name: str, request: Request, version: str | None = None) -> Response:
     """Inputs (one ``[n, n_features]`` tensor, or one ``[n, 1]`` tensor per feature) and
     outputs of a model version (default: latest)."""
-    gw = _gateway(request)
+    gw = gateway_of(request)
     try:
         rt = gw.runtime(name, version)
     except GatewayError as exc:
@@ -82,7 +75,7 @@ async def model_metadata(name: str, request: Request, version: str | None = None
     m = rt.manifest
     versions = [str(m.version)] if version is not None else [str(v) for v in
                                                             sorted(gw.models[name])]
-    return _json({
+    return json_response({
         "name": m.name,
         "versions": versions,
         "platform": "sklearn",
@@ -95,20 +88,20 @@ async def model_metadata(name: str, request: Request, version: str | None = None
 
 
 async def model_ready(name: str, request: Request, version: str | None = None) -> Response:
-    gw = _gateway(request)
+    gw = gateway_of(request)
     try:
         rt = gw.runtime(name, version)
     except GatewayError as exc:
         return _error(gw, exc)
     ready_now = gw.accepting
-    return _json({"name": name, "version": str(rt.manifest.version), "ready": ready_now},
+    return json_response({"name": name, "version": str(rt.manifest.version), "ready": ready_now},
                  200 if ready_now else 503)
 
 
 async def infer(name: str, request: Request, version: str | None = None) -> Response:
     """Infer rows given as tensors (JSON ``data`` or binary tensor data); answers ``label``
     and ``probabilities`` (or the requested ``outputs``), binary when asked."""
-    gw = _gateway(request)
+    gw = gateway_of(request)
     try:
         rt = gw.runtime(name, version)
         body = await read_body(request, gw.settings.max_body_bytes)

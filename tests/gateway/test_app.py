@@ -25,6 +25,14 @@ async def test_query_predict_and_cache_header(session_store: Path) -> None:
         r = await client.get(Q.replace("5.1", "5.10"))
         assert r.json() == {"prediction": "setosa"} and r.headers["x-cache"] == "l1"
         assert probe.calls == 1
+        zero = "/predict?sepal_length=5.1&sepal_width=3.5&petal_length=1.4&petal_width=0.0"
+        assert (await client.get(zero)).headers["x-cache"] == "miss"
+        r = await client.get(zero.replace("=0.0", "=-0.0"))
+        assert r.headers["x-cache"] == "l1"  # -0.0 and 0.0 are one row
+        r = await client.post("/v1/models/iris/predict", json={"instances": [
+            {"petal_width": -0.0, "petal_length": 1.4, "sepal_width": 3.5, "sepal_length": 5.1}]})
+        assert r.json()["cache"] == ["l1"]  # an object row shares the list row's key
+        assert probe.calls == 2
 
 
 async def test_v1_lists_and_objects_with_probabilities(session_store: Path, iris_rows,
