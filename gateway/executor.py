@@ -3,8 +3,9 @@ worker thread otherwise.
 
 A thread hop costs tens of microseconds; a compiled model answers a small batch in about as
 long, so for such a model the hop is most of the cost. ``Executor`` keeps a moving average of
-how long calls of this model take per row and runs a call inline only while the call it is about
-to make is predicted to take at most ``inline_max_s``. Until it has measured enough calls, and
+how long the model itself takes (per call and per row, measured around the call wherever it
+runs) and runs a call inline only while the call it is about to make is predicted to take at
+most ``inline_max_s``. Until it has measured enough calls, and
 for any model whose calls are slower, it uses the thread (under the app's CapacityLimiter). A
 model that slows down moves back to the thread after one slow call.
 """
@@ -73,14 +74,30 @@ class Executor:
 
     async def run(self, fn: Callable[[Sequence[T]], R], items: Sequence[T]) -> R:
         """``fn(items)``, inline or in a worker thread. Raises what ``fn`` raises."""
-        inline = self.inline_for(len(items))
+        if self.inline_for(len(items)):
+            return self.run_inline(fn, items)
+        took = [0.0]
+
+        def timed(batch: Sequence[T]) -> R:  # the model's own time, without the thread hop
+            start = time.perf_counter()
+            try:
+                return fn(batch)
+            finally:
+                took[0] = time.perf_counter() - start
+
+        try:
+            return await anyio.to_thread.run_sync(timed, items, limiter=self._limiter)
+        finally:
+            self._observe(False, len(items), took[0])
+
+    def run_inline(self, fn: Callable[[Sequence[T]], R], items: Sequence[T]) -> R:
+        """``fn(items)`` on the calling thread, measured. Only for calls ``inline_for``
+        allows. Raises what ``fn`` raises."""
         start = time.perf_counter()
         try:
-            if inline:
-                return fn(items)
-            return await anyio.to_thread.run_sync(fn, items, limiter=self._limiter)
+            return fn(items)
         finally:
-            self._observe(inline, len(items), time.perf_counter() - start)
+            self._observe(True, len(items), time.perf_counter() - start)
 
     def _observe(self, inline: bool, rows: int, seconds: float) -> None:
         self._calls += 1

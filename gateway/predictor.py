@@ -165,6 +165,9 @@ class Predictor:
             missing = self._from_l1(keys, values, sources)
             if not missing:
                 return values, sources
+        skip_l2 = self._l2 is None or keys is None or not self._l2_pays(rt)
+        if skip_l2 and self._answer_inline(rt, rows, proba, keys, missing, values):
+            return values, sources  # nothing awaited: no deadline to watch
         try:
             async with asyncio.timeout(timeout_s):
                 await self._fill(rt, rows, proba, keys, missing, values, sources)
@@ -186,6 +189,8 @@ class Predictor:
             missing = await self._from_l2(keys, missing, values, sources)
             if not missing:
                 return
+        if self._answer_inline(rt, rows, proba, keys, missing, values):
+            return
         if len(missing) == 1:
             i = missing[0]
             values[i] = await self._compute(rt, rows[i], keys[i] if keys else None, proba)
@@ -195,6 +200,37 @@ class Predictor:
             )
             for i, v in zip(missing, computed, strict=True):
                 values[i] = v
+
+    def _answer_inline(
+        self,
+        rt: ModelRuntime,
+        rows: np.ndarray,
+        proba: bool,
+        keys: list[str] | None,
+        missing: list[int],
+        values: list[Any],
+    ) -> bool:
+        """Answer ``missing`` rows with one inline model call when that call is measured to be
+        tiny and none of them is being computed already. Nothing else runs meanwhile, so the
+        values are in L1 before any other request looks: single-flight and batching would be
+        pure overhead here. False: take the single-flight and batcher path."""
+        if not rt.executor.inline_for(len(missing)):
+            return False
+        if keys is not None and self._flights is not None and any(
+                keys[i] in self._flights for i in missing):
+            return False  # join the computation already under way instead
+        batch = [_Row(rows[i], proba) for i in missing]
+        try:
+            computed = rt.executor.run_inline(rt.run, batch)
+        except Exception as exc:  # one bad row: let the batcher path isolate it
+            log.debug("inline batch raised %r; retrying rows through the batcher", exc)
+            return False
+        self._metrics.batch_rows.observe(len(batch))
+        for i, value in zip(missing, computed, strict=True):
+            values[i] = value
+            if self._l1 is not None and keys is not None:
+                self._put(rt, keys[i], value)
+        return True
 
     def _l2_pays(self, rt: ModelRuntime) -> bool:
         """Is a Redis round trip cheaper than a call of this model? (Yes until measured.)"""
@@ -258,10 +294,14 @@ class Predictor:
                 return cached
         value = await self._infer(rt, _Row(x, proba))
         if self._l1 is not None and key is not None:
-            self._l1.put(key, value)
-            if self._l2 is not None and self._l2_pays(rt):
-                self._l2.put(key, orjson.dumps(value))
+            self._put(rt, key, value)
         return value
+
+    def _put(self, rt: ModelRuntime, key: str, value: Any) -> None:
+        assert self._l1 is not None
+        self._l1.put(key, value)
+        if self._l2 is not None and self._l2_pays(rt):
+            self._l2.put(key, orjson.dumps(value))
 
     async def _infer(self, rt: ModelRuntime, row: _Row) -> Any:
         try:

@@ -48,6 +48,10 @@ class SingleFlight(Generic[K, V]):
         """Keys in flight now."""
         return len(self._calls)
 
+    def __contains__(self, key: object) -> bool:
+        """Is ``key`` in flight now?"""
+        return key in self._calls
+
     def waiting(self) -> int:
         """Callers waiting now, over all keys."""
         return sum(c.waiters for c in self._calls.values())

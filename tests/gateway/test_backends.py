@@ -43,3 +43,25 @@ async def test_served_answers_are_identical_between_backends(
                                                         "probabilities": "sklearn"}
     assert compiled[3]["parameters"]["backends"]["label"] == "onnx"
     assert 'gateway_model_exec_total{model="iris",place="inline",version="1"}' in compiled[4]
+
+
+async def test_tiny_model_answers_misses_inline_without_the_batcher(
+        compiled_store: Path, random_rows: np.ndarray, iris_estimator) -> None:
+    from tests.support import serve_with_state
+
+    app = create_app(Settings(model_root=compiled_store))
+    names = ("sepal_length", "sepal_width", "petal_length", "petal_width")
+    async with serve_with_state(app) as (client, gw):
+        rt = gw.runtime("iris")
+        answers = []
+        for row in random_rows[:40]:
+            r = await client.get("/predict", params=dict(zip(names, map(float, row),
+                                                             strict=True)))
+            assert r.headers["x-cache"] == "miss"
+            answers.append(r.json()["prediction"])
+        assert answers == iris_estimator.predict(random_rows[:40]).tolist()
+        assert rt.executor.measured and rt.executor.inline_for(1)
+        metrics = (await client.get("/metrics")).text
+    inline = [line for line in metrics.splitlines()
+              if line.startswith('gateway_model_exec_total{model="iris",place="inline"')]
+    assert inline and float(inline[0].rsplit(" ", 1)[1]) >= 30
