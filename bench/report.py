@@ -220,7 +220,7 @@ def _plots(out_dir: Path, rows: Sequence[Row], runs: Sequence[Run]) -> None:
     ax.set_yscale("log")
     ax.set_ylabel("requests/s (median, min-max)")
     ax.set_title("Throughput per configuration and scenario")
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(out_dir / "throughput.png", dpi=110)
     plt.close(fig)

@@ -190,3 +190,18 @@ async def test_shutdown_drains_then_fails_leftovers_with_503(session_store: Path
         probe.gate.set()
         await closing
         assert (await running).status_code in (200, 503)
+
+
+async def test_inline_execution_isolates_a_poisoned_row(session_store: Path,
+                                                        random_rows, iris_estimator) -> None:
+    async with probed_app(session_store, execution="inline") as (client, probe, _):
+        good = await client.get(q(random_rows[0]))
+        assert good.status_code == 200
+        assert good.json()["prediction"] == iris_estimator.predict(random_rows[:1])[0]
+        for _ in range(2):  # the failure is not cached
+            bad = await client.get(q([POISON, 1, 1, 1]))
+            assert bad.status_code == 500 and bad.json()["error"]["code"] == "model_error"
+        r = await client.post("/v1/models/iris/predict",
+                              json={"instances": random_rows[1:5].tolist()})
+        assert r.json()["predictions"] == iris_estimator.predict(random_rows[1:5]).tolist()
+        assert probe.calls >= 4
