@@ -62,6 +62,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline-url",
                    help="also measure another server answering the same GET /predict")
     p.add_argument("--model-root", type=Path, default=Path("models"))
+    p.add_argument("--model", default="iris",
+                   help="model every request asks (iris; heavy: the 300-tree, 20-feature demo)")
     p.add_argument("--workers", type=int, default=1, help="uvicorn workers per gateway")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     return p
@@ -82,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         url=args.url,
         baseline_url=args.baseline_url,
         model_root=args.model_root,
+        model=args.model,
         workers=args.workers,
     )
     console = Console(width=None if sys.stdout.isatty() else 200)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -11,18 +12,13 @@ import numpy as np
 
 __all__ = ["BurstResult", "OpenLoopResult", "burst", "open_loop", "unique_row"]
 
-_FEATURES = ("sepal_length", "sepal_width", "petal_length", "petal_width")
-
-
-def unique_row(salt: int, n: int) -> dict[str, str]:
+def unique_row(salt: int, n: int, features: Sequence[str]) -> dict[str, str]:
     """A row never produced for another ``(salt, n)``; same shape as the wrk scripts' rows."""
     k = salt * 10_000_000 + n
-    return {
-        "sepal_length": f"{4 + (n % 40) / 10 + k * 1e-12:.12f}",
-        "sepal_width": f"{2 + (n % 25) / 10:.1f}",
-        "petal_length": f"{1 + (n % 60) / 10:.1f}",
-        "petal_width": f"{(n % 25) / 10:.1f}",
-    }
+    row = {features[0]: f"{4 + (n % 40) / 10 + k * 1e-12:.12f}"}
+    for j, name in enumerate(features[1:], start=2):
+        row[name] = f"{((n * (2 * j - 1)) % 60) / 10:.1f}"
+    return row
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,9 +62,9 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return status, await reader.readexactly(length)
 
 
-def burst(url: str, n: int, salt: int) -> BurstResult:
+def burst(url: str, n: int, salt: int, features: Sequence[str]) -> BurstResult:
     """Fire ``n`` identical requests for one new row at once."""
-    return asyncio.run(_burst(url, n, unique_row(salt, 0)))
+    return asyncio.run(_burst(url, n, unique_row(salt, 0, features)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +76,8 @@ class OpenLoopResult:
 
 
 async def _open_loop(url: str, rate: float, duration_s: float, salt: int,
-                     percentiles: tuple[float, ...]) -> OpenLoopResult:
+                     percentiles: tuple[float, ...], features: Sequence[str]
+                     ) -> OpenLoopResult:
     total = max(1, int(rate * duration_s))
     latencies = np.zeros(total)
     errors = 0
@@ -91,7 +88,7 @@ async def _open_loop(url: str, rate: float, duration_s: float, salt: int,
         async def one(i: int, due: float) -> None:
             nonlocal errors
             try:
-                r = await client.get("/predict", params=unique_row(salt, i))
+                r = await client.get("/predict", params=unique_row(salt, i, features))
                 if r.status_code != 200:
                     errors += 1
             except httpx.HTTPError:
@@ -114,6 +111,6 @@ async def _open_loop(url: str, rate: float, duration_s: float, salt: int,
 
 
 def open_loop(url: str, rate: float, duration_s: float, salt: int,
-              percentiles: tuple[float, ...]) -> OpenLoopResult:
+              percentiles: tuple[float, ...], features: Sequence[str]) -> OpenLoopResult:
     """Unique rows at a fixed arrival ``rate`` (requests/s) for ``duration_s``."""
-    return asyncio.run(_open_loop(url, rate, duration_s, salt, percentiles))
+    return asyncio.run(_open_loop(url, rate, duration_s, salt, percentiles, features))

@@ -15,7 +15,7 @@ __all__ = ["MAX_SALT", "PERCENTILES", "hot", "multirow", "unique", "zipf"]
 
 PERCENTILES = (1, 5, 10, 20, 30, 40, 50, 60, 70, 75, 80, 85, 90, 95, 97.5, 99, 99.5, 99.9, 100)
 
-_FEATURES = ("sepal_length", "sepal_width", "petal_length", "petal_width")
+IRIS_FEATURES = ("sepal_length", "sepal_width", "petal_length", "petal_width")
 
 _THREADS = """
 local threads_started = 0
@@ -25,16 +25,23 @@ setup = function(thread)
 end
 """
 
-# A unique row for (SALT, tid, n): plausible Iris ranges, plus an offset k * 1e-12 that stays
-# below the 0.1 spacing of the base values (k < 1e11: SALT < 600, tid < 16, n < 1e7), printed
-# with 12 decimals so the gateway parses a distinct float for every k.
+# A unique row for (SALT, tid, n): the first feature carries an offset k * 1e-12 that stays
+# below the 0.1 spacing of its base values (k < 1e11: SALT < 600, tid < 16, n < 1e7), printed
+# with 12 decimals so the gateway parses a distinct float for every k; the other features vary
+# over [0, 6) in steps of 0.1.
 _ROW = """
 local function row(n)
   local k = (SALT * 16 + tid) * 10000000 + n
-  return string.format("%.12f", 4 + (n % 40) / 10 + k * 1e-12),
-         string.format("%.1f", 2 + (n % 25) / 10),
-         string.format("%.1f", 1 + (n % 60) / 10),
-         string.format("%.1f", (n % 25) / 10)
+  local v = {string.format("%.12f", 4 + (n % 40) / 10 + k * 1e-12)}
+  for j = 2, #NAMES do
+    v[j] = string.format("%.1f", ((n * (2 * j - 1)) % 60) / 10)
+  end
+  return v
+end
+local function query(v)
+  local parts = {}
+  for j = 1, #NAMES do parts[j] = NAMES[j] .. "=" .. v[j] end
+  return "/predict?" .. table.concat(parts, "&")
 end
 """
 
@@ -54,13 +61,15 @@ end
 """
 
 
-def _prelude(salt: int) -> str:
+def _prelude(salt: int, features: Sequence[str] = IRIS_FEATURES) -> str:
     pct = ", ".join(repr(p) for p in PERCENTILES)
-    return f"tid = 0\nSALT = {int(salt)}\nPERCENTILES = {{{pct}}}\n" + _THREADS
+    names = ", ".join(json.dumps(f) for f in features)
+    return (f"tid = 0\nSALT = {int(salt)}\nPERCENTILES = {{{pct}}}\nNAMES = {{{names}}}\n"
+            + _THREADS)
 
 
-def _query(values: Sequence[str]) -> str:
-    return "&".join(f"{n}={v}" for n, v in zip(_FEATURES, values, strict=True))
+def _query(values: Sequence[str], features: Sequence[str]) -> str:
+    return "&".join(f"{n}={v}" for n, v in zip(features, values, strict=True))
 
 
 def _check_salt(salt: int) -> None:
@@ -68,10 +77,10 @@ def _check_salt(salt: int) -> None:
         raise ValueError(f"salt must be within [0, {MAX_SALT}), got {salt}")
 
 
-def hot(row: Sequence[float]) -> str:
+def hot(row: Sequence[float], features: Sequence[str] = IRIS_FEATURES) -> str:
     """Every request asks the same row."""
-    path = "/predict?" + _query([repr(float(v)) for v in row])
-    return _prelude(0) + f'local path = "{path}"\n' + (
+    path = "/predict?" + _query([repr(float(v)) for v in row], features)
+    return _prelude(0, features) + f'local path = "{path}"\n' + (
         'request = function() return wrk.format("GET", path) end\n'
     ) + _DONE
 
@@ -79,25 +88,25 @@ def hot(row: Sequence[float]) -> str:
 MAX_SALT = 600
 
 
-def unique(salt: int) -> str:
+def unique(salt: int, features: Sequence[str] = IRIS_FEATURES) -> str:
     """Every request asks a row never asked before with another ``salt`` (0 <= salt < 600)."""
     _check_salt(salt)
-    return _prelude(salt) + _ROW + """
+    return _prelude(salt, features) + _ROW + """
 local counter = 0
 request = function()
   counter = counter + 1
-  local a, b, c, d = row(counter)
-  return wrk.format("GET", "/predict?sepal_length=" .. a .. "&sepal_width=" .. b ..
-                    "&petal_length=" .. c .. "&petal_width=" .. d)
+  return wrk.format("GET", query(row(counter)))
 end
 """ + _DONE
 
 
-def zipf(rows: Sequence[Sequence[float]], cdf: Sequence[float], seed: int) -> str:
+def zipf(rows: Sequence[Sequence[float]], cdf: Sequence[float], seed: int,
+         features: Sequence[str] = IRIS_FEATURES) -> str:
     """Rows drawn from a fixed set with the given cumulative distribution (``bench.zipf``)."""
-    paths = json.dumps(["/predict?" + _query([repr(float(v)) for v in r]) for r in rows])
+    paths = json.dumps(["/predict?" + _query([repr(float(v)) for v in r], features)
+                        for r in rows])
     cdf_lua = ",".join(f"{c:.17g}" for c in cdf)
-    return _prelude(seed) + f"""
+    return _prelude(seed, features) + f"""
 local paths = {{{paths[1:-1]}}}
 local cdf = {{{cdf_lua}}}
 local n = #cdf
@@ -114,10 +123,11 @@ end
 """ + _DONE
 
 
-def multirow(salt: int, rows_per_request: int = 32, model: str = "iris") -> str:
+def multirow(salt: int, rows_per_request: int = 32, model: str = "iris",
+             features: Sequence[str] = IRIS_FEATURES) -> str:
     """POST ``/v1/models/<model>/predict`` with ``rows_per_request`` new rows each."""
     _check_salt(salt)
-    return _prelude(salt) + _ROW + f"""
+    return _prelude(salt, features) + _ROW + f"""
 local counter = 0
 local per = {int(rows_per_request)}
 local headers = {{["Content-Type"] = "application/json"}}
@@ -125,8 +135,7 @@ request = function()
   local parts = {{}}
   for j = 1, per do
     counter = counter + 1
-    local a, b, c, d = row(counter)
-    parts[j] = "[" .. a .. "," .. b .. "," .. c .. "," .. d .. "]"
+    parts[j] = "[" .. table.concat(row(counter), ",") .. "]"
   end
   return wrk.format("POST", "/v1/models/{model}/predict", headers,
                     '{{"instances":[' .. table.concat(parts, ",") .. ']}}')

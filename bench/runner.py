@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 
 from bench import clients, lua
@@ -19,7 +20,7 @@ from bench.scrape import Counters, scrape
 from bench.wrk import WrkResult, run_wrk
 from bench.zipf import ZipfSampler
 from model_store import ModelStore
-from model_store.demo import IRIS_FEATURES, iris_data, train_iris
+from model_store.demo import IRIS_FEATURES, iris_data, train_heavy, train_iris
 
 __all__ = ["Options", "Run", "run_bench"]
 
@@ -42,6 +43,7 @@ class Options:
     url: str | None = None  # measure this running gateway instead of starting configurations
     baseline_url: str | None = None
     model_root: Path = Path("models")
+    model: str = "iris"  # the default model of every gateway started: GET /predict asks it
     workers: int = 1
 
 
@@ -96,43 +98,63 @@ class _Salts:
         return next(self._py)
 
 
-def ensure_demo_model(root: Path) -> None:
-    """The demo Iris model, compiled and verified, unless the store has it already."""
+def ensure_model(root: Path, model: str) -> tuple[str, ...]:
+    """The features of ``model`` in the store at ``root``; the demo models (``iris``,
+    ``heavy``) are trained, compiled and registered when missing."""
     store = ModelStore(root)
-    if not store.models().get("iris"):
-        store.register(train_iris(), "iris", features=IRIS_FEATURES,
-                       train_rows=iris_data()[0])
+    if not store.models().get(model):
+        if model == "iris":
+            store.register(train_iris(), "iris", features=IRIS_FEATURES,
+                           train_rows=iris_data()[0])
+        elif model == "heavy":
+            estimator, rows = train_heavy()
+            store.register(estimator, "heavy", train_rows=rows)
+    return store.manifest(model, store.latest(model)).features
 
 
-def _zipf_rows(n: int) -> np.ndarray:
+def features_at(url: str, model: str) -> tuple[str, ...]:
+    """The features of ``model`` as a running gateway describes it."""
+    for m in httpx.get(f"{url}/v1/models", timeout=10).json()["models"]:
+        if m["name"] == model:
+            return tuple(m["features"])
+    raise RuntimeError(f"{url} does not serve model {model!r}")
+
+
+def _zipf_rows(n: int, n_features: int) -> np.ndarray:
     rng = np.random.default_rng(11)
-    return np.round(rng.uniform([4, 2, 1, 0], [8, 4.5, 7, 2.5], size=(n, 4)), 2)
+    if n_features == 4:  # Iris-like ranges
+        return np.round(rng.uniform([4, 2, 1, 0], [8, 4.5, 7, 2.5], size=(n, 4)), 2)
+    return np.round(rng.normal(size=(n, n_features)), 2)
 
 
 class Bench:
     """State of one invocation: options, salts, progress callback, results."""
 
-    def __init__(self, opts: Options, progress: Callable[[str], None]) -> None:
+    def __init__(self, opts: Options, progress: Callable[[str], None],
+                 features: tuple[str, ...] = IRIS_FEATURES) -> None:
         self.opts = opts
+        self.features = features
         self.progress = progress
         self.salts = _Salts()
         self.runs: list[Run] = []
         self.open_loop: list[dict[str, Any]] = []
         self.redis: Service | None = None
         sampler = ZipfSampler(opts.zipf_rows, opts.zipf_s)
-        self._zipf_rows = _zipf_rows(opts.zipf_rows)
+        self._zipf_rows = _zipf_rows(opts.zipf_rows, len(features))
         self._zipf_cdf = sampler.cdf
 
     # -- scripts -------------------------------------------------------------------------------
     def _script(self, name: str) -> str:
+        f = self.features
         if name == "hot":
-            return lua.hot(HOT_ROW)
+            return lua.hot(HOT_ROW if f == IRIS_FEATURES else self._zipf_rows[0].tolist(), f)
         if name in ("unique", "lowload"):
-            return lua.unique(self.salts.wrk())
+            return lua.unique(self.salts.wrk(), f)
         if name in ("zipf", "redis-down"):
-            return lua.zipf(self._zipf_rows.tolist(), self._zipf_cdf.tolist(), self.salts.wrk())
+            return lua.zipf(self._zipf_rows.tolist(), self._zipf_cdf.tolist(), self.salts.wrk(),
+                            f)
         if name == "multirow":
-            return lua.multirow(self.salts.wrk())
+            return lua.multirow(self.salts.wrk(), model=self.opts.model, features=f)
         raise ValueError(name)
 
     # -- one scenario on one target ------------------------------------------------------------
@@ -146,7 +168,7 @@ class Bench:
             self.progress(f"{config} · {sc.name} · run {rep + 1}/{opts.repetitions}")
             before = scrape(url) if metrics else None
             if sc.engine == "burst":
-                b = clients.burst(url, opts.burst_size, self.salts.py())
+                b = clients.burst(url, opts.burst_size, self.salts.py(), self.features)
                 run = Run(config, sc.name, rep, b.requests, b.seconds, b.errors)
             else:
                 killer = self._kill_redis_midway() if sc.needs_redis_control else None
@@ -186,19 +208,23 @@ class Bench:
         for rate in self.opts.open_loop_rates:
             self.progress(f"{config} · open loop · {rate:g}/s")
             r = clients.open_loop(url, rate, self.opts.duration_s, self.salts.py(),
-                                  lua.PERCENTILES)
+                                  lua.PERCENTILES, self.features)
             self.open_loop.append({"config": config, "rate": rate, "sent": r.sent,
                                    "errors": r.errors,
                                    "latency_us": {str(k): v for k, v in r.latency_us.items()}})
 
     def ceiling(self, url: str) -> None:
-        sc = SCENARIOS["hot"]
-        self.scenario(CEILING, url, sc, metrics=False)
+        """The hot load against the bare endpoint (it answers any query string)."""
+        self.scenario(CEILING, url, SCENARIOS["hot"], metrics=False)
 
 
 def run_bench(opts: Options, progress: Callable[[str], None]) -> Bench:
     """Measure every configuration (or ``opts.url``), the ceiling, and the baseline."""
-    bench = Bench(opts, progress)
+    if opts.url is not None:
+        features = features_at(opts.url.rstrip("/"), opts.model)
+    else:
+        features = ensure_model(opts.model_root, opts.model)
+    bench = Bench(opts, progress, features)
     with contextlib.ExitStack() as stack:
         progress("ceiling · starting")
         ceiling = stack.enter_context(uvicorn_app("bench.ceiling:app"))
@@ -207,7 +233,6 @@ def run_bench(opts: Options, progress: Callable[[str], None]) -> Bench:
         if opts.url is not None:
             bench.target("target", opts.url.rstrip("/"), metrics=True, get_only=False)
         else:
-            ensure_demo_model(opts.model_root)
             if any(CONFIGS[c].get("GATEWAY_CACHE") == "on" for c in opts.configs):
                 progress("redis-server · starting")
                 bench.redis = stack.enter_context(redis_server())
@@ -224,6 +249,7 @@ def run_bench(opts: Options, progress: Callable[[str], None]) -> Bench:
 def _gateway(opts: Options, config: str, redis: Service | None) -> Iterator[Service]:
     env = {
         "GATEWAY_MODEL_ROOT": str(opts.model_root),
+        "GATEWAY_DEFAULT_MODEL": opts.model,
         "GATEWAY_CACHE_PREFIX": f"bench-{config}",
         **CONFIGS[config],
     }

@@ -139,6 +139,7 @@ class _Checker(BaseHTTPRequestHandler):
     seen: ClassVar[set[str]] = set()
     received: ClassVar[list[int]] = [0]
     lock: ClassVar[threading.Lock] = threading.Lock()
+    features: ClassVar[tuple[str, ...]] = FEATURES
 
     def _answer(self, ok: bool) -> None:
         self.send_response(200 if ok else 400)
@@ -147,7 +148,7 @@ class _Checker(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:
         query = parse_qs(urlparse(self.path).query)
-        ok = sorted(query) == sorted(FEATURES) and all(
+        ok = sorted(query) == sorted(self.features) and all(
             math.isfinite(float(v[0])) for v in query.values())
         with self.lock:
             self.seen.add(self.path)
@@ -157,7 +158,7 @@ class _Checker(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         rows = body["instances"]
-        ok = len(rows) == 32 and all(len(r) == 4 for r in rows)
+        ok = len(rows) == 32 and all(len(r) == len(self.features) for r in rows)
         with self.lock:
             self.seen.update(json.dumps(r) for r in rows)
         self._answer(ok)
@@ -173,9 +174,16 @@ def test_generated_scripts_run_in_real_wrk(tmp_path) -> None:
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        for name, script in (("hot", lua.hot((5.1, 3.5, 1.4, 0.2))), ("unique", lua.unique(7)),
-                             ("multirow", lua.multirow(8)),
-                             ("zipf", lua.zipf([[1.0, 2.0, 3.0, 4.0]], [1.0], 9))):
+        heavy = tuple(f"f{i}" for i in range(20))
+        for name, script, features in (
+            ("hot", lua.hot((5.1, 3.5, 1.4, 0.2)), FEATURES),
+            ("unique", lua.unique(7), FEATURES),
+            ("multirow", lua.multirow(8), FEATURES),
+            ("zipf", lua.zipf([[1.0, 2.0, 3.0, 4.0]], [1.0], 9), FEATURES),
+            ("unique", lua.unique(10, heavy), heavy),
+            ("multirow", lua.multirow(12, model="heavy", features=heavy), heavy),
+        ):
+            _Checker.features = features
             _Checker.seen = set()
             _Checker.received = [0]
             path = tmp_path / f"{name}.lua"
