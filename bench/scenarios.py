@@ -6,26 +6,22 @@ from dataclasses import dataclass
 
 __all__ = ["CONFIGS", "DEFAULT_CONFIGS", "SCENARIOS", "Scenario"]
 
-_SKLEARN = {"GATEWAY_BACKEND": "sklearn"}
+def _config(cache: str, coalesce: str, batch: str, backend: str = "sklearn") -> dict[str, str]:
+    return {"GATEWAY_CACHE": cache, "GATEWAY_COALESCE": coalesce, "GATEWAY_BATCH": batch,
+            "GATEWAY_BACKEND": backend}
+
 
 # Gateway settings per configuration. The mechanism comparisons run on the sklearn backend
 # ("naive" is one worker-thread predict per row); "compiled" is "full" on the verified ONNX
 # backend, with model calls placed inline or in the thread by measurement.
 CONFIGS: dict[str, dict[str, str]] = {
-    "naive": {"GATEWAY_CACHE": "off", "GATEWAY_COALESCE": "off", "GATEWAY_BATCH": "off",
-              **_SKLEARN},
-    "cache": {"GATEWAY_CACHE": "on", "GATEWAY_COALESCE": "off", "GATEWAY_BATCH": "off",
-              **_SKLEARN},
-    "cache+coalesce": {"GATEWAY_CACHE": "on", "GATEWAY_COALESCE": "on", "GATEWAY_BATCH": "off",
-                       **_SKLEARN},
-    "full": {"GATEWAY_CACHE": "on", "GATEWAY_COALESCE": "on", "GATEWAY_BATCH": "on",
-             **_SKLEARN},
-    "nocache": {"GATEWAY_CACHE": "off", "GATEWAY_COALESCE": "on", "GATEWAY_BATCH": "on",
-                **_SKLEARN},
-    "compiled": {"GATEWAY_CACHE": "on", "GATEWAY_COALESCE": "on", "GATEWAY_BATCH": "on",
-                 "GATEWAY_BACKEND": "auto"},
-    "compiled-naive": {"GATEWAY_CACHE": "off", "GATEWAY_COALESCE": "off", "GATEWAY_BATCH": "off",
-                       "GATEWAY_BACKEND": "auto"},
+    "naive": _config("off", "off", "off"),
+    "cache": _config("on", "off", "off"),
+    "cache+coalesce": _config("on", "on", "off"),
+    "full": _config("on", "on", "on"),
+    "nocache": _config("off", "on", "on"),
+    "compiled": _config("on", "on", "on", backend="auto"),
+    "compiled-naive": _config("off", "off", "off", backend="auto"),
 }
 DEFAULT_CONFIGS = ("naive", "cache", "cache+coalesce", "full", "compiled")
 

@@ -98,7 +98,7 @@ async def healthz() -> Response:
 async def readyz(request: Request) -> Response:
     """Readiness: 200 once models are loaded (cache degradation does not fail it), else 503."""
     gw = gateway_of(request)
-    ready = gw.accepting and bool(gw.models)
+    ready = gw.ready
     body = {
         "status": "ready" if ready else "not_ready",
         "models": {n: sorted(vs) for n, vs in gw.models.items()},

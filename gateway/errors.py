@@ -19,6 +19,7 @@ __all__ = [
     "NotFound",
     "Overloaded",
     "Unavailable",
+    "error_body",
     "error_response",
 ]
 
@@ -83,6 +84,9 @@ class ModelFailed(GatewayError):
     code = "model_error"
 
 
+def error_body(exc: GatewayError) -> dict[str, dict[str, str]]:
+    return {"error": {"code": exc.code, "message": exc.message}}
+
+
 def error_response(exc: GatewayError) -> Response:
-    return json_response({"error": {"code": exc.code, "message": exc.message}}, exc.status,
-                         exc.headers)
+    return json_response(error_body(exc), exc.status, exc.headers)

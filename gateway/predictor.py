@@ -167,13 +167,12 @@ class Predictor:
             missing = self._from_l1(keys, values, sources)
             if not missing:
                 return values, sources
-        tried_inline = self._l2 is None or keys is None or not self._l2_pays(rt)
-        if tried_inline and self._answer_inline(rt, rows, proba, keys, missing, values):
+        use_l2 = self._l2 is not None and keys is not None and self._l2_pays(rt)
+        if not use_l2 and self._answer_inline(rt, rows, proba, keys, missing, values):
             return values, sources  # nothing awaited: no deadline to watch
         try:
             async with asyncio.timeout(timeout_s):
-                await self._fill(rt, rows, proba, keys, missing, values, sources,
-                                 try_inline=not tried_inline)
+                await self._fill(rt, rows, proba, keys, missing, values, sources, use_l2=use_l2)
         except TimeoutError:
             raise DeadlineExceeded(f"no answer within {timeout_s * 1000:.0f} ms") from None
         return values, sources
@@ -188,14 +187,15 @@ class Predictor:
         values: list[Any],
         sources: list[Source],
         *,
-        try_inline: bool,
+        use_l2: bool,
     ) -> None:
-        if self._l2 is not None and keys is not None and self._l2_pays(rt):
+        """L2, then the model, for ``missing``. Without L2 the inline attempt was already made
+        (and declined) by ``predict``."""
+        if use_l2:
+            assert keys is not None
             missing = await self._from_l2(keys, missing, values, sources)
-            if not missing:
+            if not missing or self._answer_inline(rt, rows, proba, keys, missing, values):
                 return
-        if try_inline and self._answer_inline(rt, rows, proba, keys, missing, values):
-            return
         if len(missing) == 1:
             i = missing[0]
             values[i] = await self._compute(rt, rows[i], keys[i] if keys else None, proba)

@@ -13,7 +13,7 @@ import orjson
 from prometheus_client import Counter
 from starlette.types import Receive, Scope, Send
 
-from gateway.errors import GatewayError
+from gateway.errors import GatewayError, error_body
 from gateway.inputs import parse_query_string
 from gateway.metrics import Metrics
 from gateway.runtime import Gateway
@@ -64,7 +64,7 @@ class QueryPredictEndpoint:
         except GatewayError as exc:
             gw.count_rejection(exc)
             status = exc.status
-            body = orjson.dumps({"error": {"code": exc.code, "message": exc.message}})
+            body = orjson.dumps(error_body(exc))
             headers = [_JSON, *((k.lower().encode(), v.encode()) for k, v in exc.headers.items())]
         headers.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})

@@ -166,6 +166,11 @@ class Gateway:
         self.metrics.rejected.labels(exc.code).inc()
 
     # -- status ------------------------------------------------------------------------------
+    @property
+    def ready(self) -> bool:
+        """Accepting requests, with at least one model loaded."""
+        return self.accepting and bool(self.models)
+
     def cache_status(self) -> dict[str, str]:
         return {
             "l1": "ok" if self.l1 is not None else "off",

@@ -60,7 +60,7 @@ async def live() -> Response:
 
 async def ready(request: Request) -> Response:
     gw = gateway_of(request)
-    is_ready = gw.accepting and bool(gw.models)
+    is_ready = gw.ready
     return json_response({"ready": is_ready}, 200 if is_ready else 503)
 
 
