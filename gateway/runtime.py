@@ -195,14 +195,20 @@ class Gateway:
             })
         return out
 
-    async def aclose(self) -> None:
-        """Stop intake, drain batchers within the grace period, close the caches."""
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Stop intake (new requests get 503 ``shutting_down``), let queued and running rows
+        finish within ``grace_s`` (default ``GATEWAY_SHUTDOWN_GRACE_S``), then fail what is
+        left with 503. Idempotent; never raises."""
         self.accepting = False
+        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
         runtimes = [rt for vs in self.models.values() for rt in vs.values()]
         await asyncio.gather(*(
-            rt.batcher.aclose(self.settings.shutdown_grace_s)
-            for rt in runtimes if rt.batcher is not None
+            rt.batcher.aclose(grace) for rt in runtimes if rt.batcher is not None
         ))
+
+    async def aclose(self) -> None:
+        """``drain``, then close the caches and forget the models."""
+        await self.drain()
         await self.predictor.aclose()
         if self.l2 is not None:
             await self.l2.aclose()
