@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import gc
 import logging
 from collections.abc import AsyncIterator
@@ -17,72 +16,17 @@ from starlette.middleware import Middleware
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from gateway.errors import GatewayError, InvalidInput, error_response
-from gateway.inputs import parse_instances, read_json
+from gateway.errors import GatewayError, error_response
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.middleware import MetricsMiddleware
-from gateway.query_endpoint import QueryPredictEndpoint
+from gateway.protocols import query, v1, v2
+from gateway.protocols.http import Doors, error_reply
 from gateway.responses import json_response
 from gateway.runtime import Gateway, gateway_of
 from gateway.settings import Settings
-from gateway.v2 import v2_router
-from model_store import ModelStore
+from model_store import Manifest, ModelStore, ModelStoreError
 
 __all__ = ["create_app", "from_env"]
-
-_TIMEOUT_HEADER = "x-request-timeout-ms"
-_SOURCE_RANK = {"l1": 0, "l2": 1, "miss": 2}
-
-
-
-
-_PREDICT_BODY_KEYS = frozenset({"instances", "version", "probabilities"})
-
-
-async def predict_v1(name: str, request: Request) -> Response:
-    """Predict rows with a model: `instances` as lists (features in order) or as objects keyed
-    by feature name; optional `version` (default: latest) and `probabilities`.
-
-    The answer keeps row order and says, per row, where it came from (`l1`, `l2`, `miss`).
-    """
-    gw = gateway_of(request)
-    try:
-        payload = await read_json(request, gw.settings.max_body_bytes)
-        if not isinstance(payload, dict):
-            raise InvalidInput("body: expected a JSON object with 'instances'",
-                               code="invalid_body")
-        unknown = sorted(set(payload) - _PREDICT_BODY_KEYS)
-        if unknown:
-            raise InvalidInput(f"body: unknown field(s) {', '.join(unknown)}",
-                               code="invalid_body")
-        if "instances" not in payload:
-            raise InvalidInput("body: 'instances' is required", code="invalid_body")
-        proba = payload.get("probabilities", False)
-        if not isinstance(proba, bool):
-            raise InvalidInput("probabilities: expected true or false", code="invalid_body")
-        rt = gw.runtime(name, payload.get("version"))
-        rows = parse_instances(payload["instances"], rt.manifest.features, gw.settings.max_rows)
-        timeout_s = gw.timeout_s(request.headers.get(_TIMEOUT_HEADER))
-        if proba:
-            (labels, sources), (probs, proba_sources) = await asyncio.gather(
-                gw.predict(rt, rows, False, timeout_s), gw.predict(rt, rows, True, timeout_s))
-        else:
-            labels, sources = await gw.predict(rt, rows, False, timeout_s)
-        body: dict[str, Any] = {
-            "model": rt.manifest.name,
-            "version": str(rt.manifest.version),
-            "predictions": labels,
-        }
-        if proba:
-            body["classes"] = list(rt.manifest.classes)
-            body["probabilities"] = probs
-            sources = [max(a, b, key=_SOURCE_RANK.__getitem__)
-                       for a, b in zip(sources, proba_sources, strict=True)]
-        body["cache"] = sources
-    except GatewayError as exc:
-        gw.count_rejection(exc)
-        return error_response(exc)
-    return json_response(body)
 
 
 async def list_models(request: Request) -> Response:
@@ -133,44 +77,50 @@ async def _validation_error(_request: Request, exc: Exception) -> Response:
     return json_response({"error": {"code": "invalid_input", "message": where}}, 422)
 
 
-def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema plus ``GET /predict`` (served by ``QueryPredictEndpoint``)."""
+_ERROR_SCHEMA = {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
+        "code": {"type": "string"}, "message": {"type": "string"}}}},
+}
+
+
+def _default_manifest(store: ModelStore, name: str) -> Manifest | None:
+    try:
+        return store.manifest(name, store.latest(name))
+    except (ModelStoreError, OSError, ValueError):
+        return None
+
+
+def _openapi(app: GatewayApp, store: ModelStore, settings: Settings) -> dict[str, Any]:
+    """FastAPI's schema plus the doors answered ahead of it."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
                              description=app.description)
-        schema["paths"]["/predict"] = {"get": {
-            "summary": "Predict one row of the default model from query parameters",
-            "description": (
-                "One query parameter per feature of the default model "
-                "(`GATEWAY_DEFAULT_MODEL`), named as in its manifest; for the demo Iris model "
-                "`sepal_length`, `sepal_width`, `petal_length`, `petal_width`. "
-                "The `X-Cache` response header says where the answer came from."
-            ),
-            "parameters": [
-                {"name": f, "in": "query", "required": True, "schema": {"type": "number"}}
-                for f in ("sepal_length", "sepal_width", "petal_length", "petal_width")
-            ],
-            "responses": {
-                "200": {"description": "`{\"prediction\": <label>}`"},
-                "422": {"description": "missing, unknown or non-numeric parameters"},
-                "503": {"description": "overloaded (see `Retry-After`) or shutting down"},
-                "504": {"description": "deadline (`X-Request-Timeout-Ms`) exceeded"},
-            },
-        }}
+        paths = schema["paths"]
+        paths["/predict"] = query.openapi_path(
+            _default_manifest(store, settings.default_model), _ERROR_SCHEMA)
+        paths["/v1/models/{name}/predict"] = v1.openapi_path(_ERROR_SCHEMA)
         app.openapi_schema = schema
     return app.openapi_schema
 
 
 class GatewayApp(FastAPI):
-    """FastAPI, except that ``GET /predict`` goes straight to its plain-ASGI endpoint."""
+    """FastAPI, except that the inference doors are answered ahead of it (see
+    ``gateway.protocols.http``)."""
 
-    query_endpoint: QueryPredictEndpoint
+    doors: Doors
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.query_endpoint.handles(scope):
-            await self.query_endpoint(scope, receive, send)
+        found = self.doors.match(scope)
+        if found is None:
+            await super().__call__(scope, receive, send)
             return
-        await super().__call__(scope, receive, send)
+        door, params, allowed = found
+        if door is None:
+            render = v2.render_error if scope["path"].startswith("/v2/") else error_reply
+            await self.doors.not_allowed(allowed, scope, send, render)
+            return
+        await self.doors.answer(door, params, scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, *, store: ModelStore | None = None) -> FastAPI:
@@ -202,31 +152,13 @@ def create_app(settings: Settings | None = None, *, store: ModelStore | None = N
             RequestValidationError: _validation_error,
         },
     )
-    app.query_endpoint = QueryPredictEndpoint(metrics=app_metrics)
-    app.add_api_route(
-        "/v1/models/{name}/predict", predict_v1, methods=["POST"],
-        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-            "schema": {
-                "type": "object",
-                "required": ["instances"],
-                "properties": {
-                    "instances": {"type": "array", "items": {"oneOf": [
-                        {"type": "array", "items": {"type": "number"}},
-                        {"type": "object", "additionalProperties": {"type": "number"}},
-                    ]}},
-                    "version": {"oneOf": [{"type": "integer"}, {"type": "string"}]},
-                    "probabilities": {"type": "boolean", "default": False},
-                },
-            },
-            "example": {"instances": [[5.1, 3.5, 1.4, 0.2]], "probabilities": True},
-        }}}},
-    )
+    app.doors = Doors([query.door(), v1.door(), *v2.doors()], metrics=app_metrics)
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/healthz", healthz, methods=["GET"])
     app.add_api_route("/readyz", readyz, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
-    app.include_router(v2_router())
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app.include_router(v2.v2_router())
+    app.openapi = lambda: _openapi(app, store, settings)  # type: ignore[method-assign]
     return app
 
 

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from hashlib import blake2b
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Switch = Literal["on", "off"]
@@ -40,6 +41,11 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     """Shared L2 cache: ``redis://``, ``rediss://`` (TLS) or ``unix://``; credentials in the
     URL. Unset: the gateway runs on the in-process cache alone."""
+
+    cache_secret: SecretStr | None = None
+    """With a secret, every Redis value carries a keyed BLAKE2b tag, and a value whose tag
+    does not verify is a miss: whoever can write to Redis cannot forge answers. Every gateway
+    sharing the Redis needs the same secret."""
 
     cache_ttl_s: int = Field(3600, ge=1)
     """Redis entry lifetime (``SET … EX``), seconds."""
@@ -110,3 +116,10 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = Field(1 << 20, ge=1)
     """Largest request body accepted; larger ones get 413 before they are read whole."""
+
+    def cache_key(self) -> bytes | None:
+        """The BLAKE2b key derived from ``cache_secret`` (None without one)."""
+        if self.cache_secret is None:
+            return None
+        return blake2b(self.cache_secret.get_secret_value().encode(), digest_size=32,
+                       person=b"gw-cache").digest()
