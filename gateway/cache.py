@@ -68,11 +68,41 @@ class L1Cache:
         self._data.move_to_end(key)
         return item[1]
 
+    def get_many(self, keys: list[str]) -> list[bytes | None]:
+        """``get`` for each key, with one clock reading."""
+        data = self._data
+        now = self._clock()
+        out: list[bytes | None] = []
+        for key in keys:
+            item = data.get(key)
+            if item is None:
+                out.append(None)
+            elif item[0] <= now:
+                del data[key]
+                out.append(None)
+            else:
+                data.move_to_end(key)
+                out.append(item[1])
+        return out
+
     def put(self, key: str, value: bytes) -> None:
-        self._data[key] = (self._clock() + self._ttl, value)
-        self._data.move_to_end(key)
-        if len(self._data) > self._max:
-            self._data.popitem(last=False)
+        data = self._data
+        if key in data:
+            data.move_to_end(key)
+        data[key] = (self._clock() + self._ttl, value)
+        if len(data) > self._max:
+            data.popitem(last=False)
+
+    def put_many(self, keys: list[str], values: list[bytes]) -> None:
+        """``put`` for each pair, with one clock reading."""
+        data = self._data
+        expires = self._clock() + self._ttl
+        for key, value in zip(keys, values, strict=True):
+            if key in data:
+                data.move_to_end(key)
+            data[key] = (expires, value)
+        while len(data) > self._max:
+            data.popitem(last=False)
 
     def __len__(self) -> int:
         """Entries held (an expired one counts until it is touched or evicted)."""

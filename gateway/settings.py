@@ -84,7 +84,7 @@ class Settings(BaseSettings):
     """Where model calls run: ``auto`` inline on the event loop when measured to be tiny,
     otherwise a worker thread; or force one."""
 
-    inline_max_us: int = Field(100, ge=0, le=10_000)
+    inline_max_us: int = Field(250, ge=0, le=10_000)
     """With ``execution=auto``: the longest call (predicted, microseconds) run inline."""
 
     infer_concurrency: int = Field(1, ge=1, le=64)

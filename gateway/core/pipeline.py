@@ -57,6 +57,7 @@ class _Block:
     sources: list[Source]
     missing: list[int]
     use_l2: bool
+    recheck: bool = False  # may a computation have stored some of its rows since the lookup?
 
 
 class Pipeline:
@@ -111,14 +112,24 @@ class Pipeline:
         Cancelling it (deadline, client gone) drops its rows that nobody else waits for.
         """
         rows = canonical_rows(rows)
-        blocks = [self._start(runner, unit, rows) for unit in runner.units(outputs)]
+        units = runner.units(outputs)
+        if len(rows) == 1 and len(units) == 1 and self._l1 is not None:  # the hot path
+            unit = units[0]
+            key = row_keys(self._head(runner, unit), rows)[0]
+            value = self._l1.get(key)
+            if value is not None:
+                self._l1_hit.inc()
+                return _answer([_Block(unit, rows, [key], [value], ["l1"], [], False)])
+        blocks = [self._start(runner, unit, rows) for unit in units]
         pending = [b for b in blocks if b.missing]
         if pending:
             try:
                 async with asyncio.timeout(timeout_s):
                     if len(pending) == 1:
                         await self._fill(runner, pending[0])
-                    else:
+                    else:  # tasks start later: others may run between lookup and flight
+                        for b in pending:
+                            b.recheck = True
                         await asyncio.gather(*(self._fill(runner, b) for b in pending))
             except TimeoutError:
                 raise DeadlineExceeded(f"no answer within {timeout_s * 1000:.0f} ms") from None
@@ -154,11 +165,9 @@ class Pipeline:
 
     def _from_l1(self, block: _Block) -> None:
         assert self._l1 is not None and block.keys is not None
-        get = self._l1.get
         missing = []
         values = block.values
-        for i, key in enumerate(block.keys):
-            v = get(key)
+        for i, v in enumerate(self._l1.get_many(block.keys)):
             if v is None:
                 missing.append(i)
             else:
@@ -186,16 +195,16 @@ class Pipeline:
         if computed is None:
             return False
         for i, value in zip(missing, computed, strict=True):
-            assert type(value) is bytes
             block.values[i] = value
-            if keys is not None:
-                self._put(block, keys[i], value)
+        if keys is not None:
+            self._put_many(block, [keys[i] for i in missing], computed)  # type: ignore[arg-type]
         block.missing = []
         return True
 
     async def _fill(self, runner: ModelRunner, block: _Block) -> None:
         """L2, then the model, for the block's missing rows."""
         if block.use_l2:
+            block.recheck = True
             await self._from_l2(runner, block)
             if not block.missing or self._answer_inline(runner, block):
                 return
@@ -220,12 +229,11 @@ class Pipeline:
         out: list[bytes | Failure | None] = [None] * len(idx)
         todo = list(range(len(idx)))
         keys = block.keys
-        if self._l1 is not None and keys is not None:
-            # Stored by a computation that ended after this request's own L1 lookup.
-            get = self._l1.get
+        if self._l1 is not None and keys is not None and block.recheck:
+            # Stored by a computation that ended after this request's L1 lookup. (Unless the
+            # request awaited something since, nothing ran in between.)
             todo = []
-            for j, i in enumerate(idx):
-                v = get(keys[i])
+            for j, v in enumerate(self._l1.get_many([keys[i] for i in idx])):
                 if v is None:
                     todo.append(j)
                 else:
@@ -234,17 +242,24 @@ class Pipeline:
             sel = [idx[j] for j in todo]
             sub = block.rows if len(sel) == len(block.rows) else block.rows[sel]
             results = await runner.compute(block.unit, sub)
+            done_keys: list[str] = []
+            done: list[bytes] = []
             for j, value in zip(todo, results, strict=True):
                 out[j] = value
                 if keys is not None and type(value) is bytes:
-                    self._put(block, keys[idx[j]], value)
+                    done_keys.append(keys[idx[j]])
+                    done.append(value)
+            if done:
+                self._put_many(block, done_keys, done)
         return out  # type: ignore[return-value]  # every position is filled above
 
-    def _put(self, block: _Block, key: str, value: bytes) -> None:
+    def _put_many(self, block: _Block, keys: list[str], values: list[bytes]) -> None:
         if self._l1 is not None:
-            self._l1.put(key, value)
+            self._l1.put_many(keys, values)
         if self._l2 is not None and block.use_l2:
-            self._l2.put(key, value)
+            put = self._l2.put
+            for key, value in zip(keys, values, strict=True):
+                put(key, value)
 
     async def _from_l2(self, runner: ModelRunner, block: _Block) -> None:
         assert self._l2 is not None and block.keys is not None

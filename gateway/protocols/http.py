@@ -143,6 +143,8 @@ class Doors:
         self._doors = doors
         self._metrics = metrics
         self._prefixes = tuple({"/" + d.template.split("/")[1] for d in doors})
+        self._static: dict[tuple[str, str], Door] = {
+            (d.method, d.template): d for d in doors if "{" not in d.template}
         self._counters: dict[tuple[str, int], Counter] = {}
         self._seconds = {d.template: metrics.request_seconds.labels(d.template) for d in doors}
 
@@ -152,6 +154,9 @@ class Doors:
         if scope["type"] != "http":
             return None
         path: str = scope["path"]
+        door = self._static.get((scope["method"], path))
+        if door is not None:
+            return door, {}, []
         if not path.startswith(self._prefixes):
             return None
         allowed: list[str] = []
