@@ -197,7 +197,7 @@ class Pipeline:
         for i, value in zip(missing, computed, strict=True):
             block.values[i] = value
         if keys is not None:
-            self._put_many(block, [keys[i] for i in missing], computed)  # type: ignore[arg-type]
+            self._put_many(block, [keys[i] for i in missing], computed)
         block.missing = []
         return True
 

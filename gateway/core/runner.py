@@ -223,7 +223,7 @@ class ModelRunner:
         return not self.executor.measured or self.executor.per_call_s >= seconds
 
     # -- calling the model ---------------------------------------------------------------------
-    def try_inline(self, unit: Unit, rows: np.ndarray) -> list[bytes | Failure] | None:
+    def try_inline(self, unit: Unit, rows: np.ndarray) -> list[bytes] | None:
         """Answer ``rows`` with one call on the spot when that call is measured to be tiny;
         None when it is not (use ``compute``). A call that raises answers None too, so the
         batcher's row-by-row retry isolates the bad row."""
