@@ -16,7 +16,7 @@ from starlette.middleware import Middleware
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
-from gateway.errors import GatewayError, error_response
+from gateway.errors import GatewayError, InvalidInput, error_body, error_response
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.middleware import MetricsMiddleware
 from gateway.protocols import query, v1, v2
@@ -64,9 +64,9 @@ async def _gateway_error(_request: Request, exc: Exception) -> Response:
 
 async def _http_error(_request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return json_response({"error": {"code": code, "message": str(exc.detail)}}, exc.status_code,
-                 headers=exc.headers)
+    err = GatewayError(str(exc.detail), code={404: "not_found", 405: "method_not_allowed"}.get(
+        exc.status_code, "http_error"))
+    return json_response(error_body(err), exc.status_code, headers=exc.headers)
 
 
 async def _validation_error(_request: Request, exc: Exception) -> Response:
@@ -74,7 +74,7 @@ async def _validation_error(_request: Request, exc: Exception) -> Response:
     where = "; ".join(
         f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', '')}" for e in exc.errors()
     )
-    return json_response({"error": {"code": "invalid_input", "message": where}}, 422)
+    return json_response(error_body(InvalidInput(where)), 422)
 
 
 _ERROR_SCHEMA = {

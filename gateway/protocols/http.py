@@ -23,7 +23,7 @@ from gateway.errors import BodyTooLarge, GatewayError, InvalidInput, MethodNotAl
 from gateway.metrics import Metrics
 from gateway.runtime import Gateway
 
-__all__ = ["ClientGone", "Door", "Doors", "HttpRequest", "Reply", "error_reply"]
+__all__ = ["ClientGone", "Door", "Doors", "HttpRequest", "Reply", "error_reply", "timeout_s"]
 
 _JSON = b"application/json"
 _MAX_LENGTH_DIGITS = 18
@@ -98,6 +98,11 @@ class HttpRequest:
             if not message.get("more_body", False):
                 break
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def timeout_s(gw: Gateway, req: HttpRequest) -> float:
+    """The request's deadline: ``X-Request-Timeout-Ms`` or the gateway's default."""
+    return gw.timeout_s(req.header(b"x-request-timeout-ms"))
 
 
 Handler = Callable[[Gateway, HttpRequest, dict[str, str]], Awaitable[Reply]]

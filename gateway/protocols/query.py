@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from gateway.core.runner import Output
-from gateway.protocols.http import Door, HttpRequest, Reply, error_reply
+from gateway.protocols.http import Door, HttpRequest, Reply, error_reply, timeout_s
 from gateway.protocols.inputs import parse_query_string
 from gateway.runtime import Gateway
 from model_store import Manifest
@@ -53,8 +53,7 @@ def door() -> Door:
     async def predict_query(gw: Gateway, req: HttpRequest, _params: dict[str, str]) -> Reply:
         rt = gw.runtime(gw.settings.default_model)
         row = decoded.decode(req.scope["query_string"], rt.manifest.features)
-        timeout_s = gw.timeout_s(req.header(b"x-request-timeout-ms"))
-        answer = await gw.infer(rt, row, _LABEL, timeout_s)
+        answer = await gw.infer(rt, row, _LABEL, timeout_s(gw, req))
         return Reply(200, b'{"prediction":' + answer.values["label"][0] + b"}",
                      [(b"x-cache", _SOURCES[answer.sources[0]])])
 

@@ -14,7 +14,7 @@ import orjson
 
 from gateway.core.runner import Output
 from gateway.errors import InvalidInput
-from gateway.protocols.http import Door, HttpRequest, Reply, error_reply
+from gateway.protocols.http import Door, HttpRequest, Reply, error_reply, timeout_s
 from gateway.protocols.inputs import parse_instances, parse_json
 from gateway.runtime import Gateway
 
@@ -27,7 +27,7 @@ _SOURCES = {s: orjson.dumps(s) for s in ("l1", "l2", "miss")}
 
 
 async def predict_v1(gw: Gateway, req: HttpRequest, params: dict[str, str]) -> Reply:
-    timeout_s = gw.timeout_s(req.header(b"x-request-timeout-ms"))
+    deadline_s = timeout_s(gw, req)
     payload = parse_json(await req.body(gw.settings.max_body_bytes))
     if type(payload) is not dict:
         raise InvalidInput("body: expected a JSON object with 'instances'", code="invalid_body")
@@ -44,7 +44,7 @@ async def predict_v1(gw: Gateway, req: HttpRequest, params: dict[str, str]) -> R
     rt = gw.runtime(params["name"], payload.get("version"))
     m = rt.manifest
     rows = parse_instances(payload["instances"], m.features, gw.settings.max_rows)
-    answer = await gw.infer(rt, rows, _BOTH if proba else _LABEL, timeout_s)
+    answer = await gw.infer(rt, rows, _BOTH if proba else _LABEL, deadline_s)
     parts = [b'{"model":', orjson.dumps(m.name), b',"version":"', str(m.version).encode(),
              b'","predictions":[', b",".join(answer.values["label"]), b"]"]
     if proba:

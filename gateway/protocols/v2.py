@@ -17,7 +17,7 @@ from starlette.responses import Response
 
 from gateway.core.runner import ModelRunner, Output
 from gateway.errors import GatewayError, InvalidInput
-from gateway.protocols.http import Door, HttpRequest, Reply
+from gateway.protocols.http import Door, HttpRequest, Reply, timeout_s
 from gateway.protocols.v2_codec import OutputSpec, decode_infer_request, encode_infer_response
 from gateway.responses import json_response
 from gateway.runtime import Gateway, gateway_of
@@ -80,10 +80,10 @@ async def infer(gw: Gateway, req: HttpRequest, params: dict[str, str]) -> Reply:
         if spec.name not in available:
             raise InvalidInput(f"unknown output {spec.name!r:.40} (this model has "
                                f"{', '.join(available)})", code="bad_request")
-    timeout_s = (ireq.timeout_us / 1e6 if ireq.timeout_us is not None
-                 else gw.timeout_s(req.header(b"x-request-timeout-ms")))
+    deadline_s = (ireq.timeout_us / 1e6 if ireq.timeout_us is not None
+                  else timeout_s(gw, req))
     wanted = frozenset(_OUTPUT_OF[s.name] for s in specs)
-    answer = await gw.infer(rt, ireq.rows, wanted, timeout_s)
+    answer = await gw.infer(rt, ireq.rows, wanted, deadline_s)
     n = len(ireq.rows)
     encoded = []
     for spec in specs:
