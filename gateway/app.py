@@ -34,6 +34,16 @@ async def list_models(request: Request) -> Response:
     return json_response({"models": gateway_of(request).describe()})
 
 
+async def model_status(name: str, request: Request) -> Response:
+    """KServe V1 model status: ``{"name", "ready"}`` (404 for an unknown model)."""
+    gw = gateway_of(request)
+    try:
+        gw.runtime(name)
+    except GatewayError as exc:
+        return error_response(exc)
+    return json_response({"name": name, "ready": gw.accepting})
+
+
 async def healthz() -> Response:
     """Liveness: the process answers."""
     return json_response({"status": "ok"})
@@ -62,18 +72,22 @@ async def _gateway_error(_request: Request, exc: Exception) -> Response:
     return error_response(exc)
 
 
-async def _http_error(_request: Request, exc: Exception) -> Response:
+async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
+    if request.url.path.startswith("/v2"):
+        return v2.http_error(exc.status_code, str(exc.detail), exc.headers)
     err = GatewayError(str(exc.detail), code={404: "not_found", 405: "method_not_allowed"}.get(
         exc.status_code, "http_error"))
     return json_response(error_body(err), exc.status_code, headers=exc.headers)
 
 
-async def _validation_error(_request: Request, exc: Exception) -> Response:
+async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     where = "; ".join(
         f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', '')}" for e in exc.errors()
     )
+    if request.url.path.startswith("/v2"):
+        return v2.http_error(400, where, None)
     return json_response(error_body(InvalidInput(where)), 422)
 
 
@@ -99,7 +113,8 @@ def _openapi(app: GatewayApp, store: ModelStore, settings: Settings) -> dict[str
         paths = schema["paths"]
         paths["/predict"] = query.openapi_path(
             _default_manifest(store, settings.default_model), _ERROR_SCHEMA)
-        paths["/v1/models/{name}/predict"] = v1.openapi_path(_ERROR_SCHEMA)
+        paths.update(v1.openapi_paths(_ERROR_SCHEMA))
+        paths.update(v2.openapi_paths())
         app.openapi_schema = schema
     return app.openapi_schema
 
@@ -152,8 +167,9 @@ def create_app(settings: Settings | None = None, *, store: ModelStore | None = N
             RequestValidationError: _validation_error,
         },
     )
-    app.doors = Doors([query.door(), v1.door(), *v2.doors()], metrics=app_metrics)
+    app.doors = Doors([query.door(), *v1.doors(), *v2.doors()], metrics=app_metrics)
     app.add_api_route("/v1/models", list_models, methods=["GET"])
+    app.add_api_route("/v1/models/{name}", model_status, methods=["GET"])
     app.add_api_route("/healthz", healthz, methods=["GET"])
     app.add_api_route("/readyz", readyz, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)

@@ -1,9 +1,11 @@
-"""``POST /v1/models/{name}/predict``: rows as JSON, the gateway's own protocol.
+"""The ``/v1`` doors: the gateway's own ``POST /v1/models/{name}/predict`` and KServe's V1
+data plane ``POST /v1/models/{name}:predict``.
 
-The body is ``{"instances": [...], "version"?: …, "probabilities"?: bool}``, each instance a
-list (features in order) or an object keyed by feature name. The answer keeps row order and
-says per row where it came from (``l1``, ``l2``, ``miss``). Errors are
-``{"error": {"code", "message"}}``.
+The gateway's body is ``{"instances": [...], "version"?: …, "probabilities"?: bool}``, each
+instance a list (features in order) or an object keyed by feature name; the answer keeps row
+order and says per row where it came from (``l1``, ``l2``, ``miss``). KServe's body is
+``{"instances": [...]}`` answered by ``{"predictions": [...]}`` (the latest version). Errors
+are ``{"error": {"code", "message"}}``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from gateway.protocols.http import Door, HttpRequest, Reply, error_reply, timeou
 from gateway.protocols.inputs import parse_instances, parse_json
 from gateway.runtime import Gateway
 
-__all__ = ["door", "openapi_path"]
+__all__ = ["doors", "openapi_paths"]
 
 _BODY_KEYS = frozenset({"instances", "version", "probabilities"})
 _LABEL: frozenset[Output] = frozenset({"label"})
@@ -54,13 +56,56 @@ async def predict_v1(gw: Gateway, req: HttpRequest, params: dict[str, str]) -> R
     return Reply(200, b"".join(parts))
 
 
-def door() -> Door:
-    return Door("POST", "/v1/models/{name}/predict", predict_v1, error_reply)
+async def predict_kserve(gw: Gateway, req: HttpRequest, params: dict[str, str]) -> Reply:
+    deadline_s = timeout_s(gw, req)
+    payload = parse_json(await req.body(gw.settings.max_body_bytes))
+    if type(payload) is not dict or set(payload) != {"instances"}:
+        raise InvalidInput("body: expected a JSON object with 'instances' only",
+                           code="invalid_body")
+    rt = gw.runtime(params["name"])
+    rows = parse_instances(payload["instances"], rt.manifest.features, gw.settings.max_rows)
+    answer = await gw.infer(rt, rows, _LABEL, deadline_s)
+    return Reply(200, b'{"predictions":[' + b",".join(answer.values["label"]) + b"]}")
 
 
-def openapi_path(error_schema: dict[str, Any]) -> dict[str, Any]:
-    """The OpenAPI entry of ``POST /v1/models/{name}/predict``."""
+def doors() -> list[Door]:
+    return [Door("POST", "/v1/models/{name}/predict", predict_v1, error_reply),
+            Door("POST", "/v1/models/{name}:predict", predict_kserve, error_reply)]
+
+
+def openapi_paths(error_schema: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI entries of the ``/v1`` doors."""
     error = {"application/json": {"schema": error_schema}}
+    name = [{"name": "name", "in": "path", "required": True, "schema": {"type": "string"}}]
+    kserve = {"post": {
+        "summary": "Predict rows (KServe V1 data plane)",
+        "description": "KServe's V1 protocol: `instances` in, `predictions` out (labels or "
+                       "regression values, latest version).",
+        "parameters": name,
+        "requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"type": "object", "required": ["instances"],
+                       "additionalProperties": False,
+                       "properties": {"instances": {"type": "array", "minItems": 1, "items": {
+                           "type": "array", "items": {"type": "number"}}}}},
+            "example": {"instances": [[6.8, 2.8, 4.8, 1.4], [6.0, 3.4, 4.5, 1.6]]},
+        }}},
+        "responses": {
+            "200": {"description": "Predictions in row order", "content": {"application/json": {
+                "schema": {"type": "object", "required": ["predictions"],
+                           "properties": {"predictions": {"type": "array"}}}}}},
+            "400": {"description": "malformed JSON", "content": error},
+            "404": {"description": "unknown model", "content": error},
+            "413": {"description": "body or rows over a limit", "content": error},
+            "422": {"description": "invalid rows or fields", "content": error},
+            "503": {"description": "overloaded or shutting down", "content": error},
+            "504": {"description": "deadline exceeded", "content": error},
+        },
+    }}
+    return {"/v1/models/{name}/predict": _own(error, name),
+            "/v1/models/{name}:predict": kserve}
+
+
+def _own(error: dict[str, Any], name: list[dict[str, Any]]) -> dict[str, Any]:
     return {"post": {
         "summary": "Predict rows with a model",
         "description": (
@@ -68,8 +113,7 @@ def openapi_path(error_schema: dict[str, Any]) -> dict[str, Any]:
             "optional `version` (default: latest) and `probabilities`. The answer keeps row "
             "order and says, per row, where it came from (`l1`, `l2`, `miss`)."
         ),
-        "parameters": [{"name": "name", "in": "path", "required": True,
-                        "schema": {"type": "string"}}],
+        "parameters": name,
         "requestBody": {"required": True, "content": {"application/json": {
             "schema": {
                 "type": "object",

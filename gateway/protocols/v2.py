@@ -9,6 +9,7 @@ for an unknown model or version, 413 for an oversized body, 503 when not ready o
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import orjson
@@ -22,7 +23,7 @@ from gateway.protocols.v2_codec import OutputSpec, decode_infer_request, encode_
 from gateway.responses import json_response
 from gateway.runtime import Gateway, gateway_of
 
-__all__ = ["doors", "render_error", "v2_router"]
+__all__ = ["doors", "http_error", "openapi_paths", "render_error", "v2_router"]
 
 SERVER_NAME = "inference-gateway"
 SERVER_VERSION = "0.1.0"
@@ -35,6 +36,12 @@ def render_error(exc: GatewayError) -> Reply:
     """The protocol's error answer: ``{"error": "<message>"}``."""
     return Reply(_V2_STATUS.get(exc.status, exc.status), orjson.dumps({"error": exc.message}),
                  [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()])
+
+
+def http_error(status: int, message: str, headers: Mapping[str, str] | None) -> Response:
+    """A routing error (unknown path, wrong method, bad path parameter) the protocol's way."""
+    return Response(orjson.dumps({"error": message}), _V2_STATUS.get(status, status),
+                    headers=headers, media_type="application/json")
 
 
 def _error(gw: Gateway, exc: GatewayError) -> Response:
@@ -159,9 +166,64 @@ def v2_router() -> APIRouter:
     """The ``/v2`` health and metadata routes, to include in the app."""
     r = APIRouter(prefix="/v2", tags=["Open Inference Protocol (V2)"])
     r.add_api_route("", server_metadata, methods=["GET"])
+    r.add_api_route("/", server_metadata, methods=["GET"], include_in_schema=False)
     r.add_api_route("/health/live", live, methods=["GET"])
     r.add_api_route("/health/ready", ready, methods=["GET"])
     for base in ("/models/{name}", "/models/{name}/versions/{version}"):
         r.add_api_route(base, model_metadata, methods=["GET"])
         r.add_api_route(base + "/ready", model_ready, methods=["GET"])
     return r
+
+
+_TENSOR = {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
+    "name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
+    "datatype": {"type": "string"}, "parameters": {"type": "object"},
+    "data": {"type": "array"}}}
+
+
+def openapi_paths() -> dict[str, Any]:
+    """The OpenAPI entries of the infer doors (JSON form; binary tensor data also accepted)."""
+    error = {"application/json": {"schema": {"type": "object", "required": ["error"],
+                                             "properties": {"error": {"type": "string"}}}}}
+    request = {
+        "type": "object", "required": ["inputs"], "properties": {
+            "id": {"type": "string"}, "parameters": {"type": "object"},
+            "inputs": {"type": "array", "minItems": 1, "items": _TENSOR},
+            "outputs": {"type": "array", "items": {
+                "type": "object", "required": ["name"], "properties": {
+                    "name": {"type": "string"}, "parameters": {"type": "object"}}}},
+        },
+    }
+    example = {"id": "1", "inputs": [{"name": "input", "shape": [2, 4], "datatype": "FP64",
+                                      "data": [5.1, 3.5, 1.4, 0.2, 6.3, 3.3, 6.0, 2.5]}]}
+    response = {"type": "object", "required": ["model_name", "outputs"], "properties": {
+        "model_name": {"type": "string"}, "model_version": {"type": "string"},
+        "id": {"type": "string"}, "outputs": {"type": "array", "items": _TENSOR}}}
+
+    def infer_entry(params: list[str]) -> dict[str, Any]:
+        return {"post": {
+            "tags": ["Open Inference Protocol (V2)"],
+            "summary": "Inference",
+            "description": (
+                "One `[n, n_features]` tensor (any numeric datatype) or one `[n, 1]` tensor "
+                "per feature, as JSON `data` or binary tensor data "
+                "(`Inference-Header-Content-Length`). Outputs: `label` (`BYTES` for string "
+                "classes, `INT64` for integer ones) and `probabilities` (`FP64 [n, k]`) for "
+                "classifiers, `prediction` (`FP64`) for regressors."),
+            "parameters": [{"name": p, "in": "path", "required": True,
+                            "schema": {"type": "string"}} for p in params],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": request, "example": example}}},
+            "responses": {
+                "200": {"description": "Outputs", "content": {
+                    "application/json": {"schema": response}}},
+                "400": {"description": "bad request", "content": error},
+                "404": {"description": "unknown model or version", "content": error},
+                "413": {"description": "body over the limit", "content": error},
+                "503": {"description": "overloaded or shutting down", "content": error},
+                "504": {"description": "deadline exceeded", "content": error},
+            },
+        }}
+
+    return {"/v2/models/{name}/infer": infer_entry(["name"]),
+            "/v2/models/{name}/versions/{version}/infer": infer_entry(["name", "version"])}

@@ -25,11 +25,19 @@ __all__ = ["DTYPES", "InferRequest", "OutputSpec", "decode_infer_request",
 
 # Input datatypes accepted, with their little-endian numpy dtype.
 DTYPES: dict[str, np.dtype[Any]] = {
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
     "INT32": np.dtype("<i4"),
     "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
 }
+_NOT_NUMERIC = frozenset({"BYTES", "BOOL"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,10 +95,11 @@ def _json_values(data: Any, name: str, count: int, datatype: str) -> np.ndarray:
     flat = _flatten(data, name)
     if len(flat) != count:
         raise _bad(f"input {name!r}: shape holds {count} values, 'data' has {len(flat)}")
-    allowed = (int,) if datatype.startswith("INT") else (int, float)
+    integral = not datatype.startswith("FP")
+    allowed = (int,) if integral else (int, float)
     for v in flat:
         if type(v) not in allowed:
-            kind = "an integer" if datatype.startswith("INT") else "a number"
+            kind = "an integer" if integral else "a number"
             raise _bad(f"input {name!r}: {datatype} 'data' holds {v!r}, not {kind}")
     dtype = DTYPES[datatype]
     try:
@@ -144,8 +153,11 @@ def decode_infer_request(
         name = tensor["name"]
         shape = _shape(tensor, name)
         datatype = tensor.get("datatype")
+        if datatype in _NOT_NUMERIC:
+            raise _bad(f"input {name!r}: datatype {datatype} is not numeric; this model takes "
+                       f"numbers ({', '.join(DTYPES)})")
         if datatype not in DTYPES:
-            raise _bad(f"input {name!r}: datatype {datatype!r} not supported "
+            raise _bad(f"input {name!r}: datatype {datatype!r:.20} not supported "
                        f"(use one of {', '.join(DTYPES)})")
         if len(shape) not in (1, 2) or (shape and shape[0] > max_rows):
             raise _bad(f"input {name!r}: shape {shape} must be [n, {n_features}] or [n, 1] "
