@@ -16,6 +16,7 @@ from starlette.middleware import Middleware
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from gateway import logs
 from gateway.errors import GatewayError, InvalidInput, error_body, error_response
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.middleware import MetricsMiddleware
@@ -160,7 +161,8 @@ def create_app(settings: Settings | None = None, *, store: ModelStore | None = N
         version="0.1.0",
         description="Cached, coalesced, micro-batched predictions from versioned models.",
         lifespan=lifespan,
-        middleware=[Middleware(MetricsMiddleware, metrics=app_metrics)],
+        middleware=[Middleware(MetricsMiddleware, metrics=app_metrics,
+                               access_log=settings.access_log == "on")],
         exception_handlers={
             GatewayError: _gateway_error,
             HTTPException: _http_error,
@@ -179,8 +181,9 @@ def create_app(settings: Settings | None = None, *, store: ModelStore | None = N
 
 
 def from_env() -> FastAPI:
-    """Factory for ``uvicorn --factory gateway.app:from_env``: settings from the environment."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return create_app(Settings())
+    """Factory for ``uvicorn --factory gateway.app:from_env``: settings from the environment,
+    logging set up as they say."""
+    settings = Settings()
+    logs.configure(settings.log_format, logging.getLevelName(
+        logging.getLogger("uvicorn.error").getEffectiveLevel()))
+    return create_app(settings)

@@ -110,6 +110,15 @@ class Settings(BaseSettings):
     collector's reach: a full collection then scans only what requests allocate (~0.1 ms)
     instead of every library object (~50 ms, a latency spike each time)."""
 
+    # -- logs --------------------------------------------------------------------------------
+    access_log: Switch = "off"
+    """``on`` writes one access-log line per request (method, path, status, duration, cache
+    source, model, version, request id). Off by default: a log record per request costs
+    throughput."""
+
+    log_format: Literal["text", "json"] = "text"
+    """``json``: one JSON object per log line, for log shippers."""
+
     # -- input limits ------------------------------------------------------------------------
     max_rows: int = Field(1024, ge=1)
     """Most rows in one request."""

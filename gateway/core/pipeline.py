@@ -45,6 +45,11 @@ class Answer:
     values: dict[Output, list[bytes]]
     sources: list[Source]
 
+    @property
+    def source(self) -> Source:
+        """The slowest tier any row came from (``miss`` if the model ran for any)."""
+        return max(self.sources, key=_RANK.__getitem__)
+
 
 @dataclass(eq=False, slots=True)
 class _Block:

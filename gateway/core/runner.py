@@ -18,6 +18,7 @@ moves back to the thread after one slow call.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from collections.abc import Callable, Hashable
@@ -33,6 +34,8 @@ from gateway.metrics import Metrics
 from model_store import LoadedModel
 
 __all__ = ["Executor", "ModelRunner", "Output", "Placement", "Unit"]
+
+log = logging.getLogger("gateway.runner")
 
 R = TypeVar("R")
 
@@ -308,7 +311,8 @@ class ModelRunner:
         return f"{self.manifest.name} v{self.manifest.version}"
 
     def failed(self, failure: Failure) -> GatewayError:
-        """The error a request gets for a row the model refused."""
+        """The error a request gets for a row the model refused (logged)."""
+        log.warning("model %s raised %r", self._label(), failure.error)
         return ModelFailed(
             f"model {self._label()} failed on this input ({type(failure.error).__name__})")
 

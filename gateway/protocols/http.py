@@ -19,6 +19,7 @@ import orjson
 from prometheus_client import Counter
 from starlette.types import Receive, Scope, Send
 
+from gateway import logs
 from gateway.errors import BodyTooLarge, GatewayError, InvalidInput, MethodNotAllowed, error_body
 from gateway.metrics import Metrics
 from gateway.runtime import Gateway
@@ -37,6 +38,9 @@ class Reply:
     body: bytes
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
     content_type: bytes = _JSON
+    model: str | None = None  # for the access log: which model version answered, and from
+    version: str | None = None  # which tier (the slowest of the rows: miss, l2, l1)
+    cache: str | None = None
 
 
 def error_reply(exc: GatewayError) -> Reply:
@@ -181,10 +185,14 @@ class Doors:
         status = 500
         metrics = self._metrics
         metrics.in_flight += 1
+        req = HttpRequest(scope, receive)
+        rid = logs.request_id_from(req.header(b"x-request-id"))
+        token = logs.request_id.set(rid)
+        reply: Reply | None = None
+        gw: Gateway = scope["state"]["gateway"]
         try:
-            gw: Gateway = scope["state"]["gateway"]
             try:
-                reply = await door.handler(gw, HttpRequest(scope, receive), params)
+                reply = await door.handler(gw, req, params)
             except GatewayError as exc:
                 gw.count_rejection(exc)
                 reply = door.render_error(exc)
@@ -192,11 +200,19 @@ class Doors:
                 status = 499
                 return
             status = reply.status
+            reply.headers.append((b"x-request-id", rid.encode()))
             await _send(send, reply)
         finally:
             metrics.in_flight -= 1
+            seconds = time.perf_counter() - start
             self._count(door.template, status)
-            self._seconds[door.template].observe(time.perf_counter() - start)
+            self._seconds[door.template].observe(seconds)
+            if gw.settings.access_log == "on":
+                logs.access(scope["method"], scope["path"], status, seconds,
+                            cache=reply.cache if reply else None,
+                            model=reply.model if reply else None,
+                            version=reply.version if reply else None)
+            logs.request_id.reset(token)
 
     async def not_allowed(self, allowed: list[str], scope: Scope, send: Send,
                           render: Renderer) -> None:

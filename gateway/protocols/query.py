@@ -55,7 +55,8 @@ def door() -> Door:
         row = decoded.decode(req.scope["query_string"], rt.manifest.features)
         answer = await gw.infer(rt, row, _LABEL, timeout_s(gw, req))
         return Reply(200, b'{"prediction":' + answer.values["label"][0] + b"}",
-                     [(b"x-cache", _SOURCES[answer.sources[0]])])
+                     [(b"x-cache", _SOURCES[answer.sources[0]])], model=rt.manifest.name,
+                     version=str(rt.manifest.version), cache=answer.sources[0])
 
     return Door("GET", "/predict", predict_query, error_reply)
 

@@ -53,7 +53,7 @@ async def predict_v1(gw: Gateway, req: HttpRequest, params: dict[str, str]) -> R
         parts += [b',"classes":', orjson.dumps(list(m.classes)), b',"probabilities":[',
                   b",".join(answer.values["probabilities"]), b"]"]
     parts += [b',"cache":[', b",".join([_SOURCES[s] for s in answer.sources]), b"]}"]
-    return Reply(200, b"".join(parts))
+    return Reply(200, b"".join(parts), model=m.name, version=str(m.version), cache=answer.source)
 
 
 async def predict_kserve(gw: Gateway, req: HttpRequest, params: dict[str, str]) -> Reply:
@@ -65,7 +65,8 @@ async def predict_kserve(gw: Gateway, req: HttpRequest, params: dict[str, str]) 
     rt = gw.runtime(params["name"])
     rows = parse_instances(payload["instances"], rt.manifest.features, gw.settings.max_rows)
     answer = await gw.infer(rt, rows, _LABEL, deadline_s)
-    return Reply(200, b'{"predictions":[' + b",".join(answer.values["label"]) + b"]}")
+    return Reply(200, b'{"predictions":[' + b",".join(answer.values["label"]) + b"]}",
+                 model=rt.manifest.name, version=str(rt.manifest.version), cache=answer.source)
 
 
 def doors() -> list[Door]:

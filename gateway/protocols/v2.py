@@ -100,10 +100,12 @@ async def infer(gw: Gateway, req: HttpRequest, params: dict[str, str]) -> Reply:
         model_name=rt.manifest.name, model_version=str(rt.manifest.version),
         request_id=ireq.request_id, outputs=encoded,
     )
-    if header_len is None:
-        return Reply(200, content)
-    return Reply(200, content, [(b"inference-header-content-length", str(header_len).encode())],
-                 content_type=b"application/octet-stream")
+    reply = Reply(200, content, model=rt.manifest.name, version=str(rt.manifest.version),
+                  cache=answer.source)
+    if header_len is not None:
+        reply.headers.append((b"inference-header-content-length", str(header_len).encode()))
+        reply.content_type = b"application/octet-stream"
+    return reply
 
 
 def doors() -> list[Door]:
