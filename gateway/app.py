@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib.resources
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -10,10 +11,12 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.responses import Response
+from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from gateway import logs
@@ -99,6 +102,22 @@ _ERROR_SCHEMA = {
 }
 
 
+_V2_ERROR_SCHEMA = {"type": "object", "required": ["error"],
+                    "properties": {"error": {"type": "string"}}}
+
+
+def _real_errors(op: dict[str, Any], *, v2: bool) -> None:
+    """Document FastAPI's routes with the errors the gateway really answers."""
+    responses = op.setdefault("responses", {})
+    error = {"application/json": {"schema": _V2_ERROR_SCHEMA if v2 else _ERROR_SCHEMA}}
+    if "422" in responses and "HTTPValidationError" in str(responses["422"]):
+        del responses["422"]
+        responses["400" if v2 else "422"] = {"description": "invalid path parameter",
+                                             "content": error}
+    if "{name}" in str(op.get("parameters", "")) and "404" not in responses:
+        responses["404"] = {"description": "unknown model or version", "content": error}
+
+
 def _default_manifest(store: ModelStore, name: str) -> Manifest | None:
     try:
         return store.manifest(name, store.latest(name))
@@ -116,8 +135,41 @@ def _openapi(app: GatewayApp, store: ModelStore, settings: Settings) -> dict[str
             _default_manifest(store, settings.default_model), _ERROR_SCHEMA)
         paths.update(v1.openapi_paths(_ERROR_SCHEMA))
         paths.update(v2.openapi_paths())
+        for path, item in paths.items():
+            for op in item.values():
+                _real_errors(op, v2=path.startswith("/v2"))
+        schemas = schema.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        if "components" in schema and not schemas:
+            del schema["components"]
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+_ASSETS = "/docs/assets"
+
+
+def _add_docs(app: FastAPI) -> None:
+    """Swagger UI at ``/docs`` and ReDoc at ``/redoc``, from a packaged copy of their assets:
+    the pages work without internet access and name no external host."""
+    assets = importlib.resources.files("fastapi_offline") / "static"
+    app.mount(_ASSETS, StaticFiles(directory=str(assets)), name="docs-assets")
+    favicon = f"{_ASSETS}/favicon.png"
+
+    async def swagger() -> Response:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json", title=f"{app.title} - docs",
+            swagger_js_url=f"{_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{_ASSETS}/swagger-ui.css", swagger_favicon_url=favicon)
+
+    async def redoc() -> Response:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc",
+                              redoc_js_url=f"{_ASSETS}/redoc.standalone.js",
+                              redoc_favicon_url=favicon, with_google_fonts=False)
+
+    app.add_api_route("/docs", swagger, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/redoc", redoc, methods=["GET"], include_in_schema=False)
 
 
 class GatewayApp(FastAPI):
@@ -157,6 +209,8 @@ def create_app(settings: Settings | None = None, *, store: ModelStore | None = N
             await gw.aclose()
 
     app = GatewayApp(
+        docs_url=None,
+        redoc_url=None,
         title="Inference gateway",
         version="0.1.0",
         description="Cached, coalesced, micro-batched predictions from versioned models.",
@@ -176,6 +230,7 @@ def create_app(settings: Settings | None = None, *, store: ModelStore | None = N
     app.add_api_route("/readyz", readyz, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
     app.include_router(v2.v2_router())
+    _add_docs(app)
     app.openapi = lambda: _openapi(app, store, settings)  # type: ignore[method-assign]
     return app
 
