@@ -49,9 +49,11 @@ def _perturbed(data: bytes) -> bytes:
 def test_verification_rejects_a_perturbed_compiled_model(iris_estimator, iris_rows) -> None:
     data = convert_onnx(iris_estimator, 4)
     rows = verification_rows(iris_estimator, 4, iris_rows)
-    good = verify(iris_estimator, OnnxModel(data, iris_estimator.classes_), rows, 1e-6)
+    good = verify(iris_estimator, OnnxModel(data, iris_estimator.classes_, round_input=True), rows,
+                  1e-6)
     assert good["label"].verified and good["probabilities"].verified
-    bad = verify(iris_estimator, OnnxModel(_perturbed(data), iris_estimator.classes_), rows,
+    bad = verify(iris_estimator, OnnxModel(_perturbed(data), iris_estimator.classes_,
+                                          round_input=True), rows,
                  1e-6)
     assert not bad["label"].verified and bad["label"].mismatches > 0
     assert not bad["probabilities"].verified and bad["probabilities"].max_abs_diff > 1e-3
