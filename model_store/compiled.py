@@ -2,7 +2,8 @@
 
 A compiled artifact is served for an output only if it was verified against the estimator
 for that output on the verification rows: labels must agree on every row, probabilities within
-``proba_atol``, regression values within ``value_rtol`` (relative; absolute below 1).
+``proba_atol``, regression values within ``value_rtol`` times the largest value's magnitude
+(at least 1): a float32 model's error scales with the values it sums.
 
 The conversion is the first that verifies, in this order:
 
@@ -242,37 +243,88 @@ class OnnxModel:
 
 def labels_from_proba(classes: Any, proba: np.ndarray) -> np.ndarray:
     """``classes[argmax(proba)]`` per row (the first class on a tie, as scikit-learn does)."""
-    return np.asarray(classes).take(np.argmax(proba, axis=1))
+    labels: np.ndarray = np.asarray(classes).take(np.argmax(proba, axis=1))
+    return labels
 
 
 def verification_rows(estimator: Any, n_features: int, train_rows: np.ndarray | None = None,
                       *, generated: int = 10_000, seed: int = 0) -> np.ndarray:
     """The training rows (if any) plus ``generated`` rows drawn uniformly over each feature's
     range: the training range, else the span of the trees' thresholds, else [-10, 10].
-    A quarter of the generated rows sit exactly on thresholds, where rounding would show."""
+    A quarter of the generated rows sit exactly on thresholds, where rounding would show.
+    For a pipeline ending in trees, half the generated rows are drawn that way in the space
+    its final step sees and mapped back through the transforms' ``inverse_transform``, so
+    they land on (within rounding of) the final step's thresholds too."""
     rng = np.random.default_rng(seed)
+    train = None if train_rows is None else np.asarray(train_rows, dtype=np.float64)
+    parts = [] if train is None else [train]
+    head, final = _split(estimator)
+    if head is not None and _splits(final) and hasattr(head, "inverse_transform"):
+        width = int(getattr(final, "n_features_in_", n_features))
+        inner_train = None if train is None or not len(train) else head.transform(train)
+        inner = _generated(_splits(final), width, inner_train, generated // 2, rng)
+        try:
+            mapped = np.asarray(head.inverse_transform(inner), dtype=np.float64)
+        except (ValueError, TypeError, AttributeError, NotImplementedError):
+            mapped = None
+        if mapped is not None and mapped.shape == (len(inner), n_features) and np.all(
+                np.isfinite(mapped)):
+            parts.append(mapped)
+            generated -= len(inner)
+    parts.append(_generated(_splits(estimator), n_features, train, generated, rng))
+    return np.vstack(parts)
+
+
+def _split(estimator: Any) -> tuple[Any, Any]:
+    """A pipeline's transforms (as one pipeline) and its final step; (None, estimator) for
+    anything else."""
+    from sklearn.pipeline import Pipeline
+
+    if isinstance(estimator, Pipeline) and len(estimator.steps) >= 2:
+        return Pipeline(estimator.steps[:-1]), estimator.steps[-1][1]
+    return None, estimator
+
+
+def _splits(estimator: Any) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(feature index, threshold) arrays of every split of a tree model: scikit-learn's
+    ``tree_`` models and histogram gradient boosting; empty for anything else."""
+    out = []
+    for tree in _trees(estimator):
+        inner = tree.feature >= 0
+        out.append((tree.feature[inner], tree.threshold[inner]))
+    for predictors in getattr(estimator, "_predictors", None) or []:
+        for predictor in predictors:
+            nodes = predictor.nodes
+            inner = nodes["is_leaf"] == 0
+            out.append((nodes["feature_idx"][inner], nodes["num_threshold"][inner]))
+    return out
+
+
+def _generated(splits: list[tuple[np.ndarray, np.ndarray]], n_features: int,
+               train: np.ndarray | None, count: int, rng: np.random.Generator) -> np.ndarray:
     lo = np.full(n_features, -10.0)
     hi = np.full(n_features, 10.0)
     thresholds: list[list[float]] = [[] for _ in range(n_features)]
-    for tree in _trees(estimator):
-        for f, t in zip(tree.feature, tree.threshold, strict=True):
-            if f >= 0:
-                thresholds[f].append(float(t))
-    if train_rows is not None and len(train_rows):
-        lo, hi = train_rows.min(axis=0), train_rows.max(axis=0)
+    for features, values in splits:
+        for f, t in zip(features.tolist(), values.tolist(), strict=True):
+            thresholds[int(f)].append(float(t))
+    if train is not None and len(train):
+        lo, hi = train.min(axis=0), train.max(axis=0)
     elif any(thresholds):
         for f, ts in enumerate(thresholds):
             if ts:
                 lo[f], hi[f] = min(ts), max(ts)
     span = np.where(hi > lo, hi - lo, 1.0)
-    rows = rng.uniform(lo - 0.1 * span, hi + 0.1 * span, size=(generated, n_features))
-    on_edge = rng.random((generated, n_features)) < 0.25
+    rows = rng.uniform(lo - 0.1 * span, hi + 0.1 * span, size=(count, n_features))
+    on_edge = rng.random((count, n_features)) < 0.25
+    # On a threshold, or half a float32 step either side of it: where a model that compares
+    # in float64 and one that rounds to float32 would part.
+    nudge = 1.0 + rng.choice([-1.0, 0.0, 0.0, 1.0], size=count) * 2.0 ** -25
     for f, ts in enumerate(thresholds):
         if ts:
-            picks = rng.choice(np.asarray(ts), size=generated)
+            picks = rng.choice(np.asarray(ts), size=count) * nudge
             rows[:, f] = np.where(on_edge[:, f], picks, rows[:, f])
-    parts = [rows] if train_rows is None else [np.asarray(train_rows, dtype=np.float64), rows]
-    return np.vstack(parts)
+    return rows
 
 
 def _trees(estimator: Any) -> list[Any]:
@@ -327,22 +379,24 @@ def _same_labels(expected: np.ndarray, got: np.ndarray) -> int:
 def verify(estimator: Any, compiled: OnnxModel, rows: np.ndarray, proba_atol: float,
            value_rtol: float = 1e-5) -> dict[str, OutputCheck]:
     """Compare ``compiled`` with ``estimator`` on ``rows``, per output."""
-    return _verify(_Expected.of(estimator, rows), compiled, proba_atol, value_rtol)
+    return _verify(_Expected.of(estimator, rows), compiled, proba_atol, value_rtol,
+                   compiled.input_type)
 
 
 def _verify(expected: _Expected, compiled: OnnxModel, proba_atol: float,
-            value_rtol: float) -> dict[str, OutputCheck]:
+            value_rtol: float, conversion: str) -> dict[str, OutputCheck]:
     n = len(expected.rows)
     labels, proba = compiled.run(expected.rows)
-    where = f"{compiled.input_type} input"
+    where = f"{conversion} input"
     checks: dict[str, OutputCheck] = {}
     if expected.classes is None:  # regression: values within a relative tolerance
         want = expected.labels.astype(np.float64)
         diff = np.abs(labels.astype(np.float64) - want)
-        bad = int(np.sum(~(diff <= value_rtol * np.maximum(1.0, np.abs(want)))))
+        scale = max(1.0, float(np.max(np.abs(want)))) if n else 1.0
+        bad = int(np.sum(~(diff <= value_rtol * scale)))
         worst = float(np.max(diff)) if n else 0.0
-        reason = (f"{where}: {bad} of {n} values differ by more than rtol {value_rtol:g} "
-                  f"(max {worst:.3g})") if bad else ""
+        reason = (f"{where}: {bad} of {n} values differ by more than {value_rtol:g} x "
+                  f"{scale:.3g} (max {worst:.3g})") if bad else ""
         checks["label"] = OutputCheck(bad == 0, n, bad, worst, 0.0, value_rtol, reason=reason)
         return checks
     bad = n - _same_labels(expected.labels, labels)
@@ -403,7 +457,7 @@ def compile_estimator(estimator: Any, n_features: int, rows: np.ndarray, *,
         except CompileError as exc:
             tried[input_type] = str(exc)
             continue
-        checks = _verify(expected, model, proba_atol, value_rtol)
+        checks = _verify(expected, model, proba_atol, value_rtol, input_type)
         candidate = Compiled(data, input_type, model.round_input, checks)
         if best is None or candidate.verified_outputs > best.verified_outputs:
             if best is not None:

@@ -95,7 +95,7 @@ class Manifest:
     "round_input", "checks": {output: {...}}, "tried": {...}, ...}}`` or ``{"onnx": {"error":
     "<why it could not be compiled>"}}``; ``{"sklearn": {"checks": {"label": {"from_proba":
     bool, "rows": n}}}}`` for the estimator itself."""
-    settings: ModelSettings = ModelSettings()
+    settings: ModelSettings = dataclasses.field(default_factory=ModelSettings)
     """Serving settings of this version (only the fields set; the rest are global)."""
 
     @property
@@ -274,7 +274,8 @@ def describe_estimator(estimator: Any) -> tuple[tuple[str, ...], tuple[Any, ...]
         ValueError: not an estimator (no ``predict``), or not fitted (no ``n_features_in_``).
     """
     if not callable(getattr(estimator, "predict", None)):
-        raise ValueError(f"a {type(estimator).__name__} is not an estimator (no predict method)")
+        raise ValueError(f"an object of type {type(estimator).__name__} is not an estimator "
+                         "(no predict method)")
     n = getattr(estimator, "n_features_in_", None)
     if n is None:
         raise ValueError(f"{type(estimator).__name__} is not fitted (no n_features_in_)")
@@ -290,8 +291,8 @@ def _check_estimator(manifest: Manifest, estimator: Any) -> None:
     """Refuse what was unpickled unless it is an estimator that fits ``manifest``."""
     where = _where(manifest.name, manifest.version)
     if not callable(getattr(estimator, "predict", None)):
-        raise ArtifactRejected(f"{where}: the artifact holds a {type(estimator).__name__}, "
-                               "not an estimator (no predict method)")
+        raise ArtifactRejected(f"{where}: the artifact holds an object of type "
+                               f"{type(estimator).__name__}, not an estimator (no predict method)")
     n = getattr(estimator, "n_features_in_", None)
     if n is None:
         return  # a predict-style model that does not say; the gateway checks row widths
