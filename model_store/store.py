@@ -412,6 +412,8 @@ class ModelStore:
             raise ArtifactRejected(f"{where}: {MANIFEST}: manifest missing")
         try:
             manifest = Manifest.from_json(json.loads(path.read_text()))
+        except OSError as exc:
+            raise ArtifactRejected(f"{where}: manifest unreadable: {exc.strerror}") from exc
         except (ValueError, KeyError, TypeError) as exc:
             raise ArtifactRejected(f"{where}: manifest unreadable: {exc}") from exc
         if manifest.name != name or manifest.version != version:
@@ -437,7 +439,11 @@ class ModelStore:
         artifact = self.root / name / str(version) / manifest.artifact
         if not artifact.is_file():
             raise ArtifactRejected(f"{where}: artifact {manifest.artifact} missing")
-        actual = sha256_file(artifact)
+        try:
+            actual = sha256_file(artifact)
+        except OSError as exc:
+            raise ArtifactRejected(f"{where}: {manifest.artifact} unreadable: {exc.strerror}"
+                                   ) from exc
         if actual != manifest.sha256:
             raise ArtifactRejected(
                 f"{where}: {manifest.artifact}: sha256 mismatch (manifest "
@@ -464,7 +470,11 @@ class ModelStore:
         path = self.root / manifest.name / str(manifest.version) / onnx["artifact"]
         if not path.is_file():
             raise ArtifactRejected(f"{where}: compiled artifact {onnx['artifact']} missing")
-        data = path.read_bytes()
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ArtifactRejected(f"{where}: {onnx['artifact']} unreadable: {exc.strerror}"
+                                   ) from exc
         if hashlib.sha256(data).hexdigest() != onnx["sha256"]:
             raise ArtifactRejected(f"{where}: {onnx['artifact']}: sha256 mismatch with the "
                                    "manifest; refusing to load")
