@@ -32,6 +32,7 @@ import numpy as np
 __all__ = [
     "CompileError",
     "Compiled",
+    "Expected",
     "InputType",
     "OnnxModel",
     "OutputCheck",
@@ -338,8 +339,8 @@ def _trees(estimator: Any) -> list[Any]:
 
 
 @dataclass(frozen=True, slots=True)
-class _Expected:
-    """The estimator's answers on the verification rows, computed once."""
+class Expected:
+    """The estimator's answers on the verification rows, computed once (``Expected.of``)."""
 
     rows: np.ndarray
     labels: np.ndarray
@@ -347,7 +348,7 @@ class _Expected:
     classes: np.ndarray | None
 
     @classmethod
-    def of(cls, estimator: Any, rows: np.ndarray) -> _Expected:
+    def of(cls, estimator: Any, rows: np.ndarray) -> Expected:
         classes = getattr(estimator, "classes_", None)
         proba = None
         if classes is not None and hasattr(estimator, "predict_proba"):
@@ -356,15 +357,15 @@ class _Expected:
                    None if classes is None else np.asarray(classes))
 
 
-def sklearn_checks(estimator: Any, rows: np.ndarray) -> dict[str, Any]:
-    """What the estimator itself shows on ``rows``: for a classifier with probabilities,
-    whether its labels equal ``classes[argmax(predict_proba)]`` on every row
+def sklearn_checks(expected: Expected) -> dict[str, Any]:
+    """What the estimator itself shows on the verification rows: for a classifier with
+    probabilities, whether its labels equal ``classes[argmax(predict_proba)]`` on every row
     (``{"label": {"rows": n, "from_proba": bool}}``); empty otherwise."""
-    expected = _Expected.of(estimator, rows)
     if expected.proba is None or expected.classes is None:
         return {}
+    n = len(expected.rows)
     same = _same_labels(expected.labels, labels_from_proba(expected.classes, expected.proba))
-    return {"label": {"rows": len(rows), "from_proba": same == len(rows)}}
+    return {"label": {"rows": n, "from_proba": same == n}}
 
 
 def _same_labels(expected: np.ndarray, got: np.ndarray) -> int:
@@ -379,11 +380,11 @@ def _same_labels(expected: np.ndarray, got: np.ndarray) -> int:
 def verify(estimator: Any, compiled: OnnxModel, rows: np.ndarray, proba_atol: float,
            value_rtol: float = 1e-5) -> dict[str, OutputCheck]:
     """Compare ``compiled`` with ``estimator`` on ``rows``, per output."""
-    return _verify(_Expected.of(estimator, rows), compiled, proba_atol, value_rtol,
+    return _verify(Expected.of(estimator, rows), compiled, proba_atol, value_rtol,
                    compiled.input_type)
 
 
-def _verify(expected: _Expected, compiled: OnnxModel, proba_atol: float,
+def _verify(expected: Expected, compiled: OnnxModel, proba_atol: float,
             value_rtol: float, conversion: str) -> dict[str, OutputCheck]:
     n = len(expected.rows)
     labels, proba = compiled.run(expected.rows)
@@ -410,7 +411,7 @@ def _verify(expected: _Expected, compiled: OnnxModel, proba_atol: float,
     if expected.proba is not None and proba is not None:
         if proba.shape != expected.proba.shape:
             checks["probabilities"] = OutputCheck(
-                False, n, 0, float("inf"), proba_atol,
+                False, n, 0, 1.0, proba_atol,
                 reason=f"{where}: probabilities of shape {proba.shape}, "
                        f"expected {expected.proba.shape}")
         else:
@@ -437,16 +438,16 @@ class Compiled:
         return sum(c.verified for c in self.checks.values())
 
 
-def compile_estimator(estimator: Any, n_features: int, rows: np.ndarray, *,
+def compile_estimator(estimator: Any, n_features: int, expected: Expected, *,
                       proba_atol: float = 1e-6, value_rtol: float = 1e-5) -> Compiled:
-    """Convert ``estimator`` with each input type in turn (float64, then float32) and verify
-    each conversion on ``rows``; the first whose every output verifies is chosen, else the one
-    with the most verified outputs (the earlier on a tie).
+    """Convert ``estimator`` each way in turn (see the module docstring) and verify each
+    conversion against ``expected`` (its answers on the verification rows); the first whose
+    every output verifies is chosen, else the one with the most verified outputs (the earlier
+    on a tie).
 
     Raises:
-        CompileError: no input type converts (the message names each reason).
+        CompileError: no conversion works (the message names each reason).
     """
-    expected = _Expected.of(estimator, rows)
     round_input = bool(_trees(estimator))
     best: Compiled | None = None
     tried: dict[str, str] = {}

@@ -35,6 +35,7 @@ import sklearn
 from model_store.compiled import (
     ONNX_ARTIFACT,
     CompileError,
+    Expected,
     OnnxModel,
     compile_estimator,
     compiled_library_versions,
@@ -649,16 +650,16 @@ def _verify_into(
     A conversion failure is recorded (and logged); it raises only when ``required``.
     """
     n_features = len(manifest.features)
-    rows = verification_rows(estimator, n_features, train_rows)
+    expected = Expected.of(estimator, verification_rows(estimator, n_features, train_rows))
     backends = {k: v for k, v in manifest.backends.items() if k not in ("sklearn", "onnx")}
-    own = sklearn_checks(estimator, rows)
+    own = sklearn_checks(expected)
     if own:
         backends["sklearn"] = {"checks": own}
     if compile_to is None:
         return dataclasses.replace(manifest, backends=backends)
     where = _where(manifest.name, manifest.version)
     try:
-        compiled = compile_estimator(estimator, n_features, rows, proba_atol=proba_atol,
+        compiled = compile_estimator(estimator, n_features, expected, proba_atol=proba_atol,
                                      value_rtol=value_rtol)
     except CompileError as exc:
         if required:
