@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import importlib.resources
 import logging
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -203,9 +205,17 @@ def create_app(settings: Settings | None = None, *, store: ModelStore | None = N
         if settings.gc_freeze:
             gc.collect()
             gc.freeze()
+        loop = asyncio.get_running_loop()
+        try:
+            loop.add_signal_handler(signal.SIGHUP, gw.registry.reload_soon)
+            hup = True
+        except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
+            hup = False
         try:
             yield {"gateway": gw}
         finally:
+            if hup:
+                loop.remove_signal_handler(signal.SIGHUP)
             await gw.aclose()
 
     app = GatewayApp(

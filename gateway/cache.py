@@ -149,7 +149,7 @@ class RedisCache:
         self._pending: list[tuple[Sequence[str], asyncio.Future[list[bytes | None] | None]]] = []
         self._flush_scheduled = False
         self._reads: set[asyncio.Task[None]] = set()
-        self._writes: deque[tuple[str, bytes]] = deque(maxlen=write_backlog)
+        self._writes: deque[tuple[str, bytes, int]] = deque(maxlen=write_backlog)
         self._write_wake: asyncio.Event | None = None
         self._write_idle: asyncio.Event | None = None  # set while nothing is queued or sending
         self._writer: asyncio.Task[None] | None = None
@@ -249,9 +249,9 @@ class RedisCache:
                     fut.set_result(None if values is None else values[start:end])
                 start = end
 
-    def put(self, key: str, value: bytes) -> None:
-        """Queue one write (``SET key value EX ttl``); never blocks. When the backlog is full
-        the oldest queued write is dropped."""
+    def put(self, key: str, value: bytes, ttl_s: int | None = None) -> None:
+        """Queue one write (``SET key value EX ttl``, the default TTL unless ``ttl_s``);
+        never blocks. When the backlog is full the oldest queued write is dropped."""
         if self._write_wake is None or self._breaker.blocked():
             self._metrics.l2_writes_dropped.inc()
             return
@@ -259,7 +259,7 @@ class RedisCache:
             self._metrics.l2_writes_dropped.inc()
         if self._secret is not None:
             value = self._tag(key, value) + value
-        self._writes.append((key, value))
+        self._writes.append((key, value, ttl_s or self._ttl))
         self._write_wake.set()
         assert self._write_idle is not None
         self._write_idle.clear()
@@ -277,8 +277,8 @@ class RedisCache:
                 continue
             try:
                 pipe = self._client.pipeline(transaction=False)
-                for key, value in chunk:
-                    pipe.set(key, value, ex=self._ttl)
+                for key, value, ttl in chunk:
+                    pipe.set(key, value, ex=ttl)
                 async with asyncio.timeout(self._timeout * 2):
                     await pipe.execute()
                 self._succeeded()

@@ -12,6 +12,7 @@ from gateway.responses import json_response
 __all__ = [
     "BodyTooLarge",
     "DeadlineExceeded",
+    "Forbidden",
     "GatewayError",
     "InvalidInput",
     "MalformedJson",
@@ -20,6 +21,7 @@ __all__ = [
     "NotFound",
     "Overloaded",
     "TooManyRows",
+    "Unauthorized",
     "Unavailable",
     "error_body",
     "error_response",
@@ -60,6 +62,16 @@ class TooManyRows(GatewayError):
 
     status = 413
     code = "too_many_rows"
+
+
+class Unauthorized(GatewayError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(GatewayError):
+    status = 403
+    code = "forbidden"
 
 
 class NotFound(GatewayError):

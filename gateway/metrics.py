@@ -72,6 +72,10 @@ class Metrics:
         self.circuit_open = Gauge(
             "gateway_circuit_open", "1 while the Redis circuit breaker skips Redis.", registry=r,
         )
+        self.model_loads = Counter(
+            "gateway_model_loads", "Model versions loaded, by result (loaded, failed).",
+            ["model", "result"], registry=r,
+        )
         self.l2_writes_dropped = Counter(
             "gateway_l2_writes_dropped", "Cache writes not sent to Redis (backlog full, circuit "
             "open or write failed).", registry=r,

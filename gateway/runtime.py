@@ -3,9 +3,8 @@ by the app's lifespan, handed to each request as ``scope["state"]["gateway"]``."
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,8 +16,9 @@ from gateway.core.pipeline import Answer, Pipeline
 from gateway.core.runner import ModelRunner, Output
 from gateway.errors import GatewayError, InvalidInput, NotFound, Unavailable
 from gateway.metrics import Metrics
+from gateway.registry import ModelRegistry
 from gateway.settings import Settings
-from model_store import ModelStore, ModelStoreError
+from model_store import ModelStore
 
 __all__ = ["Gateway", "gateway_of"]
 
@@ -40,9 +40,18 @@ class Gateway:
     pipeline: Pipeline
     l1: L1Cache | None
     l2: RedisCache | None
-    models: dict[str, dict[int, ModelRunner]] = field(default_factory=dict)
-    failed: dict[str, str] = field(default_factory=dict)  # "name:version" -> reason
+    registry: ModelRegistry
     accepting: bool = True
+
+    @property
+    def models(self) -> dict[str, dict[int, ModelRunner]]:
+        """Versions served now, by model name (see ``ModelRegistry``)."""
+        return self.registry.models
+
+    @property
+    def failed(self) -> dict[str, str]:
+        """Versions that could not be served: ``"name:version"`` -> reason."""
+        return self.registry.failed
 
     @classmethod
     async def open(cls, settings: Settings, store: ModelStore, metrics: Metrics) -> Gateway:
@@ -79,32 +88,11 @@ class Gateway:
             coalesce=settings.coalesce == "on",
             l2_min_call_s=settings.l2_min_call_us / 1e6,
         )
-        gw = cls(settings, store, metrics, pipeline, l1, l2)
-        for name, versions in store.models().items():
-            for version in versions:
-                try:
-                    model = await store.load(name, version)
-                except ModelStoreError as exc:
-                    gw.failed[f"{name}:{version}"] = str(exc)
-                    log.error("model %s v%d not loaded: %s", name, version, exc)
-                    continue
-                rt = ModelRunner(
-                    model, metrics,
-                    prefer_compiled=settings.backend == "auto",
-                    placement=settings.execution,
-                    inline_max_s=settings.inline_max_us / 1e6,
-                    batching=settings.batch == "on",
-                    max_batch_size=settings.max_batch_size,
-                    max_delay_s=settings.max_batch_delay_us / 1e6,
-                    max_queue=settings.max_queue_rows,
-                    concurrency=settings.infer_concurrency,
-                )
-                rt.start()
-                gw.models.setdefault(name, {})[version] = rt
-                m = model.manifest
-                log.info("loaded model %s v%d (%s, %d features, sha256 %s, backends %s)",
-                         name, version, m.task, len(m.features), m.sha256[:12],
-                         ", ".join(f"{o}={b}" for o, b in rt.backends.items()))
+        registry = ModelRegistry(settings, store, metrics, pipeline)
+        gw = cls(settings, store, metrics, pipeline, l1, l2, registry)
+        await registry.reload()
+        if settings.model_poll_s > 0:
+            registry.watch(settings.model_poll_s)
         if not gw.models:
             log.warning("no model loaded from %s", store.root)
         log.info(
@@ -196,7 +184,8 @@ class Gateway:
                 "latest": str(latest.version),
                 "versions": [
                     {"version": str(v), "sha256": rt.manifest.sha256,
-                     "created": rt.manifest.created, "backends": rt.backends}
+                     "created": rt.manifest.created, "backends": rt.backends,
+                     "settings": rt.settings}
                     for v, rt in sorted(versions.items())
                 ],
                 "task": latest.task,
@@ -210,17 +199,15 @@ class Gateway:
         finish within ``grace_s`` (default ``GATEWAY_SHUTDOWN_GRACE_S``), then fail what is
         left with 503. Idempotent; never raises."""
         self.accepting = False
-        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
-        runners = [rt for vs in self.models.values() for rt in vs.values()]
-        await asyncio.gather(*(rt.drain(grace) for rt in runners))
+        await self.registry.drain(self.settings.shutdown_grace_s if grace_s is None else grace_s)
 
     async def aclose(self) -> None:
         """``drain``, then close the caches and forget the models."""
         await self.drain()
+        await self.registry.aclose()
         await self.pipeline.aclose()
         if self.l2 is not None:
             await self.l2.aclose()
-        self.models.clear()
 
 
 def gateway_of(request: Request) -> Gateway:

@@ -22,6 +22,13 @@ class Settings(BaseSettings):
     model_root: Path = Path("models")
     """Model store root: ``<root>/<name>/<version>/{model.joblib,model.json}``."""
 
+    model_poll_s: float = Field(2.0, ge=0)
+    """How often the store is checked for added, removed or changed versions (reading
+    manifests only), seconds; 0 disables polling (``SIGHUP`` still reloads)."""
+
+    admin_token: SecretStr | None = None
+    """Bearer token for the model repository API (load, unload, index). Unset: refused."""
+
     default_model: str = "iris"
     """Model answered by ``GET /predict``; its feature names are the query parameters."""
 

@@ -202,7 +202,7 @@ class Pipeline:
         for i, value in zip(missing, computed, strict=True):
             block.values[i] = value
         if keys is not None:
-            self._put_many(block, [keys[i] for i in missing], computed)
+            self._put_many(block, [keys[i] for i in missing], computed, runner.cache_ttl_s)
         block.missing = []
         return True
 
@@ -255,16 +255,17 @@ class Pipeline:
                     done_keys.append(keys[idx[j]])
                     done.append(value)
             if done:
-                self._put_many(block, done_keys, done)
+                self._put_many(block, done_keys, done, runner.cache_ttl_s)
         return out  # type: ignore[return-value]  # every position is filled above
 
-    def _put_many(self, block: _Block, keys: list[str], values: list[bytes]) -> None:
+    def _put_many(self, block: _Block, keys: list[str], values: list[bytes],
+                  ttl_s: int) -> None:
         if self._l1 is not None:
             self._l1.put_many(keys, values)
         if self._l2 is not None and block.use_l2:
             put = self._l2.put
             for key, value in zip(keys, values, strict=True):
-                put(key, value)
+                put(key, value, ttl_s)
 
     async def _from_l2(self, runner: ModelRunner, block: _Block) -> None:
         assert self._l2 is not None and block.keys is not None

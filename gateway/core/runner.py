@@ -159,12 +159,21 @@ class ModelRunner:
         max_delay_s: float = 0.0,
         max_queue: int = 4096,
         concurrency: int = 1,
+        cache_ttl_s: int = 3600,
     ) -> None:
         self.model = model
+        self.cache_ttl_s = cache_ttl_s
+        self.settings: dict[str, object] = {
+            "max_batch_size": max_batch_size, "max_batch_delay_us": round(max_delay_s * 1e6),
+            "infer_concurrency": concurrency, "cache_ttl_s": cache_ttl_s,
+            "execution": placement, "batching": batching,
+        }
+        """The settings in force for this version (global ones, overridden by its own)."""
         self.manifest = model.manifest
         self.prefer_compiled = prefer_compiled
         self.backends: dict[str, str] = dict(model.backends(prefer_compiled=prefer_compiled))
         self.has_proba = model.has_proba
+        self._one_call = model.both_in_one_call(prefer_compiled=prefer_compiled)
         self._max_queue = max_queue
         self._unbatched_rows = 0  # rows in calls made without the batcher (batching off)
         name, version = model.name, str(model.version)
@@ -206,7 +215,11 @@ class ModelRunner:
 
     # -- what a request needs ------------------------------------------------------------------
     def units(self, outputs: frozenset[Output]) -> list[Unit]:
-        """The units of work answering ``outputs``: one per model call a miss costs."""
+        """The units of work answering ``outputs``: one per model call a miss costs. Where
+        one call gives labels and probabilities, every request computes (and caches) both,
+        so a later request for either is a hit."""
+        if self._one_call:
+            return ["both"]
         if "probabilities" not in outputs:
             return ["label"]
         if "label" not in outputs:
@@ -291,8 +304,9 @@ class ModelRunner:
         if unit == "proba":
             probs = self._predict_proba(rows)
             return [dumps(p) for p in probs]
-        labels = self._predict(rows)
-        probs = self._predict_proba(rows)
+        labels, probs = self.model.predict_both(rows, prefer_compiled=self.prefer_compiled)
+        self._calls.inc(1 if self._one_call else 2)
+        self._rows.inc(len(rows))
         return [dumps(v) + SEP + dumps(p) for v, p in zip(labels, probs, strict=True)]
 
     def _predict(self, rows: np.ndarray) -> list[Any]:

@@ -9,6 +9,7 @@ for an unknown model or version, 413 for an oversized body, 503 when not ready o
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,7 +18,7 @@ from fastapi import APIRouter, Request
 from starlette.responses import Response
 
 from gateway.core.runner import ModelRunner, Output
-from gateway.errors import GatewayError, InvalidInput
+from gateway.errors import Forbidden, GatewayError, InvalidInput, Unauthorized
 from gateway.protocols.http import Door, HttpRequest, Reply, timeout_s
 from gateway.protocols.v2_codec import OutputSpec, decode_infer_request, encode_infer_response
 from gateway.responses import json_response
@@ -148,7 +149,7 @@ async def model_metadata(name: str, request: Request, version: str | None = None
         "outputs": [{"name": n, "datatype": d, "shape": s} for n, d, s in _outputs(rt)],
         "parameters": {"version": str(m.version), "sha256": m.sha256, "task": m.task,
                        "features": list(m.features), "classes": list(m.classes),
-                       "backends": rt.backends},
+                       "backends": rt.backends, "settings": rt.settings},
     }
     return json_response(meta)
 
@@ -164,6 +165,60 @@ async def model_ready(name: str, request: Request, version: str | None = None) -
                          200 if ready_now else 503)
 
 
+def _admin(gw: Gateway, request: Request) -> Response | None:
+    """None when the request carries the admin token, else the refusal (403 when no token is
+    configured, 401 when it is missing or wrong; compared in constant time)."""
+    token = gw.settings.admin_token
+    if token is None:
+        return _error(gw, Forbidden("the model repository API is disabled: set "
+                                    "GATEWAY_ADMIN_TOKEN to enable it"))
+    given = request.headers.get("authorization", "")
+    scheme, _, value = given.partition(" ")
+    expected = token.get_secret_value().encode()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), expected):
+        response = _error(gw, Unauthorized("a valid 'Authorization: Bearer <token>' is "
+                                           "required"))
+        response.headers["www-authenticate"] = "Bearer"
+        return response
+    return None
+
+
+async def repository_index(request: Request) -> Response:
+    """Every model version in the store, with its state (``READY``, ``UNAVAILABLE`` with a
+    reason, ``UNLOADED``). Needs the admin token."""
+    gw = gateway_of(request)
+    refused = _admin(gw, request)
+    if refused is not None:
+        return refused
+    return json_response(gw.registry.index())
+
+
+async def repository_load(name: str, request: Request) -> Response:
+    """Serve every version the store has of ``name`` (again). Needs the admin token."""
+    gw = gateway_of(request)
+    refused = _admin(gw, request)
+    if refused is not None:
+        return refused
+    try:
+        await gw.registry.load_model(name)
+    except GatewayError as exc:
+        return _error(gw, exc)
+    return json_response({})
+
+
+async def repository_unload(name: str, request: Request) -> Response:
+    """Stop serving ``name`` until it is loaded again. Needs the admin token."""
+    gw = gateway_of(request)
+    refused = _admin(gw, request)
+    if refused is not None:
+        return refused
+    try:
+        await gw.registry.unload_model(name)
+    except GatewayError as exc:
+        return _error(gw, exc)
+    return json_response({})
+
+
 def v2_router() -> APIRouter:
     """The ``/v2`` health and metadata routes, to include in the app."""
     r = APIRouter(prefix="/v2", tags=["Open Inference Protocol (V2)"])
@@ -174,6 +229,12 @@ def v2_router() -> APIRouter:
     for base in ("/models/{name}", "/models/{name}/versions/{version}"):
         r.add_api_route(base, model_metadata, methods=["GET"])
         r.add_api_route(base + "/ready", model_ready, methods=["GET"])
+    r.add_api_route("/repository/index", repository_index, methods=["POST"],
+                    tags=["Model repository"])
+    r.add_api_route("/repository/models/{name}/load", repository_load, methods=["POST"],
+                    tags=["Model repository"])
+    r.add_api_route("/repository/models/{name}/unload", repository_unload, methods=["POST"],
+                    tags=["Model repository"])
     return r
 
 

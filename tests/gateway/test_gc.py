@@ -57,9 +57,9 @@ async def test_cached_entries_are_not_traversed_by_the_collector(session_store: 
             gc.collect()
         tracked_after = len(gc.get_objects())
         cached = len(gw.l1)
-    assert cached == 2 * len(rows)  # labels and probabilities of every row
+    assert cached == len(rows)  # labels and probabilities of a row live in one entry
     full = [s for g, s in pauses if g == 2]
     print(f"\n{cached} cached entries; objects tracked by the collector: +"
           f"{tracked_after - tracked_before}; generation-2 collections: {len(full)}, "
           f"longest {max(full) * 1e3:.2f} ms")
-    assert tracked_after - tracked_before < cached // 20
+    assert tracked_after - tracked_before < cached // 10

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -205,3 +206,17 @@ async def test_inline_execution_isolates_a_poisoned_row(session_store: Path,
                               json={"instances": random_rows[1:5].tolist()})
         assert r.json()["predictions"] == iris_estimator.predict(random_rows[1:5]).tolist()
         assert probe.calls >= 4
+
+
+async def test_labels_and_probabilities_cost_one_model_call(session_store: Path,
+                                                            iris_estimator: Any) -> None:
+    rows = [[5.0, 3.0, 1.6, 0.2], [6.7, 3.1, 4.7, 1.5], [7.2, 3.0, 5.8, 1.6]]
+    async with probed_app(session_store) as (client, probe, _):
+        r = (await client.post("/v1/models/iris/predict",
+                               json={"instances": rows, "probabilities": True})).json()
+        assert probe.calls == 1
+        assert r["predictions"] == iris_estimator.predict(rows).tolist()
+        assert r["probabilities"] == iris_estimator.predict_proba(rows).tolist()
+        labels = (await client.post("/v1/models/iris/predict", json={"instances": rows})).json()
+        assert labels["predictions"] == r["predictions"] and labels["cache"] == ["l1"] * 3
+        assert probe.calls == 1
