@@ -60,6 +60,11 @@ class ModelRegistry:
         self._lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
         self._watcher: asyncio.Task[None] | None = None
+        self._changed = asyncio.Event()  # set (and replaced) by each reload that changed something
+
+    def next_change(self) -> asyncio.Event:
+        """An event set when a later reload changes what is served."""
+        return self._changed
 
     # -- following the store ----------------------------------------------------------------
     async def reload(self) -> bool:
@@ -74,6 +79,9 @@ class ModelRegistry:
                                   [v for n, v in changes.removed if n == name],
                                   [v for n, v in (*changes.added, *changes.changed)
                                    if n == name])
+            if changes:
+                self._changed.set()
+                self._changed = asyncio.Event()
             return bool(changes)
 
     def reload_soon(self) -> None:

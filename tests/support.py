@@ -142,7 +142,7 @@ def free_port() -> int:
 def uvicorn_process(env: dict[str, str], *, port: int | None = None) -> Iterator[str]:
     """Start ``python -m gateway`` as a real process; yield its base URL once it is up.
 
-    Waits on the server's own "Application startup complete" line, then stops it (SIGTERM,
+    Waits on the server's own "Uvicorn running on" line (the socket listens), then stops it (SIGTERM,
     then SIGKILL) by PID.
     """
     port = port or free_port()
@@ -159,7 +159,7 @@ def uvicorn_process(env: dict[str, str], *, port: int | None = None) -> Iterator
     try:
         for line in proc.stderr:
             log.append(line)
-            if "Application startup complete" in line:
+            if "Uvicorn running on" in line:  # logged once the socket listens
                 break
         else:
             raise RuntimeError("gateway exited during startup:\n" + "".join(log))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import shutil
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -124,15 +123,9 @@ async def test_repository_api_needs_the_admin_token(store_root: Path) -> None:
 
 async def test_polling_picks_up_a_new_version(store_root: Path) -> None:
     async with probed_app(store_root, model_poll_s=0.01) as (client, _, gw):
-        loaded = asyncio.Event()
+        changed = gw.registry.next_change()
         ModelStore(store_root).register(constant("virginica"), "iris", features=IRIS_FEATURES,
                                         backend="sklearn")
-
-        async def until_v2() -> Any:
-            while 2 not in gw.models.get("iris", {}):
-                await asyncio.sleep(0.01)  # the watcher's own period
-            loaded.set()
-
-        await asyncio.wait_for(until_v2(), timeout=30)
-        assert loaded.is_set()
+        await asyncio.wait_for(changed.wait(), timeout=30)
+        assert sorted(gw.models["iris"]) == [1, 2]
         assert (await client.post(Q, json={"instances": [ROW]})).json()["version"] == "2"
