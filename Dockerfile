@@ -10,17 +10,19 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-COPY pyproject.toml README.md /src/
-COPY gateway /src/gateway
-COPY model_store /src/model_store
-RUN pip install /src \
- && rm -rf /src \
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY gateway ./gateway
+COPY model_store ./model_store
+RUN pip install . \
+ && cd / && rm -rf /src \
  && groupadd --system --gid 10001 gateway \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin gateway \
  && mkdir /models \
  && chown 10001:10001 /models
 
+WORKDIR /
 USER 10001:10001
 ENV GATEWAY_MODEL_ROOT=/models
 EXPOSE 8000

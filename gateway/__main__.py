@@ -148,10 +148,16 @@ def main(argv: list[str] | None = None) -> None:
         p.error(f"{MULTIPROC_ENV}={base}: not a writable directory")
     with metrics_dir(base) as directory:
         os.environ[MULTIPROC_ENV] = str(directory)  # read by each worker as it starts
-        if args.workers == 1:
-            _serve_one(options)
-        else:
-            serve_workers(uvicorn.Config(APP, workers=args.workers, **options), directory)
+        try:
+            if args.workers == 1:
+                _serve_one(options)
+            else:
+                serve_workers(uvicorn.Config(APP, workers=args.workers, **options), directory)
+        finally:
+            if parent is None:
+                del os.environ[MULTIPROC_ENV]
+            else:
+                os.environ[MULTIPROC_ENV] = parent
 
 if __name__ == "__main__":
     main()
