@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import asyncio
 import gc
+import importlib.resources
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,83 +11,41 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.responses import Response
+from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
-from gateway.errors import GatewayError, InvalidInput, error_response
-from gateway.inputs import parse_instances, read_json
+from gateway import logs
+from gateway.errors import GatewayError, InvalidInput, error_body, error_response
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.middleware import MetricsMiddleware
-from gateway.query_endpoint import QueryPredictEndpoint
+from gateway.protocols import query, v1, v2
+from gateway.protocols.http import Doors, error_reply
 from gateway.responses import json_response
 from gateway.runtime import Gateway, gateway_of
 from gateway.settings import Settings
-from gateway.v2 import v2_router
-from model_store import ModelStore
+from model_store import Manifest, ModelStore, ModelStoreError
 
 __all__ = ["create_app", "from_env"]
-
-_TIMEOUT_HEADER = "x-request-timeout-ms"
-_SOURCE_RANK = {"l1": 0, "l2": 1, "miss": 2}
-
-
-
-
-_PREDICT_BODY_KEYS = frozenset({"instances", "version", "probabilities"})
-
-
-async def predict_v1(name: str, request: Request) -> Response:
-    """Predict rows with a model: `instances` as lists (features in order) or as objects keyed
-    by feature name; optional `version` (default: latest) and `probabilities`.
-
-    The answer keeps row order and says, per row, where it came from (`l1`, `l2`, `miss`).
-    """
-    gw = gateway_of(request)
-    try:
-        payload = await read_json(request, gw.settings.max_body_bytes)
-        if not isinstance(payload, dict):
-            raise InvalidInput("body: expected a JSON object with 'instances'",
-                               code="invalid_body")
-        unknown = sorted(set(payload) - _PREDICT_BODY_KEYS)
-        if unknown:
-            raise InvalidInput(f"body: unknown field(s) {', '.join(unknown)}",
-                               code="invalid_body")
-        if "instances" not in payload:
-            raise InvalidInput("body: 'instances' is required", code="invalid_body")
-        proba = payload.get("probabilities", False)
-        if not isinstance(proba, bool):
-            raise InvalidInput("probabilities: expected true or false", code="invalid_body")
-        rt = gw.runtime(name, payload.get("version"))
-        rows = parse_instances(payload["instances"], rt.manifest.features, gw.settings.max_rows)
-        timeout_s = gw.timeout_s(request.headers.get(_TIMEOUT_HEADER))
-        if proba:
-            (labels, sources), (probs, proba_sources) = await asyncio.gather(
-                gw.predict(rt, rows, False, timeout_s), gw.predict(rt, rows, True, timeout_s))
-        else:
-            labels, sources = await gw.predict(rt, rows, False, timeout_s)
-        body: dict[str, Any] = {
-            "model": rt.manifest.name,
-            "version": str(rt.manifest.version),
-            "predictions": labels,
-        }
-        if proba:
-            body["classes"] = list(rt.manifest.classes)
-            body["probabilities"] = probs
-            sources = [max(a, b, key=_SOURCE_RANK.__getitem__)
-                       for a, b in zip(sources, proba_sources, strict=True)]
-        body["cache"] = sources
-    except GatewayError as exc:
-        gw.count_rejection(exc)
-        return error_response(exc)
-    return json_response(body)
 
 
 async def list_models(request: Request) -> Response:
     """Loaded models: names, versions, features, classes."""
     return json_response({"models": gateway_of(request).describe()})
+
+
+async def model_status(name: str, request: Request) -> Response:
+    """KServe V1 model status: ``{"name", "ready"}`` (404 for an unknown model)."""
+    gw = gateway_of(request)
+    try:
+        gw.runtime(name)
+    except GatewayError as exc:
+        return error_response(exc)
+    return json_response({"name": name, "ready": gw.accepting})
 
 
 async def healthz() -> Response:
@@ -118,59 +76,119 @@ async def _gateway_error(_request: Request, exc: Exception) -> Response:
     return error_response(exc)
 
 
-async def _http_error(_request: Request, exc: Exception) -> Response:
+async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return json_response({"error": {"code": code, "message": str(exc.detail)}}, exc.status_code,
-                 headers=exc.headers)
+    if request.url.path.startswith("/v2"):
+        return v2.http_error(exc.status_code, str(exc.detail), exc.headers)
+    err = GatewayError(str(exc.detail), code={404: "not_found", 405: "method_not_allowed"}.get(
+        exc.status_code, "http_error"))
+    return json_response(error_body(err), exc.status_code, headers=exc.headers)
 
 
-async def _validation_error(_request: Request, exc: Exception) -> Response:
+async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     where = "; ".join(
         f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', '')}" for e in exc.errors()
     )
-    return json_response({"error": {"code": "invalid_input", "message": where}}, 422)
+    if request.url.path.startswith("/v2"):
+        return v2.http_error(400, where, None)
+    return json_response(error_body(InvalidInput(where)), 422)
 
 
-def _openapi(app: FastAPI) -> dict[str, Any]:
-    """FastAPI's schema plus ``GET /predict`` (served by ``QueryPredictEndpoint``)."""
+_ERROR_SCHEMA = {
+    "type": "object", "required": ["error"],
+    "properties": {"error": {"type": "object", "required": ["code", "message"], "properties": {
+        "code": {"type": "string"}, "message": {"type": "string"}}}},
+}
+
+
+_V2_ERROR_SCHEMA = {"type": "object", "required": ["error"],
+                    "properties": {"error": {"type": "string"}}}
+
+
+def _real_errors(op: dict[str, Any], *, v2: bool) -> None:
+    """Document FastAPI's routes with the errors the gateway really answers."""
+    responses = op.setdefault("responses", {})
+    error = {"application/json": {"schema": _V2_ERROR_SCHEMA if v2 else _ERROR_SCHEMA}}
+    if "422" in responses and "HTTPValidationError" in str(responses["422"]):
+        del responses["422"]
+        responses["400" if v2 else "422"] = {"description": "invalid path parameter",
+                                             "content": error}
+    if "{name}" in str(op.get("parameters", "")) and "404" not in responses:
+        responses["404"] = {"description": "unknown model or version", "content": error}
+
+
+def _default_manifest(store: ModelStore, name: str) -> Manifest | None:
+    try:
+        return store.manifest(name, store.latest(name))
+    except (ModelStoreError, OSError, ValueError):
+        return None
+
+
+def _openapi(app: GatewayApp, store: ModelStore, settings: Settings) -> dict[str, Any]:
+    """FastAPI's schema plus the doors answered ahead of it."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, routes=app.routes,
                              description=app.description)
-        schema["paths"]["/predict"] = {"get": {
-            "summary": "Predict one row of the default model from query parameters",
-            "description": (
-                "One query parameter per feature of the default model "
-                "(`GATEWAY_DEFAULT_MODEL`), named as in its manifest; for the demo Iris model "
-                "`sepal_length`, `sepal_width`, `petal_length`, `petal_width`. "
-                "The `X-Cache` response header says where the answer came from."
-            ),
-            "parameters": [
-                {"name": f, "in": "query", "required": True, "schema": {"type": "number"}}
-                for f in ("sepal_length", "sepal_width", "petal_length", "petal_width")
-            ],
-            "responses": {
-                "200": {"description": "`{\"prediction\": <label>}`"},
-                "422": {"description": "missing, unknown or non-numeric parameters"},
-                "503": {"description": "overloaded (see `Retry-After`) or shutting down"},
-                "504": {"description": "deadline (`X-Request-Timeout-Ms`) exceeded"},
-            },
-        }}
+        paths = schema["paths"]
+        paths["/predict"] = query.openapi_path(
+            _default_manifest(store, settings.default_model), _ERROR_SCHEMA)
+        paths.update(v1.openapi_paths(_ERROR_SCHEMA))
+        paths.update(v2.openapi_paths())
+        for path, item in paths.items():
+            for op in item.values():
+                _real_errors(op, v2=path.startswith("/v2"))
+        schemas = schema.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        if "components" in schema and not schemas:
+            del schema["components"]
         app.openapi_schema = schema
     return app.openapi_schema
 
 
-class GatewayApp(FastAPI):
-    """FastAPI, except that ``GET /predict`` goes straight to its plain-ASGI endpoint."""
+_ASSETS = "/docs/assets"
 
-    query_endpoint: QueryPredictEndpoint
+
+def _add_docs(app: FastAPI) -> None:
+    """Swagger UI at ``/docs`` and ReDoc at ``/redoc``, from a packaged copy of their assets:
+    the pages work without internet access and name no external host."""
+    assets = importlib.resources.files("fastapi_offline") / "static"
+    app.mount(_ASSETS, StaticFiles(directory=str(assets)), name="docs-assets")
+    favicon = f"{_ASSETS}/favicon.png"
+
+    async def swagger() -> Response:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json", title=f"{app.title} - docs",
+            swagger_js_url=f"{_ASSETS}/swagger-ui-bundle.js",
+            swagger_css_url=f"{_ASSETS}/swagger-ui.css", swagger_favicon_url=favicon)
+
+    async def redoc() -> Response:
+        return get_redoc_html(openapi_url="/openapi.json", title=f"{app.title} - ReDoc",
+                              redoc_js_url=f"{_ASSETS}/redoc.standalone.js",
+                              redoc_favicon_url=favicon, with_google_fonts=False)
+
+    app.add_api_route("/docs", swagger, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/redoc", redoc, methods=["GET"], include_in_schema=False)
+
+
+class GatewayApp(FastAPI):
+    """FastAPI, except that the inference doors are answered ahead of it (see
+    ``gateway.protocols.http``)."""
+
+    doors: Doors
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.query_endpoint.handles(scope):
-            await self.query_endpoint(scope, receive, send)
+        found = self.doors.match(scope)
+        if found is None:
+            await super().__call__(scope, receive, send)
             return
-        await super().__call__(scope, receive, send)
+        door, params, allowed = found
+        if door is None:
+            render = v2.render_error if scope["path"].startswith("/v2/") else error_reply
+            await self.doors.not_allowed(allowed, scope, send, render)
+            return
+        await self.doors.answer(door, params, scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, *, store: ModelStore | None = None) -> FastAPI:
@@ -191,48 +209,36 @@ def create_app(settings: Settings | None = None, *, store: ModelStore | None = N
             await gw.aclose()
 
     app = GatewayApp(
+        docs_url=None,
+        redoc_url=None,
         title="Inference gateway",
         version="0.1.0",
         description="Cached, coalesced, micro-batched predictions from versioned models.",
         lifespan=lifespan,
-        middleware=[Middleware(MetricsMiddleware, metrics=app_metrics)],
+        middleware=[Middleware(MetricsMiddleware, metrics=app_metrics,
+                               access_log=settings.access_log == "on")],
         exception_handlers={
             GatewayError: _gateway_error,
             HTTPException: _http_error,
             RequestValidationError: _validation_error,
         },
     )
-    app.query_endpoint = QueryPredictEndpoint(metrics=app_metrics)
-    app.add_api_route(
-        "/v1/models/{name}/predict", predict_v1, methods=["POST"],
-        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-            "schema": {
-                "type": "object",
-                "required": ["instances"],
-                "properties": {
-                    "instances": {"type": "array", "items": {"oneOf": [
-                        {"type": "array", "items": {"type": "number"}},
-                        {"type": "object", "additionalProperties": {"type": "number"}},
-                    ]}},
-                    "version": {"oneOf": [{"type": "integer"}, {"type": "string"}]},
-                    "probabilities": {"type": "boolean", "default": False},
-                },
-            },
-            "example": {"instances": [[5.1, 3.5, 1.4, 0.2]], "probabilities": True},
-        }}}},
-    )
+    app.doors = Doors([query.door(), *v1.doors(), *v2.doors()], metrics=app_metrics)
     app.add_api_route("/v1/models", list_models, methods=["GET"])
+    app.add_api_route("/v1/models/{name}", model_status, methods=["GET"])
     app.add_api_route("/healthz", healthz, methods=["GET"])
     app.add_api_route("/readyz", readyz, methods=["GET"])
     app.add_api_route("/metrics", metrics, methods=["GET"], include_in_schema=False)
-    app.include_router(v2_router())
-    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    app.include_router(v2.v2_router())
+    _add_docs(app)
+    app.openapi = lambda: _openapi(app, store, settings)  # type: ignore[method-assign]
     return app
 
 
 def from_env() -> FastAPI:
-    """Factory for ``uvicorn --factory gateway.app:from_env``: settings from the environment."""
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return create_app(Settings())
+    """Factory for ``uvicorn --factory gateway.app:from_env``: settings from the environment,
+    logging set up as they say."""
+    settings = Settings()
+    logs.configure(settings.log_format, logging.getLevelName(
+        logging.getLogger("uvicorn.error").getEffectiveLevel()))
+    return create_app(settings)

@@ -1,20 +1,25 @@
 """Cache tiers: an in-process L1 in front of a shared Redis L2.
 
-L1 is bounded by entries (LRU eviction) and by age. L2 is Redis as an
-accelerator, never a dependency: every call is bounded by ``timeout_s``, failures feed a circuit
-breaker that skips Redis while open, and an unreachable Redis reads as a miss. Lookups issued
-within one event-loop tick go out as one ``MGET``; writes are queued (bounded) and sent in
-pipelines by a background task, so neither delays a response.
+L1 is bounded by entries (LRU eviction) and by age, and holds encoded values (bytes), which
+the garbage collector never has to traverse. L2 is Redis as an accelerator, never a
+dependency: every call is bounded by ``timeout_s``, failures feed a circuit breaker that skips
+Redis while open, and an unreachable Redis reads as a miss. Lookups issued within one
+event-loop tick go out as one ``MGET``; writes are queued (bounded) and sent in
+pipelines by a background task, so neither delays a response. With a secret, every value is
+stored behind a keyed BLAKE2b tag over key and value, and a value whose tag does not verify is
+read back as ``INVALID``: whoever can write to Redis cannot make the gateway serve their answer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from hashlib import blake2b
+from typing import Literal
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -24,15 +29,19 @@ from redis.exceptions import RedisError
 from gateway.breaker import CircuitBreaker
 from gateway.metrics import Metrics
 
-__all__ = ["L1Cache", "RedisCache", "connect_redis"]
+__all__ = ["INVALID", "L1Cache", "RedisCache", "connect_redis"]
 
 log = logging.getLogger("gateway.cache")
 
 _WRITE_CHUNK = 512
+_TAG_BYTES = 16
+
+INVALID = b""
+"""What ``RedisCache.get_many`` returns for a value whose integrity tag does not verify."""
 
 
 class L1Cache:
-    """In-process TTL + LRU map from key to decoded value. Event-loop thread only.
+    """In-process TTL + LRU map from key to encoded value. Event-loop thread only.
 
     An ``OrderedDict`` of ``key -> (expires_at, value)`` in recency order: a lookup is one dict
     probe and a ``move_to_end`` (~0.14 us here, against ~0.9 us for ``cachetools.TTLCache``).
@@ -47,9 +56,9 @@ class L1Cache:
         self._max = max_entries
         self._ttl = ttl_s
         self._clock = clock
-        self._data: OrderedDict[str, tuple[float, Any]] = OrderedDict()
+        self._data: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
 
-    def get(self, key: str) -> Any | None:
+    def get(self, key: str) -> bytes | None:
         item = self._data.get(key)
         if item is None:
             return None
@@ -59,11 +68,41 @@ class L1Cache:
         self._data.move_to_end(key)
         return item[1]
 
-    def put(self, key: str, value: Any) -> None:
-        self._data[key] = (self._clock() + self._ttl, value)
-        self._data.move_to_end(key)
-        if len(self._data) > self._max:
-            self._data.popitem(last=False)
+    def get_many(self, keys: list[str]) -> list[bytes | None]:
+        """``get`` for each key, with one clock reading."""
+        data = self._data
+        now = self._clock()
+        out: list[bytes | None] = []
+        for key in keys:
+            item = data.get(key)
+            if item is None:
+                out.append(None)
+            elif item[0] <= now:
+                del data[key]
+                out.append(None)
+            else:
+                data.move_to_end(key)
+                out.append(item[1])
+        return out
+
+    def put(self, key: str, value: bytes) -> None:
+        data = self._data
+        if key in data:
+            data.move_to_end(key)
+        data[key] = (self._clock() + self._ttl, value)
+        if len(data) > self._max:
+            data.popitem(last=False)
+
+    def put_many(self, keys: list[str], values: list[bytes]) -> None:
+        """``put`` for each pair, with one clock reading."""
+        data = self._data
+        expires = self._clock() + self._ttl
+        for key, value in zip(keys, values, strict=True):
+            if key in data:
+                data.move_to_end(key)
+            data[key] = (expires, value)
+        while len(data) > self._max:
+            data.popitem(last=False)
 
     def __len__(self) -> int:
         """Entries held (an expired one counts until it is touched or evicted)."""
@@ -99,8 +138,10 @@ class RedisCache:
         breaker: CircuitBreaker,
         metrics: Metrics,
         write_backlog: int = 10_000,
+        secret: bytes | None = None,
     ) -> None:
         self._client = client
+        self._secret = secret
         self._timeout = timeout_s
         self._ttl = ttl_s
         self._breaker = breaker
@@ -112,10 +153,18 @@ class RedisCache:
         self._write_wake: asyncio.Event | None = None
         self._write_idle: asyncio.Event | None = None  # set while nothing is queued or sending
         self._writer: asyncio.Task[None] | None = None
+        self._answered = False  # has Redis answered a call since startup?
 
     @property
     def status(self) -> Literal["ok", "degraded"]:
-        return "ok" if self._breaker.state == "closed" else "degraded"
+        """``ok`` once Redis has answered and while the circuit is closed."""
+        return "ok" if self._answered and self._breaker.state == "closed" else "degraded"
+
+    def _succeeded(self) -> None:
+        self._breaker.success()
+        if not self._answered:
+            self._answered = True
+            log.info("redis answers: L2 cache in use")
 
     async def start(self) -> None:
         """Start the background writer and probe Redis once; a failed probe only logs."""
@@ -126,16 +175,37 @@ class RedisCache:
         try:
             async with asyncio.timeout(self._timeout * 4):
                 await self._client.ping()
-            self._breaker.success()
+            self._succeeded()
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed(exc)
             log.warning("redis not reachable at startup (%s); serving from L1 + model", exc)
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None] | None:
-        """Raw values for ``keys`` (None per missing key), or None when Redis was skipped or
-        failed. Merged with the other lookups of this loop tick into one ``MGET``."""
+        """Values for ``keys`` (None per missing key, ``INVALID`` per value failing its tag),
+        or None when Redis was skipped or failed. Merged with the other lookups of this loop
+        tick into one ``MGET``."""
         if self._breaker.blocked():
             return None
+        values = await self._get_raw(keys)
+        if values is None or self._secret is None:
+            return values
+        return [None if v is None else self._open(k, v) for k, v in zip(keys, values,
+                                                                           strict=True)]
+
+    def _tag(self, key: str, value: bytes) -> bytes:
+        assert self._secret is not None
+        h = blake2b(key.encode(), key=self._secret, digest_size=_TAG_BYTES)
+        h.update(b"\x00")
+        h.update(value)
+        return h.digest()
+
+    def _open(self, key: str, stored: bytes) -> bytes:
+        tag, value = stored[:_TAG_BYTES], stored[_TAG_BYTES:]
+        if len(tag) == _TAG_BYTES and hmac.compare_digest(tag, self._tag(key, value)):
+            return value
+        return INVALID
+
+    async def _get_raw(self, keys: Sequence[str]) -> list[bytes | None] | None:
         fut: asyncio.Future[list[bytes | None] | None] = (
             asyncio.get_running_loop().create_future()
         )
@@ -165,7 +235,7 @@ class RedisCache:
         try:
             async with asyncio.timeout(self._timeout):
                 values = await self._client.mget(keys)  # type: ignore[assignment]
-            self._breaker.success()
+            self._succeeded()
         except (RedisError, OSError, TimeoutError) as exc:
             self._failed(exc)
         except BaseException:  # cancelled (shutdown): the probe slot must not stay taken
@@ -187,6 +257,8 @@ class RedisCache:
             return
         if len(self._writes) == self._writes.maxlen:
             self._metrics.l2_writes_dropped.inc()
+        if self._secret is not None:
+            value = self._tag(key, value) + value
         self._writes.append((key, value))
         self._write_wake.set()
         assert self._write_idle is not None
@@ -209,7 +281,7 @@ class RedisCache:
                     pipe.set(key, value, ex=self._ttl)
                 async with asyncio.timeout(self._timeout * 2):
                     await pipe.execute()
-                self._breaker.success()
+                self._succeeded()
             except (RedisError, OSError, TimeoutError) as exc:
                 self._failed(exc)
                 self._metrics.l2_writes_dropped.inc(len(chunk))

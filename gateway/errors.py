@@ -15,9 +15,11 @@ __all__ = [
     "GatewayError",
     "InvalidInput",
     "MalformedJson",
+    "MethodNotAllowed",
     "ModelFailed",
     "NotFound",
     "Overloaded",
+    "TooManyRows",
     "Unavailable",
     "error_body",
     "error_response",
@@ -53,9 +55,21 @@ class BodyTooLarge(GatewayError):
     code = "body_too_large"
 
 
+class TooManyRows(GatewayError):
+    """More rows than any retry could get answered (e.g. past the model's queue limit)."""
+
+    status = 413
+    code = "too_many_rows"
+
+
 class NotFound(GatewayError):
     status = 404
     code = "model_not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    code = "method_not_allowed"
 
 
 class Overloaded(GatewayError):

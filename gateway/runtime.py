@@ -1,4 +1,4 @@
-"""The gateway's long-lived state: loaded models, cache tiers, predictor; opened and closed
+"""The gateway's long-lived state: loaded models, cache tiers, pipeline; opened and closed
 by the app's lifespan, handed to each request as ``scope["state"]["gateway"]``."""
 
 from __future__ import annotations
@@ -8,15 +8,15 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
-import anyio
 import numpy as np
 from starlette.requests import Request
 
 from gateway.breaker import CircuitBreaker
 from gateway.cache import L1Cache, RedisCache, connect_redis
+from gateway.core.pipeline import Answer, Pipeline
+from gateway.core.runner import ModelRunner, Output
 from gateway.errors import GatewayError, InvalidInput, NotFound, Unavailable
 from gateway.metrics import Metrics
-from gateway.predictor import ModelRuntime, Predictor, Source
 from gateway.settings import Settings
 from model_store import ModelStore, ModelStoreError
 
@@ -25,6 +25,9 @@ __all__ = ["Gateway", "gateway_of"]
 log = logging.getLogger("gateway")
 
 _MAX_TIMEOUT_MS = 600_000
+_TIMEOUT_DIGITS = 6  # enough for _MAX_TIMEOUT_MS
+_VERSION_DIGITS = 9
+_LABEL: frozenset[Output] = frozenset({"label"})
 
 
 @dataclass(eq=False)
@@ -34,10 +37,10 @@ class Gateway:
     settings: Settings
     store: ModelStore
     metrics: Metrics
-    predictor: Predictor
+    pipeline: Pipeline
     l1: L1Cache | None
     l2: RedisCache | None
-    models: dict[str, dict[int, ModelRuntime]] = field(default_factory=dict)
+    models: dict[str, dict[int, ModelRunner]] = field(default_factory=dict)
     failed: dict[str, str] = field(default_factory=dict)  # "name:version" -> reason
     accepting: bool = True
 
@@ -66,16 +69,17 @@ class Gateway:
                 breaker=breaker,
                 metrics=metrics,
                 write_backlog=settings.redis_write_backlog,
+                secret=settings.cache_key(),
             )
             await l2.start()
         elif settings.redis_url:
             log.info("GATEWAY_CACHE=off: GATEWAY_REDIS_URL is ignored")
-        predictor = Predictor(
+        pipeline = Pipeline(
             metrics, prefix=settings.cache_prefix, l1=l1, l2=l2,
             coalesce=settings.coalesce == "on",
             l2_min_call_s=settings.l2_min_call_us / 1e6,
         )
-        gw = cls(settings, store, metrics, predictor, l1, l2)
+        gw = cls(settings, store, metrics, pipeline, l1, l2)
         for name, versions in store.models().items():
             for version in versions:
                 try:
@@ -84,9 +88,8 @@ class Gateway:
                     gw.failed[f"{name}:{version}"] = str(exc)
                     log.error("model %s v%d not loaded: %s", name, version, exc)
                     continue
-                rt = ModelRuntime(
+                rt = ModelRunner(
                     model, metrics,
-                    limiter=anyio.CapacityLimiter(settings.infer_concurrency),
                     prefer_compiled=settings.backend == "auto",
                     placement=settings.execution,
                     inline_max_s=settings.inline_max_us / 1e6,
@@ -96,8 +99,7 @@ class Gateway:
                     max_queue=settings.max_queue_rows,
                     concurrency=settings.infer_concurrency,
                 )
-                if rt.batcher is not None:
-                    rt.batcher.start()
+                rt.start()
                 gw.models.setdefault(name, {})[version] = rt
                 m = model.manifest
                 log.info("loaded model %s v%d (%s, %d features, sha256 %s, backends %s)",
@@ -114,21 +116,22 @@ class Gateway:
         return gw
 
     # -- per request ---------------------------------------------------------------------------
-    def runtime(self, name: str, version: Any = None) -> ModelRuntime:
-        """The runtime for ``name`` at ``version`` (int, numeric string, ``latest`` or None)."""
+    def runtime(self, name: str, version: Any = None) -> ModelRunner:
+        """The runner for ``name`` at ``version`` (int, ASCII-digit string, ``latest`` or
+        None). Raises NotFound (404) or InvalidInput (422)."""
         versions = self.models.get(name)
         if not versions:
             raise NotFound(f"model {name!r} is not loaded", code="model_not_found")
         if version is None or version == "latest":
             return versions[max(versions)]
-        if isinstance(version, bool) or not isinstance(version, int | str):
-            raise InvalidInput(f"version: expected an integer, got {version!r}",
-                               code="invalid_version")
-        try:
+        if type(version) is int:
+            v = version
+        elif (type(version) is str and 0 < len(version) <= _VERSION_DIGITS
+              and version.isascii() and version.isdigit()):
             v = int(version)
-        except ValueError:
-            raise InvalidInput(f"version: expected an integer, got {version!r}",
-                               code="invalid_version") from None
+        else:
+            raise InvalidInput(f"version: expected a positive integer, got {version!r:.40}",
+                               code="invalid_version")
         rt = versions.get(v)
         if rt is None:
             raise NotFound(
@@ -137,30 +140,37 @@ class Gateway:
             )
         return rt
 
-    def timeout_s(self, header: str | None) -> float:
-        """The request's deadline in seconds: ``X-Request-Timeout-Ms`` or the default."""
+    def timeout_s(self, header: bytes | str | None) -> float:
+        """The request's deadline in seconds: ``X-Request-Timeout-Ms`` (ASCII digits, 1 to
+        600000) or the default. Raises InvalidInput (``invalid_timeout``)."""
         if header is None:
             return self.settings.request_timeout_ms / 1000
-        if not header.isdigit() or not 0 < int(header) <= _MAX_TIMEOUT_MS:
-            raise InvalidInput(
-                f"X-Request-Timeout-Ms: expected an integer from 1 to {_MAX_TIMEOUT_MS}, "
-                f"got {header!r}",
-                code="invalid_timeout",
-            )
-        return int(header) / 1000
+        raw = header.encode("latin-1") if isinstance(header, str) else header
+        if (0 < len(raw) <= _TIMEOUT_DIGITS and raw.isdigit()
+                and 0 < int(raw) <= _MAX_TIMEOUT_MS):
+            return int(raw) / 1000
+        raise InvalidInput(
+            f"X-Request-Timeout-Ms: expected an integer from 1 to {_MAX_TIMEOUT_MS}, "
+            f"got {raw.decode('latin-1')!r:.40}",
+            code="invalid_timeout",
+        )
 
-    async def predict(
-        self, rt: ModelRuntime, rows: np.ndarray, proba: bool, timeout_s: float
-    ) -> tuple[list[Any], list[Source]]:
-        """``Predictor.predict`` for a request; see there for errors."""
+    async def infer(
+        self, rt: ModelRunner, rows: np.ndarray, outputs: frozenset[Output] = _LABEL,
+        timeout_s: float | None = None,
+    ) -> Answer:
+        """``Pipeline.infer`` for a request; see there for errors. Also raises Unavailable
+        (shutting down) and InvalidInput (probabilities of a model without them)."""
         if not self.accepting:
             raise Unavailable("shutting down", code="shutting_down")
-        if proba and not rt.model.has_proba:
+        if "probabilities" in outputs and not rt.has_proba:
             raise InvalidInput(
                 f"model {rt.manifest.name} v{rt.manifest.version} has no probabilities",
                 code="probabilities_unsupported",
             )
-        return await self.predictor.predict(rt, rows, proba, timeout_s)
+        if timeout_s is None:
+            timeout_s = self.settings.request_timeout_ms / 1000
+        return await self.pipeline.infer(rt, rows, outputs, timeout_s)
 
     def count_rejection(self, exc: GatewayError) -> None:
         self.metrics.rejected.labels(exc.code).inc()
@@ -195,15 +205,19 @@ class Gateway:
             })
         return out
 
-    async def aclose(self) -> None:
-        """Stop intake, drain batchers within the grace period, close the caches."""
+    async def drain(self, grace_s: float | None = None) -> None:
+        """Stop intake (new requests get 503 ``shutting_down``), let queued and running rows
+        finish within ``grace_s`` (default ``GATEWAY_SHUTDOWN_GRACE_S``), then fail what is
+        left with 503. Idempotent; never raises."""
         self.accepting = False
-        runtimes = [rt for vs in self.models.values() for rt in vs.values()]
-        await asyncio.gather(*(
-            rt.batcher.aclose(self.settings.shutdown_grace_s)
-            for rt in runtimes if rt.batcher is not None
-        ))
-        await self.predictor.aclose()
+        grace = self.settings.shutdown_grace_s if grace_s is None else grace_s
+        runners = [rt for vs in self.models.values() for rt in vs.values()]
+        await asyncio.gather(*(rt.drain(grace) for rt in runners))
+
+    async def aclose(self) -> None:
+        """``drain``, then close the caches and forget the models."""
+        await self.drain()
+        await self.pipeline.aclose()
         if self.l2 is not None:
             await self.l2.aclose()
         self.models.clear()

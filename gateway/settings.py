@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+from hashlib import blake2b
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Switch = Literal["on", "off"]
@@ -40,6 +41,11 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     """Shared L2 cache: ``redis://``, ``rediss://`` (TLS) or ``unix://``; credentials in the
     URL. Unset: the gateway runs on the in-process cache alone."""
+
+    cache_secret: SecretStr | None = None
+    """With a secret, every Redis value carries a keyed BLAKE2b tag, and a value whose tag
+    does not verify is a miss: whoever can write to Redis cannot forge answers. Every gateway
+    sharing the Redis needs the same secret."""
 
     cache_ttl_s: int = Field(3600, ge=1)
     """Redis entry lifetime (``SET … EX``), seconds."""
@@ -78,7 +84,7 @@ class Settings(BaseSettings):
     """Where model calls run: ``auto`` inline on the event loop when measured to be tiny,
     otherwise a worker thread; or force one."""
 
-    inline_max_us: int = Field(100, ge=0, le=10_000)
+    inline_max_us: int = Field(250, ge=0, le=10_000)
     """With ``execution=auto``: the longest call (predicted, microseconds) run inline."""
 
     infer_concurrency: int = Field(1, ge=1, le=64)
@@ -104,9 +110,25 @@ class Settings(BaseSettings):
     collector's reach: a full collection then scans only what requests allocate (~0.1 ms)
     instead of every library object (~50 ms, a latency spike each time)."""
 
+    # -- logs --------------------------------------------------------------------------------
+    access_log: Switch = "off"
+    """``on`` writes one access-log line per request (method, path, status, duration, cache
+    source, model, version, request id). Off by default: a log record per request costs
+    throughput."""
+
+    log_format: Literal["text", "json"] = "text"
+    """``json``: one JSON object per log line, for log shippers."""
+
     # -- input limits ------------------------------------------------------------------------
     max_rows: int = Field(1024, ge=1)
     """Most rows in one request."""
 
     max_body_bytes: int = Field(1 << 20, ge=1)
     """Largest request body accepted; larger ones get 413 before they are read whole."""
+
+    def cache_key(self) -> bytes | None:
+        """The BLAKE2b key derived from ``cache_secret`` (None without one)."""
+        if self.cache_secret is None:
+            return None
+        return blake2b(self.cache_secret.get_secret_value().encode(), digest_size=32,
+                       person=b"gw-cache").digest()

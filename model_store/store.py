@@ -39,7 +39,7 @@ from model_store.compiled import (
 )
 
 if TYPE_CHECKING:
-    from gateway.singleflight import SingleFlight
+    from gateway.core.singleflight import SingleFlight
 
 ARTIFACT = "model.joblib"
 MANIFEST = "model.json"
@@ -217,7 +217,7 @@ class ModelStore:
         self.root = Path(root)
         self._loader = loader
         # Imported here: the gateway package imports this module, and either may load first.
-        from gateway.singleflight import SingleFlight
+        from gateway.core.singleflight import SingleFlight
 
         self._loads: SingleFlight[tuple[str, int], LoadedModel] = SingleFlight()
 
@@ -322,10 +322,10 @@ class ModelStore:
     async def load(self, name: str, version: int) -> LoadedModel:
         """``load_sync`` in a worker thread; concurrent loads of one version load it once."""
 
-        async def _load() -> LoadedModel:
-            return await anyio.to_thread.run_sync(self.load_sync, name, version)
+        async def _load(_positions: list[int]) -> list[LoadedModel]:
+            return [await anyio.to_thread.run_sync(self.load_sync, name, version)]
 
-        model, _shared = await self._loads.do((name, version), _load)
+        (model,), _shared = await self._loads.do([(name, version)], _load)
         return model
 
     # -- writing ---------------------------------------------------------------------------

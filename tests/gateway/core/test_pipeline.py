@@ -31,7 +31,7 @@ async def test_200_identical_new_rows_make_one_model_call(session_store: Path) -
         probe.gate.clear()
         tasks = [asyncio.create_task(client.get(q([6.1, 2.8, 4.7, 1.2]))) for _ in range(200)]
         await wait_thread_event(probe.entered)
-        await wait_for(lambda: gw.predictor.waiting() == 200)
+        await wait_for(lambda: gw.pipeline.waiting() == 200)
         probe.gate.set()
         responses = await asyncio.gather(*tasks)
         assert {r.json()["prediction"] for r in responses} == {"versicolor"}
@@ -47,9 +47,9 @@ async def test_first_caller_cancelled_others_still_answered(session_store: Path)
         first = asyncio.create_task(client.get(q([6.3, 3.3, 6.0, 2.5])))
         await wait_thread_event(probe.entered)
         others = [asyncio.create_task(client.get(q([6.3, 3.3, 6.0, 2.5]))) for _ in range(199)]
-        await wait_for(lambda: gw.predictor.waiting() == 200)
+        await wait_for(lambda: gw.pipeline.waiting() == 200)
         first.cancel()
-        await wait_for(lambda: gw.predictor.waiting() == 199)
+        await wait_for(lambda: gw.pipeline.waiting() == 199)
         probe.gate.set()
         responses = await asyncio.gather(*others)
         assert [r.json() for r in responses] == [{"prediction": "virginica"}] * 199
@@ -183,7 +183,7 @@ async def test_shutdown_drains_then_fails_leftovers_with_503(session_store: Path
         await wait_for(lambda: rt.batcher is not None and rt.batcher.queued_rows == 1)
         closing = asyncio.create_task(gw.aclose())
         r = await queued  # not dispatched within the grace period
-        assert r.status_code == 503 and r.json()["error"]["code"] == "unavailable"
+        assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
         assert (await client.get("/readyz")).status_code == 503
         refused = await client.get(q(random_rows[2]))
         assert refused.status_code == 503 and refused.json()["error"]["code"] == "shutting_down"

@@ -4,14 +4,14 @@ import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from gateway.keys import canonical_rows, row_keys
+from gateway.core.keys import canonical_rows, key_head, row_keys
 
 finite = st.floats(allow_nan=False, allow_infinity=False)
 rows4 = st.lists(finite, min_size=4, max_size=4)
 
 
-def key(row: list[float], *, digest: str = "d1", proba: bool = False) -> str:
-    return row_keys("gw", "iris", digest, canonical_rows(np.array([row])), proba)[0]
+def key(row: list[float], *, digest: str = "d1", unit: str = "label@onnx") -> str:
+    return row_keys(key_head("gw", "iris", digest, unit), canonical_rows(np.array([row])))[0]
 
 
 @given(rows4)
@@ -27,15 +27,22 @@ def test_different_rows_give_different_keys(a: list[float], b: list[float]) -> N
 
 
 @given(rows4)
-def test_version_and_output_are_part_of_the_key(row: list[float]) -> None:
+def test_version_output_and_backend_are_part_of_the_key(row: list[float]) -> None:
     assert key(row, digest="d1") != key(row, digest="d2")
-    assert key(row, proba=False) != key(row, proba=True)
+    assert key(row, unit="label@onnx") != key(row, unit="both@onnx")
+    assert key(row, unit="label@onnx") != key(row, unit="label@sklearn")
+
+
+def test_keys_of_a_block_equal_keys_of_its_rows() -> None:
+    rows = canonical_rows(np.array([[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]]))
+    head = key_head("gw", "iris", "d1", "label@onnx")
+    assert row_keys(head, rows) == [row_keys(head, rows[i:i + 1])[0] for i in range(2)]
 
 
 def test_key_layout_and_spellings() -> None:
     k = key([5.1, 3.5, 1.4, 0.2])
-    prefix, model, digest, h = k.split(":")
-    assert (prefix, model, digest, len(h)) == ("gw", "iris", "d1", 32)
+    prefix, model, digest, unit, h = k.split(":")
+    assert (prefix, model, digest, unit, len(h)) == ("gw", "iris", "d1", "label@onnx", 32)
     assert key([5.10, 3.50, 1.4, 0.2]) == k
     assert key([-0.0, 0.0, 1.0, 2.0]) == key([0.0, -0.0, 1.0, 2.0])
     assert key([5, 3, 1, 0]) == key([5.0, 3.0, 1.0, 0.0])

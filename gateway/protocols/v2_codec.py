@@ -25,11 +25,19 @@ __all__ = ["DTYPES", "InferRequest", "OutputSpec", "decode_infer_request",
 
 # Input datatypes accepted, with their little-endian numpy dtype.
 DTYPES: dict[str, np.dtype[Any]] = {
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
+    "UINT8": np.dtype("<u1"),
+    "UINT16": np.dtype("<u2"),
+    "UINT32": np.dtype("<u4"),
+    "UINT64": np.dtype("<u8"),
+    "INT8": np.dtype("<i1"),
+    "INT16": np.dtype("<i2"),
     "INT32": np.dtype("<i4"),
     "INT64": np.dtype("<i8"),
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
 }
+_NOT_NUMERIC = frozenset({"BYTES", "BOOL"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +53,9 @@ class InferRequest:
     binary_default: bool
     request_id: str | None
     timeout_us: int | None
+
+
+_MAX_LENGTH_DIGITS = 18
 
 
 def _bad(message: str) -> InvalidInput:
@@ -84,10 +95,11 @@ def _json_values(data: Any, name: str, count: int, datatype: str) -> np.ndarray:
     flat = _flatten(data, name)
     if len(flat) != count:
         raise _bad(f"input {name!r}: shape holds {count} values, 'data' has {len(flat)}")
-    allowed = (int,) if datatype.startswith("INT") else (int, float)
+    integral = not datatype.startswith("FP")
+    allowed = (int,) if integral else (int, float)
     for v in flat:
         if type(v) not in allowed:
-            kind = "an integer" if datatype.startswith("INT") else "a number"
+            kind = "an integer" if integral else "a number"
             raise _bad(f"input {name!r}: {datatype} 'data' holds {v!r}, not {kind}")
     dtype = DTYPES[datatype]
     try:
@@ -100,7 +112,7 @@ def _json_values(data: Any, name: str, count: int, datatype: str) -> np.ndarray:
 
 def decode_infer_request(
     body: bytes,
-    header_length: str | None,
+    header_length: bytes | str | None,
     features: Sequence[str],
     max_rows: int,
 ) -> InferRequest:
@@ -114,10 +126,13 @@ def decode_infer_request(
     if header_length is None:
         json_part, binary = body, b""
     else:
-        if not header_length.isdigit() or not 0 < int(header_length) <= len(body):
-            raise _bad(f"Inference-Header-Content-Length {header_length!r} does not fit a "
-                       f"body of {len(body)} bytes")
-        cut = int(header_length)
+        raw = (header_length.encode("latin-1") if isinstance(header_length, str)
+               else header_length)
+        if not (0 < len(raw) <= _MAX_LENGTH_DIGITS and raw.isdigit()
+                and 0 < int(raw) <= len(body)):
+            raise _bad(f"Inference-Header-Content-Length {raw.decode('latin-1')!r:.30} does "
+                       f"not fit a body of {len(body)} bytes")
+        cut = int(raw)
         json_part, binary = body[:cut], body[cut:]
     try:
         request = orjson.loads(json_part)
@@ -138,8 +153,11 @@ def decode_infer_request(
         name = tensor["name"]
         shape = _shape(tensor, name)
         datatype = tensor.get("datatype")
+        if datatype in _NOT_NUMERIC:
+            raise _bad(f"input {name!r}: datatype {datatype} is not numeric; this model takes "
+                       f"numbers ({', '.join(DTYPES)})")
         if datatype not in DTYPES:
-            raise _bad(f"input {name!r}: datatype {datatype!r} not supported "
+            raise _bad(f"input {name!r}: datatype {datatype!r:.20} not supported "
                        f"(use one of {', '.join(DTYPES)})")
         if len(shape) not in (1, 2) or (shape and shape[0] > max_rows):
             raise _bad(f"input {name!r}: shape {shape} must be [n, {n_features}] or [n, 1] "
@@ -252,33 +270,41 @@ def _bytes_tensor(values: Sequence[Any]) -> bytes:
     return b"".join(parts)
 
 
+_NUMPY = {"FP64": "<f8", "FP32": "<f4", "INT64": "<i8", "INT32": "<i4"}
+
+
 def encode_infer_response(
     *,
     model_name: str,
     model_version: str,
     request_id: str | None,
-    outputs: Sequence[tuple[OutputSpec, str, list[int], Any]],
+    outputs: Sequence[tuple[OutputSpec, str, list[int], Sequence[bytes]]],
 ) -> tuple[bytes, int | None]:
     """The response body and, when any output is binary, the JSON header's length.
 
-    ``outputs`` holds ``(spec, datatype, shape, values)``; ``values`` is a flat sequence
-    (BYTES: any objects, sent as their ``str``) or a numpy array for numeric datatypes.
+    ``outputs`` holds ``(spec, datatype, shape, rows)``: ``rows`` has one JSON value per row
+    (a scalar, or a list for a ``[n, k]`` output), spliced as it is into JSON ``data`` or
+    packed little-endian (BYTES: length-prefixed strings) for binary outputs.
     """
     header: dict[str, Any] = {"model_name": model_name, "model_version": model_version}
     if request_id is not None:
         header["id"] = request_id
     entries = []
     blobs = []
-    for spec, datatype, shape, values in outputs:
+    for spec, datatype, shape, rows in outputs:
         entry: dict[str, Any] = {"name": spec.name, "datatype": datatype, "shape": shape}
+        if len(shape) > 1:  # rows are JSON lists: flatten row-major
+            flat = b"[" + b",".join([r[1:-1] for r in rows]) + b"]"
+        else:
+            flat = b"[" + b",".join(rows) + b"]"
         if spec.binary:
+            values = orjson.loads(flat)
             blob = (_bytes_tensor(values) if datatype == "BYTES"
-                    else np.ascontiguousarray(values, dtype="<f8").tobytes())
+                    else np.asarray(values, dtype=_NUMPY[datatype]).tobytes())
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:
-            entry["data"] = ([str(v) for v in values] if datatype == "BYTES"
-                             else np.asarray(values, dtype=np.float64).ravel().tolist())
+            entry["data"] = orjson.Fragment(flat)
         entries.append(entry)
     header["outputs"] = entries
     head = orjson.dumps(header)

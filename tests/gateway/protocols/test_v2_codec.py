@@ -9,7 +9,7 @@ import orjson
 import pytest
 
 from gateway.errors import InvalidInput, MalformedJson
-from gateway.v2_codec import OutputSpec, decode_infer_request, encode_infer_response
+from gateway.protocols.v2_codec import OutputSpec, decode_infer_request, encode_infer_response
 from model_store.demo import IRIS_FEATURES
 
 ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]])
@@ -106,8 +106,9 @@ def test_encode_binary_and_json_outputs() -> None:
     probs = np.array([[1.0, 0.0, 0.0], [0.0, 0.25, 0.75]])
     body, header_len = encode_infer_response(
         model_name="iris", model_version="1", request_id="abc",
-        outputs=[(OutputSpec("label", True), "BYTES", [2], ["setosa", "virginica"]),
-                 (OutputSpec("probabilities", False), "FP64", [2, 3], probs)])
+        outputs=[(OutputSpec("label", True), "BYTES", [2], [b'"setosa"', b'"virginica"']),
+                 (OutputSpec("probabilities", False), "FP64", [2, 3],
+                  [orjson.dumps(p) for p in probs.tolist()])])
     assert header_len is not None
     header = orjson.loads(body[:header_len])
     assert header["id"] == "abc" and header["model_version"] == "1"
@@ -119,5 +120,17 @@ def test_encode_binary_and_json_outputs() -> None:
     assert proba["data"] == probs.ravel().tolist() and proba["shape"] == [2, 3]
     body, header_len = encode_infer_response(
         model_name="iris", model_version="1", request_id=None,
-        outputs=[(OutputSpec("label", False), "BYTES", [1], ["setosa"])])
+        outputs=[(OutputSpec("label", False), "BYTES", [1], [b'"setosa"'])])
     assert header_len is None and orjson.loads(body)["outputs"][0]["data"] == ["setosa"]
+
+
+def test_encode_numeric_labels_and_binary_probabilities() -> None:
+    body, header_len = encode_infer_response(
+        model_name="wine", model_version="2", request_id=None,
+        outputs=[(OutputSpec("label", False), "INT64", [2], [b"0", b"2"]),
+                 (OutputSpec("probabilities", True), "FP64", [2, 2], [b"[0.5,0.5]", b"[0,1]"])])
+    assert header_len is not None
+    label, proba = orjson.loads(body[:header_len])["outputs"]
+    assert label["data"] == [0, 2] and label["datatype"] == "INT64"
+    assert proba["parameters"]["binary_data_size"] == 32
+    assert np.frombuffer(body[header_len:], "<f8").tolist() == [0.5, 0.5, 0.0, 1.0]

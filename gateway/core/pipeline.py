@@ -1,0 +1,328 @@
+"""The one prediction path, on whole blocks of rows: keys -> L1 -> L2 -> single-flight ->
+micro-batcher -> model.
+
+``Pipeline.infer`` answers a matrix of validated rows for one model version with one encoded
+JSON value per row and output, computing only the rows no tier holds, each at most once at a
+time, in as few model calls as the load allows. A request's missing rows travel as one block:
+keys already in flight are joined, the rest are owned by one computation that submits them to
+the batcher as one entry and stores the results in L1 before its keys are freed (Redis is
+written in the background). A model measured to answer in microseconds skips Redis, and its
+misses are answered by one inline call on the spot, which costs less than the coordination it
+replaces.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from gateway.cache import L1Cache, RedisCache
+from gateway.core.batcher import Failure
+from gateway.core.keys import canonical_rows, key_head, row_keys
+from gateway.core.runner import SEP, ModelRunner, Output, Unit
+from gateway.core.singleflight import SingleFlight
+from gateway.errors import DeadlineExceeded
+from gateway.metrics import Metrics
+
+__all__ = ["Answer", "Pipeline", "Source"]
+
+log = logging.getLogger("gateway.pipeline")
+
+Source = Literal["l1", "l2", "miss"]
+_RANK: dict[str, int] = {"l1": 0, "l2": 1, "miss": 2}
+_INVALID_LOG_EVERY_S = 10.0
+
+
+@dataclass(slots=True)
+class Answer:
+    """Per output, one JSON value (bytes) per row; per row, where it came from."""
+
+    values: dict[Output, list[bytes]]
+    sources: list[Source]
+
+    @property
+    def source(self) -> Source:
+        """The slowest tier any row came from (``miss`` if the model ran for any)."""
+        return max(self.sources, key=_RANK.__getitem__)
+
+
+@dataclass(eq=False, slots=True)
+class _Block:
+    """One unit of work for one request's rows, while it is being answered."""
+
+    unit: Unit
+    rows: np.ndarray
+    keys: list[str] | None
+    values: list[bytes | None]
+    sources: list[Source]
+    missing: list[int]
+    use_l2: bool
+    recheck: bool = False  # may a computation have stored some of its rows since the lookup?
+
+
+class Pipeline:
+    """Shared by all models of one app; see the module docstring."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        *,
+        prefix: str,
+        l1: L1Cache | None,
+        l2: RedisCache | None,
+        coalesce: bool,
+        l2_min_call_s: float = 0.0,
+    ) -> None:
+        self._metrics = metrics
+        self._prefix = prefix
+        self._l1 = l1
+        self._l2 = l2
+        self._l2_min_call = l2_min_call_s
+        self._flights: SingleFlight[str, bytes | Failure] | None = (
+            SingleFlight(abandon=True) if coalesce else None
+        )
+        self._heads: dict[tuple[int, Unit], str] = {}
+        self._l1_hit = metrics.cache_lookups.labels("l1", "hit")
+        self._l1_miss = metrics.cache_lookups.labels("l1", "miss")
+        self._l2_hit = metrics.cache_lookups.labels("l2", "hit")
+        self._l2_miss = metrics.cache_lookups.labels("l2", "miss")
+        self._l2_error = metrics.cache_lookups.labels("l2", "error")
+        self._l2_invalid = metrics.cache_lookups.labels("l2", "invalid")
+        self._invalid_logged_at = -_INVALID_LOG_EVERY_S
+
+    def waiting(self) -> int:
+        """Requests waiting on an in-flight computation now (0 without coalescing)."""
+        return self._flights.waiting() if self._flights is not None else 0
+
+    async def infer(
+        self, runner: ModelRunner, rows: np.ndarray, outputs: frozenset[Output],
+        timeout_s: float,
+    ) -> Answer:
+        """``outputs`` for ``rows`` (float64, validated), in row order.
+
+        Rows held by L1 are answered without awaiting anything; what remains runs under the
+        ``timeout_s`` deadline.
+
+        Raises:
+            DeadlineExceeded: no complete answer within ``timeout_s``.
+            Overloaded: the model's queue has no room now.
+            InvalidInput: more uncached rows than the queue may ever hold (413).
+            Unavailable: shutting down.
+            ModelFailed: the model raised for one of the rows.
+        Cancelling it (deadline, client gone) drops its rows that nobody else waits for.
+        """
+        rows = canonical_rows(rows)
+        units = runner.units(outputs)
+        if len(rows) == 1 and len(units) == 1 and self._l1 is not None:  # the hot path
+            unit = units[0]
+            key = row_keys(self._head(runner, unit), rows)[0]
+            value = self._l1.get(key)
+            if value is not None:
+                self._l1_hit.inc()
+                return _answer([_Block(unit, rows, [key], [value], ["l1"], [], False)])
+        blocks = [self._start(runner, unit, rows) for unit in units]
+        pending = [b for b in blocks if b.missing]
+        if pending:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    if len(pending) == 1:
+                        await self._fill(runner, pending[0])
+                    else:  # tasks start later: others may run between lookup and flight
+                        for b in pending:
+                            b.recheck = True
+                        await asyncio.gather(*(self._fill(runner, b) for b in pending))
+            except TimeoutError:
+                raise DeadlineExceeded(f"no answer within {timeout_s * 1000:.0f} ms") from None
+        return _answer(blocks)
+
+    def _start(self, runner: ModelRunner, unit: Unit, rows: np.ndarray) -> _Block:
+        """Keys, L1, and the inline attempt: everything that needs no waiting."""
+        n = len(rows)
+        keys = None
+        if self._l1 is not None or self._flights is not None:
+            keys = row_keys(self._head(runner, unit), rows)
+        use_l2 = (self._l2 is not None and keys is not None
+                  and runner.slower_than(self._l2_min_call))
+        block = _Block(unit, rows, keys, [None] * n, ["miss"] * n, list(range(n)), use_l2)
+        if self._l1 is not None and keys is not None:
+            self._from_l1(block)
+        if block.missing and not use_l2:
+            self._answer_inline(runner, block)
+        return block
+
+    def _head(self, runner: ModelRunner, unit: Unit) -> str:
+        head = self._heads.get((id(runner), unit))
+        if head is None:
+            m = runner.manifest
+            head = self._heads[(id(runner), unit)] = key_head(
+                self._prefix, m.name, m.digest, runner.unit_tag(unit))
+        return head
+
+    def forget(self, runner: ModelRunner) -> None:
+        """Drop what was memoized for ``runner`` (its model version was unloaded)."""
+        for k in [k for k in self._heads if k[0] == id(runner)]:
+            del self._heads[k]
+
+    def _from_l1(self, block: _Block) -> None:
+        assert self._l1 is not None and block.keys is not None
+        missing = []
+        values = block.values
+        for i, v in enumerate(self._l1.get_many(block.keys)):
+            if v is None:
+                missing.append(i)
+            else:
+                values[i] = v
+                block.sources[i] = "l1"
+        hits = len(block.keys) - len(missing)
+        if missing:
+            self._l1_miss.inc(len(missing))
+        if hits:
+            self._l1_hit.inc(hits)
+        block.missing = missing
+
+    def _answer_inline(self, runner: ModelRunner, block: _Block) -> bool:
+        """Answer the missing rows with one inline call when that call is measured to be tiny
+        and none of them is being computed already. Nothing else runs meanwhile, so the values
+        are in L1 before any other request looks: single-flight and batching would be pure
+        overhead here. False: take the single-flight and batcher path."""
+        missing = block.missing
+        keys = block.keys
+        if keys is not None and self._flights is not None and len(self._flights) and any(
+                keys[i] in self._flights for i in missing):
+            return False  # join the computation already under way instead
+        sub = block.rows if len(missing) == len(block.rows) else block.rows[missing]
+        computed = runner.try_inline(block.unit, sub)
+        if computed is None:
+            return False
+        for i, value in zip(missing, computed, strict=True):
+            block.values[i] = value
+        if keys is not None:
+            self._put_many(block, [keys[i] for i in missing], computed)
+        block.missing = []
+        return True
+
+    async def _fill(self, runner: ModelRunner, block: _Block) -> None:
+        """L2, then the model, for the block's missing rows."""
+        if block.use_l2:
+            block.recheck = True
+            await self._from_l2(runner, block)
+            if not block.missing or self._answer_inline(runner, block):
+                return
+        missing = block.missing
+        keys = block.keys
+        if self._flights is None or keys is None:
+            computed = await self._compute(runner, block, missing)
+        else:
+            computed, shared = await self._flights.do(
+                [keys[i] for i in missing],
+                lambda positions: self._compute(runner, block, [missing[p] for p in positions]))
+            if shared:
+                self._metrics.coalesced.labels(runner.manifest.name).inc(shared)
+        for i, value in zip(missing, computed, strict=True):
+            if isinstance(value, Failure):
+                raise runner.failed(value)
+            block.values[i] = value
+
+    async def _compute(self, runner: ModelRunner, block: _Block, idx: list[int]
+                       ) -> list[bytes | Failure]:
+        """Values for ``block.rows[idx]``, stored in the cache tiers before returning."""
+        out: list[bytes | Failure | None] = [None] * len(idx)
+        todo = list(range(len(idx)))
+        keys = block.keys
+        if self._l1 is not None and keys is not None and block.recheck:
+            # Stored by a computation that ended after this request's L1 lookup. (Unless the
+            # request awaited something since, nothing ran in between.)
+            todo = []
+            for j, v in enumerate(self._l1.get_many([keys[i] for i in idx])):
+                if v is None:
+                    todo.append(j)
+                else:
+                    out[j] = v
+        if todo:
+            sel = [idx[j] for j in todo]
+            sub = block.rows if len(sel) == len(block.rows) else block.rows[sel]
+            results = await runner.compute(block.unit, sub)
+            done_keys: list[str] = []
+            done: list[bytes] = []
+            for j, value in zip(todo, results, strict=True):
+                out[j] = value
+                if keys is not None and type(value) is bytes:
+                    done_keys.append(keys[idx[j]])
+                    done.append(value)
+            if done:
+                self._put_many(block, done_keys, done)
+        return out  # type: ignore[return-value]  # every position is filled above
+
+    def _put_many(self, block: _Block, keys: list[str], values: list[bytes]) -> None:
+        if self._l1 is not None:
+            self._l1.put_many(keys, values)
+        if self._l2 is not None and block.use_l2:
+            put = self._l2.put
+            for key, value in zip(keys, values, strict=True):
+                put(key, value)
+
+    async def _from_l2(self, runner: ModelRunner, block: _Block) -> None:
+        assert self._l2 is not None and block.keys is not None
+        keys = block.keys
+        missing = block.missing
+        raw = await self._l2.get_many([keys[i] for i in missing])
+        if raw is None:
+            self._l2_error.inc(len(missing))
+            return
+        still = []
+        invalid = 0
+        for i, blob in zip(missing, raw, strict=True):
+            value = None if blob is None else runner.decode_value(block.unit, blob)
+            if value is None:
+                still.append(i)
+                invalid += blob is not None
+                continue
+            block.values[i] = value
+            block.sources[i] = "l2"
+            if self._l1 is not None:
+                self._l1.put(keys[i], value)
+        if invalid:
+            self._invalid(runner, invalid)
+        misses = len(still) - invalid
+        if misses:
+            self._l2_miss.inc(misses)
+        if len(still) < len(missing):
+            self._l2_hit.inc(len(missing) - len(still))
+        block.missing = still
+
+    def _invalid(self, runner: ModelRunner, count: int) -> None:
+        self._l2_invalid.inc(count)
+        now = time.monotonic()
+        if now - self._invalid_logged_at >= _INVALID_LOG_EVERY_S:
+            self._invalid_logged_at = now
+            log.warning("redis held %d value(s) that are not valid answers of model %s v%s "
+                        "(or fail the integrity tag): treated as misses", count,
+                        runner.manifest.name, runner.manifest.version)
+
+    async def aclose(self) -> None:
+        if self._flights is not None:
+            await self._flights.aclose()
+
+
+def _answer(blocks: list[_Block]) -> Answer:
+    values: dict[Output, list[bytes]] = {}
+    sources = blocks[0].sources
+    for b in blocks:
+        vals: list[bytes] = b.values  # type: ignore[assignment]  # every row is filled
+        if b.unit == "label":
+            values["label"] = vals
+        elif b.unit == "proba":
+            values["probabilities"] = vals
+        else:
+            pairs = [v.partition(SEP) for v in vals]
+            values["label"] = [p[0] for p in pairs]
+            values["probabilities"] = [p[2] for p in pairs]
+        if b is not blocks[0]:
+            sources = [a if _RANK[a] >= _RANK[s] else s
+                       for a, s in zip(sources, b.sources, strict=True)]
+    return Answer(values, sources)

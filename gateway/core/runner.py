@@ -1,0 +1,361 @@
+"""How one model version is called: what a call computes, where it runs, how calls batch.
+
+``ModelRunner`` is the one place that knows a model version's execution: the *units* of work
+a request needs (labels and probabilities from one call where the model allows it), the
+micro-batcher (if batching), the worker-thread limiter, and the ``Executor`` that runs a call
+inline or in a thread. Callers hand it blocks of rows and get back one encoded value per row:
+JSON bytes ready to splice into any protocol's answer, ``Failure`` for a row the model
+refused. It also judges values read back from a shared cache (``decode_value``).
+
+Where a call runs: a thread hop costs tens of microseconds, and a compiled model answers a
+small batch in about as long. ``Executor`` keeps a moving average of the model's own time (per
+call and per row, measured around the call wherever it runs) and runs a call inline only while
+it is predicted to take at most ``inline_max_s``. Until enough calls are measured, and for any
+slower model, it uses the thread (under the version's CapacityLimiter). A model that slows down
+moves back to the thread after one slow call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import time
+from collections.abc import Callable, Hashable
+from typing import Any, Literal, TypeVar
+
+import anyio
+import numpy as np
+import orjson
+
+from gateway.core.batcher import BatcherClosed, BlockTooLarge, Failure, MicroBatcher, QueueFull
+from gateway.errors import GatewayError, ModelFailed, Overloaded, TooManyRows, Unavailable
+from gateway.metrics import Metrics
+from model_store import LoadedModel
+
+__all__ = ["Executor", "ModelRunner", "Output", "Placement", "Unit"]
+
+log = logging.getLogger("gateway.runner")
+
+R = TypeVar("R")
+
+Placement = Literal["auto", "inline", "thread"]
+Output = Literal["label", "probabilities"]
+Unit = Literal["label", "proba", "both"]
+"""What one computation yields per row: the label (or regression value), the probability
+vector, or both from one model call."""
+
+SEP = b"\x00"  # between label and probabilities in a ``both`` value (never inside JSON text)
+
+_WARMUP_CALLS = 8  # calls measured in the thread before inline is considered
+_ALPHA = 0.2  # weight of the newest call in the moving average
+_PROBA_SUM_TOL = 1e-3
+
+
+class Executor:
+    """Runs ``fn(unit, rows)`` inline or in a worker thread; see the module docstring.
+
+    ``on_call(inline, seconds)`` observes each call (metrics); it must not block.
+    """
+
+    def __init__(
+        self,
+        *,
+        limiter: anyio.CapacityLimiter,
+        placement: Placement = "auto",
+        inline_max_s: float = 100e-6,
+        on_call: Callable[[bool, float], None] | None = None,
+    ) -> None:
+        if inline_max_s < 0:
+            raise ValueError(f"inline_max_s must be >= 0, got {inline_max_s}")
+        self._limiter = limiter
+        self._placement = placement
+        self._inline_max = inline_max_s
+        self._on_call = on_call
+        self._calls = 0
+        self._per_row_s = 0.0  # moving average of seconds per row
+        self._per_call_s = 0.0  # moving average of seconds per call
+
+    @property
+    def per_call_s(self) -> float:
+        """Moving average of one call's duration, seconds."""
+        return self._per_call_s
+
+    @property
+    def measured(self) -> bool:
+        """Have enough calls been measured for the averages to mean something?"""
+        return self._calls >= _WARMUP_CALLS
+
+    def predicted_s(self, rows: int) -> float:
+        """Predicted duration of a call with ``rows`` rows (0 before any measurement)."""
+        return max(self._per_call_s if rows <= 1 else 0.0, self._per_row_s * rows)
+
+    def inline_for(self, rows: int) -> bool:
+        """Would a call with ``rows`` rows run inline now?"""
+        if self._placement != "auto":
+            return self._placement == "inline"
+        return self.measured and self.predicted_s(rows) <= self._inline_max
+
+    async def run(self, fn: Callable[[Hashable, np.ndarray], R], unit: Hashable,
+                  rows: np.ndarray) -> R:
+        """``fn(unit, rows)``, inline or in a worker thread. Raises what ``fn`` raises."""
+        if self.inline_for(len(rows)):
+            return self.run_inline(fn, unit, rows)
+        took = [0.0]
+
+        def timed(u: Hashable, x: np.ndarray) -> R:  # the model's own time, without the hop
+            start = time.perf_counter()
+            try:
+                return fn(u, x)
+            finally:
+                took[0] = time.perf_counter() - start
+
+        try:
+            return await anyio.to_thread.run_sync(timed, unit, rows, limiter=self._limiter)
+        finally:
+            self._observe(False, len(rows), took[0])
+
+    def run_inline(self, fn: Callable[[Hashable, np.ndarray], R], unit: Hashable,
+                   rows: np.ndarray) -> R:
+        """``fn(unit, rows)`` on the calling thread, measured. Raises what ``fn`` raises."""
+        start = time.perf_counter()
+        try:
+            return fn(unit, rows)
+        finally:
+            self._observe(True, len(rows), time.perf_counter() - start)
+
+    def _observe(self, inline: bool, rows: int, seconds: float) -> None:
+        self._calls += 1
+        per_row = seconds / max(1, rows)
+        if self._calls == 1:
+            self._per_row_s, self._per_call_s = per_row, seconds
+        else:
+            self._per_row_s += _ALPHA * (per_row - self._per_row_s)
+            self._per_call_s += _ALPHA * (seconds - self._per_call_s)
+            if inline and seconds > self._inline_max:
+                # One slow inline call is enough: back to the thread until it measures fast.
+                self._per_row_s = max(self._per_row_s, per_row)
+                self._per_call_s = max(self._per_call_s, seconds)
+        if self._on_call is not None:
+            self._on_call(inline, seconds)
+
+
+class ModelRunner:
+    """One loaded model version and everything about calling it; see the module docstring.
+
+    Start with ``start()`` inside the running loop; stop with ``drain(grace_s)``.
+    """
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        metrics: Metrics,
+        *,
+        prefer_compiled: bool = True,
+        placement: Placement = "auto",
+        inline_max_s: float = 100e-6,
+        batching: bool = True,
+        max_batch_size: int = 64,
+        max_delay_s: float = 0.0,
+        max_queue: int = 4096,
+        concurrency: int = 1,
+    ) -> None:
+        self.model = model
+        self.manifest = model.manifest
+        self.prefer_compiled = prefer_compiled
+        self.backends: dict[str, str] = dict(model.backends(prefer_compiled=prefer_compiled))
+        self.has_proba = model.has_proba
+        self._max_queue = max_queue
+        self._unbatched_rows = 0  # rows in calls made without the batcher (batching off)
+        name, version = model.name, str(model.version)
+        self._calls = metrics.model_calls.labels(name, version)
+        self._rows = metrics.model_rows.labels(name, version)
+        self._batch_rows = metrics.batch_rows
+        inline_calls = metrics.model_exec.labels(name, version, "inline")
+        thread_calls = metrics.model_exec.labels(name, version, "thread")
+        call_seconds = metrics.model_call_seconds.labels(name, version)
+
+        def on_call(inline: bool, _seconds: float) -> None:
+            (inline_calls if inline else thread_calls).inc()
+            call_seconds.set(self.executor.per_call_s)
+
+        self.executor = Executor(limiter=anyio.CapacityLimiter(concurrency), placement=placement,
+                                 inline_max_s=inline_max_s, on_call=on_call)
+        self.batcher: MicroBatcher[bytes] | None = None
+        if batching:
+            self.batcher = MicroBatcher(
+                self._call, run=self.executor.run, max_batch_size=max_batch_size,
+                max_delay_s=max_delay_s, max_queue=max_queue, concurrency=concurrency,
+                on_batch=metrics.batch_rows.observe,
+            )
+            batcher = self.batcher
+            metrics.queue_rows.labels(f"{name}:{version}").set_function(
+                lambda: batcher.queued_rows)
+        # Label values of a classifier, as their JSON text: what a cached label may be.
+        self._labels = frozenset(orjson.dumps(c) for c in self.manifest.classes)
+        self._n_classes = len(self.manifest.classes)
+
+    def start(self) -> None:
+        if self.batcher is not None:
+            self.batcher.start()
+
+    async def drain(self, grace_s: float) -> None:
+        """Let queued and running calls finish within ``grace_s``; fail the rest (503)."""
+        if self.batcher is not None:
+            await self.batcher.aclose(grace_s)
+
+    # -- what a request needs ------------------------------------------------------------------
+    def units(self, outputs: frozenset[Output]) -> list[Unit]:
+        """The units of work answering ``outputs``: one per model call a miss costs."""
+        if "probabilities" not in outputs:
+            return ["label"]
+        if "label" not in outputs:
+            return ["proba"]
+        return ["label", "proba"]
+
+    def unit_tag(self, unit: Unit) -> str:
+        """The unit and the backend(s) computing it, for cache keys."""
+        if unit == "label":
+            return f"label@{self.backends['label']}"
+        if unit == "proba":
+            return f"proba@{self.backends['probabilities']}"
+        return f"both@{self.backends['label']}+{self.backends['probabilities']}"
+
+    def slower_than(self, seconds: float) -> bool:
+        """Does one call take at least ``seconds``? True until measured."""
+        return not self.executor.measured or self.executor.per_call_s >= seconds
+
+    # -- calling the model ---------------------------------------------------------------------
+    def try_inline(self, unit: Unit, rows: np.ndarray) -> list[bytes] | None:
+        """Answer ``rows`` with one call on the spot when that call is measured to be tiny;
+        None when it is not (use ``compute``). A call that raises answers None too, so the
+        batcher's row-by-row retry isolates the bad row."""
+        if not self.executor.inline_for(len(rows)):
+            return None
+        try:
+            out = self.executor.run_inline(self._call, unit, rows)
+        except Exception:  # one bad row: the batcher path retries row by row
+            return None
+        self._batch_rows.observe(len(rows))
+        return list(out)
+
+    async def compute(self, unit: Unit, rows: np.ndarray) -> list[bytes | Failure]:
+        """One encoded value per row, computed through the batcher (or one call per row when
+        batching is off).
+
+        Raises:
+            Overloaded: the queue has no room now (503, retry).
+            TooManyRows: the block alone exceeds the queue limit (413, no retry helps).
+            Unavailable: shutting down.
+        """
+        try:
+            if self.batcher is not None:
+                return await self.batcher.submit(unit, rows)
+            return await self._compute_unbatched(unit, rows)
+        except QueueFull as exc:
+            raise Overloaded(f"model {self._label()}: {exc}") from exc
+        except BlockTooLarge as exc:
+            raise _too_many(self._label(), exc) from exc
+        except BatcherClosed as exc:
+            raise Unavailable(f"shutting down: {exc}", code="shutting_down") from exc
+
+    async def _compute_unbatched(self, unit: Unit, rows: np.ndarray) -> list[bytes | Failure]:
+        n = len(rows)
+        if n > self._max_queue:
+            raise BlockTooLarge(f"{n} uncached rows exceed the queue limit of {self._max_queue}")
+        if self._unbatched_rows + n > self._max_queue:
+            raise QueueFull(f"{self._unbatched_rows} rows queued (limit {self._max_queue})")
+        self._unbatched_rows += n
+        try:
+            if n == 1:
+                return [await self._one_row(unit, rows)]
+            return list(await asyncio.gather(*(self._one_row(unit, rows[i:i + 1])
+                                               for i in range(n))))
+        finally:
+            self._unbatched_rows -= n
+
+    async def _one_row(self, unit: Unit, row: np.ndarray) -> bytes | Failure:
+        self._batch_rows.observe(1)
+        try:
+            (value,) = await self.executor.run(self._call, unit, row)
+        except Exception as exc:  # this row's own error, delivered to its caller
+            return Failure(exc)
+        return value
+
+    def _call(self, unit: Hashable, rows: np.ndarray) -> list[bytes]:
+        """The model on ``rows``: one JSON value per row. Raises what the model raises."""
+        dumps = orjson.dumps
+        if unit == "label":
+            labels = self._predict(rows)
+            return [dumps(v) for v in labels]
+        if unit == "proba":
+            probs = self._predict_proba(rows)
+            return [dumps(p) for p in probs]
+        labels = self._predict(rows)
+        probs = self._predict_proba(rows)
+        return [dumps(v) + SEP + dumps(p) for v, p in zip(labels, probs, strict=True)]
+
+    def _predict(self, rows: np.ndarray) -> list[Any]:
+        out = self.model.predict(rows, prefer_compiled=self.prefer_compiled)
+        self._calls.inc()
+        self._rows.inc(len(rows))
+        return out
+
+    def _predict_proba(self, rows: np.ndarray) -> list[list[float]]:
+        out = self.model.predict_proba(rows, prefer_compiled=self.prefer_compiled)
+        self._calls.inc()
+        self._rows.inc(len(rows))
+        return out
+
+    def _label(self) -> str:
+        return f"{self.manifest.name} v{self.manifest.version}"
+
+    def failed(self, failure: Failure) -> GatewayError:
+        """The error a request gets for a row the model refused (logged)."""
+        log.warning("model %s raised %r", self._label(), failure.error)
+        return ModelFailed(
+            f"model {self._label()} failed on this input ({type(failure.error).__name__})")
+
+    # -- values read back from a shared cache --------------------------------------------------
+    def decode_value(self, unit: Unit, value: bytes) -> bytes | None:
+        """``value`` re-encoded canonically if it is a valid answer of this model for
+        ``unit`` (a label of the model, a finite regression value, a probability vector of the
+        model's length summing to ~1), else None."""
+        try:
+            if unit == "both":
+                label, sep, proba = value.partition(SEP)
+                if not sep:
+                    return None
+                a, b = self._valid_label(label), self._valid_proba(proba)
+                return None if a is None or b is None else a + SEP + b
+            if unit == "label":
+                return self._valid_label(value)
+            return self._valid_proba(value)
+        except (orjson.JSONDecodeError, TypeError, ValueError):
+            return None
+
+    def _valid_label(self, raw: bytes) -> bytes | None:
+        v = orjson.loads(raw)
+        if self.manifest.task == "regression":
+            if type(v) not in (int, float) or not math.isfinite(v):
+                return None
+            return orjson.dumps(v)
+        out = orjson.dumps(v)
+        return out if out in self._labels and type(v) is not bool else None
+
+    def _valid_proba(self, raw: bytes) -> bytes | None:
+        v = orjson.loads(raw)
+        if not isinstance(v, list) or len(v) != self._n_classes:
+            return None
+        if not all(type(p) in (int, float) and math.isfinite(p) and -1e-9 <= p <= 1 + 1e-9
+                   for p in v):
+            return None
+        if abs(math.fsum(v) - 1.0) > _PROBA_SUM_TOL:
+            return None
+        return orjson.dumps(v)
+
+
+def _too_many(model: str, exc: Exception) -> TooManyRows:
+    return TooManyRows(f"model {model}: {exc} (GATEWAY_MAX_QUEUE_ROWS); send fewer rows",
+                       code="too_many_uncached_rows")
+

@@ -1,0 +1,237 @@
+"""Plain-ASGI plumbing for the inference doors: routing, bounded bodies, replies, metrics.
+
+The doors that carry predictions (``GET /predict``, ``POST /v1/models/{name}/predict``,
+``POST /v2/models/{name}[/versions/{v}]/infer``, KServe's ``POST /v1/models/{name}:predict``)
+are answered here, ahead of FastAPI's middleware, routing and telemetry layers, which cost more
+than a whole cached answer. Each door is a handler ``(gateway, request, params) -> Reply`` and an
+error renderer for its protocol; ``Doors`` matches the request, runs the handler, renders a
+``GatewayError`` the protocol's way, counts and times the request like every other route, and
+answers 405 for a door's path with another method. Anything else goes on to FastAPI.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import orjson
+from prometheus_client import Counter
+from starlette.types import Receive, Scope, Send
+
+from gateway import logs
+from gateway.errors import BodyTooLarge, GatewayError, InvalidInput, MethodNotAllowed, error_body
+from gateway.metrics import Metrics
+from gateway.runtime import Gateway
+
+__all__ = ["ClientGone", "Door", "Doors", "HttpRequest", "Reply", "error_reply", "timeout_s"]
+
+_JSON = b"application/json"
+_MAX_LENGTH_DIGITS = 18
+
+
+@dataclass(slots=True)
+class Reply:
+    """An answer: status, body, content type and extra headers (lower-case names)."""
+
+    status: int
+    body: bytes
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    content_type: bytes = _JSON
+    model: str | None = None  # for the access log: which model version answered, and from
+    version: str | None = None  # which tier (the slowest of the rows: miss, l2, l1)
+    cache: str | None = None
+
+
+def error_reply(exc: GatewayError) -> Reply:
+    """The gateway's own error answer: ``{"error": {"code", "message"}}``."""
+    return Reply(exc.status, orjson.dumps(error_body(exc)),
+                 [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()])
+
+
+class ClientGone(Exception):
+    """The client disconnected before its body was read; nothing is to be sent."""
+
+
+class HttpRequest:
+    """One HTTP request's scope and body stream, with bounded readers."""
+
+    __slots__ = ("_receive", "scope")
+
+    def __init__(self, scope: Scope, receive: Receive) -> None:
+        self.scope = scope
+        self._receive = receive
+
+    def header(self, name: bytes) -> bytes | None:
+        """The last value of header ``name`` (lower-case), or None."""
+        found = None
+        for k, v in self.scope["headers"]:
+            if k == name:
+                found = v
+        return found
+
+    async def body(self, limit: int) -> bytes:
+        """The whole body, refused with 413 as soon as it exceeds ``limit`` bytes (by
+        ``Content-Length`` before reading, or while reading a chunked body).
+
+        Raises:
+            BodyTooLarge: over ``limit``.
+            InvalidInput: a ``Content-Length`` that is not a plain decimal number.
+            ClientGone: the client disconnected first.
+        """
+        declared = self.header(b"content-length")
+        if declared is not None:
+            if not (0 < len(declared) <= _MAX_LENGTH_DIGITS and declared.isdigit()):
+                raise InvalidInput(f"Content-Length {declared.decode('latin-1')!r:.30} is not "
+                                   "a decimal number", code="invalid_header")
+            if int(declared) > limit:
+                raise BodyTooLarge(f"body of {int(declared)} bytes exceeds the limit of "
+                                   f"{limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge(f"body exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def timeout_s(gw: Gateway, req: HttpRequest) -> float:
+    """The request's deadline: ``X-Request-Timeout-Ms`` or the gateway's default."""
+    return gw.timeout_s(req.header(b"x-request-timeout-ms"))
+
+
+Handler = Callable[[Gateway, HttpRequest, dict[str, str]], Awaitable[Reply]]
+Renderer = Callable[[GatewayError], Reply]
+
+
+@dataclass(frozen=True, slots=True)
+class Door:
+    """One route: its method, its path template (``{name}`` segments), handler and errors."""
+
+    method: str
+    template: str
+    handler: Handler
+    render_error: Renderer
+
+    def match(self, path: str) -> dict[str, str] | None:
+        """Path parameters if ``path`` fits the template, else None. A template segment
+        ``{name}:verb`` matches ``<anything>:verb``."""
+        parts = path.split("/")
+        tparts = self.template.split("/")
+        if len(parts) != len(tparts):
+            return None
+        params: dict[str, str] = {}
+        for got, want in zip(parts, tparts, strict=True):
+            if want.startswith("{"):
+                name, _, suffix = want[1:].partition("}")
+                if suffix:
+                    if not got.endswith(suffix) or len(got) == len(suffix):
+                        return None
+                    got = got[:-len(suffix)]
+                elif not got or ":" in got:
+                    return None
+                params[name] = got
+            elif got != want:
+                return None
+        return params
+
+
+class Doors:
+    """The inference doors, answered as plain ASGI; see the module docstring."""
+
+    def __init__(self, doors: list[Door], *, metrics: Metrics) -> None:
+        self._doors = doors
+        self._metrics = metrics
+        self._prefixes = tuple({"/" + d.template.split("/")[1] for d in doors})
+        self._static: dict[tuple[str, str], Door] = {
+            (d.method, d.template): d for d in doors if "{" not in d.template}
+        self._counters: dict[tuple[str, int], Counter] = {}
+        self._seconds = {d.template: metrics.request_seconds.labels(d.template) for d in doors}
+
+    def match(self, scope: Scope) -> tuple[Door | None, dict[str, str], list[str]] | None:
+        """The door for this request (or None with the allowed methods, for 405), or None
+        when no door has this path."""
+        if scope["type"] != "http":
+            return None
+        path: str = scope["path"]
+        door = self._static.get((scope["method"], path))
+        if door is not None:
+            return door, {}, []
+        if not path.startswith(self._prefixes):
+            return None
+        allowed: list[str] = []
+        for door in self._doors:
+            params = door.match(path)
+            if params is None:
+                continue
+            if door.method == scope["method"]:
+                return door, params, []
+            allowed.append(door.method)
+        return (None, {}, allowed) if allowed else None
+
+    async def answer(self, door: Door, params: dict[str, str], scope: Scope, receive: Receive,
+                     send: Send) -> None:
+        """Run ``door`` for this request and send its reply; counts and times it."""
+        start = time.perf_counter()
+        status = 500
+        metrics = self._metrics
+        metrics.in_flight += 1
+        req = HttpRequest(scope, receive)
+        rid = logs.request_id_from(req.header(b"x-request-id"))
+        token = logs.request_id.set(rid)
+        reply: Reply | None = None
+        gw: Gateway = scope["state"]["gateway"]
+        try:
+            try:
+                reply = await door.handler(gw, req, params)
+            except GatewayError as exc:
+                gw.count_rejection(exc)
+                reply = door.render_error(exc)
+            except ClientGone:
+                status = 499
+                return
+            status = reply.status
+            reply.headers.append((b"x-request-id", rid.encode()))
+            await _send(send, reply)
+        finally:
+            metrics.in_flight -= 1
+            seconds = time.perf_counter() - start
+            self._count(door.template, status)
+            self._seconds[door.template].observe(seconds)
+            if gw.settings.access_log == "on":
+                logs.access(scope["method"], scope["path"], status, seconds,
+                            cache=reply.cache if reply else None,
+                            model=reply.model if reply else None,
+                            version=reply.version if reply else None)
+            logs.request_id.reset(token)
+
+    async def not_allowed(self, allowed: list[str], scope: Scope, send: Send,
+                          render: Renderer) -> None:
+        reply = render(MethodNotAllowed(f"method {scope['method']} not allowed here "
+                                        f"(allowed: {', '.join(sorted(set(allowed)))})"))
+        reply.headers.append((b"allow", ", ".join(sorted(set(allowed))).encode()))
+        await _send(send, reply)
+        self._count("other", 405)
+
+    def _count(self, route: str, status: int) -> None:
+        counter = self._counters.get((route, status))
+        if counter is None:
+            counter = self._counters[(route, status)] = self._metrics.requests.labels(
+                route, str(status))
+        counter.inc()
+
+
+async def _send(send: Send, reply: Reply) -> None:
+    headers = [(b"content-type", reply.content_type),
+               (b"content-length", str(len(reply.body)).encode()), *reply.headers]
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+    await send({"type": "http.response.body", "body": reply.body})

@@ -1,0 +1,92 @@
+"""``GET /predict?<feature>=<value>&…``: one row of the default model from query parameters.
+
+Answers ``{"prediction": <label>}`` with ``X-Cache`` saying where it came from; errors are the
+gateway's own ``{"error": {"code", "message"}}``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from gateway.core.runner import Output
+from gateway.protocols.http import Door, HttpRequest, Reply, error_reply, timeout_s
+from gateway.protocols.inputs import parse_query_string
+from gateway.runtime import Gateway
+from model_store import Manifest
+
+__all__ = ["door", "openapi_path"]
+
+_LABEL: frozenset[Output] = frozenset({"label"})
+_SOURCES = {s: s.encode() for s in ("l1", "l2", "miss")}
+
+
+_MEMO_ENTRIES = 4096
+
+
+class _Rows:
+    """Query strings already decoded, per feature list: decoding is a pure function of both,
+    and a hot row is asked again and again. Bounded; cleared when full."""
+
+    def __init__(self) -> None:
+        self._features: tuple[str, ...] = ()
+        self._rows: dict[bytes, np.ndarray] = {}
+
+    def decode(self, query: bytes, features: tuple[str, ...]) -> np.ndarray:
+        if features != self._features:
+            self._features, self._rows = features, {}
+        row = self._rows.get(query)
+        if row is None:
+            row = parse_query_string(query, features)  # raises for a bad query: not kept
+            if len(self._rows) >= _MEMO_ENTRIES:
+                self._rows.clear()
+            row.flags.writeable = False
+            self._rows[query] = row
+        return row
+
+
+def door() -> Door:
+    """The ``GET /predict`` door, with a decoding memo of its own."""
+    decoded = _Rows()
+
+    async def predict_query(gw: Gateway, req: HttpRequest, _params: dict[str, str]) -> Reply:
+        rt = gw.runtime(gw.settings.default_model)
+        row = decoded.decode(req.scope["query_string"], rt.manifest.features)
+        answer = await gw.infer(rt, row, _LABEL, timeout_s(gw, req))
+        return Reply(200, b'{"prediction":' + answer.values["label"][0] + b"}",
+                     [(b"x-cache", _SOURCES[answer.sources[0]])], model=rt.manifest.name,
+                     version=str(rt.manifest.version), cache=answer.sources[0])
+
+    return Door("GET", "/predict", predict_query, error_reply)
+
+
+def openapi_path(manifest: Manifest | None, error_schema: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI entry of ``GET /predict``: one query parameter per feature of the default
+    model (``manifest``; none listed when it is not loadable)."""
+    features = manifest.features if manifest is not None else ()
+    error = {"application/json": {"schema": error_schema}}
+    return {"get": {
+        "summary": "Predict one row of the default model from query parameters",
+        "description": (
+            "One query parameter per feature of the default model (`GATEWAY_DEFAULT_MODEL`), "
+            "named as in its manifest, each a JSON number. The `X-Cache` response header says "
+            "where the answer came from (`l1`, `l2` or `miss`)."
+        ),
+        "parameters": [
+            {"name": f, "in": "query", "required": True, "schema": {"type": "number"}}
+            for f in features
+        ],
+        "responses": {
+            "200": {"description": "The prediction", "content": {"application/json": {
+                "schema": {"type": "object", "required": ["prediction"],
+                           "properties": {"prediction": {}}}}}},
+            "404": {"description": "default model not loaded", "content": error},
+            "422": {"description": "missing, unknown or non-numeric parameters",
+                    "content": error},
+            "503": {"description": "overloaded (see `Retry-After`) or shutting down",
+                    "content": error},
+            "504": {"description": "deadline (`X-Request-Timeout-Ms`) exceeded",
+                    "content": error},
+        },
+    }}

@@ -1,0 +1,231 @@
+"""Open Inference Protocol (KServe V2) REST under ``/v2``.
+
+``infer`` is a door of its own (answered ahead of FastAPI, see ``gateway.protocols.http``);
+health and metadata are ordinary routes. Every row of an infer request goes through the same
+pipeline as the other doors. Errors are ``{"error": "<message>"}``: 400 for a bad request, 404
+for an unknown model or version, 413 for an oversized body, 503 when not ready or overloaded,
+504 past the deadline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import orjson
+from fastapi import APIRouter, Request
+from starlette.responses import Response
+
+from gateway.core.runner import ModelRunner, Output
+from gateway.errors import GatewayError, InvalidInput
+from gateway.protocols.http import Door, HttpRequest, Reply, timeout_s
+from gateway.protocols.v2_codec import OutputSpec, decode_infer_request, encode_infer_response
+from gateway.responses import json_response
+from gateway.runtime import Gateway, gateway_of
+
+__all__ = ["doors", "http_error", "openapi_paths", "render_error", "v2_router"]
+
+SERVER_NAME = "inference-gateway"
+SERVER_VERSION = "0.1.0"
+_V2_STATUS = {422: 400, 400: 400}  # our validation errors are the protocol's bad requests
+_OUTPUT_OF: dict[str, Output] = {"label": "label", "prediction": "label",
+                                 "probabilities": "probabilities"}
+
+
+def render_error(exc: GatewayError) -> Reply:
+    """The protocol's error answer: ``{"error": "<message>"}``."""
+    return Reply(_V2_STATUS.get(exc.status, exc.status), orjson.dumps({"error": exc.message}),
+                 [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()])
+
+
+def http_error(status: int, message: str, headers: Mapping[str, str] | None) -> Response:
+    """A routing error (unknown path, wrong method, bad path parameter) the protocol's way."""
+    return Response(orjson.dumps({"error": message}), _V2_STATUS.get(status, status),
+                    headers=headers, media_type="application/json")
+
+
+def _error(gw: Gateway, exc: GatewayError) -> Response:
+    gw.count_rejection(exc)
+    reply = render_error(exc)
+    return Response(reply.body, reply.status, headers={k.decode(): v.decode()
+                                                        for k, v in reply.headers},
+                    media_type="application/json")
+
+
+def label_datatype(rt: ModelRunner) -> str:
+    """BYTES for string classes, INT64 for integer ones, FP64 for regression values."""
+    m = rt.manifest
+    if m.task == "regression":
+        return "FP64"
+    if m.classes and all(type(c) is int for c in m.classes):
+        return "INT64"
+    if m.classes and all(type(c) in (int, float) for c in m.classes):
+        return "FP64"
+    return "BYTES"
+
+
+def _outputs(rt: ModelRunner) -> list[tuple[str, str, list[int]]]:
+    m = rt.manifest
+    if m.task == "regression":
+        return [("prediction", "FP64", [-1])]
+    out = [("label", label_datatype(rt), [-1])]
+    if rt.has_proba:
+        out.append(("probabilities", "FP64", [-1, len(m.classes)]))
+    return out
+
+
+async def infer(gw: Gateway, req: HttpRequest, params: dict[str, str]) -> Reply:
+    """Infer rows given as tensors (JSON ``data`` or binary tensor data); answers ``label``
+    and ``probabilities`` (or the requested ``outputs``), binary when asked."""
+    rt = gw.runtime(params["name"], params.get("version"))
+    body = await req.body(gw.settings.max_body_bytes)
+    ireq = decode_infer_request(body, req.header(b"inference-header-content-length"),
+                                rt.manifest.features, gw.settings.max_rows)
+    available = {n: (d, s) for n, d, s in _outputs(rt)}
+    specs = ireq.outputs or tuple(OutputSpec(n, ireq.binary_default) for n in available)
+    for spec in specs:
+        if spec.name not in available:
+            raise InvalidInput(f"unknown output {spec.name!r:.40} (this model has "
+                               f"{', '.join(available)})", code="bad_request")
+    deadline_s = (ireq.timeout_us / 1e6 if ireq.timeout_us is not None
+                  else timeout_s(gw, req))
+    wanted = frozenset(_OUTPUT_OF[s.name] for s in specs)
+    answer = await gw.infer(rt, ireq.rows, wanted, deadline_s)
+    n = len(ireq.rows)
+    encoded = []
+    for spec in specs:
+        datatype, shape = available[spec.name]
+        encoded.append((spec, datatype, [n, *shape[1:]], answer.values[_OUTPUT_OF[spec.name]]))
+    content, header_len = encode_infer_response(
+        model_name=rt.manifest.name, model_version=str(rt.manifest.version),
+        request_id=ireq.request_id, outputs=encoded,
+    )
+    reply = Reply(200, content, model=rt.manifest.name, version=str(rt.manifest.version),
+                  cache=answer.source)
+    if header_len is not None:
+        reply.headers.append((b"inference-header-content-length", str(header_len).encode()))
+        reply.content_type = b"application/octet-stream"
+    return reply
+
+
+def doors() -> list[Door]:
+    return [Door("POST", "/v2/models/{name}/infer", infer, render_error),
+            Door("POST", "/v2/models/{name}/versions/{version}/infer", infer, render_error)]
+
+
+async def server_metadata() -> Response:
+    """Server name, version and supported protocol extensions."""
+    return json_response({"name": SERVER_NAME, "version": SERVER_VERSION,
+                          "extensions": ["binary_tensor_data"]})
+
+
+async def live() -> Response:
+    return json_response({"live": True})
+
+
+async def ready(request: Request) -> Response:
+    gw = gateway_of(request)
+    is_ready = gw.ready
+    return json_response({"ready": is_ready}, 200 if is_ready else 503)
+
+
+async def model_metadata(name: str, request: Request, version: str | None = None) -> Response:
+    """Inputs (one ``[n, n_features]`` tensor, or one ``[n, 1]`` tensor per feature) and
+    outputs of a model version (default: latest)."""
+    gw = gateway_of(request)
+    try:
+        rt = gw.runtime(name, version)
+    except GatewayError as exc:
+        return _error(gw, exc)
+    m = rt.manifest
+    versions = [str(m.version)] if version is not None else [str(v) for v in
+                                                            sorted(gw.models[name])]
+    meta: dict[str, Any] = {
+        "name": m.name,
+        "versions": versions,
+        "platform": "sklearn",
+        "inputs": [{"name": "input", "datatype": "FP64", "shape": [-1, len(m.features)]}],
+        "outputs": [{"name": n, "datatype": d, "shape": s} for n, d, s in _outputs(rt)],
+        "parameters": {"version": str(m.version), "sha256": m.sha256, "task": m.task,
+                       "features": list(m.features), "classes": list(m.classes),
+                       "backends": rt.backends},
+    }
+    return json_response(meta)
+
+
+async def model_ready(name: str, request: Request, version: str | None = None) -> Response:
+    gw = gateway_of(request)
+    try:
+        rt = gw.runtime(name, version)
+    except GatewayError as exc:
+        return _error(gw, exc)
+    ready_now = gw.accepting
+    return json_response({"name": name, "version": str(rt.manifest.version), "ready": ready_now},
+                         200 if ready_now else 503)
+
+
+def v2_router() -> APIRouter:
+    """The ``/v2`` health and metadata routes, to include in the app."""
+    r = APIRouter(prefix="/v2", tags=["Open Inference Protocol (V2)"])
+    r.add_api_route("", server_metadata, methods=["GET"])
+    r.add_api_route("/", server_metadata, methods=["GET"], include_in_schema=False)
+    r.add_api_route("/health/live", live, methods=["GET"])
+    r.add_api_route("/health/ready", ready, methods=["GET"])
+    for base in ("/models/{name}", "/models/{name}/versions/{version}"):
+        r.add_api_route(base, model_metadata, methods=["GET"])
+        r.add_api_route(base + "/ready", model_ready, methods=["GET"])
+    return r
+
+
+_TENSOR = {"type": "object", "required": ["name", "shape", "datatype"], "properties": {
+    "name": {"type": "string"}, "shape": {"type": "array", "items": {"type": "integer"}},
+    "datatype": {"type": "string"}, "parameters": {"type": "object"},
+    "data": {"type": "array"}}}
+
+
+def openapi_paths() -> dict[str, Any]:
+    """The OpenAPI entries of the infer doors (JSON form; binary tensor data also accepted)."""
+    error = {"application/json": {"schema": {"type": "object", "required": ["error"],
+                                             "properties": {"error": {"type": "string"}}}}}
+    request = {
+        "type": "object", "required": ["inputs"], "properties": {
+            "id": {"type": "string"}, "parameters": {"type": "object"},
+            "inputs": {"type": "array", "minItems": 1, "items": _TENSOR},
+            "outputs": {"type": "array", "items": {
+                "type": "object", "required": ["name"], "properties": {
+                    "name": {"type": "string"}, "parameters": {"type": "object"}}}},
+        },
+    }
+    example = {"id": "1", "inputs": [{"name": "input", "shape": [2, 4], "datatype": "FP64",
+                                      "data": [5.1, 3.5, 1.4, 0.2, 6.3, 3.3, 6.0, 2.5]}]}
+    response = {"type": "object", "required": ["model_name", "outputs"], "properties": {
+        "model_name": {"type": "string"}, "model_version": {"type": "string"},
+        "id": {"type": "string"}, "outputs": {"type": "array", "items": _TENSOR}}}
+
+    def infer_entry(params: list[str]) -> dict[str, Any]:
+        return {"post": {
+            "tags": ["Open Inference Protocol (V2)"],
+            "summary": "Inference",
+            "description": (
+                "One `[n, n_features]` tensor (any numeric datatype) or one `[n, 1]` tensor "
+                "per feature, as JSON `data` or binary tensor data "
+                "(`Inference-Header-Content-Length`). Outputs: `label` (`BYTES` for string "
+                "classes, `INT64` for integer ones) and `probabilities` (`FP64 [n, k]`) for "
+                "classifiers, `prediction` (`FP64`) for regressors."),
+            "parameters": [{"name": p, "in": "path", "required": True,
+                            "schema": {"type": "string"}} for p in params],
+            "requestBody": {"required": True, "content": {"application/json": {
+                "schema": request, "example": example}}},
+            "responses": {
+                "200": {"description": "Outputs", "content": {
+                    "application/json": {"schema": response}}},
+                "400": {"description": "bad request", "content": error},
+                "404": {"description": "unknown model or version", "content": error},
+                "413": {"description": "body over the limit", "content": error},
+                "503": {"description": "overloaded or shutting down", "content": error},
+                "504": {"description": "deadline exceeded", "content": error},
+            },
+        }}
+
+    return {"/v2/models/{name}/infer": infer_entry(["name"]),
+            "/v2/models/{name}/versions/{version}/infer": infer_entry(["name", "version"])}
