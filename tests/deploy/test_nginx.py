@@ -64,7 +64,7 @@ class Front:
 def front(nginx: str, session_store: Path, redis_server: Any,
           tmp_path_factory: pytest.TempPathFactory) -> Iterator[Front]:
     prefix = "deploy-front"
-    env = replica_env(session_store, redis_server, prefix)
+    env = {**replica_env(session_store, redis_server, prefix), "GATEWAY_ACCESS_LOG": "on"}
     with gateways(3, env) as gws, front_of(gws, tmp_path_factory.mktemp("nginx")) as ngx, \
             redis.Redis(host=redis_server.host, port=redis_server.port) as r:
         yield Front(ngx, gws, r, prefix)
@@ -127,11 +127,16 @@ def test_request_ids_body_limit_and_private_metrics(front: Front, iris_rows: np.
         generated = client.get("/predict", params=params).headers["x-request-id"]
         assert _HEX32.fullmatch(generated)
         passed = client.get("/predict", params=params, headers={"X-Request-Id": "order-42.a:b"})
-        assert passed.headers["x-request-id"] == "order-42.a:b"
+        assert passed.headers.get_list("x-request-id") == ["order-42.a:b"]  # once
         for bad in ("has space", "x" * 129, "semi;colon"):
             replaced = client.get("/predict", params=params, headers={"X-Request-Id": bad})
             assert _HEX32.fullmatch(replaced.headers["x-request-id"])
         assert front.nginx.access_line(generated) and front.nginx.access_line("order-42.a:b")
+        for response in (passed, replaced):  # the gateway that answered logged the same id
+            rid = response.headers["x-request-id"]
+            (answered,) = [g for g in front.gateways
+                           if g.upstream == upstream_of(front.nginx, response)]
+            answered.process.wait_for(rf"\[{re.escape(rid)}\] .*GET /predict 200")
 
         hidden = client.get("/metrics")
         assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "not_found"
@@ -145,6 +150,7 @@ def test_request_ids_body_limit_and_private_metrics(front: Front, iris_rows: np.
         assert at_limit.status_code == 400 and at_limit.json()["error"]["code"] == "malformed_json"
         over = client.post("/v1/models/iris/predict", content=b" " * (limit + 1))
         assert over.status_code == 413 and upstream_of(front.nginx, over) == "-"
+        assert len(over.headers.get_list("x-request-id")) == 1
 
 
 def test_a_row_computed_on_one_replica_is_answered_from_redis_by_the_others(
