@@ -159,5 +159,6 @@ def main(argv: list[str] | None = None) -> None:
             else:
                 os.environ[MULTIPROC_ENV] = parent
 
+
 if __name__ == "__main__":
     main()

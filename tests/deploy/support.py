@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,13 +41,6 @@ class Conf:
 
     def find(self, name: str) -> list[Directive]:
         return [d for d in self.directives if d.name == name]
-
-    def walk(self) -> Iterator[Directive]:
-        stack = list(self.directives)
-        while stack:
-            d = stack.pop(0)
-            yield d
-            stack[:0] = d.block or []
 
 
 def parse_nginx(text: str) -> Conf:
