@@ -46,8 +46,7 @@ import httpx
 
 __all__ = [
     "DEPLOY_DIR", "Gateway", "Nginx", "Process", "free_port", "gateway_process", "gateways",
-    "main",
-    "nginx_binary", "nginx_process", "render_site",
+    "main", "nginx_binary", "nginx_process", "render_site",
 ]
 
 DEPLOY_DIR = Path(__file__).resolve().parents[1] / "deploy"
