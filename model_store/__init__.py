@@ -1,5 +1,6 @@
 """Versioned, verified model artifacts on disk."""
 
+from model_store.settings import ModelSettings
 from model_store.store import (
     ArtifactRejected,
     LoadedModel,
@@ -7,6 +8,7 @@ from model_store.store import (
     ModelNotFound,
     ModelStore,
     ModelStoreError,
+    StoreChanges,
 )
 
 __all__ = [
@@ -14,6 +16,8 @@ __all__ = [
     "LoadedModel",
     "Manifest",
     "ModelNotFound",
+    "ModelSettings",
     "ModelStore",
     "ModelStoreError",
+    "StoreChanges",
 ]

@@ -1,51 +1,135 @@
-"""Command line: ``python -m model_store {train-demo,register,list}``."""
+"""Command line for the model store: ``python -m model_store COMMAND``.
+
+Commands: train-demo, register, compile, configure, list. ``--root`` (the store, ./models)
+may come before or after the command. Exit status: 0 done, 1 the store refused, 2 bad input
+(arguments, a file that is not a joblib estimator, unreadable training rows).
+"""
 
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 from pathlib import Path
+from typing import Any
 
 import joblib
+import numpy as np
 
 from model_store.compiled import CompileError
 from model_store.demo import IRIS_FEATURES, iris_data, train_heavy, train_iris
-from model_store.store import Manifest, ModelStore, ModelStoreError
+from model_store.settings import ModelSettings
+from model_store.store import Manifest, ModelStore, ModelStoreError, describe_estimator
+
+_BACKENDS = ("auto", "sklearn", "onnx")
+_BACKEND_HELP = ("auto: also compile to ONNX, served for each output that verifies (default); "
+                 "sklearn: the estimator only; onnx: fail unless it converts")
+
+
+class InputError(Exception):
+    """A file or argument given on the command line is unusable (exit status 2)."""
+
+
+def _common() -> argparse.ArgumentParser:
+    """Options every command takes, before or after its name."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--root", type=Path, default=argparse.SUPPRESS,
+                   help="model store root (default: ./models)")
+    return p
+
+
+def _add_tolerances(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--train-rows", type=Path, default=None, metavar="FILE",
+                   help="rows to verify on besides the generated ones: .npy (2-D array) or "
+                        ".csv (comma-separated, optional header of feature names), columns in "
+                        "feature order")
+    p.add_argument("--proba-atol", type=float, default=1e-6,
+                   help="largest probability difference accepted from the compiled model "
+                        "(default 1e-6)")
+    p.add_argument("--value-rtol", type=float, default=1e-5,
+                   help="largest difference of a regression value accepted from the compiled "
+                        "model, relative to the largest value's magnitude (at least 1; "
+                        "default 1e-5)")
+
+
+def _add_settings(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("serving settings of this version (override the gateway's "
+                             "GATEWAY_* defaults)")
+    g.add_argument("--max-batch-size", type=int, default=None,
+                   help="most rows in one model call (1..65536)")
+    g.add_argument("--max-batch-delay-us", type=int, default=None,
+                   help="how long a dispatch may wait for its batch to fill, microseconds "
+                        "(0..1000000)")
+    g.add_argument("--infer-concurrency", type=int, default=None,
+                   help="model calls running at once for this version (1..64)")
+    g.add_argument("--cache-ttl-s", type=int, default=None,
+                   help="Redis entry lifetime of this version's answers, seconds (>= 1)")
+    g.add_argument("--execution", choices=("auto", "inline", "thread"), default=None,
+                   help="where model calls run: auto (inline when measured tiny), inline or "
+                        "thread")
+
+
+def _settings_given(args: argparse.Namespace) -> dict[str, Any]:
+    return {f: getattr(args, f) for f in ModelSettings.fields() if getattr(args, f) is not None}
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m model_store", description=__doc__)
-    p.add_argument("--root", type=Path, default=Path("models"), help="store root (./models)")
-    sub = p.add_subparsers(dest="command", required=True)
+    common = _common()
+    p = argparse.ArgumentParser(prog="python -m model_store", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--root", type=Path, default=Path("models"),
+                   help="model store root (default: ./models)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser("train-demo", help="train the Iris forest and register it")
-    demo.add_argument("--name", default="iris")
-    demo.add_argument(
-        "--if-empty", action="store_true", help="do nothing when the model already has a version"
-    )
+    demo = sub.add_parser("train-demo", parents=[common],
+                          help="train a demo model and register it",
+                          description="Train the Iris forest (or the heavier demo) and "
+                                      "register it as the next version.")
+    demo.add_argument("--name", default=None,
+                      help="model name (default: iris, or heavy with --heavy)")
+    demo.add_argument("--if-empty", action="store_true",
+                      help="do nothing when the model already has a version")
     demo.add_argument("--heavy", action="store_true",
-                      help="the heavier demo: a 300-tree forest on 20 synthetic features "
-                           "(registered as 'heavy' unless --name is given)")
-    demo.add_argument("--backend", choices=("auto", "sklearn", "onnx"), default="auto")
+                      help="the heavier demo: a 300-tree forest on 20 synthetic features")
+    demo.add_argument("--backend", choices=_BACKENDS, default="auto", help=_BACKEND_HELP)
 
-    reg = sub.add_parser("register", help="register a joblib-pickled fitted estimator")
-    reg.add_argument("path", type=Path)
-    reg.add_argument("--name", required=True)
+    reg = sub.add_parser("register", parents=[common],
+                         help="register a joblib-pickled fitted estimator",
+                         description="Store a fitted estimator (a joblib file) as a new "
+                                     "version, verify it and, by default, compile it.")
+    reg.add_argument("path", type=Path, help="the joblib file of a fitted estimator")
+    reg.add_argument("--name", required=True, help="model name ([A-Za-z0-9][A-Za-z0-9_.-]*)")
     reg.add_argument("--version", type=int, default=None, help="default: the next version")
-    reg.add_argument(
-        "--features", default=None, help="comma-separated feature names, in column order"
-    )
-    reg.add_argument("--backend", choices=("auto", "sklearn", "onnx"), default="auto",
-                     help="auto: compile to ONNX when it converts and verifies (default)")
-    reg.add_argument("--proba-atol", type=float, default=1e-6)
+    reg.add_argument("--features", default=None,
+                     help="comma-separated feature names in column order (default: the names "
+                          "the estimator was fitted with, else f0..fN; must agree with them)")
+    reg.add_argument("--backend", choices=_BACKENDS, default="auto", help=_BACKEND_HELP)
+    _add_tolerances(reg)
+    _add_settings(reg)
 
-    comp = sub.add_parser("compile", help="compile an existing version to ONNX and verify it")
-    comp.add_argument("name")
-    comp.add_argument("version", type=int)
-    comp.add_argument("--proba-atol", type=float, default=1e-6,
-                      help="largest probability difference accepted (1e-6)")
+    comp = sub.add_parser("compile", parents=[common],
+                          help="compile an existing version to ONNX and verify it",
+                          description="Compile a registered version to ONNX, verify it per "
+                                      "output and record the result in its manifest.")
+    comp.add_argument("name", help="model name")
+    comp.add_argument("version", type=int, help="version number")
+    _add_tolerances(comp)
 
-    sub.add_parser("list", help="list models, versions, features and classes")
+    conf = sub.add_parser("configure", parents=[common],
+                          help="set or clear the serving settings of a version",
+                          description="Set (or --unset) serving settings recorded in a "
+                                      "version's manifest; with none given, show them.")
+    conf.add_argument("name", help="model name")
+    conf.add_argument("version", type=int, help="version number")
+    _add_settings(conf)
+    conf.add_argument("--unset", action="append", default=[], choices=ModelSettings.fields(),
+                      metavar="SETTING",
+                      help="back to the gateway's default (repeatable): "
+                           + ", ".join(ModelSettings.fields()))
+
+    sub.add_parser("list", parents=[common], help="list models, versions, backends, settings",
+                   description="One line per version: task, digest, features, classes, "
+                               "backend of each output, settings.")
     return p
 
 
@@ -55,60 +139,146 @@ def _backends(m: Manifest) -> str:
         return "backend=sklearn"
     if "error" in onnx:
         return f"backend=sklearn (onnx failed: {onnx['error']})"
-    parts = []
+    parts = [f"onnx input={onnx.get('input', 'float64')}"]
     for output, check in onnx["checks"].items():
         verdict = "onnx" if check["verified"] else "sklearn"
-        detail = (f"mismatches={check['mismatches']}" if output == "label"
+        detail = (f"mismatches={check['mismatches']}" if output == "label" and m.classes
                   else f"max_diff={check['max_abs_diff']:.2g}")
         parts.append(f"{output}={verdict}({detail} on {check['rows']} rows)")
     return " ".join(parts)
 
 
+def _settings(m: Manifest) -> str:
+    data = m.settings.to_json()
+    return ("settings=" + ",".join(f"{k}={v}" for k, v in data.items())) if data else ""
+
+
 def _report(m: Manifest, store: ModelStore, done: str = "registered") -> None:
-    print(f"{done} {m.name} v{m.version} sha256={m.sha256[:12]} under {store.root}: "
-          f"{_backends(m)}")
+    print(" ".join(x for x in (f"{done} {m.name} v{m.version} sha256={m.sha256[:12]} under "
+                               f"{store.root}:", _backends(m), _settings(m)) if x))
+
+
+def read_estimator(path: Path) -> Any:
+    """The fitted estimator in a joblib file. Raises InputError with one clear line."""
+    try:
+        estimator = joblib.load(path)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except (pickle.UnpicklingError, EOFError, ImportError, AttributeError, ValueError,
+            TypeError, KeyError, IndexError) as exc:
+        raise InputError(f"{path}: not a joblib file of an estimator "
+                         f"({type(exc).__name__})") from exc
+    if not callable(getattr(estimator, "predict", None)):
+        raise InputError(f"{path}: holds an object of type {type(estimator).__name__}, not an "
+                         "estimator (no predict method)")
+    return estimator
+
+
+def read_rows(path: Path, features: tuple[str, ...]) -> np.ndarray:
+    """Training rows from ``.npy`` or ``.csv`` (a header of feature names may reorder the
+    columns). Raises InputError."""
+    try:
+        if path.suffix == ".npy":
+            rows = np.load(path, allow_pickle=False)
+        elif path.suffix == ".csv":
+            rows = _read_csv(path, features)
+        else:
+            raise InputError(f"{path}: training rows must be a .npy or .csv file")
+        rows = np.asarray(rows, dtype=np.float64)
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    except ValueError as exc:
+        raise InputError(f"{path}: not numeric rows: {exc}") from exc
+    if rows.ndim != 2 or rows.shape[1] != len(features) or not len(rows):
+        raise InputError(f"{path}: expected rows of {len(features)} columns, got shape "
+                         f"{rows.shape}")
+    if not np.all(np.isfinite(rows)):
+        raise InputError(f"{path}: NaN or infinite values")
+    return rows
+
+
+def _read_csv(path: Path, features: tuple[str, ...]) -> np.ndarray:
+    with path.open() as f:
+        first = f.readline().strip()
+    cells = [c.strip() for c in first.split(",")]
+    try:
+        [float(c) for c in cells]
+    except ValueError:  # a header
+        if sorted(cells) != sorted(features):
+            raise InputError(f"{path}: header {','.join(cells)} does not name the features "
+                             f"{','.join(features)}") from None
+        order = [cells.index(f) for f in features]
+        return np.loadtxt(path, delimiter=",", skiprows=1, ndmin=2)[:, order]
+    return np.loadtxt(path, delimiter=",", ndmin=2)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     store = ModelStore(args.root)
     try:
-        if args.command == "train-demo":
-            name = args.name if args.name != "iris" or not args.heavy else "heavy"
-            if args.if_empty and store.models().get(name):
-                print(f"{name}: already registered, versions {store.models()[name]}")
-                return 0
-            if args.heavy:
-                estimator, rows = train_heavy()
-                features = tuple(f"f{i}" for i in range(rows.shape[1]))
-            else:
-                estimator, features = train_iris(), IRIS_FEATURES
-                rows = iris_data()[0]
-            m = store.register(estimator, name, features=features, backend=args.backend,
-                               train_rows=rows)
-            _report(m, store)
-        elif args.command == "register":
-            names = args.features.split(",") if args.features else None
-            m = store.register(
-                joblib.load(args.path), args.name, version=args.version, features=names,
-                backend=args.backend, proba_atol=args.proba_atol,
-            )
-            _report(m, store)
-        elif args.command == "compile":
-            _report(store.compile(args.name, args.version, proba_atol=args.proba_atol), store,
-                    "compiled")
-        else:
-            for name, versions in store.models().items():
-                for v in versions:
-                    m = store.manifest(name, v)
-                    print(
-                        f"{name}\tv{v}\t{m.task}\tsha256={m.sha256[:12]}\t"
-                        f"features={','.join(m.features)}\tclasses={','.join(map(str, m.classes))}"
-                        f"\t{_backends(m)}"
-                    )
+        return _run(args, store)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (ModelStoreError, CompileError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+def _run(args: argparse.Namespace, store: ModelStore) -> int:
+    if args.command == "train-demo":
+        name = args.name or ("heavy" if args.heavy else "iris")
+        if args.if_empty and store.models().get(name):
+            print(f"{name}: already registered, versions {store.models()[name]}")
+            return 0
+        rows: np.ndarray | None
+        if args.heavy:
+            estimator, rows = train_heavy()
+            features: tuple[str, ...] = tuple(f"f{i}" for i in range(rows.shape[1]))
+        else:
+            estimator, features = train_iris(), IRIS_FEATURES
+            rows = iris_data()[0]
+        _report(store.register(estimator, name, features=features, backend=args.backend,
+                               train_rows=rows), store)
+    elif args.command == "register":
+        estimator = read_estimator(args.path)
+        try:
+            fitted, _, _ = describe_estimator(estimator)
+        except ValueError as exc:
+            raise InputError(f"{args.path}: {exc}") from exc
+        names = tuple(args.features.split(",")) if args.features else None
+        rows = read_rows(args.train_rows, names or fitted) if args.train_rows else None
+        _report(store.register(
+            estimator, args.name, version=args.version, features=names, backend=args.backend,
+            train_rows=rows, proba_atol=args.proba_atol, value_rtol=args.value_rtol,
+            settings=_settings_given(args),
+        ), store)
+    elif args.command == "compile":
+        features = store.manifest(args.name, args.version).features
+        rows = read_rows(args.train_rows, features) if args.train_rows else None
+        _report(store.compile(args.name, args.version, train_rows=rows,
+                              proba_atol=args.proba_atol, value_rtol=args.value_rtol),
+                store, "compiled")
+    elif args.command == "configure":
+        given = _settings_given(args)
+        if given or args.unset:
+            m = store.configure(args.name, args.version, given, unset=args.unset)
+        else:
+            m = store.manifest(args.name, args.version)
+        print(f"{m.name} v{m.version}: {_settings(m) or 'settings=(global defaults)'}")
+    else:
+        for name, versions in store.models().items():
+            for v in versions:
+                try:
+                    m = store.manifest(name, v)
+                except ModelStoreError as exc:
+                    print(f"{name}\tv{v}\tunreadable: {exc}")
+                    continue
+                print("\t".join(x for x in (
+                    f"{name}\tv{v}\t{m.task}\tsha256={m.sha256[:12]}",
+                    f"features={','.join(m.features)}",
+                    f"classes={','.join(map(str, m.classes))}", _backends(m), _settings(m),
+                ) if x))
     return 0
 
 

@@ -2,26 +2,30 @@
 
 Layout: ``<root>/<name>/<version>/`` holds the artifact ``model.joblib`` and the manifest
 ``model.json``. Versions are positive integers; ``latest`` is the highest. Loading checks the
-artifact's sha256 against the manifest *before* unpickling it, then checks the estimator
-against the manifest, so a tampered or mismatched artifact is never served.
+artifact's sha256 against the manifest *before* unpickling it, then checks that what was
+unpickled is an estimator that fits the manifest, so a tampered, mismatched or foreign artifact
+is never served. Error messages name the model, the version and the reason, never a file path
+(they reach ``/readyz``).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
 import logging
 import os
+import pickle
 import platform
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import anyio
 import joblib
@@ -31,15 +35,17 @@ import sklearn
 from model_store.compiled import (
     ONNX_ARTIFACT,
     CompileError,
+    Expected,
     OnnxModel,
+    compile_estimator,
     compiled_library_versions,
-    convert_onnx,
+    labels_from_proba,
+    sklearn_checks,
     verification_rows,
-    verify,
 )
-
-if TYPE_CHECKING:
-    from gateway.core.singleflight import SingleFlight
+from model_store.feature_names import drop_fitted_feature_names, fitted_feature_names
+from model_store.inflight import InFlight
+from model_store.settings import ModelSettings
 
 ARTIFACT = "model.joblib"
 MANIFEST = "model.json"
@@ -49,6 +55,14 @@ log = logging.getLogger("model_store")
 
 Task = Literal["classification", "regression"]
 Loader = Callable[[Path], Any]
+
+# What unpickling a foreign or damaged artifact can raise.
+_UNPICKLE_ERRORS = (pickle.UnpicklingError, EOFError, ImportError, AttributeError, ValueError,
+                    TypeError, KeyError, IndexError, OSError)
+
+
+def _where(name: str, version: int | str) -> str:
+    return f"model {name!r} v{version}"
 
 
 class ModelStoreError(Exception):
@@ -60,7 +74,8 @@ class ModelNotFound(ModelStoreError):
 
 
 class ArtifactRejected(ModelStoreError):
-    """The files exist but were refused: missing manifest, digest mismatch, shape mismatch."""
+    """The files exist but were refused: missing manifest, digest mismatch, not an estimator,
+    shape mismatch."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +92,12 @@ class Manifest:
     library_versions: dict[str, str]
     artifact: str = ARTIFACT
     backends: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """Compiled backends: ``{"onnx": {"artifact", "sha256", "checks": {output: {...}}, ...}}``
-    or ``{"onnx": {"error": "<why it could not be compiled>"}}``."""
+    """What verification found per backend: ``{"onnx": {"artifact", "sha256", "input",
+    "round_input", "checks": {output: {...}}, "tried": {...}, ...}}`` or ``{"onnx": {"error":
+    "<why it could not be compiled>"}}``; ``{"sklearn": {"checks": {"label": {"from_proba":
+    bool, "rows": n}}}}`` for the estimator itself."""
+    settings: ModelSettings = dataclasses.field(default_factory=ModelSettings)
+    """Serving settings of this version (only the fields set; the rest are global)."""
 
     @property
     def digest(self) -> str:
@@ -86,9 +105,14 @@ class Manifest:
         return self.sha256[:16]
 
     def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["features"] = list(self.features)
-        data["classes"] = list(self.classes)
+        data: dict[str, Any] = {
+            "name": self.name, "version": self.version, "sha256": self.sha256,
+            "features": list(self.features), "classes": list(self.classes), "task": self.task,
+            "created": self.created, "library_versions": dict(self.library_versions),
+            "artifact": self.artifact, "backends": self.backends,
+        }
+        if self.settings:
+            data["settings"] = self.settings.to_json()
         return data
 
     @classmethod
@@ -104,12 +128,19 @@ class Manifest:
             library_versions=dict(data.get("library_versions") or {}),
             artifact=str(data.get("artifact", ARTIFACT)),
             backends=dict(data.get("backends") or {}),
+            settings=ModelSettings.from_json(data.get("settings")),
         )
 
     def verified(self, backend: str, output: str) -> bool:
         """Was ``backend`` verified against the estimator for ``output``?"""
         checks = self.backends.get(backend, {}).get("checks", {})
         return bool(checks.get(output, {}).get("verified", False))
+
+    def from_proba(self, backend: str) -> bool:
+        """Do ``classes[argmax]`` of ``backend``'s probabilities equal the estimator's labels on
+        every verification row (ties included)? False when not recorded."""
+        checks = self.backends.get(backend, {}).get("checks", {})
+        return checks.get("label", {}).get("from_proba") is True
 
 
 Backend = Literal["sklearn", "onnx"]
@@ -120,12 +151,19 @@ class LoadedModel:
     """A verified manifest with its estimator (and compiled model, if any), ready to predict.
 
     Each output is served by the compiled model only where the manifest records that it was
-    verified for that output; ``prefer_compiled=False`` forces the estimator.
+    verified for that output; ``prefer_compiled=False`` forces the estimator. Rows are float64,
+    columns in ``manifest.features`` order.
     """
 
     manifest: Manifest
     estimator: Any
     compiled: OnnxModel | None = None
+    _classes: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        classes = getattr(self.estimator, "classes_", None)
+        object.__setattr__(self, "_classes",
+                           np.asarray(self.manifest.classes if classes is None else classes))
 
     @property
     def name(self) -> str:
@@ -156,19 +194,60 @@ class LoadedModel:
             values = self.compiled.predict(rows)
         else:
             values = self.estimator.predict(rows)
-        out: list[Any] = values.tolist()
+        out: list[Any] = np.asarray(values).tolist()
         return out
 
     def predict_proba(self, rows: np.ndarray, *, prefer_compiled: bool = True
                       ) -> list[list[float]]:
         """Class probabilities for ``rows``, columns in ``manifest.classes`` order."""
-        if self.compiled is not None and self.backend(
-                "probabilities", prefer_compiled=prefer_compiled) == "onnx":
-            values = self.compiled.predict_proba(rows)
-        else:
-            values = self.estimator.predict_proba(rows)
-        out: list[list[float]] = np.asarray(values, dtype=np.float64).tolist()
+        out: list[list[float]] = self._proba(
+            rows, self.backend("probabilities", prefer_compiled=prefer_compiled)).tolist()
         return out
+
+    def _proba(self, rows: np.ndarray, backend: Backend) -> np.ndarray:
+        if backend == "onnx" and self.compiled is not None:
+            return self.compiled.predict_proba(rows)
+        return np.asarray(self.estimator.predict_proba(rows), dtype=np.float64)
+
+    def both_in_one_call(self, *, prefer_compiled: bool = True) -> bool:
+        """Does ``predict_both`` answer with one model call? Yes when both outputs come from the
+        compiled model (one run gives both), or when the probabilities' backend was verified to
+        give the estimator's labels as ``classes[argmax]`` on every verification row."""
+        if not self.has_proba:
+            return False
+        label = self.backend("label", prefer_compiled=prefer_compiled)
+        proba = self.backend("probabilities", prefer_compiled=prefer_compiled)
+        return (label == proba == "onnx") or self.manifest.from_proba(proba)
+
+    def predict_both(self, rows: np.ndarray, *, prefer_compiled: bool = True
+                     ) -> tuple[list[Any], list[list[float]]]:
+        """Labels and probabilities (classifiers with probabilities only): the answers of
+        ``predict`` and ``predict_proba``, with one model call where ``both_in_one_call``."""
+        label = self.backend("label", prefer_compiled=prefer_compiled)
+        proba_backend = self.backend("probabilities", prefer_compiled=prefer_compiled)
+        if label == proba_backend == "onnx" and self.compiled is not None:
+            labels, proba = self.compiled.run(rows)
+            if proba is None:
+                raise CompileError(f"{_where(self.name, self.version)}: the compiled model "
+                                   "has no probabilities output")
+        elif self.manifest.from_proba(proba_backend):
+            proba = self._proba(rows, proba_backend)
+            labels = labels_from_proba(self._classes, proba)
+        else:
+            return (self.predict(rows, prefer_compiled=prefer_compiled),
+                    self.predict_proba(rows, prefer_compiled=prefer_compiled))
+        return np.asarray(labels).tolist(), np.asarray(proba, dtype=np.float64).tolist()
+
+
+class StoreChanges(NamedTuple):
+    """What differs between two ``ModelStore.scan`` results, as ``(name, version)`` pairs."""
+
+    added: list[tuple[str, int]]
+    removed: list[tuple[str, int]]
+    changed: list[tuple[str, int]]  # the manifest's bytes differ (new settings, recompiled)
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.changed)
 
 
 def sha256_file(path: Path) -> str:
@@ -189,58 +268,124 @@ def library_versions() -> dict[str, str]:
 
 
 def describe_estimator(estimator: Any) -> tuple[tuple[str, ...], tuple[Any, ...], Task]:
-    """Feature names, classes and task type read from a fitted estimator.
+    """Feature names, classes and task type read from a fitted estimator. The feature names
+    are those it was fitted with (``feature_names_in_``), else ``f0..fN``.
 
     Raises:
-        ValueError: the estimator is not fitted or exposes no feature count.
+        ValueError: not an estimator (no ``predict``), or not fitted (no ``n_features_in_``).
     """
+    if not callable(getattr(estimator, "predict", None)):
+        raise ValueError(f"an object of type {type(estimator).__name__} is not an estimator "
+                         "(no predict method)")
     n = getattr(estimator, "n_features_in_", None)
     if n is None:
-        raise ValueError("estimator is not fitted (no n_features_in_)")
-    names = getattr(estimator, "feature_names_in_", None)
-    features = tuple(str(x) for x in names) if names is not None else tuple(
-        f"f{i}" for i in range(int(n))
-    )
+        raise ValueError(f"{type(estimator).__name__} is not fitted (no n_features_in_)")
+    names = fitted_feature_names(estimator)
+    features = names if names is not None else tuple(f"f{i}" for i in range(int(n)))
     classes_ = getattr(estimator, "classes_", None)
     if classes_ is None:
         return features, (), "regression"
     return features, tuple(np.asarray(classes_).tolist()), "classification"
 
 
+def _check_estimator(manifest: Manifest, estimator: Any) -> None:
+    """Refuse what was unpickled unless it is an estimator that fits ``manifest``."""
+    where = _where(manifest.name, manifest.version)
+    if not callable(getattr(estimator, "predict", None)):
+        raise ArtifactRejected(f"{where}: the artifact holds an object of type "
+                               f"{type(estimator).__name__}, not an estimator (no predict method)")
+    n = getattr(estimator, "n_features_in_", None)
+    if n is None:
+        return  # a predict-style model that does not say; the gateway checks row widths
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or int(n) != len(
+            manifest.features):
+        raise ArtifactRejected(f"{where}: estimator expects {n!r} features, manifest lists "
+                               f"{len(manifest.features)}")
+
+
+def _check_rows(rows: np.ndarray | None, n_features: int) -> np.ndarray | None:
+    if rows is None:
+        return None
+    out = np.asarray(rows, dtype=np.float64)
+    if out.ndim != 2 or out.shape[1] != n_features:
+        raise ValueError(f"training rows: expected shape (n, {n_features}), got {out.shape}")
+    if not np.all(np.isfinite(out)):
+        raise ValueError("training rows: NaN or infinite values")
+    return out
+
+
+def _write_manifest(vdir: Path, manifest: Manifest) -> None:
+    """Replace ``vdir``'s manifest atomically (readers see the old or the new one)."""
+    tmp = vdir / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+    os.replace(tmp, vdir / MANIFEST)
+
+
 class ModelStore:
     """Models on disk under ``root``; see the module docstring for the layout.
 
     ``loader`` unpickles a verified artifact (``joblib.load`` unless a test passes its own).
+    Concurrent ``load`` calls for one version load it once.
     """
 
     def __init__(self, root: Path | str, *, loader: Loader = joblib.load) -> None:
         self.root = Path(root)
         self._loader = loader
-        # Imported here: the gateway package imports this module, and either may load first.
-        from gateway.core.singleflight import SingleFlight
-
-        self._loads: SingleFlight[tuple[str, int], LoadedModel] = SingleFlight()
+        self._loads: InFlight[tuple[str, int], LoadedModel] = InFlight()
 
     # -- reading ---------------------------------------------------------------------------
     def models(self) -> dict[str, list[int]]:
         """Every model name with its versions, ascending. Empty when the root is missing."""
-        out: dict[str, list[int]] = {}
+        return {name: sorted(versions) for name, versions in self._version_dirs().items()}
+
+    def _version_dirs(self) -> dict[str, dict[int, Path]]:
+        out: dict[str, dict[int, Path]] = {}
         if not self.root.is_dir():
             return out
-        for model_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
-            versions = sorted(
-                int(v.name) for v in model_dir.iterdir()
-                if v.is_dir() and v.name.isdigit() and int(v.name) > 0
-            )
+        for model_dir in sorted(self.root.iterdir()):
+            if not (_NAME.match(model_dir.name) and model_dir.is_dir()):
+                continue
+            versions = {
+                int(v.name): v for v in model_dir.iterdir()
+                if v.name.isdecimal() and v.name.isascii() and int(v.name) > 0 and v.is_dir()
+            }
             if versions:
                 out[model_dir.name] = versions
         return out
+
+    def scan(self) -> dict[str, dict[int, str]]:
+        """``{name: {version: stamp}}`` for every version on disk, without unpickling: the
+        stamp is the sha256 of the manifest's bytes ("" when it is missing or unreadable), so
+        a version that is added, removed, re-registered, recompiled or reconfigured shows as a
+        difference between two scans (see ``changes``). Reads only the small manifests."""
+        out: dict[str, dict[int, str]] = {}
+        for name, versions in self._version_dirs().items():
+            stamps: dict[int, str] = {}
+            for version, vdir in sorted(versions.items()):
+                try:
+                    stamps[version] = hashlib.sha256((vdir / MANIFEST).read_bytes()).hexdigest()
+                except OSError:
+                    stamps[version] = ""
+            out[name] = stamps
+        return out
+
+    @staticmethod
+    def changes(before: Mapping[str, Mapping[int, str]],
+                after: Mapping[str, Mapping[int, str]]) -> StoreChanges:
+        """What was added, removed or changed between two ``scan`` results."""
+        old = {(n, v): s for n, vs in before.items() for v, s in vs.items()}
+        new = {(n, v): s for n, vs in after.items() for v, s in vs.items()}
+        return StoreChanges(
+            added=sorted(new.keys() - old.keys()),
+            removed=sorted(old.keys() - new.keys()),
+            changed=sorted(k for k in new.keys() & old.keys() if new[k] != old[k]),
+        )
 
     def latest(self, name: str) -> int:
         """Highest version of ``name``. Raises ModelNotFound."""
         versions = self.models().get(name)
         if not versions:
-            raise ModelNotFound(f"model {name!r} not found under {self.root}")
+            raise ModelNotFound(f"model {name!r} not found")
         return versions[-1]
 
     def resolve(self, name: str, version: int | str | None) -> int:
@@ -255,50 +400,65 @@ class ModelStore:
             raise ModelNotFound(f"model {name!r} has no version {v}")
         return v
 
+    def _vdir(self, name: str, version: int) -> Path:
+        if not _NAME.match(name) or not (self.root / name / str(version)).is_dir():
+            raise ModelNotFound(f"model {name!r} has no version {version}")
+        return self.root / name / str(version)
+
     def manifest(self, name: str, version: int) -> Manifest:
         """The manifest of one version. Raises ModelNotFound or ArtifactRejected."""
-        vdir = self.root / name / str(version)
-        if not vdir.is_dir():
-            raise ModelNotFound(f"model {name!r} has no version {version} ({vdir})")
-        path = vdir / MANIFEST
+        path = self._vdir(name, version) / MANIFEST
+        where = _where(name, version)
         if not path.is_file():
-            raise ArtifactRejected(f"{path}: manifest missing")
+            raise ArtifactRejected(f"{where}: {MANIFEST}: manifest missing")
         try:
             manifest = Manifest.from_json(json.loads(path.read_text()))
+        except OSError as exc:
+            raise ArtifactRejected(f"{where}: manifest unreadable: {exc.strerror}") from exc
         except (ValueError, KeyError, TypeError) as exc:
-            raise ArtifactRejected(f"{path}: manifest unreadable: {exc}") from exc
+            raise ArtifactRejected(f"{where}: manifest unreadable: {exc}") from exc
         if manifest.name != name or manifest.version != version:
             raise ArtifactRejected(
-                f"{path}: manifest names {manifest.name!r} v{manifest.version}, "
-                f"expected {name!r} v{version}"
+                f"{where}: manifest names {manifest.name!r} v{manifest.version}"
             )
         return manifest
 
     def load_sync(self, name: str, version: int) -> LoadedModel:
         """Verify and unpickle one version (blocking; prefer ``load`` from async code).
 
+        The estimator's remembered DataFrame column names are dropped (see
+        ``model_store.feature_names``): the gateway passes plain rows in the same order.
+
         Raises:
             ModelNotFound: no such model or version.
             ArtifactRejected: missing manifest or artifact, sha256 mismatch (checked before
-                unpickling), or an estimator whose feature count disagrees with the manifest.
+                unpickling), an artifact that cannot be unpickled, is not an estimator (no
+                ``predict``) or whose feature count disagrees with the manifest.
         """
         manifest = self.manifest(name, version)
+        where = _where(name, version)
         artifact = self.root / name / str(version) / manifest.artifact
         if not artifact.is_file():
-            raise ArtifactRejected(f"{artifact}: artifact missing")
-        actual = sha256_file(artifact)
+            raise ArtifactRejected(f"{where}: artifact {manifest.artifact} missing")
+        try:
+            actual = sha256_file(artifact)
+        except OSError as exc:
+            raise ArtifactRejected(f"{where}: {manifest.artifact} unreadable: {exc.strerror}"
+                                   ) from exc
         if actual != manifest.sha256:
             raise ArtifactRejected(
-                f"{artifact}: sha256 mismatch (manifest {manifest.sha256[:12]}…, "
-                f"file {actual[:12]}…); refusing to unpickle"
+                f"{where}: {manifest.artifact}: sha256 mismatch (manifest "
+                f"{manifest.sha256[:12]}…, file {actual[:12]}…); refusing to unpickle"
             )
-        estimator = self._loader(artifact)
-        n = getattr(estimator, "n_features_in_", None)
-        if n is not None and int(n) != len(manifest.features):
-            raise ArtifactRejected(
-                f"{artifact}: estimator expects {n} features, manifest lists "
-                f"{len(manifest.features)}"
-            )
+        try:
+            estimator = self._loader(artifact)
+        except _UNPICKLE_ERRORS as exc:
+            reason = (exc.strerror if isinstance(exc, OSError)
+                      else (str(exc).splitlines() or [""])[0][:200])
+            raise ArtifactRejected(f"{where}: {manifest.artifact} cannot be unpickled: "
+                                   f"{type(exc).__name__}: {reason}") from exc
+        _check_estimator(manifest, estimator)
+        drop_fitted_feature_names(estimator)
         return LoadedModel(manifest, estimator, self._load_compiled(manifest, estimator))
 
     def _load_compiled(self, manifest: Manifest, estimator: Any) -> OnnxModel | None:
@@ -307,26 +467,37 @@ class ModelStore:
         onnx = manifest.backends.get("onnx", {})
         if "sha256" not in onnx:
             return None
+        where = _where(manifest.name, manifest.version)
         path = self.root / manifest.name / str(manifest.version) / onnx["artifact"]
         if not path.is_file():
-            raise ArtifactRejected(f"{path}: compiled artifact missing")
-        data = path.read_bytes()
-        if hashlib.sha256(data).hexdigest() != onnx["sha256"]:
-            raise ArtifactRejected(f"{path}: sha256 mismatch with the manifest; refusing to load")
+            raise ArtifactRejected(f"{where}: compiled artifact {onnx['artifact']} missing")
         try:
-            return OnnxModel(data, getattr(estimator, "classes_", None))
+            data = path.read_bytes()
+        except OSError as exc:
+            raise ArtifactRejected(f"{where}: {onnx['artifact']} unreadable: {exc.strerror}"
+                                   ) from exc
+        if hashlib.sha256(data).hexdigest() != onnx["sha256"]:
+            raise ArtifactRejected(f"{where}: {onnx['artifact']}: sha256 mismatch with the "
+                                   "manifest; refusing to load")
+        # Manifests written before "input" was recorded fed float64 rows rounded through float32.
+        round_input = bool(onnx.get("round_input", "input" not in onnx))
+        try:
+            return OnnxModel(data, getattr(estimator, "classes_", None), round_input=round_input)
         except CompileError as exc:
-            log.warning("%s: compiled backend not loaded, serving sklearn: %s", path, exc)
+            log.warning("%s: compiled backend not loaded, serving sklearn: %s", where, exc)
             return None
 
     async def load(self, name: str, version: int) -> LoadedModel:
         """``load_sync`` in a worker thread; concurrent loads of one version load it once."""
 
-        async def _load(_positions: list[int]) -> list[LoadedModel]:
-            return [await anyio.to_thread.run_sync(self.load_sync, name, version)]
+        async def _load() -> LoadedModel:
+            return await anyio.to_thread.run_sync(self.load_sync, name, version)
 
-        (model,), _shared = await self._loads.do([(name, version)], _load)
-        return model
+        return await self._loads.do((name, version), _load)
+
+    async def aclose(self) -> None:
+        """Cancel the loads still in flight."""
+        await self._loads.aclose()
 
     # -- writing ---------------------------------------------------------------------------
     def register(
@@ -339,17 +510,24 @@ class ModelStore:
         backend: Literal["auto", "sklearn", "onnx"] = "auto",
         train_rows: np.ndarray | None = None,
         proba_atol: float = 1e-6,
+        value_rtol: float = 1e-5,
+        settings: ModelSettings | Mapping[str, Any] | None = None,
     ) -> Manifest:
         """Store a fitted estimator as a new version and return its manifest.
 
-        ``version`` defaults to the next one. The version directory is written under a
-        temporary name and renamed into place, so readers never see half a version.
-        ``backend`` ``auto`` also compiles it (see ``compile``), falling back to sklearn with
-        a logged reason when it cannot be converted; ``onnx`` requires the conversion.
+        ``version`` defaults to the next one. ``features`` default to the names the estimator
+        was fitted with (a DataFrame's columns), else ``f0..fN``; given together, they must be
+        equal. The version directory is written under a temporary name and renamed into place,
+        so readers never see half a version. The estimator is checked on the verification rows
+        (``train_rows`` plus generated ones): for a classifier, whether its labels are
+        ``classes[argmax(predict_proba)]`` (recorded for one-call answers). ``backend`` ``auto``
+        also compiles it (see ``compile``), falling back to sklearn with a logged reason when it
+        cannot be converted; ``onnx`` requires the conversion.
 
         Raises:
-            ValueError: bad name, version taken or not positive, feature list that disagrees
-                with the estimator.
+            ValueError: bad name, version taken or not positive, not a fitted estimator,
+                feature names that disagree with the estimator, training rows of the wrong
+                shape, bad settings.
             CompileError: ``backend="onnx"`` and the estimator cannot be converted.
         """
         if not _NAME.match(name):
@@ -363,11 +541,21 @@ class ModelStore:
             raise ValueError(f"model {name!r} already has version {version}")
         est_features, classes, task = describe_estimator(estimator)
         if features is not None:
+            features = tuple(features)
             if len(features) != len(est_features):
                 raise ValueError(
                     f"{len(features)} feature names given, estimator expects {len(est_features)}"
                 )
-            est_features = tuple(features)
+            fitted = fitted_feature_names(estimator)
+            if fitted is not None and features != fitted:
+                raise ValueError(f"feature names {','.join(features)} disagree with those the "
+                                 f"estimator was fitted with: {','.join(fitted)}")
+            est_features = features
+        rows = _check_rows(train_rows, len(est_features))
+        model_settings = (settings if isinstance(settings, ModelSettings)
+                          else ModelSettings.from_json(settings))
+        served = copy.deepcopy(estimator)  # as load_sync serves it
+        drop_fitted_feature_names(served)
 
         model_dir = self.root / name
         model_dir.mkdir(parents=True, exist_ok=True)
@@ -383,11 +571,12 @@ class ModelStore:
                 task=task,
                 created=datetime.now(UTC).isoformat(timespec="seconds"),
                 library_versions=library_versions(),
+                settings=model_settings,
             )
-            if backend != "sklearn":
-                manifest = _compile_into(tmp, manifest, estimator, train_rows, proba_atol,
-                                         required=backend == "onnx")
-            (tmp / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
+            manifest = _verify_into(tmp, manifest, served, rows, proba_atol, value_rtol,
+                                    compile_to=None if backend == "sklearn" else "onnx",
+                                    required=backend == "onnx")
+            _write_manifest(tmp, manifest)
             os.rename(tmp, model_dir / str(version))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -401,60 +590,95 @@ class ModelStore:
         *,
         train_rows: np.ndarray | None = None,
         proba_atol: float = 1e-6,
+        value_rtol: float = 1e-5,
     ) -> Manifest:
         """Compile an existing version to ONNX, verify it per output, record the result in
         its manifest (replaced atomically) and return the new manifest.
 
         Raises:
             ModelNotFound, ArtifactRejected: as ``load_sync``.
+            ValueError: training rows of the wrong shape.
             CompileError: the estimator cannot be converted (the manifest records why).
         """
         loaded = self.load_sync(name, version)
         vdir = self.root / name / str(version)
-        manifest = _compile_into(vdir, loaded.manifest, loaded.estimator, train_rows,
-                                 proba_atol, required=False)
-        tmp = vdir / f".{MANIFEST}.tmp"
-        tmp.write_text(json.dumps(manifest.to_json(), indent=2) + "\n")
-        os.replace(tmp, vdir / MANIFEST)
+        rows = _check_rows(train_rows, len(loaded.manifest.features))
+        manifest = _verify_into(vdir, loaded.manifest, loaded.estimator, rows, proba_atol,
+                                value_rtol, compile_to="onnx", required=False)
+        _write_manifest(vdir, manifest)
         if "error" in manifest.backends.get("onnx", {}):
             raise CompileError(manifest.backends["onnx"]["error"])
         return manifest
 
+    def configure(
+        self,
+        name: str,
+        version: int,
+        values: Mapping[str, Any] | None = None,
+        *,
+        unset: Iterable[str] = (),
+    ) -> Manifest:
+        """Set (``values``) or clear (``unset``) serving settings of one version, rewrite its
+        manifest atomically and return it. The artifact and its digest are unchanged, so
+        cached answers stay valid.
 
-def _compile_into(
+        Raises:
+            ModelNotFound, ArtifactRejected: as ``manifest``.
+            ValueError: an unknown setting or a value out of range.
+        """
+        manifest = self.manifest(name, version)
+        updated = dataclasses.replace(
+            manifest, settings=manifest.settings.updated(dict(values or {}), tuple(unset)))
+        _write_manifest(self._vdir(name, version), updated)
+        return updated
+
+
+def _verify_into(
     vdir: Path,
     manifest: Manifest,
     estimator: Any,
     train_rows: np.ndarray | None,
     proba_atol: float,
+    value_rtol: float,
     *,
+    compile_to: Literal["onnx"] | None,
     required: bool,
 ) -> Manifest:
-    """Write ``model.onnx`` into ``vdir`` and return ``manifest`` with what verification found.
+    """Check ``estimator`` on the verification rows and, with ``compile_to``, write
+    ``model.onnx`` into ``vdir``; return ``manifest`` with what was found.
 
     A conversion failure is recorded (and logged); it raises only when ``required``.
     """
     n_features = len(manifest.features)
+    expected = Expected.of(estimator, verification_rows(estimator, n_features, train_rows))
+    backends = {k: v for k, v in manifest.backends.items() if k not in ("sklearn", "onnx")}
+    own = sklearn_checks(expected)
+    if own:
+        backends["sklearn"] = {"checks": own}
+    if compile_to is None:
+        return dataclasses.replace(manifest, backends=backends)
+    where = _where(manifest.name, manifest.version)
     try:
-        data = convert_onnx(estimator, n_features)
+        compiled = compile_estimator(estimator, n_features, expected, proba_atol=proba_atol,
+                                     value_rtol=value_rtol)
     except CompileError as exc:
         if required:
             raise
-        log.warning("%s v%d: not compiled, serving sklearn: %s", manifest.name,
-                    manifest.version, exc)
-        return dataclasses.replace(manifest, backends={"onnx": {"error": str(exc)}})
-    rows = verification_rows(estimator, n_features, train_rows)
-    checks = verify(estimator, OnnxModel(data, getattr(estimator, "classes_", None)), rows,
-                    proba_atol)
-    for output, check in checks.items():
+        log.warning("%s: not compiled, serving sklearn: %s", where, exc)
+        backends["onnx"] = {"error": str(exc)}
+        return dataclasses.replace(manifest, backends=backends)
+    for output, check in compiled.checks.items():
         if not check.verified:
-            log.warning("%s v%d: onnx %s not verified (mismatches %d, max diff %.3g); "
-                        "sklearn serves it", manifest.name, manifest.version, output,
-                        check.mismatches, check.max_abs_diff)
-    (vdir / ONNX_ARTIFACT).write_bytes(data)
-    return dataclasses.replace(manifest, backends={"onnx": {
+            log.warning("%s: onnx %s not verified (%s); sklearn serves it", where, output,
+                        check.reason)
+    (vdir / ONNX_ARTIFACT).write_bytes(compiled.data)
+    backends["onnx"] = {
         "artifact": ONNX_ARTIFACT,
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "checks": {o: c.to_json() for o, c in checks.items()},
+        "sha256": hashlib.sha256(compiled.data).hexdigest(),
+        "input": compiled.input_type,
+        "round_input": compiled.round_input,
+        "checks": {o: c.to_json() for o, c in compiled.checks.items()},
+        "tried": compiled.tried,
         "library_versions": compiled_library_versions(),
-    }})
+    }
+    return dataclasses.replace(manifest, backends=backends)

@@ -16,11 +16,14 @@ def test_model_store_exports() -> None:
         "LoadedModel",
         "Manifest",
         "ModelNotFound",
+        "ModelSettings",
         "ModelStore",
         "ModelStoreError",
+        "StoreChanges",
     ]
     for name in model_store.__all__:
-        assert getattr(model_store, name).__module__ == "model_store.store"
+        assert getattr(model_store, name).__module__ in ("model_store.store",
+                                                          "model_store.settings")
 
 
 def test_bench_exports() -> None:

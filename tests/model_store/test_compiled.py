@@ -11,10 +11,19 @@ import numpy as np
 import onnx
 import pytest
 from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.ensemble import (
+    ExtraTreesRegressor,
+    HistGradientBoostingClassifier,
+    RandomForestClassifier,
+    RandomForestRegressor,
+)
+from sklearn.linear_model import LinearRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
 from model_store import ArtifactRejected, ModelStore
 from model_store.compiled import CompileError, OnnxModel, convert_onnx, verification_rows, verify
-from model_store.demo import IRIS_FEATURES
+from model_store.demo import IRIS_FEATURES, iris_data
 
 
 def test_verified_compiled_model_serves_both_outputs(compiled_store: Path, iris_rows,
@@ -49,9 +58,11 @@ def _perturbed(data: bytes) -> bytes:
 def test_verification_rejects_a_perturbed_compiled_model(iris_estimator, iris_rows) -> None:
     data = convert_onnx(iris_estimator, 4)
     rows = verification_rows(iris_estimator, 4, iris_rows)
-    good = verify(iris_estimator, OnnxModel(data, iris_estimator.classes_), rows, 1e-6)
+    good = verify(iris_estimator, OnnxModel(data, iris_estimator.classes_, round_input=True), rows,
+                  1e-6)
     assert good["label"].verified and good["probabilities"].verified
-    bad = verify(iris_estimator, OnnxModel(_perturbed(data), iris_estimator.classes_), rows,
+    bad = verify(iris_estimator, OnnxModel(_perturbed(data), iris_estimator.classes_,
+                                          round_input=True), rows,
                  1e-6)
     assert not bad["label"].verified and bad["label"].mismatches > 0
     assert not bad["probabilities"].verified and bad["probabilities"].max_abs_diff > 1e-3
@@ -118,3 +129,74 @@ def test_compile_an_existing_version(tmp_path: Path, iris_estimator) -> None:
     assert on_disk["backends"]["onnx"]["sha256"] == m.backends["onnx"]["sha256"]
     assert store.load_sync("iris", 1).backends() == {"label": "onnx", "probabilities": "onnx"}
     assert m.sha256 == store.manifest("iris", 1).sha256  # same version digest, same keys
+
+
+def _diabetes() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_diabetes
+
+    x, y = load_diabetes(return_X_y=True)
+    return np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+
+
+@pytest.mark.parametrize(("make", "conversion"), [
+    (lambda: LinearRegression(), "float64"),
+    (lambda: ExtraTreesRegressor(n_estimators=3, random_state=0), "float32"),
+    (lambda: make_pipeline(StandardScaler(), RandomForestRegressor(n_estimators=3,
+                                                                   random_state=0)),
+     "float64+float32"),
+])
+def test_each_estimator_gets_the_conversion_that_verifies(tmp_path: Path, make: Any,
+                                                          conversion: str) -> None:
+    x, y = _diabetes()
+    est = make().fit(x, y)
+    m = ModelStore(tmp_path).register(est, "reg", train_rows=x)
+    onnx_entry = m.backends["onnx"]
+    assert onnx_entry["input"] == conversion
+    check = onnx_entry["checks"]["label"]
+    assert check["verified"] and check["rtol"] == 1e-5 and check["rows"] == 10_000 + len(x)
+    model = ModelStore(tmp_path).load_sync("reg", 1)
+    assert model.backends() == {"label": "onnx"}
+    rows = verification_rows(est, x.shape[1], x, seed=3)  # float64 rows, as the gateway's
+    got, want = np.asarray(model.predict(rows)), est.predict(rows)
+    assert np.all(np.abs(got - want) <= 1e-5 * max(1.0, float(np.max(np.abs(want)))))
+
+
+def test_where_float32_changes_a_label_sklearn_serves_and_the_manifest_says_why(
+        tmp_path: Path, iris_rows) -> None:
+    x, y = iris_data()
+    est = HistGradientBoostingClassifier(max_iter=5, random_state=0).fit(x, y)
+    m = ModelStore(tmp_path).register(est, "hgb", train_rows=iris_rows)
+    onnx_entry = m.backends["onnx"]
+    label = onnx_entry["checks"]["label"]
+    assert not label["verified"] and label["mismatches"] > 0
+    assert label["reason"].startswith(f"float32 input changes {label['mismatches']} of ")
+    assert "float64" in onnx_entry["tried"]
+    model = ModelStore(tmp_path).load_sync("hgb", 1)
+    assert model.backends() == {"label": "sklearn", "probabilities": "sklearn"}
+    assert model.predict(x) == est.predict(x).tolist()
+
+
+def test_a_manifest_without_input_type_is_read_as_before(tmp_path: Path, iris_estimator,
+                                                         iris_rows, random_rows) -> None:
+    store = ModelStore(tmp_path)
+    store.register(iris_estimator, "iris", features=IRIS_FEATURES, train_rows=iris_rows)
+    path = tmp_path / "iris" / "1" / "model.json"
+    manifest = json.loads(path.read_text())
+    assert manifest["backends"]["onnx"].pop("input") == "float64"
+    assert manifest["backends"]["onnx"].pop("round_input") is True
+    path.write_text(json.dumps(manifest))
+    model = store.load_sync("iris", 1)
+    assert model.compiled is not None and model.compiled.round_input
+    assert model.predict(random_rows) == iris_estimator.predict(random_rows).tolist()
+
+
+def test_pipeline_rows_reach_the_final_trees_thresholds(iris_rows) -> None:
+    x, y = iris_data()
+    est = make_pipeline(StandardScaler(), RandomForestClassifier(n_estimators=3,
+                                                                 random_state=0)).fit(x, y)
+    rows = verification_rows(est, 4, iris_rows, generated=2000)
+    inner = est[:-1].transform(rows[len(iris_rows):])
+    thresholds = {float(t) for e in est[-1].estimators_ for t in e.tree_.threshold
+                  if t != -2}
+    close = [min(abs(v - t) for t in thresholds) < 1e-6 for v in inner[:, 2]]
+    assert sum(close) > 100  # about a quarter of the mapped half sit on a threshold
