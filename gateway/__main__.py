@@ -1,32 +1,163 @@
-"""``python -m gateway``: serve with uvicorn (uvloop, httptools); settings from ``GATEWAY_*``."""
+"""``python -m gateway``: serve the gateway with uvicorn (uvloop, httptools).
+
+The gateway's settings come from ``GATEWAY_*`` environment variables (``gateway.settings``);
+these options are about serving: where to listen, how many worker processes, and how HTTP
+connections behave behind a proxy such as the nginx of ``deploy/nginx``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import socket
+import stat
+import tempfile
+from pathlib import Path
+from typing import Any
 
 import uvicorn
 
+from gateway.metrics import MULTIPROC_ENV
+from gateway.workers import metrics_dir, serve_workers
+
+APP = "gateway.app:from_env"
+
+KEEP_ALIVE_S = 75
+"""Default ``--timeout-keep-alive``: above nginx's idle upstream connection timeout (60 s in
+``deploy/nginx``), so that nginx, never the gateway, closes an idle connection. Otherwise
+nginx may send a request on a connection the gateway is closing, and the client gets a 502."""
+
+GRACEFUL_SHUTDOWN_S = 10
+"""Default ``--timeout-graceful-shutdown``: how long a stopping server lets open connections
+finish before it closes them."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
+    where = p.add_argument_group("where to listen")
+    where.add_argument("--host", default="127.0.0.1", help="address (default: %(default)s)")
+    where.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    where.add_argument("--uds", metavar="PATH", type=Path,
+                       help="listen on this unix socket instead of --host/--port (an nginx "
+                            "sidecar); its directory must exist and be writable")
+    p.add_argument("--workers", type=_positive_int, default=1, metavar="N",
+                   help="worker processes sharing the socket (default: %(default)s); with more "
+                        f"than one, /metrics reports the server's totals (multiprocess files "
+                        f"in a directory of the server's own under ${MULTIPROC_ENV} or the "
+                        f"temp dir, removed on exit)")
+    http = p.add_argument_group("HTTP connections")
+    http.add_argument("--timeout-keep-alive", type=_positive_int, default=KEEP_ALIVE_S,
+                      metavar="S", help="close an idle connection after S seconds; keep it "
+                                        "above the proxy's upstream keepalive_timeout "
+                                        "(default: %(default)s)")
+    http.add_argument("--timeout-graceful-shutdown", type=_positive_int,
+                      default=GRACEFUL_SHUTDOWN_S, metavar="S",
+                      help="on SIGTERM, let open requests finish for up to S seconds "
+                           "(default: %(default)s)")
+    http.add_argument("--proxy-headers", action=argparse.BooleanOptionalAction, default=True,
+                      help="take the client address and scheme from X-Forwarded-For/-Proto "
+                           "sent by a trusted proxy (default: on)")
+    http.add_argument("--forwarded-allow-ips", metavar="IPS",
+                      help="comma-separated proxy addresses trusted for X-Forwarded-*, '*' for "
+                           "any (a unix socket peer has no address: use '*' with --uds); "
+                           "default: $FORWARDED_ALLOW_IPS or 127.0.0.1")
+    p.add_argument("--log-level", default="info",
+                   choices=["critical", "error", "warning", "info", "debug", "trace"])
+    return p
+
+
+def socket_path_error(path: Path) -> str | None:
+    """Why a unix socket cannot be served at ``path``, or None if it can.
+
+    An existing socket there is replaced (a previous server's); anything else is refused. A
+    missing path is checked by binding a socket to it and removing it again.
+    """
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        return f"{path}: {exc.strerror}"
+    if mode is not None:
+        if not stat.S_ISSOCK(mode):
+            return f"{path} exists and is not a socket"
+        if not os.access(path.parent, os.W_OK | os.X_OK):
+            return f"{path}: directory {path.parent} is not writable"
+        return None
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(str(path))
+        except OSError as exc:
+            reason = exc.strerror or str(exc)
+            return (f"cannot create a socket at {path}: {reason} (its directory must exist "
+                    f"and be writable)")
+    path.unlink()
+    return None
+
+
+def _exit_after_shutdown(_signum: int, _frame: object) -> None:
+    raise SystemExit(0)
+
+
+def _serve_one(options: dict[str, Any]) -> None:
+    """One process: uvicorn shuts down gracefully on SIGTERM, then raises it again to the
+    handler it found, which exits with 0 through ``uvicorn.run``'s cleanup (the unix socket
+    is removed) instead of dying of the signal."""
+    signal.signal(signal.SIGTERM, _exit_after_shutdown)
+    uvicorn.run(APP, **options)
+
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--log-level", default="info")
+    p = build_parser()
     args = p.parse_args(argv)
-    print(f"API docs: http://{args.host}:{args.port}/docs", flush=True)
-    uvicorn.run(
-        "gateway.app:from_env",
-        factory=True,
-        host=args.host,
-        port=args.port,
-        workers=args.workers,
-        loop="uvloop",
-        http="httptools",
-        log_level=args.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=10,
-    )
+    if args.uds is not None:
+        error = socket_path_error(args.uds)
+        if error is not None:
+            p.error(f"--uds: {error}")
+    options: dict[str, Any] = {
+        "factory": True,
+        "loop": "uvloop",
+        "http": "httptools",
+        "log_level": args.log_level,
+        "access_log": False,
+        "timeout_keep_alive": args.timeout_keep_alive,
+        "timeout_graceful_shutdown": args.timeout_graceful_shutdown,
+        "proxy_headers": args.proxy_headers,
+        "forwarded_allow_ips": args.forwarded_allow_ips,
+    }
+    if args.uds is not None:
+        options["uds"] = str(args.uds)
+    else:
+        options |= {"host": args.host, "port": args.port}
+        print(f"API docs: http://{args.host}:{args.port}/docs", flush=True)
+
+    parent = os.environ.get(MULTIPROC_ENV)
+    if args.workers == 1 and parent is None:
+        _serve_one(options)
+        return
+    base = Path(parent or tempfile.gettempdir())
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        p.error(f"{MULTIPROC_ENV}={base}: not a writable directory")
+    with metrics_dir(base) as directory:
+        os.environ[MULTIPROC_ENV] = str(directory)  # read by each worker as it starts
+        try:
+            if args.workers == 1:
+                _serve_one(options)
+            else:
+                serve_workers(uvicorn.Config(APP, workers=args.workers, **options), directory)
+        finally:
+            if parent is None:
+                del os.environ[MULTIPROC_ENV]
+            else:
+                os.environ[MULTIPROC_ENV] = parent
 
 
 if __name__ == "__main__":

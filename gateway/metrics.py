@@ -1,26 +1,76 @@
-"""Prometheus metrics of one app instance, in a registry of its own (no global state)."""
+"""Prometheus metrics of one app instance, and the one way to scrape them: ``render()``.
+
+Two modes, chosen when ``Metrics`` is built from the environment:
+
+* **One process** (``PROMETHEUS_MULTIPROC_DIR`` unset, the default): every metric lives in a
+  registry of this object's own (no global state), and ``render()`` reads it.
+* **Several workers of one server** (``PROMETHEUS_MULTIPROC_DIR`` set before the process
+  started, as ``python -m gateway --workers N`` does): prometheus-client's multiprocess mode.
+  Each value is written to a memory-mapped file of this worker in that directory, and
+  ``render()``, in whichever worker the scrape reaches, merges the files of every worker.
+  Counters and histograms are summed over every worker the server has run, so totals are the
+  server's and never go back when a worker is replaced. Gauges are merged by the mode given
+  where each is declared; ``live*`` modes leave out workers that died (their supervisor calls
+  ``mark_process_dead``, see ``gateway.workers``). Each write costs ~1 µs instead of ~0.3 µs.
+
+``in_flight`` is an ``int`` attribute: hot-path code does ``metrics.in_flight += 1`` and
+``-= 1`` on the event loop, which in one process is an attribute write read at scrape time.
+
+With several workers, gauges that one worker knows and another must report, the in-flight count
+and gauges read from a function (``set_function``), are sampled into the worker's file: at each
+scrape it answers, at most every 100 ms as its in-flight count changes, and when that count
+returns to zero after a non-zero sample (so an idle worker reports zeros). What a busy worker
+reports lags its last request start or end by at most 100 ms; the hot path pays one clock read
+per change instead of a file write.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+import os
+import time
+from collections.abc import Callable, Mapping
 
-__all__ = ["CONTENT_TYPE", "Metrics"]
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
+from prometheus_client.multiprocess import MultiProcessCollector
+
+__all__ = ["CONTENT_TYPE", "MULTIPROC_ENV", "Metrics"]
 
 CONTENT_TYPE = CONTENT_TYPE_PLAIN_0_0_4
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""The directory of prometheus-client's multiprocess files; set means several workers."""
 
 _LATENCY_BUCKETS = (
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 )
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+_SAMPLE_EVERY_S = 0.1
 
 
 class Metrics:
     """Every metric the gateway exports. The prometheus-client objects are thread-safe;
-    ``in_flight`` is a plain int changed on the event loop only."""
+    ``in_flight`` is changed on the event loop only.
 
-    def __init__(self) -> None:
+    ``environ`` (default ``os.environ``) selects the mode; multiprocess mode requires
+    ``PROMETHEUS_MULTIPROC_DIR`` to have been set before prometheus-client was imported, and
+    raises RuntimeError otherwise (values would silently stay per process).
+    """
+
+    def __init__(self, environ: Mapping[str, str] | None = None) -> None:
+        mp_dir = (os.environ if environ is None else environ).get(MULTIPROC_ENV)
+        multiprocess = bool(getattr(values.ValueClass, "_multiprocess", False))
+        if (mp_dir is not None) != multiprocess:
+            raise RuntimeError(
+                f"{MULTIPROC_ENV} must be set (or unset) before the process starts: "
+                f"it is {'set' if mp_dir is not None else 'unset'} but prometheus-client was "
+                f"imported {'without' if mp_dir is not None else 'with'} it")
+        self.multiprocess = mp_dir is not None
         r = self.registry = CollectorRegistry(auto_describe=True)
+        self._scrape = r
+        if mp_dir is not None:
+            self._scrape = CollectorRegistry()
+            MultiProcessCollector(self._scrape, path=mp_dir)  # type: ignore[no-untyped-call]
+
         self.requests = Counter(
             "gateway_requests", "HTTP requests by route template and status.",
             ["route", "status"], registry=r,
@@ -29,10 +79,17 @@ class Metrics:
             "gateway_request_seconds", "HTTP request latency.", ["route"],
             buckets=_LATENCY_BUCKETS, registry=r,
         )
-        self.in_flight = 0  # requests being answered now; read at scrape time, no lock
-        Gauge(
+        self._in_flight = 0
+        in_flight = Gauge(  # workers: sum over live workers (sampled, see the module doc)
             "gateway_requests_in_flight", "HTTP requests being answered now.", registry=r,
-        ).set_function(lambda: self.in_flight)
+            multiprocess_mode="livesum",
+        )
+        self._sampler: _Sampler | None = None
+        if self.multiprocess:
+            self._sampler = _Sampler()
+            self._sampler.add(in_flight, lambda: self._in_flight)
+        else:
+            in_flight.set_function(lambda: self._in_flight)
         self.cache_lookups = Counter(
             "gateway_cache_lookups",
             "Cache lookups by tier (l1, l2) and result (hit, miss, error).",
@@ -52,16 +109,19 @@ class Metrics:
             "gateway_model_exec", "Model calls by where they ran (inline, thread).",
             ["model", "version", "place"], registry=r,
         )
-        self.model_call_seconds = Gauge(
+        self.model_call_seconds = Gauge(  # workers: the most recently updated live worker's
             "gateway_model_call_seconds_avg", "Moving average of one model call's duration.",
-            ["model", "version"], registry=r,
+            ["model", "version"], registry=r, multiprocess_mode="livemostrecent",
         )
         self.batch_rows = Histogram(
             "gateway_batch_rows", "Rows per dispatched batch.", buckets=_BATCH_BUCKETS, registry=r,
         )
-        self.queue_rows = Gauge(
+        queue_rows = Gauge(  # workers: sum over live workers (sampled, see the module doc)
             "gateway_queue_rows", "Rows waiting for a model call.", ["model"], registry=r,
+            multiprocess_mode="livesum",
         )
+        self.queue_rows: Gauge | _SampledGauge = (
+            queue_rows if self._sampler is None else _SampledGauge(queue_rows, self._sampler))
         self.rejected = Counter(
             "gateway_rejected", "Requests refused, by reason (error code).", ["reason"],
             registry=r,
@@ -69,8 +129,9 @@ class Metrics:
         self.redis_errors = Counter(
             "gateway_redis_errors", "Redis calls that failed or timed out.", registry=r,
         )
-        self.circuit_open = Gauge(
+        self.circuit_open = Gauge(  # workers: 1 while any live worker's circuit is open
             "gateway_circuit_open", "1 while the Redis circuit breaker skips Redis.", registry=r,
+            multiprocess_mode="livemax",
         )
         self.model_loads = Counter(
             "gateway_model_loads", "Model versions loaded, by result (loaded, failed).",
@@ -81,5 +142,84 @@ class Metrics:
             "open or write failed).", registry=r,
         )
 
+    @property
+    def in_flight(self) -> int:
+        """Requests being answered now by this process."""
+        return self._in_flight
+
+    @in_flight.setter
+    def in_flight(self, n: int) -> None:
+        self._in_flight = n
+        if self._sampler is not None:
+            self._sampler.in_flight_changed(n)
+
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        """The exposition text: this process's metrics, or with several workers the server's."""
+        if self._sampler is not None:
+            self._sampler.sample(time.monotonic())
+        return generate_latest(self._scrape)
+
+
+class _Sampler:
+    """Multiprocess mode: writes this worker's function-read gauges (the in-flight count among
+    them) into its file, so that a scrape answered by another worker sees them."""
+
+    def __init__(self) -> None:
+        self._functions: dict[Gauge, Callable[[], float]] = {}  # child -> its function
+        self._next = 0.0  # monotonic time of the next periodic sample
+        self._nonzero = False  # the last sample wrote a non-zero value
+
+    def add(self, child: Gauge, f: Callable[[], float]) -> None:
+        self._functions[child] = f
+
+    def discard(self, child: Gauge) -> None:
+        self._functions.pop(child, None)
+
+    def in_flight_changed(self, n: int) -> None:
+        now = time.monotonic()
+        if now >= self._next or (n == 0 and self._nonzero):
+            self.sample(now)
+
+    def sample(self, now: float) -> None:
+        self._next = now + _SAMPLE_EVERY_S
+        nonzero = False
+        for child, f in self._functions.items():
+            value = float(f())
+            child.set(value)
+            nonzero = nonzero or value != 0
+        self._nonzero = nonzero
+
+
+class _SampledGauge:
+    """A labelled multiprocess Gauge whose ``set_function`` is sampled by a ``_Sampler``."""
+
+    def __init__(self, gauge: Gauge, sampler: _Sampler) -> None:
+        self._gauge = gauge
+        self._sampler = sampler
+
+    def labels(self, *labelvalues: str) -> _SampledChild:
+        return _SampledChild(self._gauge.labels(*labelvalues), self._sampler)
+
+    def remove(self, *labelvalues: str) -> None:
+        self._sampler.discard(self._gauge.labels(*labelvalues))
+        self._gauge.remove(*labelvalues)
+
+
+class _SampledChild:
+    """One labelled child: ``set``/``inc``/``dec`` write through; ``set_function`` registers."""
+
+    def __init__(self, child: Gauge, sampler: _Sampler) -> None:
+        self._child = child
+        self._sampler = sampler
+
+    def set_function(self, f: Callable[[], float]) -> None:
+        self._sampler.add(self._child, f)
+
+    def set(self, value: float) -> None:
+        self._child.set(value)
+
+    def inc(self, amount: float = 1) -> None:
+        self._child.inc(amount)
+
+    def dec(self, amount: float = 1) -> None:
+        self._child.dec(amount)

@@ -1,0 +1,358 @@
+"""The deployment files, checked without a container engine: compose.yaml against the Compose
+Specification's schema, the Kubernetes manifests against the Kubernetes schemas (offline, from
+kubernetes-validate), the Dockerfile and nginx configs against what the gateway really is; and
+the image's healthcheck command run against a real gateway."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shlex
+import subprocess
+import sys
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from bench.replicas import free_port, gateway_process
+from gateway import Settings
+from gateway.__main__ import GRACEFUL_SHUTDOWN_S
+from tests.deploy.support import (
+    KUBE_DIR,
+    NGINX_DIR,
+    ROOT,
+    Conf,
+    Directive,
+    nginx_size,
+    parse_nginx,
+)
+
+KUBE_VERSIONS = ("1.29.0", kubernetes_validate.latest_version())
+
+
+def compose() -> dict[str, Any]:
+    return yaml.safe_load((ROOT / "compose.yaml").read_text())  # type: ignore[no-any-return]
+
+
+def compose_schema() -> dict[str, Any]:
+    """The Compose Specification's JSON schema, as vendored by check-jsonschema (PyPI)."""
+    ref = resources.files("check_jsonschema.builtin_schemas.vendor") / "compose-spec.json"
+    return json.loads(ref.read_text())  # type: ignore[no-any-return]
+
+
+def schema_errors(schema: dict[str, Any], doc: Any) -> list[str]:
+    cls = jsonschema.validators.validator_for(schema)
+    cls.check_schema(schema)
+    validator = cls(schema, format_checker=cls.FORMAT_CHECKER)
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}"
+            for e in validator.iter_errors(doc)]
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) of the Dockerfile, continuation lines joined."""
+    out: list[tuple[str, str]] = []
+    pending = ""
+    for raw in (ROOT / "Dockerfile").read_text().splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        word, _, rest = (pending + line).partition(" ")
+        out.append((word.upper(), rest.strip()))
+        pending = ""
+    return out
+
+
+def instruction(name: str) -> list[str]:
+    return [args for word, args in dockerfile() if word == name]
+
+
+def manifests() -> Iterator[tuple[Path, dict[str, Any]]]:
+    for path in sorted(KUBE_DIR.glob("*.yaml")):
+        if path.name != "kustomization.yaml":
+            for doc in yaml.safe_load_all(path.read_text()):
+                yield path, doc
+
+
+def kind(name: str) -> dict[str, Any]:
+    (doc,) = [d for _, d in manifests() if d["kind"] == name]
+    return doc
+
+
+def port_of(url: str) -> int:
+    m = re.search(r"//[^/:]+:(\d+)/", url)
+    assert m, url
+    return int(m.group(1))
+
+
+def option(argv: list[str], name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+# -- compose ---------------------------------------------------------------------------------
+
+def test_compose_file_follows_the_compose_specification() -> None:
+    schema = compose_schema()
+    assert schema_errors(schema, compose()) == []
+    broken = copy.deepcopy(compose())
+    broken["services"]["gateway"]["deploy"]["replicas"] = "three"
+    broken["services"]["nginx"]["healthcheck"]["intervall"] = "10s"
+    assert len(schema_errors(schema, broken)) == 2  # the schema does bite
+
+
+def test_compose_references_only_what_exists() -> None:
+    doc = compose()
+    services = doc["services"]
+    for name, svc in services.items():
+        if "build" in svc:
+            context = ROOT / svc["build"]
+            assert (context / "Dockerfile").is_file(), name
+        for volume in svc.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith((".", "/")):
+                assert (ROOT / source).is_file(), f"{name}: {source}"
+            else:
+                assert source in doc["volumes"], f"{name}: undeclared volume {source}"
+        for dep, condition in svc.get("depends_on", {}).items():
+            assert dep in services, f"{name} depends on unknown {dep}"
+            if condition["condition"] == "service_healthy":
+                assert "healthcheck" in services[dep], f"{dep} has no healthcheck"
+
+
+def test_compose_wiring_matches_the_gateway_nginx_and_image() -> None:
+    services = compose()["services"]
+    gw, ngx, redis_svc, models = (services[n] for n in ("gateway", "nginx", "redis", "models"))
+    assert gw["deploy"]["replicas"] == 3
+    port = int(option(gw["command"], "--port"))
+    assert option(gw["command"], "--host") == "0.0.0.0"
+    assert str(port) in gw["expose"]
+    check = gw["healthcheck"]["test"]
+    assert check[0] == "CMD" and "/readyz" in check[-1] and port_of(check[-1]) == port
+    assert check[1:] == json.loads(instruction("HEALTHCHECK")[0].split("CMD", 1)[1])
+
+    site = parse_nginx((NGINX_DIR / "gateway.conf").read_text())
+    (server_line,) = upstream(site).find("server")
+    assert server_line.args[0] == f"gateway:{port}"  # the service name, its port
+    listen = int(public_server(site).one("listen").args[0])
+    assert [f"{listen}:{listen}"] == ngx["ports"]
+    assert ngx["volumes"] == ["./deploy/nginx/gateway.conf:/etc/nginx/conf.d/default.conf:ro"]
+    assert port_of(ngx["healthcheck"]["test"][-1]) == listen
+
+    env = gw["environment"]
+    assert re.fullmatch(r"redis://redis:6379/\d+", env["GATEWAY_REDIS_URL"])
+    assert redis_svc["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
+    assert gw["depends_on"] == {"redis": {"condition": "service_healthy"},
+                                "models": {"condition": "service_completed_successfully"}}
+    assert ngx["depends_on"] == {"gateway": {"condition": "service_healthy"}}
+    root = env["GATEWAY_MODEL_ROOT"]
+    assert f"models:{root}:ro" in gw["volumes"] and f"models:{root}" in models["volumes"]
+    assert option(models["command"], "--root") == root
+    grace = int(gw["stop_grace_period"].removesuffix("s"))
+    assert grace > GRACEFUL_SHUTDOWN_S + Settings().shutdown_grace_s
+
+
+def test_every_gateway_setting_named_in_deploy_files_exists() -> None:
+    files = [ROOT / "compose.yaml", ROOT / "Dockerfile", ROOT / "README.md",
+             *sorted((ROOT / "deploy").rglob("*.*"))]
+    named = {m for f in files for m in re.findall(r"\bGATEWAY_[A-Z0-9_]*[A-Z0-9]", f.read_text())}
+    assert {"GATEWAY_REDIS_URL", "GATEWAY_MODEL_ROOT"} <= named
+    fields = {f"GATEWAY_{name.upper()}" for name in Settings.model_fields}
+    assert named - fields == set()
+
+
+# -- Dockerfile ------------------------------------------------------------------------------
+
+def test_dockerfile_builds_a_slim_non_root_runtime_image() -> None:
+    (base,) = instruction("FROM")
+    assert re.fullmatch(r"python:3\.1[1-9]-slim", base)
+    runs = " ".join(instruction("RUN"))
+    assert "pip install . " in runs + " " and "[dev]" not in runs and "-e " not in runs
+    words = [w for w, _ in dockerfile()]
+    (user,) = instruction("USER")
+    uid = user.split(":")[0]
+    assert uid.isdigit() and int(uid) != 0  # numeric, so runAsNonRoot can check it
+    assert words.index("USER") > max(i for i, w in enumerate(words) if w == "RUN")
+    assert words.index("USER") < words.index("CMD")
+
+    cmd = json.loads(instruction("CMD")[0])
+    assert cmd[:3] == ["python", "-m", "gateway"] and option(cmd, "--host") == "0.0.0.0"
+    port = int(option(cmd, "--port"))
+    assert instruction("EXPOSE") == [str(port)]
+    (health,) = instruction("HEALTHCHECK")
+    assert "/readyz" in health and port_of(health) == port
+    assert "GATEWAY_MODEL_ROOT=/models" in instruction("ENV") and "mkdir /models" in runs
+
+
+def test_dockerfile_copies_only_what_exists_and_dockerignore_lets_in() -> None:
+    rules = [line for line in (ROOT / ".dockerignore").read_text().splitlines()
+             if line and not line.startswith("#")]
+    assert rules[0] == "*"  # an allowlist
+    allowed = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
+    for args in instruction("COPY"):
+        *sources, _dest = args.split()
+        for source in sources:
+            assert (ROOT / source).exists(), source
+            assert source.rstrip("/") in allowed, f"{source} is excluded by .dockerignore"
+    assert (ROOT / "pyproject.toml").name in allowed and "README.md" in allowed
+
+
+def _healthchecks() -> list[list[str]]:
+    docker = json.loads(instruction("HEALTHCHECK")[0].split("CMD", 1)[1])
+    composed = compose()["services"]["gateway"]["healthcheck"]["test"][1:]
+    return [docker, composed]
+
+
+@pytest.mark.e2e
+def test_the_image_healthcheck_passes_on_a_ready_gateway_only(session_store: Path) -> None:
+    closed = free_port()
+    with gateway_process({"GATEWAY_MODEL_ROOT": str(session_store)}) as gw:
+        for argv in _healthchecks():
+            assert argv[0] == "python"
+            run = [sys.executable, *argv[1:]]
+            ready = [a.replace(":8000/", f":{gw.port}/") for a in run]
+            assert subprocess.run(ready, capture_output=True, timeout=30).returncode == 0
+            down = [a.replace(":8000/", f":{closed}/") for a in run]
+            assert subprocess.run(down, capture_output=True, timeout=30).returncode != 0
+
+
+# -- nginx -----------------------------------------------------------------------------------
+
+def upstream(conf: Conf) -> Directive:
+    (found,) = [d for d in conf.find("upstream") if d.args == ["gateway"]]
+    return found
+
+
+def public_server(conf: Conf) -> Directive:
+    return conf.find("server")[0]
+
+
+def location(server: Directive, *args: str) -> Directive:
+    (found,) = [d for d in server.find("location") if d.args == list(args)]
+    return found
+
+
+@pytest.mark.parametrize("name", ["gateway.conf", "sidecar.conf"])
+def test_nginx_front_matches_the_gateway(name: str) -> None:
+    conf = parse_nginx((NGINX_DIR / name).read_text())
+    server = public_server(conf)
+    assert nginx_size(server.one("client_max_body_size").args[0]) == Settings().max_body_bytes
+    assert location(server, "=", "/metrics").one("return").args[0] == "404"
+    proxy = location(server, "/")
+    assert proxy.one("proxy_pass").args == ["http://gateway"]
+    assert proxy.one("proxy_http_version").args == ["1.1"]
+    headers = {d.args[0]: d.args[1] for d in proxy.find("proxy_set_header")}
+    assert headers["Connection"] == "" and headers["X-Request-Id"] == "$gateway_request_id"
+    assert set(proxy.one("proxy_next_upstream").args) == {
+        "error", "timeout", "http_502", "http_503", "non_idempotent"}
+    assert int(proxy.one("proxy_next_upstream_tries").args[0]) > 1
+    assert proxy.one("proxy_next_upstream_timeout").args[0] != "0"  # bounded in time too
+    assert int(upstream(conf).one("keepalive").args[0]) > 0
+    logged = " ".join(conf.find("log_format")[0].args)
+    assert "request_id=$gateway_request_id" in logged and "$upstream_addr" in logged
+
+
+def test_the_sidecar_is_the_same_front_on_a_unix_socket() -> None:
+    replicas = parse_nginx((NGINX_DIR / "gateway.conf").read_text())
+    sidecar = parse_nginx((NGINX_DIR / "sidecar.conf").read_text())
+    for name in ("map", "log_format"):
+        assert sidecar.find(name) == replicas.find(name)
+    assert ([d for d in upstream(sidecar).block or [] if d.name != "server"]
+            == [d for d in upstream(replicas).block or [] if d.name != "server"])
+    (server,) = upstream(sidecar).find("server")
+    assert server.args[0].startswith("unix:/")
+    assert public_server(sidecar) == public_server(replicas)
+    metrics = sidecar.find("server")[1]
+    assert location(metrics, "=", "/metrics").one("proxy_pass").args == ["http://gateway"]
+
+
+# -- Kubernetes ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+def test_manifests_follow_the_kubernetes_schemas(version: str) -> None:
+    docs = list(manifests())
+    assert {d["kind"] for _, d in docs} >= {
+        "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget", "ConfigMap",
+        "Secret", "PersistentVolumeClaim"}
+    for path, doc in docs:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{path.name}: {exc}")
+    typo = copy.deepcopy(kind("Deployment"))
+    typo["spec"]["template"]["spec"]["containers"][0]["readynessProbe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):  # the schemas do bite
+        kubernetes_validate.validate(typo, version, strict=True)
+
+
+def test_kustomization_applies_every_manifest_but_the_example_secret() -> None:
+    listed = yaml.safe_load((KUBE_DIR / "kustomization.yaml").read_text())["resources"]
+    present = {p.name for p in KUBE_DIR.glob("*.yaml")} - {"kustomization.yaml"}
+    assert sorted(listed) == sorted(n for n in present if not n.endswith(".example.yaml"))
+
+
+def test_the_pod_wires_nginx_to_the_gateway_over_a_shared_socket() -> None:
+    deployment = kind("Deployment")
+    pod = deployment["spec"]["template"]
+    spec = pod["spec"]
+    containers = {c["name"]: c for c in spec["containers"]}
+    gw, ngx = containers["gateway"], containers["nginx"]
+
+    assert kind("ConfigMap")["data"]["default.conf"] == (NGINX_DIR / "sidecar.conf").read_text()
+    sidecar = parse_nginx((NGINX_DIR / "sidecar.conf").read_text())
+    socket_path = option(gw["command"], "--uds")
+    assert upstream(sidecar).one("server").args[0] == f"unix:{socket_path}"
+    mounts = {c: {m["name"]: m["mountPath"] for m in containers[c]["volumeMounts"]}
+              for c in containers}
+    assert mounts["gateway"]["socket"] == mounts["nginx"]["socket"] == str(Path(socket_path).parent)
+    assert {"name": "socket", "emptyDir": {}} in spec["volumes"]
+    assert mounts["nginx"]["nginx-conf"] == "/etc/nginx/conf.d"
+    assert option(gw["command"], "--forwarded-allow-ips") == "*"  # a socket peer has no address
+
+    ports = {p["name"]: p["containerPort"] for p in ngx["ports"]}
+    assert ports["http"] == int(public_server(sidecar).one("listen").args[0])
+    assert ports["metrics"] == int(sidecar.find("server")[1].one("listen").args[0])
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(ports["metrics"])
+    service = kind("Service")
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]  # metrics stay private
+
+    assert gw["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": ports["http"]}
+    assert gw["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": ports["http"]}
+    assert gw["startupProbe"]["httpGet"]["path"] == "/healthz"
+    for c in containers.values():
+        assert {"cpu", "memory"} <= set(c["resources"]["requests"]) & set(c["resources"]["limits"])
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+
+    env = {e["name"]: e for e in gw["env"]}
+    secret = kind("Secret")
+    ref = env["GATEWAY_REDIS_URL"]["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
+    assert env["GATEWAY_MODEL_ROOT"]["value"] == mounts["gateway"]["models"]
+    claim = next(v for v in spec["volumes"] if v["name"] == "models")["persistentVolumeClaim"]
+    assert claim["claimName"] == kind("PersistentVolumeClaim")["metadata"]["name"]
+    (user,) = instruction("USER")
+    assert gw["securityContext"]["runAsUser"] == int(user.split(":")[0])
+
+    def pre_stop(c: dict[str, Any]) -> int:
+        return int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
+
+    shutdown = (pre_stop(gw) + int(option(gw["command"], "--timeout-graceful-shutdown"))
+                + float(env["GATEWAY_SHUTDOWN_GRACE_S"]["value"]))
+    assert spec["terminationGracePeriodSeconds"] > shutdown
+    assert pre_stop(ngx) < pre_stop(gw)  # nginx stops taking requests before the gateway
+
+    labels = pod["metadata"]["labels"]
+    assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    assert service["spec"]["selector"].items() <= labels.items()
+    assert kind("PodDisruptionBudget")["spec"]["selector"]["matchLabels"].items() <= labels.items()
+    target = kind("HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
+    assert shlex.join(gw["command"][:3]) == "python -m gateway"
