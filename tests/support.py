@@ -142,8 +142,8 @@ def free_port() -> int:
 def uvicorn_process(env: dict[str, str], *, port: int | None = None) -> Iterator[str]:
     """Start ``python -m gateway`` as a real process; yield its base URL once it is up.
 
-    Waits on the server's own "Uvicorn running on" line (the socket listens), then stops it (SIGTERM,
-    then SIGKILL) by PID.
+    Waits on the server's own "Uvicorn running on" line (the socket listens), then stops it
+    (SIGTERM, then SIGKILL) by PID.
     """
     port = port or free_port()
     proc = subprocess.Popen(
