@@ -201,6 +201,7 @@ def create_app(settings: Settings | None = None, *, store: ModelStore | None = N
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        unwatch_gc = app_metrics.watch_gc()
         gw = await Gateway.open(settings, store, app_metrics)
         if settings.gc_freeze:
             gc.collect()
@@ -217,6 +218,7 @@ def create_app(settings: Settings | None = None, *, store: ModelStore | None = N
             if hup:
                 loop.remove_signal_handler(signal.SIGHUP)
             await gw.aclose()
+            unwatch_gc()
 
     app = GatewayApp(
         docs_url=None,

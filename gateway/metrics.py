@@ -26,7 +26,9 @@ per change instead of a file write.
 
 from __future__ import annotations
 
+import gc
 import os
+import resource
 import time
 from collections.abc import Callable, Mapping
 
@@ -137,6 +139,26 @@ class Metrics:
             "gateway_model_loads", "Model versions loaded, by result (loaded, failed).",
             ["model", "result"], registry=r,
         )
+        self.gc_collections = Counter(
+            "gateway_gc_collections", "Garbage collections, by generation.", ["generation"],
+            registry=r,
+        )
+        self.gc_pause_seconds = Counter(
+            "gateway_gc_pause_seconds", "Time spent in garbage collections, by generation.",
+            ["generation"], registry=r,
+        )
+        for name, doc, read in (
+            ("gateway_process_cpu_seconds", "CPU time used (user + system), seconds.",
+             _cpu_seconds),
+            ("gateway_process_resident_memory_bytes", "Resident memory, bytes.", _rss_bytes),
+            ("gateway_process_open_fds", "Open file descriptors.", _open_fds),
+        ):  # workers: summed over live workers (sampled like the in-flight count)
+            gauge = Gauge(name, doc + " Summed over live workers.", registry=r,
+                          multiprocess_mode="livesum")
+            if self._sampler is not None:
+                self._sampler.add(gauge, read)
+            else:
+                gauge.set_function(read)
         self.l2_writes_dropped = Counter(
             "gateway_l2_writes_dropped", "Cache writes not sent to Redis (backlog full, circuit "
             "open or write failed).", registry=r,
@@ -152,6 +174,24 @@ class Metrics:
         self._in_flight = n
         if self._sampler is not None:
             self._sampler.in_flight_changed(n)
+
+    def watch_gc(self) -> Callable[[], None]:
+        """Count collections and their pauses by generation until the returned function is
+        called (``gc.callbacks`` is process-wide: the app's lifespan installs and removes it)."""
+        started = [0.0]
+        counts = [self.gc_collections.labels(str(g)) for g in range(3)]
+        pauses = [self.gc_pause_seconds.labels(str(g)) for g in range(3)]
+
+        def probe(phase: str, info: dict[str, int]) -> None:
+            if phase == "start":
+                started[0] = time.perf_counter()
+            else:
+                g = info["generation"]
+                counts[g].inc()
+                pauses[g].inc(time.perf_counter() - started[0])
+
+        gc.callbacks.append(probe)
+        return lambda: gc.callbacks.remove(probe)
 
     def render(self) -> bytes:
         """The exposition text: this process's metrics, or with several workers the server's."""
@@ -223,3 +263,23 @@ class _SampledChild:
 
     def dec(self, amount: float = 1) -> None:
         self._child.dec(amount)
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _rss_bytes() -> float:
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return float(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+
+
+def _open_fds() -> float:
+    try:
+        return len(os.listdir("/proc/self/fd"))
+    except OSError:
+        return float("nan")

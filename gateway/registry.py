@@ -171,6 +171,8 @@ class ModelRegistry:
 
     async def _drain(self, runner: ModelRunner) -> None:
         await runner.drain(self._settings.shutdown_grace_s)
+        if runner.manifest.version not in self.models.get(runner.manifest.name, {}):
+            runner.close()  # else its replacement reports under the same label
         self._pipeline.forget(runner)
         log.info("model %s v%d no longer served", runner.manifest.name, runner.manifest.version)
 

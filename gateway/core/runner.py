@@ -200,6 +200,7 @@ class ModelRunner:
             batcher = self.batcher
             metrics.queue_rows.labels(f"{name}:{version}").set_function(
                 lambda: batcher.queued_rows)
+        self._metrics = metrics
         # Label values of a classifier, as their JSON text: what a cached label may be.
         self._labels = frozenset(orjson.dumps(c) for c in self.manifest.classes)
         self._n_classes = len(self.manifest.classes)
@@ -212,6 +213,15 @@ class ModelRunner:
         """Let queued and running calls finish within ``grace_s``; fail the rest (503)."""
         if self.batcher is not None:
             await self.batcher.aclose(grace_s)
+
+    def close(self) -> None:
+        """Forget this version's metric children (its queue gauge); after ``drain``."""
+        if self.batcher is not None:
+            label = f"{self.manifest.name}:{self.manifest.version}"
+            try:
+                self._metrics.queue_rows.remove(label)
+            except KeyError:
+                pass
 
     # -- what a request needs ------------------------------------------------------------------
     def units(self, outputs: frozenset[Output]) -> list[Unit]:

@@ -112,3 +112,21 @@ def test_a_workers_function_gauges_reach_the_others_without_a_scrape(
 ) -> None:
     run(_BUSY_THEN_MAYBE_IDLE, tmp_path, state)
     assert metric_sum(merged(tmp_path), "gateway_queue_rows", model="iris:1") == queued
+
+
+@pytest.mark.anyio
+async def test_process_and_collector_metrics_are_exported(session_store: Path) -> None:
+    import gc
+
+    from tests.support import probed_app
+
+    async with probed_app(session_store) as (client, _, _):
+        gc.collect()
+        text = (await client.get("/metrics")).text
+    values = {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+              if line and not line.startswith("#")}
+    assert values["gateway_process_cpu_seconds"] > 0
+    assert values["gateway_process_resident_memory_bytes"] > 10 * 2**20
+    assert values["gateway_process_open_fds"] >= 3
+    assert values['gateway_gc_collections_total{generation="2"}'] >= 1
+    assert values['gateway_gc_pause_seconds_total{generation="2"}'] > 0
