@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-import uvicorn
+from gateway.server import run
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -15,18 +15,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     print(f"API docs: http://{args.host}:{args.port}/docs", flush=True)
-    uvicorn.run(
-        "gateway.app:from_env",
-        factory=True,
+    raise SystemExit(run(
         host=args.host,
         port=args.port,
         workers=args.workers,
-        loop="uvloop",
-        http="httptools",
         log_level=args.log_level,
-        access_log=False,
-        timeout_graceful_shutdown=10,
-    )
+    ))
 
 
 if __name__ == "__main__":

@@ -13,10 +13,11 @@ import numpy as np
 from starlette.requests import Request
 
 from gateway.breaker import CircuitBreaker
-from gateway.cache import L1Cache, RedisCache, connect_redis
+from gateway.cache import L1Cache, RedisCache
 from gateway.errors import GatewayError, InvalidInput, NotFound, Unavailable
 from gateway.metrics import Metrics
 from gateway.predictor import ModelRuntime, Predictor, Source
+from gateway.redis_client import connect_redis
 from gateway.settings import Settings
 from model_store import ModelStore, ModelStoreError
 
@@ -59,7 +60,8 @@ class Gateway:
                 on_change=lambda s: metrics.circuit_open.set(0 if s == "closed" else 1),
             )
             l2 = RedisCache(
-                connect_redis(settings.redis_url, timeout_s=timeout_s,
+                connect_redis(settings.redis_url, command_timeout_s=timeout_s,
+                              connect_timeout_s=settings.redis_connect_timeout_ms / 1000,
                               max_connections=settings.redis_max_connections),
                 timeout_s=timeout_s,
                 ttl_s=settings.cache_ttl_s,

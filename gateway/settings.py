@@ -110,3 +110,25 @@ class Settings(BaseSettings):
 
     max_body_bytes: int = Field(1 << 20, ge=1)
     """Largest request body accepted; larger ones get 413 before they are read whole."""
+
+    # -- connections -------------------------------------------------------------------------
+    header_timeout_s: float = Field(10.0, gt=0, le=3600)
+    """Time a client has to send a request's headers, counted from its connection (or, on a
+    kept-alive connection, from the request's first byte). Past it the gateway answers 408 and
+    closes the connection."""
+
+    body_timeout_s: float = Field(30.0, gt=0, le=3600)
+    """Time a client has to send a request's body once its headers are in; past it, 408 and the
+    connection is closed (a body shorter than its ``Content-Length`` never waits longer)."""
+
+    limit_concurrency: int | None = Field(None, ge=1)
+    """Open connections at most per server process. A new connection past it closes the one
+    that has waited longest for request headers (a slow or idle client); when every connection
+    is busy with a request, new requests get 503. Unset: the open-file limit less a reserve for
+    Redis, models and logs, so the process never runs out of descriptors (which would drop
+    every waiting connection, good or bad)."""
+
+    redis_connect_timeout_ms: int = Field(1000, ge=1)
+    """Bound on opening one Redis connection (TCP, TLS, ``AUTH``), apart from
+    ``redis_timeout_ms``: a connection is opened in the background and kept for later calls
+    even when the call that asked for it has already given up."""
