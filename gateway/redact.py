@@ -8,7 +8,7 @@ each secret with ``***``. It never raises: what it cannot parse is replaced whol
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit
 
 __all__ = ["REDACTED", "redact_url"]
 
@@ -49,5 +49,10 @@ def redact_url(url: str | None) -> str:
         if any(_is_secret(k) for k, _ in pairs):
             query = urlencode([(k, REDACTED if _is_secret(k) else v) for k, v in pairs],
                               safe="*", quote_via=quote)
-    # A fragment is never sent to the server; it may hold anything, so it is dropped.
-    return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+    # Rebuilt by hand: urlunsplit would turn "unix:///path" into "unix:/path". A fragment is
+    # never sent to the server and may hold anything, so it is dropped.
+    out = f"{parts.scheme}:" if parts.scheme else ""
+    if netloc or url[len(out):].startswith("//"):
+        out += "//" + netloc
+    out += parts.path
+    return out + "?" + query if query else out

@@ -36,7 +36,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["connect_redis"]
+__all__ = ["BoundedRedis", "connect_redis"]
 
 log = logging.getLogger("gateway.redis")
 
@@ -48,7 +48,7 @@ def connect_redis(
     command_timeout_s: float,
     max_connections: int,
     warm_connections: int = 4,
-) -> aioredis.Redis:
+) -> BoundedRedis:
     """A client for ``redis://``, ``rediss://`` or ``unix://`` ``url`` (see the module
     docstring). Nothing is connected until the first call, so a Redis that is down does not
     fail this. Raises ValueError for a bad URL or limits out of range."""
@@ -64,7 +64,7 @@ def connect_redis(
         max_connections=max_connections,
         retry=Retry(NoBackoff(), 0),
     )
-    return _BoundedRedis(pool, command_timeout_s=command_timeout_s,
+    return BoundedRedis(pool, command_timeout_s=command_timeout_s,
                          warm_connections=min(warm_connections, max_connections))
 
 
@@ -83,7 +83,7 @@ class _WarmPool(aioredis.ConnectionPool):
         return fresh
 
 
-class _BoundedRedis(aioredis.Redis):
+class BoundedRedis(aioredis.Redis):
     """``Redis`` whose calls are bounded by ``command_timeout_s`` without interrupting the
     connection's own read (see the module docstring)."""
 
@@ -153,6 +153,11 @@ class _BoundedRedis(aioredis.Redis):
             log.debug("redis warm-up: %d of %d connections failed (%r)", len(failures),
                       len(opened), failures[0])
 
+    async def settled(self) -> None:
+        """Wait until every call given up by its caller has read its reply (or failed)."""
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
     async def aclose(self, close_connection_pool: bool | None = None) -> None:
         """Stop the background calls, then close the pool."""
         tasks = list(self._background)
@@ -165,7 +170,7 @@ class _BoundedRedis(aioredis.Redis):
 class _BoundedPipeline(Pipeline):
     """A pipeline whose ``execute`` is bounded like the commands of its client."""
 
-    def __init__(self, owner: _BoundedRedis, transaction: bool, shard_hint: str | None) -> None:
+    def __init__(self, owner: BoundedRedis, transaction: bool, shard_hint: str | None) -> None:
         super().__init__(owner.connection_pool, owner.response_callbacks, transaction,
                          shard_hint)
         self._owner = owner

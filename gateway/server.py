@@ -246,6 +246,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             cycle.disconnected = True
             cycle.message_event.set()
         self.transport.close()
+        # Count it gone now, not when the transport has flushed: the cap and uvicorn's 503 rule
+        # look at this set, and the new connection that made room must not be refused.
+        self.connections.discard(self)
 
     def _cancel_timers(self) -> None:
         for timer in (self._header_timer, self._body_timer):
