@@ -15,8 +15,8 @@ that a Redis a few round trips away stays useful instead of being given up for g
   within the timeout either.)
 * **Warm connections first.** The first call opens ``warm_connections`` connections in the
   background; a call takes an open connection whenever one is free, and only opens a new one
-  when none is. TCP keepalive finds dead peers; a connection that the server closed (a restart)
-  is found closed when taken and reopened.
+  when none is. TCP keepalive finds dead peers (``redis://``, ``rediss://``); a connection
+  that the server closed (a restart) is found closed when taken and reopened.
 
 redis-py's own retries are off: the caller's circuit breaker decides when to try again.
 Close with ``await client.aclose()``, which also stops the background tasks.
@@ -28,6 +28,7 @@ import asyncio
 import logging
 from collections.abc import Coroutine
 from typing import Any
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
@@ -56,13 +57,14 @@ def connect_redis(
         raise ValueError("timeouts must be > 0")
     if max_connections < 1 or warm_connections < 0:
         raise ValueError("max_connections must be >= 1 and warm_connections >= 0")
+    tcp = urlsplit(url).scheme in ("redis", "rediss")
     pool = _WarmPool.from_url(
         url,
         socket_connect_timeout=connect_timeout_s,
         socket_timeout=max(connect_timeout_s, command_timeout_s),  # bound on a late reply
-        socket_keepalive=True,
         max_connections=max_connections,
         retry=Retry(NoBackoff(), 0),
+        **({"socket_keepalive": True} if tcp else {}),
     )
     return BoundedRedis(pool, command_timeout_s=command_timeout_s,
                          warm_connections=min(warm_connections, max_connections))
