@@ -28,6 +28,10 @@ connection past the cap closes the one that has waited longest for request heade
 idle client), so the process never runs out of file descriptors, which would make the event
 loop drop every waiting connection, good ones too. When every connection is busy with a
 request, new requests get 503.
+
+The protocol, server and supervisor extend uvicorn's own classes at the points its code offers
+(parser callbacks, ``_start_asgi_task``, ``shutdown``, the worker process factory); the tests
+in ``tests/hardening`` hold them to the behaviour above against real processes.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ __all__ = [
     "GatewayHttpProtocol",
     "GatewayServer",
     "default_connection_limit",
+    "gateway_config",
     "run",
 ]
 
@@ -124,8 +129,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with header and body timeouts (408) and a connection cap
     that makes room by closing the connection waiting longest for headers (module docstring).
 
-    Timers are armed only when a request is incomplete at the end of a read, so a request that
-    arrives in one read costs no timer.
+    Besides the header timer of a new connection, timers are armed only when a request is still
+    incomplete at the end of a read, so a request that arrives in one read costs no timer.
     """
 
     def __init__(
@@ -456,21 +461,17 @@ class _GatewaySupervisor(Multiprocess):
         self.processes.append(self._spawn())
 
 
-def run(app: str = "gateway.app:from_env", *, settings: Settings | None = None,
-        **config: Any) -> int:
-    """Serve ``app`` (an import string of an app factory) until SIGTERM or SIGINT; return the
-    process exit status (0 after a clean shutdown, 3 when startup failed).
-
-    ``config`` is passed to ``uvicorn.Config`` (``host``, ``port``, ``workers``,
-    ``log_level``, …) over the gateway's defaults: uvloop, the gateway's httptools protocol, no
-    access log, and the connection bounds and grace period of ``settings`` (default: from the
-    environment).
-    """
-    settings = settings or Settings()
+def gateway_config(settings: Settings, app: str = "gateway.app:from_env",
+                   **config: Any) -> GatewayConfig:
+    """The uvicorn configuration ``run`` serves with: ``config`` (``host``, ``port``,
+    ``workers``, ``log_level``, … as for ``uvicorn.Config``) over the gateway's defaults:
+    uvloop, the gateway's httptools protocol, no WebSocket upgrades, no access log, and the
+    connection bounds and grace period of ``settings``."""
     options: dict[str, Any] = {
         "factory": True,
         "loop": "uvloop",
         "http": GatewayHttpProtocol,
+        "ws": "none",  # no WebSocket routes: an upgrade request is an ordinary request
         "access_log": False,
         "limit_concurrency": settings.limit_concurrency or default_connection_limit(),
         "header_timeout_s": settings.header_timeout_s,
@@ -478,7 +479,15 @@ def run(app: str = "gateway.app:from_env", *, settings: Settings | None = None,
         "shutdown_grace_s": settings.shutdown_grace_s,
         **config,
     }
-    cfg = GatewayConfig(app, **options)
+    return GatewayConfig(app, **options)
+
+
+def run(app: str = "gateway.app:from_env", *, settings: Settings | None = None,
+        **config: Any) -> int:
+    """Serve ``app`` (an import string of an app factory) until SIGTERM or SIGINT; return the
+    process exit status (0 after a clean shutdown, 3 when startup failed). ``settings``
+    defaults to the environment's; ``config`` as for ``gateway_config``."""
+    cfg = gateway_config(settings or Settings(), app, **config)
     if cfg.workers > 1:
         sock = cfg.bind_socket()
         _GatewaySupervisor(cfg, sockets=[sock]).run()

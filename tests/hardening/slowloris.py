@@ -4,8 +4,9 @@
 connections open to 127.0.0.1:P, each sending a request's headers one byte at a time (one byte
 every ``--byte-interval`` seconds), and opens a new one ``--reconnect`` seconds after the server
 closes one. Connections are opened over ``--ramp`` seconds. Prints ``attacking`` once all ``N``
-have been attempted, then after ``S`` seconds one line of JSON: connections opened, closed by
-the server, answered (bytes received, e.g. a 408) and refused.
+have been attempted; stops after ``S`` seconds or when its standard input closes, whichever is
+first, and prints one line of JSON: connections opened, closed by the server, answered (bytes
+received, e.g. a 408) and refused.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 import json
 import resource
 import sys
+import threading
 
 _REQUEST = (b"GET /predict?sepal_length=5.1&sepal_width=3.5&petal_length=1.4&petal_width=0.2 "
             b"HTTP/1.1\r\nHost: gateway\r\nUser-Agent: slow\r\n\r\n")
@@ -75,8 +77,14 @@ async def main(args: argparse.Namespace) -> None:
         if i % 100 == 99:
             await asyncio.sleep(args.ramp / (args.connections / 100))  # pace the opening burst
     print("attacking", flush=True)
-    await asyncio.sleep(args.seconds)
-    stop.set()
+    loop = asyncio.get_running_loop()
+    threading.Thread(target=lambda: (sys.stdin.read(), loop.call_soon_threadsafe(stop.set)),
+                     daemon=True).start()
+    try:
+        async with asyncio.timeout(args.seconds):
+            await stop.wait()
+    except TimeoutError:
+        stop.set()
     await asyncio.gather(*tasks, return_exceptions=True)
     print(json.dumps(attack.stats), flush=True)
 
