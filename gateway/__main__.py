@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import socket
 import stat
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-import uvicorn
+from pydantic import ValidationError
 
 from gateway.metrics import MULTIPROC_ENV
+from gateway.server import gateway_config, run
+from gateway.settings import Settings, describe_errors
 from gateway.workers import metrics_dir, serve_workers
 
 APP = "gateway.app:from_env"
@@ -27,11 +29,6 @@ KEEP_ALIVE_S = 75
 """Default ``--timeout-keep-alive``: above nginx's idle upstream connection timeout (60 s in
 ``deploy/nginx``), so that nginx, never the gateway, closes an idle connection. Otherwise
 nginx may send a request on a connection the gateway is closing, and the client gets a 502."""
-
-GRACEFUL_SHUTDOWN_S = 10
-"""Default ``--timeout-graceful-shutdown``: how long a stopping server lets open connections
-finish before it closes them."""
-
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -58,10 +55,6 @@ def build_parser() -> argparse.ArgumentParser:
                       metavar="S", help="close an idle connection after S seconds; keep it "
                                         "above the proxy's upstream keepalive_timeout "
                                         "(default: %(default)s)")
-    http.add_argument("--timeout-graceful-shutdown", type=_positive_int,
-                      default=GRACEFUL_SHUTDOWN_S, metavar="S",
-                      help="on SIGTERM, let open requests finish for up to S seconds "
-                           "(default: %(default)s)")
     http.add_argument("--proxy-headers", action=argparse.BooleanOptionalAction, default=True,
                       help="take the client address and scheme from X-Forwarded-For/-Proto "
                            "sent by a trusted proxy (default: on)")
@@ -103,16 +96,19 @@ def socket_path_error(path: Path) -> str | None:
     return None
 
 
-def _exit_after_shutdown(_signum: int, _frame: object) -> None:
-    raise SystemExit(0)
-
-
-def _serve_one(options: dict[str, Any]) -> None:
-    """One process: uvicorn shuts down gracefully on SIGTERM, then raises it again to the
-    handler it found, which exits with 0 through ``uvicorn.run``'s cleanup (the unix socket
-    is removed) instead of dying of the signal."""
-    signal.signal(signal.SIGTERM, _exit_after_shutdown)
-    uvicorn.run(APP, **options)
+def load_settings() -> Settings:
+    """Settings from the environment; a bad one ends the process with one line per problem
+    (the variable, its value with credentials redacted, what is expected) and status 2."""
+    try:
+        settings = Settings()
+        problems = settings.problems()
+    except ValidationError as exc:
+        problems = describe_errors(exc)
+    if problems:
+        for line in problems:
+            print(f"python -m gateway: {line}", file=sys.stderr)
+        raise SystemExit(2)
+    return settings
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -122,14 +118,10 @@ def main(argv: list[str] | None = None) -> None:
         error = socket_path_error(args.uds)
         if error is not None:
             p.error(f"--uds: {error}")
+    settings = load_settings()
     options: dict[str, Any] = {
-        "factory": True,
-        "loop": "uvloop",
-        "http": "httptools",
         "log_level": args.log_level,
-        "access_log": False,
         "timeout_keep_alive": args.timeout_keep_alive,
-        "timeout_graceful_shutdown": args.timeout_graceful_shutdown,
         "proxy_headers": args.proxy_headers,
         "forwarded_allow_ips": args.forwarded_allow_ips,
     }
@@ -141,8 +133,7 @@ def main(argv: list[str] | None = None) -> None:
 
     parent = os.environ.get(MULTIPROC_ENV)
     if args.workers == 1 and parent is None:
-        _serve_one(options)
-        return
+        raise SystemExit(run(APP, settings=settings, **options))
     base = Path(parent or tempfile.gettempdir())
     if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
         p.error(f"{MULTIPROC_ENV}={base}: not a writable directory")
@@ -150,9 +141,9 @@ def main(argv: list[str] | None = None) -> None:
         os.environ[MULTIPROC_ENV] = str(directory)  # read by each worker as it starts
         try:
             if args.workers == 1:
-                _serve_one(options)
-            else:
-                serve_workers(uvicorn.Config(APP, workers=args.workers, **options), directory)
+                raise SystemExit(run(APP, settings=settings, **options))
+            serve_workers(gateway_config(settings, APP, workers=args.workers, **options),
+                          directory)
         finally:
             if parent is None:
                 del os.environ[MULTIPROC_ENV]

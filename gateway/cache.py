@@ -22,14 +22,12 @@ from hashlib import blake2b
 from typing import Literal
 
 import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from gateway.breaker import CircuitBreaker
 from gateway.metrics import Metrics
 
-__all__ = ["INVALID", "L1Cache", "RedisCache", "connect_redis"]
+__all__ = ["INVALID", "L1Cache", "RedisCache"]
 
 log = logging.getLogger("gateway.cache")
 
@@ -107,22 +105,6 @@ class L1Cache:
     def __len__(self) -> int:
         """Entries held (an expired one counts until it is touched or evicted)."""
         return len(self._data)
-
-
-def connect_redis(url: str, *, timeout_s: float, max_connections: int) -> aioredis.Redis:
-    """A client with one pool for ``redis://``, ``rediss://`` or ``unix://`` URLs.
-
-    Connecting is lazy: a Redis that is down does not fail this call. redis-py's own retries
-    are off, since the circuit breaker decides when to try again.
-    """
-    client: aioredis.Redis = aioredis.from_url(
-        url,
-        socket_timeout=timeout_s,
-        socket_connect_timeout=timeout_s,
-        max_connections=max_connections,
-        retry=Retry(NoBackoff(), 0),
-    )
-    return client
 
 
 class RedisCache:

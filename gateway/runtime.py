@@ -11,11 +11,13 @@ import numpy as np
 from starlette.requests import Request
 
 from gateway.breaker import CircuitBreaker
-from gateway.cache import L1Cache, RedisCache, connect_redis
+from gateway.cache import L1Cache, RedisCache
 from gateway.core.pipeline import Answer, Pipeline
 from gateway.core.runner import ModelRunner, Output
 from gateway.errors import GatewayError, InvalidInput, NotFound, Unavailable
 from gateway.metrics import Metrics
+from gateway.redact import redact_url
+from gateway.redis_client import connect_redis
 from gateway.registry import ModelRegistry
 from gateway.settings import Settings
 from model_store import ModelStore
@@ -25,6 +27,7 @@ __all__ = ["Gateway", "gateway_of"]
 log = logging.getLogger("gateway")
 
 _MAX_TIMEOUT_MS = 600_000
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _TIMEOUT_DIGITS = 6  # enough for _MAX_TIMEOUT_MS
 _VERSION_DIGITS = 9
 _LABEL: frozenset[Output] = frozenset({"label"})
@@ -71,7 +74,8 @@ class Gateway:
                 on_change=lambda s: metrics.circuit_open.set(0 if s == "closed" else 1),
             )
             l2 = RedisCache(
-                connect_redis(settings.redis_url, timeout_s=timeout_s,
+                connect_redis(settings.redis_url, command_timeout_s=timeout_s,
+                              connect_timeout_s=settings.redis_connect_timeout_ms / 1000,
                               max_connections=settings.redis_max_connections),
                 timeout_s=timeout_s,
                 ttl_s=settings.cache_ttl_s,
@@ -98,7 +102,7 @@ class Gateway:
         log.info(
             "cache tiers: l1=%s l2=%s; coalesce=%s batch=%s",
             "on" if l1 is not None else "off",
-            settings.redis_url if l2 is not None else "off",
+            redact_url(settings.redis_url) if l2 is not None else "off",
             settings.coalesce, settings.batch,
         )
         return gw
@@ -156,6 +160,9 @@ class Gateway:
                 f"model {rt.manifest.name} v{rt.manifest.version} has no probabilities",
                 code="probabilities_unsupported",
             )
+        if float(np.abs(rows).max()) > _FLOAT32_MAX:
+            raise InvalidInput(f"feature values must be within ±{_FLOAT32_MAX:.7g} (float32 "
+                               "range, in which tree models compare)", code="out_of_range")
         if timeout_s is None:
             timeout_s = self.settings.request_timeout_ms / 1000
         return await self.pipeline.infer(rt, rows, outputs, timeout_s)

@@ -6,7 +6,7 @@ from hashlib import blake2b
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Switch = Literal["on", "off"]
@@ -133,9 +133,77 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1 << 20, ge=1)
     """Largest request body accepted; larger ones get 413 before they are read whole."""
 
+    # -- connections -------------------------------------------------------------------------
+    header_timeout_s: float = Field(10.0, gt=0, le=3600)
+    """Time a client has to send a request's headers, counted from its connection (or, on a
+    kept-alive connection, from the request's first byte). Past it the gateway answers 408 and
+    closes the connection."""
+
+    body_timeout_s: float = Field(30.0, gt=0, le=3600)
+    """Time a client has to send a request's body once its headers are in; past it, 408 and the
+    connection is closed (a body shorter than its ``Content-Length`` never waits longer)."""
+
+    limit_concurrency: int | None = Field(None, ge=1)
+    """Open connections at most per server process. A new connection past it closes the one
+    that has waited longest for request headers (a slow or idle client); when every connection
+    is busy with a request, new requests get 503. Unset: the open-file limit less a reserve for
+    Redis, models and logs, so the process never runs out of descriptors (which would drop
+    every waiting connection, good or bad)."""
+
+    redis_connect_timeout_ms: int = Field(1000, ge=1)
+    """Bound on opening one Redis connection (TCP, TLS, ``AUTH``), apart from
+    ``redis_timeout_ms``: a connection is opened in the background and kept for later calls
+    even when the call that asked for it has already given up."""
+
     def cache_key(self) -> bytes | None:
         """The BLAKE2b key derived from ``cache_secret`` (None without one)."""
         if self.cache_secret is None:
             return None
         return blake2b(self.cache_secret.get_secret_value().encode(), digest_size=32,
                        person=b"gw-cache").digest()
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, url: str | None) -> str | None:
+        if url is not None and not url.startswith(REDIS_SCHEMES):
+            raise ValueError(f"expected a URL starting with {', '.join(REDIS_SCHEMES)}")
+        return url
+
+    def problems(self) -> list[str]:
+        """What makes these settings unusable to serve with, one line each (empty: none):
+        a model root that is not a directory, a default model the store does not have."""
+        out = []
+        root = self.model_root
+        if not root.is_dir():
+            out.append(f"GATEWAY_MODEL_ROOT={str(root)!r}: not a directory (train the demo "
+                       "model with `python -m model_store train-demo`, or point it at a store)")
+        else:
+            names = sorted(p.name for p in root.iterdir() if p.is_dir())
+            if names and self.default_model not in names:
+                out.append(f"GATEWAY_DEFAULT_MODEL={self.default_model!r}: not in the store "
+                           f"(it has {', '.join(names)})")
+        return out
+
+
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+_SECRET_FIELDS = frozenset({"cache_secret", "admin_token"})
+
+
+def describe_errors(exc: ValidationError) -> list[str]:
+    """One line per invalid setting: the variable, its value (secrets hidden, credentials in
+    URLs redacted) and what is expected."""
+    from gateway.redact import redact_url
+
+    out = []
+    for err in exc.errors():
+        field = str(err["loc"][0]) if err["loc"] else "?"
+        value = err.get("input")
+        if field in _SECRET_FIELDS:
+            shown = "***"
+        elif field == "redis_url" and isinstance(value, str):
+            shown = repr(redact_url(value))
+        else:
+            shown = repr(value)[:80]
+        message = str(err["msg"]).removeprefix("Value error, ")
+        out.append(f"GATEWAY_{field.upper()}={shown}: {message}")
+    return out

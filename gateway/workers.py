@@ -23,7 +23,8 @@ from socket import socket
 
 from prometheus_client.multiprocess import mark_process_dead
 from uvicorn import Config
-from uvicorn.supervisors import Multiprocess
+
+from gateway.server import GatewaySupervisor
 
 __all__ = ["metrics_dir", "serve_workers"]
 
@@ -69,8 +70,9 @@ def _sweep(parent: Path) -> None:
         _log.info("Removed metric files of a server that is gone: %s", path)
 
 
-class _Supervisor(Multiprocess):
-    """uvicorn's supervisor, marking each worker that leaves dead for prometheus-client."""
+class _Supervisor(GatewaySupervisor):
+    """The gateway's worker supervisor, also marking each worker that leaves dead for
+    prometheus-client."""
 
     def __init__(self, config: Config, sockets: list[socket], metrics: Path) -> None:
         super().__init__(config, sockets)

@@ -25,20 +25,20 @@ _NON_FINITE = frozenset({"nan", "inf", "infinity"})
 _NUMBER = re.compile(rb"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 
 
-def parse_json(body: bytes) -> Any:
+def parse_json(body: bytes, what: str = "body") -> Any:
     """``body`` parsed as JSON. Raises MalformedJson (400) when it is not JSON or an object
-    names a key twice (which parsers disagree on)."""
+    names a key twice (which parsers disagree on); messages start with ``what``."""
     try:
         value = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
-        raise MalformedJson(f"body is not valid JSON: {exc}") from None
+        raise MalformedJson(f"{what} is not valid JSON: {exc}") from None
     # Every key is followed by one ':'; colons elsewhere live only inside strings. So when the
     # colons equal the keys counted (an undercount at worst), no object repeated a key.
     if body.count(b":") != _count_keys(value):
         try:
             json.loads(body, object_pairs_hook=_unique_keys)
         except _DuplicateKey as exc:
-            raise MalformedJson(f"body names key {exc.args[0]!r:.40} twice in one object",
+            raise MalformedJson(f"{what} names key {exc.args[0]!r:.40} twice in one object",
                                 code="duplicate_key") from None
     return value
 

@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import orjson
 
-from gateway.errors import InvalidInput, MalformedJson
+from gateway.errors import InvalidInput
+from gateway.protocols.inputs import parse_json
 
 __all__ = ["DTYPES", "InferRequest", "OutputSpec", "decode_infer_request",
            "encode_infer_response"]
@@ -134,10 +135,7 @@ def decode_infer_request(
                        f"not fit a body of {len(body)} bytes")
         cut = int(raw)
         json_part, binary = body[:cut], body[cut:]
-    try:
-        request = orjson.loads(json_part)
-    except orjson.JSONDecodeError as exc:
-        raise MalformedJson(f"inference header is not valid JSON: {exc}") from None
+    request = parse_json(json_part, "inference header")
     if not isinstance(request, dict):
         raise _bad("inference request must be a JSON object")
     inputs = request.get("inputs")

@@ -23,7 +23,6 @@ import yaml
 
 from bench.replicas import free_port, gateway_process
 from gateway import Settings
-from gateway.__main__ import GRACEFUL_SHUTDOWN_S
 from tests.deploy.support import (
     KUBE_DIR,
     NGINX_DIR,
@@ -157,7 +156,7 @@ def test_compose_wiring_matches_the_gateway_nginx_and_image() -> None:
     assert f"models:{root}:ro" in gw["volumes"] and f"models:{root}" in models["volumes"]
     assert option(models["command"], "--root") == root
     grace = int(gw["stop_grace_period"].removesuffix("s"))
-    assert grace > GRACEFUL_SHUTDOWN_S + Settings().shutdown_grace_s
+    assert grace > Settings().shutdown_grace_s + 2  # the grace period, then flush and exit
 
 
 def test_every_gateway_setting_named_in_deploy_files_exists() -> None:
@@ -344,8 +343,7 @@ def test_the_pod_wires_nginx_to_the_gateway_over_a_shared_socket() -> None:
     def pre_stop(c: dict[str, Any]) -> int:
         return int(c["lifecycle"]["preStop"]["exec"]["command"][-1])
 
-    shutdown = (pre_stop(gw) + int(option(gw["command"], "--timeout-graceful-shutdown"))
-                + float(env["GATEWAY_SHUTDOWN_GRACE_S"]["value"]))
+    shutdown = pre_stop(gw) + float(env["GATEWAY_SHUTDOWN_GRACE_S"]["value"]) + 2
     assert spec["terminationGracePeriodSeconds"] > shutdown
     assert pre_stop(ngx) < pre_stop(gw)  # nginx stops taking requests before the gateway
 

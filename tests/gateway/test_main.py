@@ -17,15 +17,23 @@ import uvicorn
 
 import gateway.__main__ as cli
 from gateway.metrics import MULTIPROC_ENV
+from gateway.server import GatewayHttpProtocol, gateway_config
 from tests.deploy.support import NGINX_DIR, nginx_seconds, parse_nginx
 
 
 @pytest.fixture
 def served(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
-    """``uvicorn.run`` replaced by a recorder of its keyword arguments; SIGTERM's handler
-    (which ``main`` sets) and ``PROMETHEUS_MULTIPROC_DIR`` restored afterwards."""
+    """``gateway.server.run`` replaced by a recorder of the uvicorn configuration it would
+    serve; SIGTERM's handler and ``PROMETHEUS_MULTIPROC_DIR`` restored afterwards."""
     calls: list[dict[str, Any]] = []
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append({"app": app, **kw}))
+
+    def record(app: str, *, settings: Any = None, **kw: Any) -> int:
+        config = gateway_config(settings, app, **kw)
+        calls.append({"app": app, **kw, "factory": config.factory, "loop": config.loop,
+                      "http": config.http, "access_log": config.access_log})
+        return 0
+
+    monkeypatch.setattr(cli, "run", record)
     monkeypatch.setenv(MULTIPROC_ENV, "unset-below")
     monkeypatch.delenv(MULTIPROC_ENV)
     handler = signal.getsignal(signal.SIGTERM)
@@ -46,24 +54,26 @@ def test_keep_alive_outlasts_nginx_upstream_keepalive() -> None:
 
 
 def test_tcp_defaults(served: list[dict[str, Any]]) -> None:
-    cli.main([])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([])
+    assert exit_.value.code == 0
     (kw,) = served
     assert kw["app"] == "gateway.app:from_env" and kw["factory"] is True
     assert (kw["host"], kw["port"]) == ("127.0.0.1", 8000) and "uds" not in kw
     assert kw["timeout_keep_alive"] == cli.KEEP_ALIVE_S
-    assert kw["timeout_graceful_shutdown"] == cli.GRACEFUL_SHUTDOWN_S
     assert kw["proxy_headers"] is True and kw["forwarded_allow_ips"] is None
-    assert (kw["loop"], kw["http"], kw["access_log"]) == ("uvloop", "httptools", False)
+    assert (kw["loop"], kw["http"], kw["access_log"]) == ("uvloop", GatewayHttpProtocol, False)
     assert MULTIPROC_ENV not in os.environ  # one process: plain metrics
 
 
 def test_unix_socket_and_proxy_options(served: list[dict[str, Any]], tmp_path: Path) -> None:
     sock = tmp_path / "gateway.sock"
-    cli.main(["--uds", str(sock), "--timeout-keep-alive", "90", "--no-proxy-headers",
-              "--forwarded-allow-ips", "*", "--timeout-graceful-shutdown", "3"])
+    with pytest.raises(SystemExit):
+        cli.main(["--uds", str(sock), "--timeout-keep-alive", "90", "--no-proxy-headers",
+                  "--forwarded-allow-ips", "*"])
     (kw,) = served
     assert kw["uds"] == str(sock) and "host" not in kw and "port" not in kw
-    assert kw["timeout_keep_alive"] == 90 and kw["timeout_graceful_shutdown"] == 3
+    assert kw["timeout_keep_alive"] == 90
     assert kw["proxy_headers"] is False and kw["forwarded_allow_ips"] == "*"
     assert not sock.exists()  # the writability probe leaves nothing behind
 

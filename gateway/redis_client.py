@@ -1,0 +1,182 @@
+"""The gateway's Redis client: a connection pool kept warm, calls bounded apart from connects.
+
+``connect_redis`` returns a ``redis.asyncio.Redis`` whose behaviour differs in three ways, so
+that a Redis a few round trips away stays useful instead of being given up for good:
+
+* **Opening a connection is not a call.** A connection is opened (TCP, TLS, ``AUTH``) within
+  ``connect_timeout_s`` (generous: about a second), in a task of its own. A call that needed it
+  may give up first; the connection is still opened and joins the pool for the next call.
+* **A late reply does not cost the connection.** Each command or pipeline runs in a task of its
+  own; the caller waits at most ``command_timeout_s`` and then gets ``redis.TimeoutError``
+  (being cancelled by its own deadline has the same effect), while the task goes on reading the
+  reply, up to ``max(connect_timeout_s, command_timeout_s)``, and hands the connection back to
+  the pool in a state ready for the next command. (Stock redis-py closes a connection whose read
+  was interrupted, so every timeout at high latency meant a new connect, which could not finish
+  within the timeout either.)
+* **Warm connections first.** The first call opens ``warm_connections`` connections in the
+  background; a call takes an open connection whenever one is free, and only opens a new one
+  when none is. TCP keepalive finds dead peers (``redis://``, ``rediss://``); a connection
+  that the server closed (a restart) is found closed when taken and reopened.
+
+redis-py's own retries are off: the caller's circuit breaker decides when to try again.
+Close with ``await client.aclose()``, which also stops the background tasks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import Any
+from urllib.parse import urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis.asyncio.connection import AbstractConnection
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+__all__ = ["BoundedRedis", "connect_redis"]
+
+log = logging.getLogger("gateway.redis")
+
+
+def connect_redis(
+    url: str,
+    *,
+    connect_timeout_s: float,
+    command_timeout_s: float,
+    max_connections: int,
+    warm_connections: int = 4,
+) -> BoundedRedis:
+    """A client for ``redis://``, ``rediss://`` or ``unix://`` ``url`` (see the module
+    docstring). Nothing is connected until the first call, so a Redis that is down does not
+    fail this. Raises ValueError for a bad URL or limits out of range."""
+    if connect_timeout_s <= 0 or command_timeout_s <= 0:
+        raise ValueError("timeouts must be > 0")
+    if max_connections < 1 or warm_connections < 0:
+        raise ValueError("max_connections must be >= 1 and warm_connections >= 0")
+    tcp = urlsplit(url).scheme in ("redis", "rediss")
+    pool = _WarmPool.from_url(
+        url,
+        socket_connect_timeout=connect_timeout_s,
+        socket_timeout=max(connect_timeout_s, command_timeout_s),  # bound on a late reply
+        max_connections=max_connections,
+        retry=Retry(NoBackoff(), 0),
+        **({"socket_keepalive": True} if tcp else {}),
+    )
+    return BoundedRedis(pool, command_timeout_s=command_timeout_s,
+                         warm_connections=min(warm_connections, max_connections))
+
+
+class _WarmPool(aioredis.ConnectionPool):
+    """A pool that hands out an open connection whenever one is free (redis-py's takes the
+    most recently released one, open or not, and reconnects it inside the caller's call)."""
+
+    def get_available_connection(self) -> AbstractConnection:
+        free: list[AbstractConnection] = self._available_connections
+        for i in range(len(free) - 1, -1, -1):
+            if free[i].is_connected:
+                connection = free.pop(i)
+                self._in_use_connections.add(connection)
+                return connection
+        fresh: AbstractConnection = super().get_available_connection()  # type: ignore[no-untyped-call]
+        return fresh
+
+
+class BoundedRedis(aioredis.Redis):
+    """``Redis`` whose calls are bounded by ``command_timeout_s`` without interrupting the
+    connection's own read (see the module docstring)."""
+
+    def __init__(
+        self, pool: _WarmPool, *, command_timeout_s: float, warm_connections: int
+    ) -> None:
+        super().__init__(connection_pool=pool)
+        self.auto_close_connection_pool = True  # this client owns its pool
+        self._command_timeout = command_timeout_s
+        self._warm_target = warm_connections
+        self._warming: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()  # calls and warm-up, until settled
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        call = super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
+        return await self.bounded(call)
+
+    def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
+        return _BoundedPipeline(self, transaction, shard_hint)
+
+    async def bounded(self, call: Coroutine[Any, Any, Any]) -> Any:
+        """Run ``call`` in a task of its own; wait for it at most ``command_timeout_s``.
+
+        Raises:
+            redis.TimeoutError: no reply in time (the task goes on, and returns its connection
+                to the pool once the reply is read).
+            whatever ``call`` raised.
+        """
+        loop = asyncio.get_running_loop()
+        if self._warming is None and self._warm_target:
+            self._warming = self._track(loop.create_task(self._warm_up()))
+        task = self._track(loop.create_task(call))
+        deadline = asyncio.timeout(self._command_timeout)
+        try:
+            async with deadline:
+                return await asyncio.shield(task)
+        except TimeoutError:
+            if not deadline.expired():
+                raise
+            raise RedisTimeoutError(
+                f"no reply within {self._command_timeout * 1000:.0f} ms "
+                "(the connection stays open for the late reply)"
+            ) from None
+
+    def _track(self, task: asyncio.Task[Any]) -> asyncio.Task[Any]:
+        self._background.add(task)
+        task.add_done_callback(self._settled)
+        return task
+
+    def _settled(self, task: asyncio.Task[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:  # retrieved: no warning
+            log.debug("redis call ended with %r", task.exception())
+
+    async def _warm_up(self) -> None:
+        """Open ``warm_connections`` connections at once and put them in the pool."""
+        pool = self.connection_pool
+        opened = await asyncio.gather(
+            *(pool.get_connection() for _ in range(self._warm_target)),  # type: ignore[no-untyped-call]
+            return_exceptions=True,
+        )
+        for connection in opened:
+            if isinstance(connection, AbstractConnection):
+                await pool.release(connection)
+        failures = [c for c in opened if isinstance(c, BaseException)]
+        if failures:
+            log.debug("redis warm-up: %d of %d connections failed (%r)", len(failures),
+                      len(opened), failures[0])
+
+    async def settled(self) -> None:
+        """Wait until every call given up by its caller has read its reply (or failed)."""
+        while self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def aclose(self, close_connection_pool: bool | None = None) -> None:
+        """Stop the background calls, then close the pool."""
+        tasks = list(self._background)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await super().aclose(close_connection_pool)
+
+
+class _BoundedPipeline(Pipeline):
+    """A pipeline whose ``execute`` is bounded like the commands of its client."""
+
+    def __init__(self, owner: BoundedRedis, transaction: bool, shard_hint: str | None) -> None:
+        super().__init__(owner.connection_pool, owner.response_callbacks, transaction,
+                         shard_hint)
+        self._owner = owner
+
+    async def execute(self, raise_on_error: bool = True) -> list[Any]:
+        result: list[Any] = await self._owner.bounded(super().execute(raise_on_error))
+        return result

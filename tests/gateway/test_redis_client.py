@@ -1,0 +1,87 @@
+"""The gateway's Redis client against a real redis-server, through a proxy adding latency."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from gateway.redis_client import connect_redis
+from tests.hardening.procs import DelayProxy
+
+pytestmark = pytest.mark.anyio
+
+
+async def test_a_late_reply_keeps_its_connection(redis_server: Any) -> None:
+    """Three calls given up after 20 ms on a 60 ms round trip: one connection, opened in the
+    background and reused; stock redis-py closes the connection at each timeout."""
+    with DelayProxy(redis_server.port, delay_s=0.03) as proxy:
+        client = connect_redis(proxy.url, connect_timeout_s=2, command_timeout_s=0.02,
+                               max_connections=4, warm_connections=0)
+        try:
+            for _ in range(3):
+                with pytest.raises(redis.TimeoutError, match="no reply within 20 ms"):
+                    await client.ping()
+                await client.settled()  # the late reply has been read
+            assert proxy.accepted == 1
+            proxy.delay_s = 0.0
+            assert await client.ping() is True
+            assert await client.set("hardening:late", b"v") is True
+            pipe = client.pipeline(transaction=False)
+            pipe.get("hardening:late")
+            pipe.delete("hardening:late")
+            assert await pipe.execute() == [b"v", 1]
+            assert proxy.accepted == 1
+        finally:
+            await client.aclose()
+
+        stock = aioredis.from_url(proxy.url, socket_timeout=0.02,
+                                  retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0))
+        try:
+            proxy.delay_s = 0.03
+            for _ in range(2):
+                with pytest.raises(redis.TimeoutError):
+                    await stock.ping()
+            assert proxy.accepted == 3  # what the client above avoids
+        finally:
+            await stock.aclose()
+
+
+async def test_warm_connections_are_opened_on_first_use(redis_server: Any) -> None:
+    with DelayProxy(redis_server.port) as proxy:
+        client = connect_redis(proxy.url, connect_timeout_s=2, command_timeout_s=1,
+                               max_connections=8, warm_connections=3)
+        try:
+            assert proxy.accepted == 0  # nothing connects before the first call
+            assert await client.ping() is True
+            await client.settled()
+            assert proxy.accepted >= 3
+            opened = proxy.accepted
+            for _ in range(20):
+                assert await client.ping() is True
+            assert proxy.accepted == opened
+        finally:
+            await client.aclose()
+
+
+async def test_a_redis_that_is_down_fails_calls_quickly_and_closes_cleanly() -> None:
+    from tests.support import free_port
+
+    client = connect_redis(f"redis://127.0.0.1:{free_port()}/0", connect_timeout_s=1,
+                           command_timeout_s=0.5, max_connections=2)
+    try:
+        with pytest.raises(redis.ConnectionError):
+            await client.ping()
+    finally:
+        await client.aclose()
+
+
+def test_limits_are_checked() -> None:
+    with pytest.raises(ValueError, match="timeouts"):
+        connect_redis("redis://127.0.0.1:1/0", connect_timeout_s=0, command_timeout_s=1,
+                      max_connections=1)
+    with pytest.raises(ValueError, match="max_connections"):
+        connect_redis("redis://127.0.0.1:1/0", connect_timeout_s=1, command_timeout_s=1,
+                      max_connections=0)

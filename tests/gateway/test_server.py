@@ -1,0 +1,39 @@
+"""The server's configuration from settings (its behaviour is tested against real processes
+in tests/hardening)."""
+
+from __future__ import annotations
+
+import resource
+
+import pytest
+
+from gateway import Settings
+from gateway.server import (
+    GatewayConfig,
+    GatewayHttpProtocol,
+    default_connection_limit,
+    gateway_config,
+)
+
+
+@pytest.mark.parametrize(("soft", "limit"), [
+    (1024, 896), (20_000, 17_500), (256, 128), (100, 1), (resource.RLIM_INFINITY, 65_536),
+])
+def test_connection_limit_leaves_a_reserve_of_open_files(
+    monkeypatch: pytest.MonkeyPatch, soft: int, limit: int
+) -> None:
+    monkeypatch.setattr(resource, "getrlimit", lambda _which: (soft, resource.RLIM_INFINITY))
+    assert default_connection_limit() == limit
+
+
+def test_config_takes_bounds_from_settings_and_overrides_from_the_caller() -> None:
+    settings = Settings(header_timeout_s=2, body_timeout_s=3, shutdown_grace_s=4,
+                        limit_concurrency=50)
+    quiet = {"log_config": None}  # uvicorn.Config would otherwise configure logging globally
+    cfg = gateway_config(settings, host="127.0.0.1", port=9, workers=2, **quiet)
+    assert isinstance(cfg, GatewayConfig)
+    assert (cfg.header_timeout_s, cfg.body_timeout_s, cfg.shutdown_grace_s) == (2, 3, 4)
+    assert cfg.limit_concurrency == 50 and cfg.workers == 2 and cfg.port == 9
+    assert cfg.http is GatewayHttpProtocol and cfg.loop == "uvloop" and not cfg.access_log
+    assert gateway_config(Settings(), **quiet).limit_concurrency == default_connection_limit()
+    assert gateway_config(Settings(), limit_concurrency=7, **quiet).limit_concurrency == 7
