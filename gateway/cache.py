@@ -174,6 +174,36 @@ class RedisCache:
         return [None if v is None else self._open(k, v) for k, v in zip(keys, values,
                                                                            strict=True)]
 
+    @property
+    def client(self) -> aioredis.Redis:
+        """The Redis client this tier uses (shared by cross-replica coalescing)."""
+        return self._client
+
+    @property
+    def timeout_s(self) -> float:
+        return self._timeout
+
+    def blocked(self) -> bool:
+        """Is Redis being skipped now (circuit open)?"""
+        return self._breaker.blocked()
+
+    def succeeded(self) -> None:
+        """Report a Redis call made outside this tier that was answered."""
+        self._succeeded()
+
+    def failed(self, exc: BaseException) -> None:
+        """Report a Redis call made outside this tier that failed or timed out."""
+        self._failed(exc)
+
+    def seal(self, key: str, value: bytes) -> bytes:
+        """``value`` as stored under ``key``: behind its integrity tag when there is a secret."""
+        return value if self._secret is None else self._tag(key, value) + value
+
+    def unseal(self, key: str, stored: bytes) -> bytes:
+        """The value ``seal`` stored under ``key``, or ``INVALID`` when its tag does not
+        verify."""
+        return stored if self._secret is None else self._open(key, stored)
+
     def _tag(self, key: str, value: bytes) -> bytes:
         assert self._secret is not None
         h = blake2b(key.encode(), key=self._secret, digest_size=_TAG_BYTES)
@@ -234,13 +264,15 @@ class RedisCache:
     def put(self, key: str, value: bytes, ttl_s: int | None = None) -> None:
         """Queue one write (``SET key value EX ttl``, the default TTL unless ``ttl_s``);
         never blocks. When the backlog is full the oldest queued write is dropped."""
+        self.put_sealed(key, self.seal(key, value), ttl_s)
+
+    def put_sealed(self, key: str, value: bytes, ttl_s: int | None = None) -> None:
+        """``put`` of a value already ``seal``-ed."""
         if self._write_wake is None or self._breaker.blocked():
             self._metrics.l2_writes_dropped.inc()
             return
         if len(self._writes) == self._writes.maxlen:
             self._metrics.l2_writes_dropped.inc()
-        if self._secret is not None:
-            value = self._tag(key, value) + value
         self._writes.append((key, value, ttl_s or self._ttl))
         self._write_wake.set()
         assert self._write_idle is not None

@@ -163,6 +163,22 @@ class Metrics:
             "gateway_l2_writes_dropped", "Cache writes not sent to Redis (backlog full, circuit "
             "open or write failed).", registry=r,
         )
+        self.remote_coalesced = Counter(
+            "gateway_remote_coalesced", "Rows answered by another replica's computation "
+            "(cross-replica single-flight).", ["model"], registry=r,
+        )
+        self.remote_leases = Counter(
+            "gateway_remote_leases", "Row leases won in Redis: rows this replica computed for "
+            "every replica.", ["model"], registry=r,
+        )
+        self.remote_lease_expiries = Counter(
+            "gateway_remote_lease_expiries", "Rows whose lease ended without a result (holder "
+            "lost or failed), then computed here.", ["model"], registry=r,
+        )
+        self.remote_fallbacks = Counter(
+            "gateway_remote_fallbacks", "Rows computed without cross-replica coordination "
+            "because Redis was skipped, failed or timed out.", ["model"], registry=r,
+        )
 
     @property
     def in_flight(self) -> int:

@@ -6,8 +6,10 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
+import redis.asyncio as aioredis
 from starlette.requests import Request
 
 from gateway.breaker import CircuitBreaker
@@ -19,6 +21,7 @@ from gateway.metrics import Metrics
 from gateway.redact import redact_url
 from gateway.redis_client import connect_redis
 from gateway.registry import ModelRegistry
+from gateway.remote import Remote
 from gateway.settings import Settings
 from model_store import ModelStore
 
@@ -45,6 +48,7 @@ class Gateway:
     l2: RedisCache | None
     registry: ModelRegistry
     accepting: bool = True
+    remote: Remote | None = None
 
     @property
     def models(self) -> dict[str, dict[int, ModelRunner]]:
@@ -87,23 +91,27 @@ class Gateway:
             await l2.start()
         elif settings.redis_url:
             log.info("GATEWAY_CACHE=off: GATEWAY_REDIS_URL is ignored")
+        remote = None
+        if l2 is not None and settings.redis_url and settings.coalesce_remote == "auto":
+            remote = await _open_remote(settings, l2, metrics)
         pipeline = Pipeline(
             metrics, prefix=settings.cache_prefix, l1=l1, l2=l2,
             coalesce=settings.coalesce == "on",
             l2_min_call_s=settings.l2_min_call_us / 1e6,
+            remote=remote,
         )
         registry = ModelRegistry(settings, store, metrics, pipeline)
-        gw = cls(settings, store, metrics, pipeline, l1, l2, registry)
+        gw = cls(settings, store, metrics, pipeline, l1, l2, registry, remote=remote)
         await registry.reload()
         if settings.model_poll_s > 0:
             registry.watch(settings.model_poll_s)
         if not gw.models:
             log.warning("no model loaded from %s", store.root)
         log.info(
-            "cache tiers: l1=%s l2=%s; coalesce=%s batch=%s",
+            "cache tiers: l1=%s l2=%s; coalesce=%s remote=%s batch=%s",
             "on" if l1 is not None else "off",
             redact_url(settings.redis_url) if l2 is not None else "off",
-            settings.coalesce, settings.batch,
+            settings.coalesce, "on" if remote is not None else "off", settings.batch,
         )
         return gw
 
@@ -213,8 +221,23 @@ class Gateway:
         await self.drain()
         await self.registry.aclose()
         await self.pipeline.aclose()
+        if self.remote is not None:
+            await self.remote.aclose()
         if self.l2 is not None:
             await self.l2.aclose()
+
+
+async def _open_remote(settings: Settings, l2: RedisCache, metrics: Metrics) -> Remote:
+    """Cross-replica single-flight over ``l2``'s Redis, its channel subscribed (or being)."""
+    assert settings.redis_url is not None
+    tcp = urlsplit(settings.redis_url).scheme in ("redis", "rediss")
+    subscriber = aioredis.Redis.from_url(
+        settings.redis_url, socket_connect_timeout=settings.redis_connect_timeout_ms / 1000,
+        socket_timeout=None, **({"socket_keepalive": True} if tcp else {}))
+    remote = Remote(l2, subscriber, metrics, prefix=settings.cache_prefix,
+                    lease_min_s=settings.remote_lease_min_ms / 1000)
+    await remote.start(settings.redis_connect_timeout_ms / 1000)
+    return remote
 
 
 def gateway_of(request: Request) -> Gateway:

@@ -155,6 +155,18 @@ class Settings(BaseSettings):
     ``redis_timeout_ms``: a connection is opened in the background and kept for later calls
     even when the call that asked for it has already given up."""
 
+    # -- scale-out ---------------------------------------------------------------------------
+    coalesce_remote: Literal["auto", "off"] = "auto"
+    """Cross-replica single-flight. ``auto``: with Redis, for every model whose calls are
+    slower than ``l2_min_call_us``, a replica that misses takes a lease on the row in Redis
+    (or waits for the replica holding it), so a burst spread over replicas runs the model
+    once. ``off``: each replica computes its own misses (local single-flight only)."""
+
+    remote_lease_min_ms: int = Field(250, ge=10)
+    """Shortest row lease (the lease is ``max(this, 4 x the model's average call time)``,
+    renewed while the call runs); a waiter whose holder vanished computes after at most this
+    long plus one renewal period."""
+
     def cache_key(self) -> bytes | None:
         """The BLAKE2b key derived from ``cache_secret`` (None without one)."""
         if self.cache_secret is None:

@@ -8,7 +8,9 @@ keys already in flight are joined, the rest are owned by one computation that su
 the batcher as one entry and stores the results in L1 before its keys are freed (Redis is
 written in the background). A model measured to answer in microseconds skips Redis, and its
 misses are answered by one inline call on the spot, which costs less than the coordination it
-replaces.
+replaces. With a ``Remote``, the computation of a model that consults Redis first coordinates
+its keys with the other replicas (cross-replica single-flight, ``gateway.remote``), which then
+also stores them in Redis.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -28,6 +30,9 @@ from gateway.core.runner import SEP, ModelRunner, Output, Unit
 from gateway.core.singleflight import SingleFlight
 from gateway.errors import DeadlineExceeded
 from gateway.metrics import Metrics
+
+if TYPE_CHECKING:
+    from gateway.remote import Remote
 
 __all__ = ["Answer", "Pipeline", "Source"]
 
@@ -77,12 +82,14 @@ class Pipeline:
         l2: RedisCache | None,
         coalesce: bool,
         l2_min_call_s: float = 0.0,
+        remote: Remote | None = None,
     ) -> None:
         self._metrics = metrics
         self._prefix = prefix
         self._l1 = l1
         self._l2 = l2
         self._l2_min_call = l2_min_call_s
+        self._remote = remote
         self._flights: SingleFlight[str, bytes | Failure] | None = (
             SingleFlight(abandon=True) if coalesce else None
         )
@@ -246,7 +253,12 @@ class Pipeline:
         if todo:
             sel = [idx[j] for j in todo]
             sub = block.rows if len(sel) == len(block.rows) else block.rows[sel]
-            results = await runner.compute(block.unit, sub)
+            remote = self._remote if block.use_l2 and keys is not None else None
+            if remote is not None and keys is not None:
+                results = await remote.compute(runner, block.unit, [keys[i] for i in sel], sub,
+                                               runner.compute)
+            else:
+                results = await runner.compute(block.unit, sub)
             done_keys: list[str] = []
             done: list[bytes] = []
             for j, value in zip(todo, results, strict=True):
@@ -255,7 +267,10 @@ class Pipeline:
                     done_keys.append(keys[idx[j]])
                     done.append(value)
             if done:
-                self._put_many(block, done_keys, done, runner.cache_ttl_s)
+                if remote is None:
+                    self._put_many(block, done_keys, done, runner.cache_ttl_s)
+                elif self._l1 is not None:  # Redis is written by the coordination
+                    self._l1.put_many(done_keys, done)
         return out  # type: ignore[return-value]  # every position is filled above
 
     def _put_many(self, block: _Block, keys: list[str], values: list[bytes],

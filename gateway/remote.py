@@ -1,0 +1,422 @@
+"""Cross-replica single-flight: a burst of misses spread over replicas runs the model once.
+
+Plugged into the pipeline's computation (so one request per replica coordinates a key, the
+local single-flight merging the rest), for models whose calls cost more than a Redis round trip.
+For a block of keys, one Lua script per Redis slot does, atomically per key:
+
+* the value is in Redis: take it (the script checks again after the caller's lookup);
+* else ``SET {key}:l token NX PX lease``: this replica won the lease, it computes the key;
+* else the key is being computed elsewhere: register this replica's channel in ``{key}:w`` and
+  wait.
+
+The holder renews its leases (every third of the lease) while the model runs, then one script
+stores the values (``SET EX``, sealed like every L2 value), frees the leases it still holds and
+``PUBLISH``-es ``key \\n value`` to each waiting replica's channel. Every process subscribes to
+one channel of its own (one connection, not one per key). A waiter takes a published value only
+if its integrity tag (with ``GATEWAY_CACHE_SECRET``) verifies and the model accepts it as one of
+its answers (``ModelRunner.decode_value``). A waiter that hears nothing by the end of the lease
+asks again: the value is there (a message was lost), the lease was renewed (wait again), or the
+lease expired with no value (holder lost or failed) and it takes the lease and computes itself.
+
+Coordination may cost a duplicate model call, never an error or a hang: when Redis is skipped
+(circuit open), fails or does not answer within the Redis timeout, the block is computed
+locally. Lease keys carry the value key as a hash tag, so each key's three Redis keys share a
+slot and the script works on a Redis Cluster (one call per slot).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import numpy as np
+from redis.exceptions import RedisError
+
+from gateway.cache import INVALID, RedisCache
+from gateway.core.batcher import Failure
+from gateway.core.runner import ModelRunner, Unit
+from gateway.metrics import Metrics
+
+__all__ = ["Remote"]
+
+log = logging.getLogger("gateway.remote")
+
+LocalCompute = Callable[[Unit, np.ndarray], Awaitable[list[bytes | Failure]]]
+
+_LEASE_CALLS = 4.0  # lease = this many average calls (~2 x p99 for a steady model)
+_MAX_LEASE_S = 30.0
+_WAIT_MARGIN_S = 0.01  # past the lease's end before asking again
+_RESUBSCRIBE_MAX_S = 2.0
+
+# Every script: KEYS = value, lease, waiters per key; ARGV = this process's token (also its
+# channel), then the key's own arguments.
+
+# Per key: lease ms. Returns per key: the value (bulk), 0 (lease won) or the lease's remaining
+# ms (registered as a waiter).
+_ACQUIRE = """
+local out = {}
+for i = 1, #KEYS / 3 do
+  local k = 3 * i - 2
+  local ms = tonumber(ARGV[1 + i])
+  local v = redis.call('GET', KEYS[k])
+  if v then
+    out[i] = v
+  elseif redis.call('SET', KEYS[k + 1], ARGV[1], 'NX', 'PX', ms) then
+    out[i] = 0
+  else
+    redis.call('SADD', KEYS[k + 2], ARGV[1])
+    redis.call('PEXPIRE', KEYS[k + 2], ms * 4)
+    local ttl = redis.call('PTTL', KEYS[k + 1])
+    if ttl < 1 then ttl = 1 end
+    out[i] = ttl
+  end
+end
+return out
+"""
+
+# Per key: ttl s, value ('' = none: the holder failed). Stores the value, frees the lease if
+# this process holds it, announces key, newline, value on the channel of each waiter.
+_FINISH = """
+for i = 1, #KEYS / 3 do
+  local k = 3 * i - 2
+  local v = ARGV[2 * i + 1]
+  if v ~= '' then redis.call('SET', KEYS[k], v, 'EX', ARGV[2 * i]) end
+  if redis.call('GET', KEYS[k + 1]) == ARGV[1] then redis.call('DEL', KEYS[k + 1]) end
+  local ws = redis.call('SMEMBERS', KEYS[k + 2])
+  if #ws > 0 then
+    redis.call('DEL', KEYS[k + 2])
+    local msg = KEYS[k] .. '\\n' .. v
+    for _, w in ipairs(ws) do redis.call('PUBLISH', w, msg) end
+  end
+end
+return 0
+"""
+
+# Per key: lease ms. Extends the leases this process holds.
+_RENEW = """
+for i = 1, #KEYS / 3 do
+  if redis.call('GET', KEYS[3 * i - 1]) == ARGV[1] then
+    redis.call('PEXPIRE', KEYS[3 * i - 1], ARGV[1 + i])
+  end
+end
+return 0
+"""
+
+
+def lease_key(key: str) -> str:
+    """The lease of value ``key``: in the same cluster slot (``key`` is its hash tag)."""
+    return "{" + key + "}:l"
+
+
+def _waiters_key(key: str) -> str:
+    return "{" + key + "}:w"
+
+
+class _Call:
+    """Script calls of one loop tick, merged into one call per slot."""
+
+    __slots__ = ("futures", "items", "scheduled")
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, list[Any]]] = []  # (key, its arguments)
+        self.futures: list[tuple[int, int, asyncio.Future[list[Any] | None]]] = []
+        self.scheduled = False
+
+
+class Remote:
+    """Cross-replica single-flight over the L2 tier's Redis; see the module docstring.
+
+    ``subscriber`` is a Redis client used only for this process's channel (blocking reads, so
+    without a read timeout); ``slot_of`` maps a key to its cluster slot (None: one server).
+    Calls made within one loop tick go out as one script call (per slot). Start with
+    ``start()``, end with ``aclose()``.
+    """
+
+    def __init__(
+        self,
+        cache: RedisCache,
+        subscriber: Any,
+        metrics: Metrics,
+        *,
+        prefix: str,
+        lease_min_s: float,
+        slot_of: Callable[[str], int] | None = None,
+    ) -> None:
+        self._cache = cache
+        self._client = cache.client
+        self._subscriber = subscriber
+        self._metrics = metrics
+        self._lease_min = lease_min_s
+        self._slot_of = slot_of
+        self.channel = f"{prefix}:replica:{secrets.token_hex(8)}"  # also this process's token
+        self._waiting: dict[str, list[asyncio.Future[bytes]]] = {}
+        self._subscribed = asyncio.Event()
+        self._listener: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
+        self._scripts = {name: (self._client.register_script(src), _Call())
+                         for name, src in (("acquire", _ACQUIRE), ("finish", _FINISH),
+                                           ("renew", _RENEW))}
+
+    @property
+    def subscribed(self) -> bool:
+        """Is this process's channel subscribed now (else waiters learn of results by
+        asking again when the lease ends)?"""
+        return self._subscribed.is_set()
+
+    async def start(self, timeout_s: float) -> None:
+        """Start listening on this process's channel; wait up to ``timeout_s`` for the
+        subscription (a Redis that is down only delays it)."""
+        self._listener = asyncio.get_running_loop().create_task(self._listen())
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._subscribed.wait()
+        except TimeoutError:
+            log.warning("cross-replica coalescing: channel not subscribed yet; waiters poll")
+
+    def lease_s(self, runner: ModelRunner) -> float:
+        """The lease on a key of ``runner``: 4 average calls (about twice a steady model's
+        p99), at least ``lease_min_s``."""
+        return min(_MAX_LEASE_S, max(self._lease_min, _LEASE_CALLS * runner.executor.per_call_s))
+
+    # -- the computation -----------------------------------------------------------------------
+    async def compute(self, runner: ModelRunner, unit: Unit, keys: Sequence[str],
+                      rows: np.ndarray, local: LocalCompute) -> list[bytes | Failure]:
+        """Values for ``keys`` (rows ``rows``), computing with ``local`` only the keys whose
+        lease this replica won (or whose holder was lost), the others from the replicas that
+        compute them. Raises only what ``local`` raises."""
+        model = runner.manifest.name
+        n = len(keys)
+        out: list[bytes | Failure | None] = [None] * n
+        lease_ms = int(self.lease_s(runner) * 1000)
+        pending = list(range(n))
+        waited: set[int] = set()
+        while pending:
+            futures = self._expect([keys[p] for p in pending])
+            wait: list[tuple[int, asyncio.Future[bytes]]] = []
+            try:
+                status = await self._call("acquire", [(keys[p], [lease_ms]) for p in pending])
+                if status is None:  # Redis skipped, failed or late: this block alone
+                    self._metrics.remote_fallbacks.labels(model).inc(len(pending))
+                    await self._local(runner, unit, keys, rows, pending, out, local, [], 0)
+                    break
+                won: list[int] = []
+                unleased: list[int] = []  # a stored value that is not valid: recompute
+                longest = 0.0
+                coalesced = 0
+                for p, s, fut in zip(pending, status, futures, strict=True):
+                    if isinstance(s, bytes):
+                        value = self._accept(runner, unit, keys[p], s)
+                        if value is None:
+                            unleased.append(p)
+                        else:
+                            out[p] = value
+                            coalesced += 1
+                    elif s == 0:
+                        won.append(p)
+                    else:
+                        wait.append((p, fut))
+                        longest = max(longest, int(s) / 1000)
+                if coalesced:
+                    self._metrics.remote_coalesced.labels(model).inc(coalesced)
+                if won:
+                    self._metrics.remote_leases.labels(model).inc(len(won))
+                    lost = len(waited.intersection(won))
+                    if lost:
+                        self._metrics.remote_lease_expiries.labels(model).inc(lost)
+                jobs = []
+                if won or unleased:
+                    jobs.append(self._local(runner, unit, keys, rows, won + unleased, out, local,
+                                            won, lease_ms))
+                if wait:
+                    jobs.append(self._await(runner, unit, keys, wait, out,
+                                            longest + _WAIT_MARGIN_S))
+                await asyncio.gather(*jobs)
+            finally:
+                self._unexpect([keys[p] for p in pending], futures)
+            waited.update(p for p, _ in wait)
+            pending = [p for p in pending if out[p] is None]
+        return out  # type: ignore[return-value]  # every position is filled above
+
+    async def _local(self, runner: ModelRunner, unit: Unit, keys: Sequence[str],
+                     rows: np.ndarray, idx: list[int], out: list[bytes | Failure | None],
+                     local: LocalCompute, leased: list[int], lease_ms: int) -> None:
+        """Compute ``idx`` here, renewing the leases of ``leased`` meanwhile; then store, free
+        and announce those (the other values are written to Redis in the background)."""
+        sub = rows if len(idx) == len(rows) else rows[idx]
+        ttl = runner.cache_ttl_s
+        renew = None
+        if leased:
+            renew = asyncio.get_running_loop().create_task(
+                self._renew_loop([keys[p] for p in leased], lease_ms))
+        try:
+            results = await local(unit, sub)
+        except BaseException:
+            if leased:  # free the leases: the waiters ask again and compute themselves
+                self._spawn(self._call("finish", [(keys[p], [ttl, b""]) for p in leased]))
+            raise
+        finally:
+            if renew is not None:
+                renew.cancel()
+        values: dict[int, bytes] = {}
+        for p, value in zip(idx, results, strict=True):
+            out[p] = value
+            if type(value) is bytes:
+                values[p] = value
+        announced: set[int] = set()
+        if leased:
+            done = await self._call("finish", [
+                (keys[p], [ttl, self._cache.seal(keys[p], values[p]) if p in values else b""])
+                for p in leased])
+            if done is not None:
+                announced.update(leased)
+        for p, value in values.items():
+            if p not in announced:
+                self._cache.put(keys[p], value, ttl)
+
+    async def _renew_loop(self, keys: list[str], lease_ms: int) -> None:
+        while True:
+            await asyncio.sleep(lease_ms / 3000)  # the renewal period itself
+            await self._call("renew", [(k, [lease_ms]) for k in keys])
+
+    async def _await(self, runner: ModelRunner, unit: Unit, keys: Sequence[str],
+                     wait: list[tuple[int, asyncio.Future[bytes]]],
+                     out: list[bytes | Failure | None], timeout_s: float) -> None:
+        """Values announced for ``wait`` within ``timeout_s``; the rest stay None."""
+        await asyncio.wait([f for _, f in wait], timeout=timeout_s)
+        got = 0
+        for p, fut in wait:
+            if fut.done() and not fut.cancelled():
+                value = self._accept(runner, unit, keys[p], fut.result())
+                if value is not None:
+                    out[p] = value
+                    got += 1
+        if got:
+            self._metrics.remote_coalesced.labels(runner.manifest.name).inc(got)
+
+    def _accept(self, runner: ModelRunner, unit: Unit, key: str, stored: bytes) -> bytes | None:
+        """A value from another replica if it verifies and is one of the model's answers."""
+        if not stored:
+            return None
+        value = self._cache.unseal(key, stored)
+        if value is INVALID:
+            return None
+        return runner.decode_value(unit, value)
+
+    # -- waiting for announcements -------------------------------------------------------------
+    def _expect(self, keys: list[str]) -> list[asyncio.Future[bytes]]:
+        """A future per key, set by an announcement on this process's channel."""
+        loop = asyncio.get_running_loop()
+        futures = []
+        for key in keys:
+            fut: asyncio.Future[bytes] = loop.create_future()
+            self._waiting.setdefault(key, []).append(fut)
+            futures.append(fut)
+        return futures
+
+    def _unexpect(self, keys: list[str], futures: list[asyncio.Future[bytes]]) -> None:
+        for key, fut in zip(keys, futures, strict=True):
+            waiting = self._waiting.get(key)
+            if waiting is not None:
+                waiting.remove(fut)
+                if not waiting:
+                    del self._waiting[key]
+            if not fut.done():
+                fut.cancel()
+
+    def _deliver(self, data: bytes) -> None:
+        key_bytes, sep, value = data.partition(b"\n")
+        if not sep:
+            return
+        for fut in self._waiting.get(key_bytes.decode("utf-8", "replace"), ()):
+            if not fut.done():
+                fut.set_result(value)
+
+    async def _listen(self) -> None:
+        backoff = 0.05
+        while True:
+            pubsub = self._subscriber.pubsub()
+            try:
+                await pubsub.subscribe(self.channel)
+                self._subscribed.set()
+                backoff = 0.05
+                while True:
+                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                    if msg is not None and msg.get("type") == "message":
+                        self._deliver(msg["data"])
+            except (RedisError, OSError) as exc:
+                log.debug("coalescing channel lost (%r); subscribing again", exc)
+            finally:
+                self._subscribed.clear()
+                try:
+                    await pubsub.aclose()
+                except (RedisError, OSError):
+                    pass
+            await asyncio.sleep(backoff)  # back off before reconnecting to a Redis that is down
+            backoff = min(backoff * 2, _RESUBSCRIBE_MAX_S)
+
+    # -- Redis calls -------------------------------------------------------------------------
+    async def _call(self, name: str, items: list[tuple[str, list[Any]]]) -> list[Any] | None:
+        """Script ``name`` for ``items`` (key, its arguments): one result per key, or None when
+        Redis is skipped, fails or is late. Merged with the calls of this loop tick."""
+        if self._cache.blocked():
+            return None
+        _, call = self._scripts[name]
+        fut: asyncio.Future[list[Any] | None] = asyncio.get_running_loop().create_future()
+        start = len(call.items)
+        call.items.extend(items)
+        call.futures.append((start, len(call.items), fut))
+        if not call.scheduled:
+            call.scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush, name)
+        return await fut
+
+    def _flush(self, name: str) -> None:
+        script, call = self._scripts[name]
+        self._scripts[name] = (script, _Call())
+        self._spawn(self._run(script, call))
+
+    async def _run(self, script: Any, call: _Call) -> None:
+        groups: dict[int, list[int]] = {}
+        for i, (key, _) in enumerate(call.items):
+            groups.setdefault(0 if self._slot_of is None else self._slot_of(key), []).append(i)
+
+        def one(idx: list[int]) -> Awaitable[Any]:
+            keys: list[str] = []
+            args: list[Any] = [self.channel]
+            for i in idx:
+                key, extra = call.items[i]
+                keys += (key, lease_key(key), _waiters_key(key))
+                args += extra
+            return script(keys=keys, args=args)  # type: ignore[no-any-return]
+
+        results: list[Any] | None = None
+        try:
+            async with asyncio.timeout(self._cache.timeout_s):
+                replies = await asyncio.gather(*(one(idx) for idx in groups.values()))
+            self._cache.succeeded()
+            results = [None] * len(call.items)
+            for idx, reply in zip(groups.values(), replies, strict=True):
+                if isinstance(reply, list):
+                    for i, r in zip(idx, reply, strict=True):
+                        results[i] = r
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._cache.failed(exc)
+        finally:
+            for start, end, fut in call.futures:
+                if not fut.done():
+                    fut.set_result(None if results is None else results[start:end])
+
+    def _spawn(self, coro: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def aclose(self) -> None:
+        tasks = [t for t in (self._listener, *self._background) if t is not None]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self._subscriber.aclose()
