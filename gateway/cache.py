@@ -5,7 +5,8 @@ the garbage collector never has to traverse. L2 is Redis as an accelerator, neve
 dependency: every call is bounded by ``timeout_s``, failures feed a circuit breaker that skips
 Redis while open, and an unreachable Redis reads as a miss. Lookups issued within one
 event-loop tick go out as one ``MGET``; writes are queued (bounded) and sent in
-pipelines by a background task, so neither delays a response. With a secret, every value is
+pipelines by a background task, so neither delays a response. On a Redis Cluster a lookup is one
+``MGET`` per node and writes are per-node pipelines. With a secret, every value is
 stored behind a keyed BLAKE2b tag over key and value, and a value whose tag does not verify is
 read back as ``INVALID``: whoever can write to Redis cannot make the gateway serve their answer.
 """
@@ -22,7 +23,8 @@ from hashlib import blake2b
 from typing import Literal
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.breaker import CircuitBreaker
 from gateway.metrics import Metrics
@@ -113,7 +115,7 @@ class RedisCache:
 
     def __init__(
         self,
-        client: aioredis.Redis,
+        client: aioredis.Redis | RedisCluster,
         *,
         timeout_s: float,
         ttl_s: int,
@@ -123,6 +125,7 @@ class RedisCache:
         secret: bytes | None = None,
     ) -> None:
         self._client = client
+        self._cluster = isinstance(client, RedisCluster)
         self._secret = secret
         self._timeout = timeout_s
         self._ttl = ttl_s
@@ -158,7 +161,7 @@ class RedisCache:
             async with asyncio.timeout(self._timeout * 4):
                 await self._client.ping()
             self._succeeded()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             self._failed(exc)
             log.warning("redis not reachable at startup (%s); serving from L1 + model", exc)
 
@@ -175,7 +178,7 @@ class RedisCache:
                                                                            strict=True)]
 
     @property
-    def client(self) -> aioredis.Redis:
+    def client(self) -> aioredis.Redis | RedisCluster:
         """The Redis client this tier uses (shared by cross-replica coalescing)."""
         return self._client
 
@@ -246,9 +249,12 @@ class RedisCache:
         values: list[bytes | None] | None = None
         try:
             async with asyncio.timeout(self._timeout):
-                values = await self._client.mget(keys)  # type: ignore[assignment]
+                if self._cluster:  # one MGET per node holding some of the keys
+                    values = await self._client.mget_nonatomic(keys)  # type: ignore[union-attr]
+                else:
+                    values = await self._client.mget(keys)  # type: ignore[assignment]
             self._succeeded()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             self._failed(exc)
         except BaseException:  # cancelled (shutdown): the probe slot must not stay taken
             self._breaker.failure()
@@ -296,7 +302,7 @@ class RedisCache:
                 async with asyncio.timeout(self._timeout * 2):
                     await pipe.execute()
                 self._succeeded()
-            except (RedisError, OSError, TimeoutError) as exc:
+            except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
                 self._failed(exc)
                 self._metrics.l2_writes_dropped.inc(len(chunk))
 

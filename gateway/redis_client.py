@@ -20,24 +20,34 @@ that a Redis a few round trips away stays useful instead of being given up for g
 
 redis-py's own retries are off: the caller's circuit breaker decides when to try again.
 Close with ``await client.aclose()``, which also stops the background tasks.
+
+``connect_redis_cluster`` returns a ``redis.asyncio.RedisCluster`` for a
+``redis+cluster://host:port`` (or ``rediss+cluster://``) URL naming any node of a Redis Cluster:
+the client learns the slot map from it and talks to each master directly. Callers bound each
+call themselves; a master that is down fails only the calls that reach its slots.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import Coroutine
 from typing import Any
 from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["BoundedRedis", "connect_redis"]
+__all__ = ["CLUSTER_SCHEMES", "BoundedRedis", "connect_redis", "connect_redis_cluster",
+           "is_cluster_url", "subscriber_for"]
+
+CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
 log = logging.getLogger("gateway.redis")
 
@@ -68,6 +78,51 @@ def connect_redis(
     )
     return BoundedRedis(pool, command_timeout_s=command_timeout_s,
                          warm_connections=min(warm_connections, max_connections))
+
+
+def is_cluster_url(url: str) -> bool:
+    """Does ``url`` name a Redis Cluster (``redis+cluster://``, ``rediss+cluster://``)?"""
+    return urlsplit(url).scheme in CLUSTER_SCHEMES
+
+
+def _node_url(url: str) -> str:
+    scheme, _, rest = url.partition("+cluster")
+    return scheme + rest
+
+
+def connect_redis_cluster(
+    url: str, *, connect_timeout_s: float, command_timeout_s: float, max_connections: int,
+) -> RedisCluster:
+    """A cluster client for ``url`` (see the module docstring); nothing is connected until
+    the first call. Slots whose master is down fail their calls; the others go on."""
+    if connect_timeout_s <= 0 or command_timeout_s <= 0:
+        raise ValueError("timeouts must be > 0")
+    return RedisCluster.from_url(
+        _node_url(url),
+        socket_connect_timeout=connect_timeout_s,
+        socket_timeout=max(connect_timeout_s, command_timeout_s),
+        max_connections=max_connections,
+        require_full_coverage=False,
+        cluster_error_retry_attempts=1,
+        socket_keepalive=True,
+    )
+
+
+def subscriber_for(url: str, client: Any, *, connect_timeout_s: float) -> aioredis.Redis:
+    """A client for one pub/sub subscription (no read timeout: it waits for messages). For a
+    cluster, on a node taken at random from ``client``'s known nodes (messages published on
+    any node reach every node), else the URL's own server."""
+    if isinstance(client, RedisCluster):
+        nodes = client.get_nodes()
+        if nodes:
+            node = random.choice(nodes)
+            return aioredis.Redis(host=node.host, port=int(node.port),
+                                  socket_connect_timeout=connect_timeout_s,
+                                  socket_keepalive=True)
+        url = _node_url(url)
+    tcp = urlsplit(url).scheme in ("redis", "rediss")
+    return aioredis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s,
+                                   **({"socket_keepalive": True} if tcp else {}))
 
 
 class _WarmPool(aioredis.ConnectionPool):

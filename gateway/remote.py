@@ -33,7 +33,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import numpy as np
-from redis.exceptions import RedisError
+import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from gateway.cache import INVALID, RedisCache
 from gateway.core.batcher import Failure
@@ -129,8 +130,9 @@ class _Call:
 class Remote:
     """Cross-replica single-flight over the L2 tier's Redis; see the module docstring.
 
-    ``subscriber`` is a Redis client used only for this process's channel (blocking reads, so
-    without a read timeout); ``slot_of`` maps a key to its cluster slot (None: one server).
+    ``subscriber()`` makes a Redis client for one subscription to this process's channel
+    (blocking reads: no read timeout), closed when the subscription ends; ``slot_of`` maps a
+    key to its cluster slot (None: one server).
     Calls made within one loop tick go out as one script call (per slot). Start with
     ``start()``, end with ``aclose()``.
     """
@@ -138,7 +140,7 @@ class Remote:
     def __init__(
         self,
         cache: RedisCache,
-        subscriber: Any,
+        subscriber: Callable[[], Any],
         metrics: Metrics,
         *,
         prefix: str,
@@ -156,6 +158,7 @@ class Remote:
         self._subscribed = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
+        self._node_clients: dict[str, aioredis.Redis] = {}  # cluster: one per master
         self._scripts = {name: (self._client.register_script(src), _Call())
                          for name, src in (("acquire", _ACQUIRE), ("finish", _FINISH),
                                            ("renew", _RENEW))}
@@ -167,9 +170,15 @@ class Remote:
         return self._subscribed.is_set()
 
     async def start(self, timeout_s: float) -> None:
-        """Start listening on this process's channel; wait up to ``timeout_s`` for the
-        subscription (a Redis that is down only delays it)."""
+        """Load the scripts and start listening on this process's channel, waiting up to
+        ``timeout_s`` for each (a Redis that is down only delays them)."""
         self._listener = asyncio.get_running_loop().create_task(self._listen())
+        try:
+            async with asyncio.timeout(timeout_s):
+                for script, _ in self._scripts.values():  # loaded (on every master) up front
+                    script.sha = await self._client.script_load(script.script)
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+            log.warning("cross-replica coalescing: scripts not loaded yet (%r)", exc)
         try:
             async with asyncio.timeout(timeout_s):
                 await self._subscribed.wait()
@@ -337,7 +346,8 @@ class Remote:
     async def _listen(self) -> None:
         backoff = 0.05
         while True:
-            pubsub = self._subscriber.pubsub()
+            client = self._subscriber()
+            pubsub = client.pubsub()
             try:
                 await pubsub.subscribe(self.channel)
                 self._subscribed.set()
@@ -352,6 +362,7 @@ class Remote:
                 self._subscribed.clear()
                 try:
                     await pubsub.aclose()
+                    await client.aclose()
                 except (RedisError, OSError):
                     pass
             await asyncio.sleep(backoff)  # back off before reconnecting to a Redis that is down
@@ -383,31 +394,73 @@ class Remote:
         for i, (key, _) in enumerate(call.items):
             groups.setdefault(0 if self._slot_of is None else self._slot_of(key), []).append(i)
 
-        def one(idx: list[int]) -> Awaitable[Any]:
+        calls = []
+        for idx in groups.values():
             keys: list[str] = []
             args: list[Any] = [self.channel]
             for i in idx:
                 key, extra = call.items[i]
                 keys += (key, lease_key(key), _waiters_key(key))
                 args += extra
-            return script(keys=keys, args=args)  # type: ignore[no-any-return]
+            calls.append((keys, args))
 
         results: list[Any] | None = None
         try:
             async with asyncio.timeout(self._cache.timeout_s):
-                replies = await asyncio.gather(*(one(idx) for idx in groups.values()))
+                if self._slot_of is None:
+                    ((keys, args),) = calls
+                    replies = [await script(keys=keys, args=args)]
+                else:
+                    replies = await self._per_node(script, list(groups), calls)
             self._cache.succeeded()
             results = [None] * len(call.items)
             for idx, reply in zip(groups.values(), replies, strict=True):
                 if isinstance(reply, list):
                     for i, r in zip(idx, reply, strict=True):
                         results[i] = r
-        except (RedisError, OSError, TimeoutError) as exc:
+        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             self._cache.failed(exc)
         finally:
             for start, end, fut in call.futures:
                 if not fut.done():
                     fut.set_result(None if results is None else results[start:end])
+
+    async def _per_node(self, script: Any, slots: list[int],
+                        calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+        """One script call per slot, sent as one pipeline per cluster master (as the cluster
+        client's slot map has it; the cache's own calls keep that map current)."""
+        by_node: dict[str, list[int]] = {}
+        nodes: dict[str, Any] = {}
+        for j, slot in enumerate(slots):
+            node = self._client.nodes_manager.get_node_from_slot(slot)  # type: ignore[union-attr]
+            by_node.setdefault(node.name, []).append(j)
+            nodes[node.name] = node
+        replies: list[Any] = [None] * len(calls)
+
+        async def send(name: str, js: list[int]) -> None:
+            client = self._node_clients.get(name)
+            if client is None:
+                client = self._node_clients[name] = aioredis.Redis(
+                    host=nodes[name].host, port=int(nodes[name].port),
+                    socket_connect_timeout=max(self._cache.timeout_s, 1.0),
+                    socket_keepalive=True)
+            for attempt in (0, 1):
+                pipe = client.pipeline(transaction=False)
+                for j in js:
+                    keys, args = calls[j]
+                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                try:
+                    out = await pipe.execute()
+                    break
+                except NoScriptError:
+                    if attempt:
+                        raise
+                    await client.script_load(script.script)
+            for j, reply in zip(js, out, strict=True):
+                replies[j] = reply
+
+        await asyncio.gather(*(send(name, js) for name, js in by_node.items()))
+        return replies
 
     def _spawn(self, coro: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(coro)
@@ -419,4 +472,5 @@ class Remote:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self._subscriber.aclose()
+        for client in self._node_clients.values():
+            await client.aclose()

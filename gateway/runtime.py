@@ -6,10 +6,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 import numpy as np
-import redis.asyncio as aioredis
+from redis.crc import key_slot
 from starlette.requests import Request
 
 from gateway.breaker import CircuitBreaker
@@ -19,7 +18,12 @@ from gateway.core.runner import ModelRunner, Output
 from gateway.errors import GatewayError, InvalidInput, NotFound, Unavailable
 from gateway.metrics import Metrics
 from gateway.redact import redact_url
-from gateway.redis_client import connect_redis
+from gateway.redis_client import (
+    connect_redis,
+    connect_redis_cluster,
+    is_cluster_url,
+    subscriber_for,
+)
 from gateway.registry import ModelRegistry
 from gateway.remote import Remote
 from gateway.settings import Settings
@@ -77,10 +81,11 @@ class Gateway:
                 cooldown_s=settings.breaker_cooldown_s,
                 on_change=lambda s: metrics.circuit_open.set(0 if s == "closed" else 1),
             )
+            connect = connect_redis_cluster if is_cluster_url(settings.redis_url) else connect_redis
             l2 = RedisCache(
-                connect_redis(settings.redis_url, command_timeout_s=timeout_s,
-                              connect_timeout_s=settings.redis_connect_timeout_ms / 1000,
-                              max_connections=settings.redis_max_connections),
+                connect(settings.redis_url, command_timeout_s=timeout_s,
+                        connect_timeout_s=settings.redis_connect_timeout_ms / 1000,
+                        max_connections=settings.redis_max_connections),
                 timeout_s=timeout_s,
                 ttl_s=settings.cache_ttl_s,
                 breaker=breaker,
@@ -229,13 +234,14 @@ class Gateway:
 
 async def _open_remote(settings: Settings, l2: RedisCache, metrics: Metrics) -> Remote:
     """Cross-replica single-flight over ``l2``'s Redis, its channel subscribed (or being)."""
-    assert settings.redis_url is not None
-    tcp = urlsplit(settings.redis_url).scheme in ("redis", "rediss")
-    subscriber = aioredis.Redis.from_url(
-        settings.redis_url, socket_connect_timeout=settings.redis_connect_timeout_ms / 1000,
-        socket_timeout=None, **({"socket_keepalive": True} if tcp else {}))
-    remote = Remote(l2, subscriber, metrics, prefix=settings.cache_prefix,
-                    lease_min_s=settings.remote_lease_min_ms / 1000)
+    url = settings.redis_url
+    assert url is not None
+    connect_s = settings.redis_connect_timeout_ms / 1000
+    cluster = is_cluster_url(url)
+    remote = Remote(l2, lambda: subscriber_for(url, l2.client, connect_timeout_s=connect_s),
+                    metrics, prefix=settings.cache_prefix,
+                    lease_min_s=settings.remote_lease_min_ms / 1000,
+                    slot_of=(lambda k: key_slot(k.encode())) if cluster else None)
     await remote.start(settings.redis_connect_timeout_ms / 1000)
     return remote
 

@@ -47,7 +47,8 @@ class Settings(BaseSettings):
 
     redis_url: str | None = None
     """Shared L2 cache: ``redis://``, ``rediss://`` (TLS) or ``unix://``; credentials in the
-    URL. Unset: the gateway runs on the in-process cache alone."""
+    URL. A Redis Cluster: ``redis+cluster://host:port`` (or ``rediss+cluster://``) naming any
+    of its nodes. Unset: the gateway runs on the in-process cache alone."""
 
     cache_secret: SecretStr | None = None
     """With a secret, every Redis value carries a keyed BLAKE2b tag, and a value whose tag
@@ -197,7 +198,7 @@ class Settings(BaseSettings):
         return out
 
 
-REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
 _SECRET_FIELDS = frozenset({"cache_secret", "admin_token"})
 
 
