@@ -85,3 +85,13 @@ def test_limits_are_checked() -> None:
     with pytest.raises(ValueError, match="max_connections"):
         connect_redis("redis://127.0.0.1:1/0", connect_timeout_s=1, command_timeout_s=1,
                       max_connections=0)
+
+
+def test_cluster_urls_are_recognised_and_accepted_by_the_settings() -> None:
+    from gateway.redis_client import is_cluster_url
+    from gateway.settings import Settings
+
+    assert is_cluster_url("redis+cluster://127.0.0.1:7000")
+    assert is_cluster_url("rediss+cluster://u:p@node:7000")
+    assert not is_cluster_url("redis://127.0.0.1:6379/0")
+    assert Settings(redis_url="redis+cluster://127.0.0.1:7000").redis_url

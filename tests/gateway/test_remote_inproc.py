@@ -1,0 +1,141 @@
+"""``Remote`` in one process against a real redis-server: two instances stand for two replicas.
+The runner is a stand-in exposing what ``Remote`` reads (name, call time, TTL, validation)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from types import SimpleNamespace
+from typing import Any, cast
+
+import numpy as np
+import pytest
+import redis
+
+from gateway.breaker import CircuitBreaker
+from gateway.cache import RedisCache
+from gateway.core.batcher import Failure
+from gateway.core.runner import ModelRunner, Unit
+from gateway.metrics import Metrics
+from gateway.redis_client import connect_redis, subscriber_for
+from gateway.remote import Remote, lease_key
+from tests.support import free_port, wait_for
+
+pytestmark = pytest.mark.anyio
+
+ROWS = np.zeros((2, 4))
+SECRET = bytes(32)
+
+
+class StubRunner:
+    cache_ttl_s = 60
+
+    def __init__(self) -> None:
+        self.manifest = SimpleNamespace(name="stub")
+        self.executor = SimpleNamespace(per_call_s=0.0)
+
+    def decode_value(self, _unit: Unit, value: bytes) -> bytes | None:
+        return value if value in (b'"a"', b'"b"') else None
+
+
+RUNNER = cast(ModelRunner, StubRunner())
+
+
+@asynccontextmanager
+async def replica(url: str, lease_ms: int = 200) -> AsyncIterator[tuple[Remote, Metrics]]:
+    metrics = Metrics({})
+    cache = RedisCache(
+        connect_redis(url, connect_timeout_s=1, command_timeout_s=0.5, max_connections=8),
+        timeout_s=0.5, ttl_s=60, breaker=CircuitBreaker(failures=3, cooldown_s=5),
+        metrics=metrics, secret=SECRET)
+    await cache.start()
+    remote = Remote(cache, lambda: subscriber_for(url, cache.client, connect_timeout_s=1),
+                    metrics, prefix="t", lease_min_s=lease_ms / 1000)
+    await remote.start(2.0)
+    try:
+        yield remote, metrics
+    finally:
+        await remote.aclose()
+        await cache.aclose()
+
+
+def count(metrics: Metrics, name: str) -> float:
+    return metrics.registry.get_sample_value(name, {"model": "stub"}) or 0.0
+
+
+class Holder:
+    """A local computation that waits for ``release`` (or raises ``error`` then)."""
+
+    def __init__(self, values: list[bytes | Failure], error: Exception | None = None) -> None:
+        self.values = values
+        self.error = error
+        self.entered = asyncio.Event()
+        self.release = asyncio.Event()
+        self.calls: list[int] = []
+
+    async def __call__(self, _unit: Unit, rows: np.ndarray) -> list[bytes | Failure]:
+        self.calls.append(len(rows))
+        self.entered.set()
+        await self.release.wait()
+        if self.error is not None:
+            raise self.error
+        return self.values[:len(rows)]
+
+
+def url(proc: Any) -> str:
+    return f"redis://{proc.host}:{proc.port}/0"
+
+
+async def _waiting(r: redis.Redis, key: str, remote: Remote) -> None:
+    await wait_for(lambda: bool(r.sismember("{" + key + "}:w", remote.channel)))
+
+
+async def test_a_waiting_replica_takes_the_holders_values(redis_server: Any) -> None:
+    keys = ["t:m:1:a", "t:m:1:b"]
+    r = redis.Redis(host=redis_server.host, port=redis_server.port)
+    async with replica(url(redis_server)) as (a, ma), replica(url(redis_server)) as (b, mb):
+        held = Holder([b'"a"', b'"b"'])
+        first = asyncio.ensure_future(a.compute(RUNNER, "label", keys, ROWS, held))
+        await held.entered.wait()
+        other = Holder([b'"x"', b'"x"'])
+        second = asyncio.ensure_future(b.compute(RUNNER, "label", keys, ROWS, other))
+        await _waiting(r, keys[1], b)
+        r.publish(b.channel, keys[0].encode() + b'\n"forged"')  # no valid tag: ignored
+        held.release.set()
+        assert await first == [b'"a"', b'"b"']
+        assert await second == [b'"a"', b'"b"']
+        assert other.calls == []
+        assert count(ma, "gateway_remote_leases_total") == 2
+        assert count(mb, "gateway_remote_coalesced_total") == 2
+        assert r.get(lease_key(keys[0])) is None  # freed
+        assert r.get(keys[0]) is not None  # stored, sealed
+
+
+async def test_a_failed_holder_hands_its_keys_over(redis_server: Any) -> None:
+    keys = ["t:m:2:a", "t:m:2:b"]
+    r = redis.Redis(host=redis_server.host, port=redis_server.port)
+    async with replica(url(redis_server)) as (a, _), replica(url(redis_server)) as (b, mb):
+        held = Holder([], error=RuntimeError("model gone"))
+        first = asyncio.ensure_future(a.compute(RUNNER, "label", keys, ROWS, held))
+        await held.entered.wait()
+        mine = Holder([b'"b"', b'"a"'])
+        mine.release.set()
+        second = asyncio.ensure_future(b.compute(RUNNER, "label", keys, ROWS, mine))
+        await _waiting(r, keys[0], b)
+        held.release.set()
+        with pytest.raises(RuntimeError):
+            await first
+        assert await second == [b'"b"', b'"a"']
+        assert mine.calls == [2]
+        assert count(mb, "gateway_remote_lease_expiries_total") == 2
+
+
+async def test_redis_unreachable_computes_locally() -> None:
+    async with replica(f"redis://127.0.0.1:{free_port()}/0") as (a, ma):
+        mine = Holder([b'"a"', b'"b"'])
+        mine.release.set()
+        out = await a.compute(RUNNER, "label", ["t:m:3:a", "t:m:3:b"], ROWS, mine)
+        assert out == [b'"a"', b'"b"'] and mine.calls == [2]
+        assert count(ma, "gateway_remote_fallbacks_total") == 2
+        assert not a.subscribed
