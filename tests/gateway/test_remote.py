@@ -57,9 +57,10 @@ def _env(store: Path, url: str, **extra: str) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def replicas(session_store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Replicas]:
     with redis_server(tmp_path_factory.mktemp("redis")) as rs:
-        # A generous lease: on a loaded 2-core machine a renewal may come late, and this test
-        # counts calls exactly.
-        env = _env(session_store, rs.url, GATEWAY_REMOTE_LEASE_MIN_MS="3000")
+        # A generous lease and Redis timeout: on a loaded 2-core machine a renewal or a reply
+        # may come late, and these tests count calls exactly.
+        env = _env(session_store, rs.url, GATEWAY_REMOTE_LEASE_MIN_MS="3000",
+                   GATEWAY_REDIS_TIMEOUT_MS="500")
         with gateway_process(env) as a, gateway_process(env) as b, gateway_process(env) as c:
             yield Replicas(rs, [a, b, c])
 
