@@ -113,7 +113,7 @@ class Pipeline:
             InvalidInput: a value beyond float32 range (tree models compare in float32).
             DeadlineExceeded: no complete answer within ``timeout_s``.
             Overloaded: the model's queue has no room now.
-            InvalidInput: more uncached rows than the queue may ever hold (413).
+            TooManyRows: more uncached rows than the queue may ever hold (413).
             Unavailable: shutting down.
             ModelFailed: the model raised for one of the rows.
         Cancelling it (deadline, client gone) drops its rows that nobody else waits for.
