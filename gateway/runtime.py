@@ -34,7 +34,6 @@ __all__ = ["Gateway", "gateway_of"]
 log = logging.getLogger("gateway")
 
 _MAX_TIMEOUT_MS = 600_000
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
 _TIMEOUT_DIGITS = 6  # enough for _MAX_TIMEOUT_MS
 _VERSION_DIGITS = 9
 _LABEL: frozenset[Output] = frozenset({"label"})
@@ -173,9 +172,6 @@ class Gateway:
                 f"model {rt.manifest.name} v{rt.manifest.version} has no probabilities",
                 code="probabilities_unsupported",
             )
-        if float(np.abs(rows).max()) > _FLOAT32_MAX:
-            raise InvalidInput(f"feature values must be within ±{_FLOAT32_MAX:.7g} (float32 "
-                               "range, in which tree models compare)", code="out_of_range")
         if timeout_s is None:
             timeout_s = self.settings.request_timeout_ms / 1000
         return await self.pipeline.infer(rt, rows, outputs, timeout_s)

@@ -127,9 +127,50 @@ class _Phase(Enum):
     BODY = 2  # headers complete, body not complete
 
 
+class _OneWrite:
+    """A transport that sends what a response writes as one ``write`` (one system call).
+
+    uvicorn writes a response's head and its body separately; on a cached answer the second
+    system call costs more than the gateway's own work. Writes are joined until the response
+    is complete (or, for a streamed one, until the event loop's next step) and go out in one
+    piece; closing flushes first. Everything else is the wrapped transport's.
+    """
+
+    __slots__ = ("_loop", "_pending", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._pending: list[bytes] | None = None
+
+    def write(self, data: bytes) -> None:
+        if self._pending is None:
+            self._pending = [data]
+            self._loop.call_soon(self.flush)
+        else:
+            self._pending.append(data)
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending and not self._transport.is_closing():
+            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending = None
+        self._transport.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class GatewayHttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol with header and body timeouts (408) and a connection cap
-    that makes room by closing the connection waiting longest for headers (module docstring).
+    """uvicorn's httptools protocol with header and body timeouts (408), a connection cap
+    that makes room by closing the connection waiting longest for headers (module docstring),
+    and each response sent in one system call (``_OneWrite``).
 
     Besides the header timer of a new connection, timers are armed only when a request is still
     incomplete at the end of a read, so a request that arrives in one read costs no timer.
@@ -161,7 +202,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     # -- connection ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        self._out = _OneWrite(transport, self.loop)
+        super().connection_made(self._out)  # type: ignore[arg-type]
         self._awaiting[self] = None
         if self._header_timeout is not None:
             self._header_timer = self.loop.call_later(self._header_timeout, self._too_slow)
@@ -207,6 +249,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         super().on_message_complete()
 
     def on_response_complete(self) -> None:
+        self._out.flush()
         super().on_response_complete()
         if self._phase is _Phase.BETWEEN and not self.pipeline \
                 and not self.transport.is_closing():

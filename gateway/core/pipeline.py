@@ -28,7 +28,7 @@ from gateway.core.batcher import Failure
 from gateway.core.keys import canonical_rows, key_head, row_keys
 from gateway.core.runner import SEP, ModelRunner, Output, Unit
 from gateway.core.singleflight import SingleFlight
-from gateway.errors import DeadlineExceeded
+from gateway.errors import DeadlineExceeded, InvalidInput
 from gateway.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -41,6 +41,7 @@ log = logging.getLogger("gateway.pipeline")
 Source = Literal["l1", "l2", "miss"]
 _RANK: dict[str, int] = {"l1": 0, "l2": 1, "miss": 2}
 _INVALID_LOG_EVERY_S = 10.0
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 @dataclass(slots=True)
@@ -116,9 +117,10 @@ class Pipeline:
         ``timeout_s`` deadline.
 
         Raises:
+            InvalidInput: a value beyond float32 range (tree models compare in float32).
             DeadlineExceeded: no complete answer within ``timeout_s``.
             Overloaded: the model's queue has no room now.
-            InvalidInput: more uncached rows than the queue may ever hold (413).
+            TooManyRows: more uncached rows than the queue may ever hold (413).
             Unavailable: shutting down.
             ModelFailed: the model raised for one of the rows.
         Cancelling it (deadline, client gone) drops its rows that nobody else waits for.
@@ -132,6 +134,9 @@ class Pipeline:
             if value is not None:
                 self._l1_hit.inc()
                 return _answer([_Block(unit, rows, [key], [value], ["l1"], [], False)])
+        if float(np.abs(rows).max()) > _FLOAT32_MAX:  # (a cached row passed this before)
+            raise InvalidInput(f"feature values must be within ±{_FLOAT32_MAX:.7g} (float32 "
+                               "range, in which tree models compare)", code="out_of_range")
         blocks = [self._start(runner, unit, rows) for unit in units]
         pending = [b for b in blocks if b.missing]
         if pending:

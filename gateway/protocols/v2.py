@@ -10,7 +10,7 @@ for an unknown model or version, 413 for an oversized body, 503 when not ready o
 from __future__ import annotations
 
 import hmac
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import orjson
@@ -196,24 +196,22 @@ async def repository_index(request: Request) -> Response:
 async def repository_load(name: str, request: Request) -> Response:
     """Serve every version the store has of ``name`` (again). Needs the admin token."""
     gw = gateway_of(request)
-    refused = _admin(gw, request)
-    if refused is not None:
-        return refused
-    try:
-        await gw.registry.load_model(name)
-    except GatewayError as exc:
-        return _error(gw, exc)
-    return json_response({})
+    return await _change(gw, request, lambda: gw.registry.load_model(name))
 
 
 async def repository_unload(name: str, request: Request) -> Response:
     """Stop serving ``name`` until it is loaded again. Needs the admin token."""
     gw = gateway_of(request)
+    return await _change(gw, request, lambda: gw.registry.unload_model(name))
+
+
+async def _change(gw: Gateway, request: Request,
+                  change: Callable[[], Awaitable[None]]) -> Response:
     refused = _admin(gw, request)
     if refused is not None:
         return refused
     try:
-        await gw.registry.unload_model(name)
+        await change()
     except GatewayError as exc:
         return _error(gw, exc)
     return json_response({})

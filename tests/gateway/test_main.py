@@ -22,7 +22,8 @@ from tests.deploy.support import NGINX_DIR, nginx_seconds, parse_nginx
 
 
 @pytest.fixture
-def served(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
+def served(monkeypatch: pytest.MonkeyPatch,
+           session_store: Path) -> Iterator[list[dict[str, Any]]]:
     """``gateway.server.run`` replaced by a recorder of the uvicorn configuration it would
     serve; SIGTERM's handler and ``PROMETHEUS_MULTIPROC_DIR`` restored afterwards."""
     calls: list[dict[str, Any]] = []
@@ -34,6 +35,7 @@ def served(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
         return 0
 
     monkeypatch.setattr(cli, "run", record)
+    monkeypatch.setenv("GATEWAY_MODEL_ROOT", str(session_store))
     monkeypatch.setenv(MULTIPROC_ENV, "unset-below")
     monkeypatch.delenv(MULTIPROC_ENV)
     handler = signal.getsignal(signal.SIGTERM)
@@ -157,3 +159,33 @@ def test_the_cli_refuses_an_unusable_socket_before_loading_models(tmp_path: Path
     assert proc.returncode == 2
     assert f"--uds: cannot create a socket at {missing}" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize(("env", "line"), [
+    ({"GATEWAY_REDIS_URL": "localhost:6379"},
+     "GATEWAY_REDIS_URL='localhost:6379': expected a URL starting with redis://"),
+    ({"GATEWAY_REDIS_URL": "tcp://:S3cret@db:6379/0"},
+     "GATEWAY_REDIS_URL='tcp://:***@db:6379/0': expected a URL starting with redis://"),
+    ({"GATEWAY_MAX_BATCH_SIZE": "0"}, "GATEWAY_MAX_BATCH_SIZE='0': Input should be greater"),
+    ({"GATEWAY_CACHE": "maybe"}, "GATEWAY_CACHE='maybe': Input should be 'on' or 'off'"),
+    ({"GATEWAY_ADMIN_TOKEN": ""}, None),
+    ({"GATEWAY_MODEL_ROOT": "/nonexistent/models"},
+     "GATEWAY_MODEL_ROOT='/nonexistent/models': not a directory"),
+    ({"GATEWAY_DEFAULT_MODEL": "churn"},
+     "GATEWAY_DEFAULT_MODEL='churn': not in the store (it has iris)"),
+])
+def test_bad_settings_are_one_line_each_and_exit_2(
+    served: list[dict[str, Any]], capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], line: str | None,
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    if line is None:  # an empty token is a token: accepted
+        with pytest.raises(SystemExit) as ok:
+            cli.main([])
+        assert ok.value.code == 0
+        return
+    err = _refused(capsys, [])
+    assert err.count("\n") == 1 and err.startswith("python -m gateway: " + line), err
+    assert "S3cret" not in err and "Traceback" not in err
+    assert served == []
