@@ -112,6 +112,8 @@ def parser() -> argparse.ArgumentParser:
                    help="also copy the report into DIR as bench-report.md, "
                         "bench-throughput.png, bench-latency.png (a sweep: bench-sweep.md, "
                         "bench-sweep.png), with their JSON")
+    p.add_argument("--publish-prefix", default="bench-",
+                   help="the published files' prefix (bench-; e.g. bench-doors-)")
     return p
 
 
@@ -163,31 +165,29 @@ def _meta(opts: Options, bench: Bench, stamp: str, argv: list[str]) -> dict[str,
     }
 
 
-_PUBLISHED = {"report.md": "bench-report.md", "throughput.png": "bench-throughput.png",
-              "latency.png": "bench-latency.png", "sweep.md": "bench-sweep.md",
-              "sweep.png": "bench-sweep.png"}
+_PUBLISHED = ("report.md", "throughput.png", "latency.png", "sweep.md", "sweep.png")
 
 
-def publish(run_dir: Path, dest: Path, *, sweep: bool) -> list[Path]:
-    """Copy a run's report files into ``dest`` under their ``bench-`` names, links
-    rewritten; the JSON goes to ``bench-report.json`` or ``bench-sweep.json``."""
+def publish(run_dir: Path, dest: Path, *, sweep: bool, prefix: str = "bench-") -> list[Path]:
+    """Copy a run's report files into ``dest`` with ``prefix`` before their names, links
+    rewritten; the JSON goes to ``<prefix>report.json`` or ``<prefix>sweep.json``."""
     dest.mkdir(parents=True, exist_ok=True)
     written = []
-    for src, name in _PUBLISHED.items():
-        path = run_dir / src
+    for name in _PUBLISHED:
+        path = run_dir / name
         if not path.exists():
             continue
         if path.suffix == ".md":
             text = path.read_text()
-            for old, new in _PUBLISHED.items():
-                text = text.replace(f"]({old})", f"]({new})")
-            (dest / name).write_text(text)
+            for old in _PUBLISHED:
+                text = text.replace(f"]({old})", f"]({prefix}{old})")
+            (dest / f"{prefix}{name}").write_text(text)
         else:
-            shutil.copyfile(path, dest / name)
-        written.append(dest / name)
-    json_name = "bench-sweep.json" if sweep else "bench-report.json"
-    shutil.copyfile(run_dir / "results.json", dest / json_name)
-    return [*written, dest / json_name]
+            shutil.copyfile(path, dest / f"{prefix}{name}")
+        written.append(dest / f"{prefix}{name}")
+    json_path = dest / f"{prefix}{'sweep' if sweep else 'report'}.json"
+    shutil.copyfile(run_dir / "results.json", json_path)
+    return [*written, json_path]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -222,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
             console.print("## Goals" + text.split("## Goals", 1)[1].split("![", 1)[0])
     console.print(f"report: {report} (and results.json, plots beside it)")
     if args.publish is not None:
-        for path in publish(out_dir, args.publish, sweep=opts.sweep):
+        for path in publish(out_dir, args.publish, sweep=opts.sweep,
+                            prefix=args.publish_prefix):
             console.print(f"published: {path}")
     return 0
 

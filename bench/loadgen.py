@@ -10,7 +10,8 @@ How it sends: requests are complete byte strings built before the clock starts
 outstanding request at a time, and when every connection is busy a new one is opened, up to
 ``max_connections`` (then requests wait, in order, for the first free one: that wait is the
 server's, and counts in latency). Answers are read by a minimal parser: status line, then
-``Content-Length`` bytes of body (chunked answers are refused as failures). One process, one
+``Content-Length`` bytes of body (an answer without ``Content-Length``, chunked or carrying
+extra bytes is a failure, and its connection is closed). One process, one
 uvloop event loop, wake-ups from a ``timerfd`` (microsecond precision without spinning)
 where Linux offers it, otherwise from loop timers; when the next request is due within
 ``_SPIN_S`` the loop polls instead of sleeping.
@@ -109,6 +110,7 @@ class Result:
     max_outstanding: int
     waited_for_connection: int  # requests that found every connection busy
     max_lateness_ms: float
+    connect_errors: int = 0  # connections that could not be opened during the run
     max_lateness_share: float = 0.1
     cpu_wait_s: float | None = None  # runnable but not running (other processes had the CPU)
     settings: dict[str, Any] = field(default_factory=dict)
@@ -338,7 +340,6 @@ class _Generator:
         self.outstanding = 0
         self.max_outstanding = 0
         self.waited = 0
-        self.finished = 0  # requests with an answer or a failure
         self.all_sent = False
         self.closing = False  # the run is over: connections lost now are ours to close
         self.drained: asyncio.Future[None] = loop.create_future()
@@ -407,7 +408,7 @@ class _Generator:
                     break
             if i == self.window:
                 self.on_window()
-            self.late[i] = now - due
+            self.late[i] = time.perf_counter() - due
             self._dispatch(i)
             i += 1
         self.next_i = i
@@ -448,7 +449,6 @@ class _Generator:
         self.done_at[i] = time.perf_counter()
         self.status[i] = status
         self.outstanding -= 1
-        self.finished += 1
         self._check_drained()
 
     def _check_drained(self) -> None:
@@ -558,7 +558,8 @@ def run(requests: Sequence[bytes], settings: Settings) -> Result:
         cpu_s=cpu1 - cpu0[0], wall_s=wall,
         cpu_wait_s=None if wait1 is None or wait0[0] is None else wait1 - wait0[0],
         connections_opened=gen.opened_total, max_outstanding=gen.max_outstanding,
-        waited_for_connection=gen.waited, max_lateness_ms=settings.max_lateness_ms,
+        waited_for_connection=gen.waited, connect_errors=gen.connect_errors,
+        max_lateness_ms=settings.max_lateness_ms,
         max_lateness_share=settings.max_lateness_share,
         settings=asdict(settings),
         rusage={"voluntary_switches": float(ru1.ru_nvcsw - ru_start.ru_nvcsw),

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.scenarios import CEILING
+from bench.scenarios import CEILING, SCENARIOS
 
 if TYPE_CHECKING:
     from bench.report import Row
@@ -51,12 +51,18 @@ def _pyplot() -> Any:
 
 
 def _plain(axis: Any, fmt: str) -> None:
-    """Tick labels as plain numbers (``1,000``, ``0.5``), not powers of ten."""
-    from matplotlib.ticker import FuncFormatter
+    """Log-scale ticks at 1, 2 and 5 of each decade, labelled as plain numbers (``1,000``,
+    ``0.5``), not powers of ten."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
-    formatter = FuncFormatter(lambda v, _pos: format(v, fmt))
-    axis.set_major_formatter(formatter)
-    axis.set_minor_formatter(FuncFormatter(lambda _v, _pos: ""))
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FuncFormatter(lambda v, _pos: format(v, fmt)))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _title(scenario: str) -> str:
+    sc = SCENARIOS.get(scenario)
+    return f"{scenario}\n{sc.description}" if sc else scenario
 
 
 def _legend(fig: Any, handles: list[Any], labels: list[str]) -> None:
@@ -173,7 +179,7 @@ def latency_figure(runs: Sequence[Run]) -> Any:
         _plain(ax.yaxis, "g")
         ax.set_xlabel("percentile")
         ax.set_ylabel("latency (ms)")
-        ax.set_title(sc)
+        ax.set_title(_title(sc), fontsize="medium")
         ax.grid(alpha=0.3, which="both")
     for ax in list(axes.flat)[len(scenarios):]:
         ax.set_visible(False)
@@ -209,7 +215,8 @@ def sweep_figure(sweeps: Sequence[Sweep]) -> Any:
             c = colour[s.config]
             rates = [st.rate for st in steps]
             ax.plot(rates, [st.p99_ms for st in steps], color=c, lw=1.5, marker="o", ms=3)
-            ax.plot(rates, [st.p50_ms for st in steps], color=c, lw=1.2, ls="--")
+            ax.plot(rates, [st.p50_ms for st in steps], color=c, lw=1.2, ls="--", marker=".",
+                    ms=4)
             failed = [st for st in steps if st.bad]
             ax.plot([st.rate for st in failed], [st.p99_ms for st in failed], ls="",
                     marker="x", ms=7, color=c)
@@ -227,14 +234,14 @@ def sweep_figure(sweeps: Sequence[Sweep]) -> Any:
         _plain(ax.yaxis, "g")
         ax.set_xlabel("offered load (requests/s)")
         ax.set_ylabel("latency (ms)")
-        ax.set_title(sc)
+        ax.set_title(_title(sc), fontsize="medium")
         ax.grid(alpha=0.3, which="both")
     for ax in list(axes.flat)[len(scenarios):]:
         ax.set_visible(False)
     handles = [Line2D([], [], color=colour[c], lw=3) for c in configs]
     labels = list(configs)
     handles += [Line2D([], [], color="black", lw=1.5, marker="o", ms=3),
-                Line2D([], [], color="black", lw=1.2, ls="--"),
+                Line2D([], [], color="black", lw=1.2, ls="--", marker=".", ms=4),
                 Line2D([], [], color="black", ls="", marker="*", ms=12),
                 Line2D([], [], color="black", ls="", marker="x", ms=7),
                 Line2D([], [], color="grey", ls=":")]

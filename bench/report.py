@@ -100,9 +100,12 @@ def aggregate(runs: Sequence[Run]) -> list[Row]:
         )
     ceiling = rows.get((CEILING, "hot"))
     out = []
-    for (_config, scenario), row in rows.items():
+    for (config, scenario), row in rows.items():
         naive = rows.get(("naive", scenario))
         base = rows.get(("baseline", scenario))
+        if config in (CEILING, "baseline"):  # references, not compared with the others
+            naive = None
+            base = None
         out.append(Row(**{
             **asdict(row),
             "vs_naive": row.rps / naive.rps if naive and naive.rps else None,
@@ -334,10 +337,14 @@ def sweep_markdown(sweeps: Sequence[Sweep], meta: dict[str, Any],
     gen = meta.get("open_loop_generator", {})
     bound = sweeps[0].bound_ms if sweeps else meta.get("p99_bound_ms", 50.0)
     lines += [_generator_sentence(gen), "",
-              f"Each target gets rising fixed rates until a rate does not hold (p99 above "
-              f"{bound:g} ms, a request without a 2xx answer, or the generator falling "
-              "behind), then the rates between the last that held and that one are bisected. "
-              f"Capacity: the highest rate that held, with p99 under {bound:g} ms.", ""]
+              f"Each target gets rising fixed rates until a rate fails (median p99 above "
+              f"{bound:g} ms, or a request without a 2xx answer); a rate that fails is "
+              "measured twice more and judged on all three runs, so one stall in one run "
+              "is not taken for saturation. Then the rates between the last that held and "
+              "the first that failed are bisected. A run where the generator fell behind "
+              "is run again; if it stays invalid the rate is not judged. Capacity: the "
+              f"highest rate that held, with p99 under {bound:g} ms, below the first that "
+              "failed.", ""]
     knees = {(s.config, s.scenario): s.knee for s in sweeps}
     cols = ("config", "scenario", "x naive", "x ceiling",
             f"capacity req/s (p99 < {bound:g} ms)", "p50 ms there (min-max)",
@@ -357,8 +364,9 @@ def sweep_markdown(sweeps: Sequence[Sweep], meta: dict[str, Any],
             _f(k.server_cpu if k else None, ".2f"), s.stop])
     lines += _table(cols, table)
     lines += ["", "## Every step", ""]
-    step_cols = ("config", "scenario", "rate/s", "holds", "p50 ms (min-max)", "p99 ms (min-max)",
-            "not 2xx", "lateness p99 ms", "generator CPU", "server CPU", "connections")
+    step_cols = ("config", "scenario", "rate/s", "holds", "runs", "p50 ms (min-max)",
+                 "p99 ms (min-max)", "not 2xx", "lateness p99 ms", "generator CPU",
+                 "server CPU", "connections")
     steps = []
     for s in sweeps:
         for st in s.by_rate:
@@ -366,7 +374,7 @@ def sweep_markdown(sweeps: Sequence[Sweep], meta: dict[str, Any],
             steps.append([
                 s.config, s.scenario, f"{st.rate:,.0f}",
                 "yes" if st.holds(s.bound_ms) else f"no: {st.why_not(s.bound_ms)}",
-                _spread(st.p50_ms, *st.spread_ms(50.0), ".2f"),
+                str(len(st.results)), _spread(st.p50_ms, *st.spread_ms(50.0), ".2f"),
                 _spread(st.p99_ms, *st.spread_ms(99.0), ".2f"), str(st.bad), f"{late:.2f}",
                 f"{st.generator_cpu:.0%}", _f(st.server_cpu, ".2f"),
                 str(max(r.connections_opened for r in st.results))])

@@ -2,8 +2,11 @@
 
 A step is one rate (one or more repetitions of ``bench.loadgen``). It *holds* when every
 repetition was valid (the generator kept its schedule), every request got a 2xx answer, and
-the median p99 is within the bound; it *fails* when it was valid and does not hold. The
-sweep walks up the ladder and stops at the first step that fails; then it bisects
+the median p99 is within the bound; it *fails* when it was valid and does not hold. A step
+that fails is measured ``confirm`` more times and judged on all its repetitions (the median
+p99), so that one stall (a collector pause, another process on the CPU) in one short run
+does not pass for saturation. The sweep walks up the ladder and stops at the first step
+that fails; then it bisects
 (geometrically) between the last step that held and that one, ``refine`` times. The *knee*
 is the highest rate that held below the first that failed: the capacity at that p99 bound.
 
@@ -146,9 +149,10 @@ def nice_rate(rate: float) -> float:
 
 def run_sweep(config: str, scenario: str, measure: Callable[[float], Step],
               ladder: Sequence[float], bound_ms: float, *, refine: int = 2,
-              retries: int = 1) -> Sweep:
-    """Measure ``ladder`` rates in order until one does not hold, then bisect ``refine``
-    times between it and the last that held."""
+              retries: int = 1, confirm: int = 2) -> Sweep:
+    """Measure ``ladder`` rates in order until one fails, then bisect ``refine`` times
+    between it and the last that held. An invalid step is measured again up to ``retries``
+    times; a failing one ``confirm`` more times (its valid repetitions are kept)."""
     sweep = Sweep(config, scenario, bound_ms)
 
     def step(rate: float) -> Step:
@@ -157,6 +161,12 @@ def run_sweep(config: str, scenario: str, measure: Callable[[float], Step],
             if s.valid:
                 break
             s = measure(rate)
+        if s.fails(bound_ms):
+            for _ in range(confirm):
+                more = measure(rate)
+                if more.valid:
+                    s = Step(rate, s.results + more.results,
+                             s.server_cpu_s + more.server_cpu_s)
         sweep.steps.append(s)
         return s
 

@@ -93,6 +93,9 @@ def test_publish_renames_and_relinks(tmp_path: Path) -> None:
                                                "bench-report.md", "bench-throughput.png"]
     assert (tmp_path / "docs" / "bench-report.md").read_text() == (
         "![throughput](bench-throughput.png)\n![l](bench-latency.png)\n")
+    publish(run, tmp_path / "docs", sweep=False, prefix="bench-doors-")
+    assert "](bench-doors-latency.png)" in (
+        tmp_path / "docs" / "bench-doors-report.md").read_text()
 
 
 def test_groups_expand_and_names_are_checked() -> None:

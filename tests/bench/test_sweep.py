@@ -22,8 +22,10 @@ class Server:
     """p99 grows with load and passes 50 ms above ``capacity`` req/s; records the rates."""
 
     def __init__(self, capacity: float, *, late_at: float | None = None,
-                 late_times: int = 99, cpu_share: float = 0.1) -> None:
+                 late_times: int = 99, cpu_share: float = 0.1,
+                 stall_at: float | None = None) -> None:
         self.capacity = capacity
+        self.stall_at = stall_at  # one run at this rate sees a 300 ms stall
         self.late_at = late_at
         self.late_times = late_times
         self.cpu_share = cpu_share
@@ -35,6 +37,8 @@ class Server:
         if late:
             self.late_times -= 1
         p99 = 5.0 if rate <= self.capacity else 400.0
+        if rate == self.stall_at:
+            p99, self.stall_at = 300.0, None
         return Step(rate, [result(rate, p99_ms=p99, lateness_ms=5.0 if late else 0.05,
                                   cpu_share=self.cpu_share)], [1.0])
 
@@ -45,9 +49,9 @@ LADDER = (100, 200, 500, 1000, 2000, 5000)
 def test_walks_up_until_p99_passes_the_bound_then_bisects() -> None:
     server = Server(capacity=1400)
     sweep = run_sweep("full", "unique", server.measure, LADDER, 50.0, refine=2)
-    # 1000 held, 2000 did not; then sqrt(1000 * 2000) = 1414 -> 1400 holds,
-    # sqrt(1400 * 2000) = 1673 -> 1700 does not.
-    assert server.asked == [100, 200, 500, 1000, 2000, 1400, 1700]
+    # 1000 held, 2000 did not (twice more to confirm); then sqrt(1000 * 2000) = 1414 ->
+    # 1400 holds, sqrt(1400 * 2000) = 1673 -> 1700 does not (confirmed).
+    assert server.asked == [100, 200, 500, 1000, 2000, 2000, 2000, 1400, 1700, 1700, 1700]
     assert sweep.knee is not None and sweep.knee.rate == 1400
     assert sweep.first_failed is not None and sweep.first_failed.rate == 1700
     assert sweep.stop.startswith("saturated at 2000/s: p99 400.0 ms > 50 ms")
@@ -60,7 +64,7 @@ def test_errors_end_the_walk_even_with_a_low_p99() -> None:
 
     sweep = run_sweep("naive", "unique", measure, LADDER, 50.0, refine=0)
     assert sweep.knee is not None and sweep.knee.rate == 200
-    assert "3 errors" in sweep.stop
+    assert "9 errors" in sweep.stop  # three runs of three errors
 
 
 def test_a_late_rate_is_retried_once() -> None:
@@ -84,7 +88,7 @@ def test_rates_a_busy_machine_made_late_are_not_judged() -> None:
     # Late twice at 500/s (retry included) with the generator mostly idle: other processes
     # held the CPU. The sweep goes on; 500/s neither held nor failed.
     busy = Server(capacity=1500, late_at=500, late_times=2)
-    sweep = run_sweep("full", "unique", busy.measure, LADDER, 50.0, refine=0)
+    sweep = run_sweep("full", "unique", busy.measure, LADDER, 50.0, refine=0, confirm=0)
     assert busy.asked == [100, 200, 500, 500, 1000, 2000]
     assert sweep.knee is not None and sweep.knee.rate == 1000
     assert sweep.first_failed is not None and sweep.first_failed.rate == 2000
@@ -94,8 +98,17 @@ def test_rates_a_busy_machine_made_late_are_not_judged() -> None:
 def test_no_rate_held() -> None:
     server = Server(capacity=50)
     sweep = run_sweep("naive", "unique", server.measure, LADDER, 50.0)
-    assert server.asked == [100]
+    assert server.asked == [100, 100, 100]
     assert sweep.knee is None
+
+
+def test_one_stall_is_not_taken_for_saturation() -> None:
+    server = Server(capacity=1000, stall_at=200)
+    sweep = run_sweep("full", "unique", server.measure, LADDER, 50.0, refine=0)
+    assert server.asked[:6] == [100, 200, 200, 200, 500, 1000]
+    (at_200,) = [s for s in sweep.steps if s.rate == 200]
+    assert at_200.holds(50.0) and at_200.spread_ms(99.0) == (5.0, 300.0)
+    assert sweep.knee is not None and sweep.knee.rate == 1000
 
 
 def test_step_figures_are_medians_with_their_spread() -> None:
