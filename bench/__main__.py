@@ -83,9 +83,13 @@ def parser() -> argparse.ArgumentParser:
                    help="the rising rates of a sweep (default "
                         f"{','.join(f'{r:g}' for r in LADDER)})")
     p.add_argument("--p99-bound-ms", type=float, default=50.0,
-                   help="a sweep stops at the first rate whose p99 exceeds this (50)")
-    p.add_argument("--refine", type=int, default=2,
-                   help="bisections between the last rate that held and the first that did not")
+                   help="a sweep stops at the first rate whose p99 exceeds this, or that "
+                        "gets errors, in three runs (50)")
+    p.add_argument("--refine", type=int, default=3,
+                   help="bisections between the last rate that held and the first that "
+                        "failed (3)")
+    p.add_argument("--min-requests", type=int, default=500,
+                   help="a fixed-rate run lasts --duration, or longer to send this many (500)")
     p.add_argument("--open-connections", type=int, default=16,
                    help="connections the fixed-rate generator opens before a run (16)")
     p.add_argument("--max-lateness-ms", type=float, default=1.0,
@@ -132,6 +136,7 @@ def _options(args: argparse.Namespace) -> Options:
         workers=args.workers, v2_input=args.v2_input, v2_datatype=args.v2_datatype,
         sweep=sweep, sweep_rates=args.sweep_rates, p99_bound_ms=args.p99_bound_ms,
         refine=args.refine, open_connections=args.open_connections,
+        min_requests=args.min_requests,
         max_lateness_ms=args.max_lateness_ms, max_lateness_share=args.max_lateness_share,
     )
 
@@ -156,6 +161,7 @@ def _meta(opts: Options, bench: Bench, stamp: str, argv: list[str]) -> dict[str,
         "wrk_version": _wrk_version(),
         "open_loop_generator": {
             "connections": opts.open_connections, "max_connections": 512,
+            "min_requests": opts.min_requests,
             "warmup_s": opts.warmup_s, "duration_s": opts.duration_s,
             "repetitions": opts.repetitions, "max_lateness_ms": opts.max_lateness_ms,
             "max_lateness_share": opts.max_lateness_share,

@@ -95,8 +95,10 @@ def sweep(path: Path, sweeps: Sequence[Sweep]) -> bool:
 
 def throughput_figure(rows: Sequence[Row], meta: dict[str, Any]) -> Any:
     """Bars of req/s per scenario (log scale), one colour per configuration, min-max
-    whiskers; None when there is nothing to draw."""
-    scenarios = [s for s in dict.fromkeys(r.scenario for r in rows) if s != "burst"]
+    whiskers; None when there is nothing to draw. Scenarios only the ceiling ran (its
+    reference for a door) are left to the table."""
+    scenarios = [s for s in dict.fromkeys(r.scenario for r in rows if r.config != CEILING)
+                 if s != "burst"]
     if not scenarios:
         return None
     plt = _pyplot()
@@ -144,8 +146,9 @@ def _x(p: float) -> float:
 def latency_figure(runs: Sequence[Run]) -> Any:
     """Latency (ms, log) by percentile (50 to 99.9, then the measured maximum), one panel
     per closed-loop scenario: median over repetitions, band min-max; None when no run
-    measured latency."""
-    scenarios = list(dict.fromkeys(r.scenario for r in runs if r.latency_us))
+    measured latency. Scenarios only the ceiling ran are left out."""
+    scenarios = list(dict.fromkeys(r.scenario for r in runs
+                                   if r.latency_us and r.config != CEILING))
     if not scenarios:
         return None
     plt = _pyplot()

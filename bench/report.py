@@ -21,8 +21,8 @@ from bench.runner import CEILING, OpenRun, Run
 from bench.sweep import Sweep
 
 __all__ = ["Check", "OpenRow", "Row", "aggregate", "aggregate_open", "checks", "columns",
-           "open_markdown", "sweep_markdown", "table_cells", "to_markdown", "write_report",
-           "write_sweep_report"]
+           "open_markdown", "ratio_tables", "sweep_markdown", "table_cells", "to_markdown",
+           "write_report", "write_sweep_report"]
 
 
 @dataclass(frozen=True)
@@ -40,9 +40,14 @@ class Row:
     model_calls: float | None  # median per repetition
     rows_per_call: float | None
     hit_ratio: float | None
+    # Ratios of req/s medians; their spread is this row's min and max over the reference's
+    # median.
     vs_naive: float | None = None
     vs_ceiling: float | None = None
     vs_baseline: float | None = None
+    vs_naive_spread: tuple[float, float] | None = None
+    vs_ceiling_spread: tuple[float, float] | None = None
+    vs_baseline_spread: tuple[float, float] | None = None
     p50_min: float | None = None
     p50_max: float | None = None
     p99_min: float | None = None
@@ -106,14 +111,21 @@ def aggregate(runs: Sequence[Run]) -> list[Row]:
         if config in (CEILING, "baseline"):  # references, not compared with the others
             naive = None
             base = None
+        top = None if scenario == "burst" else ceiling  # a burst is not a throughput
         out.append(Row(**{
             **asdict(row),
-            "vs_naive": row.rps / naive.rps if naive and naive.rps else None,
-            "vs_ceiling": row.rps / ceiling.rps
-            if ceiling and ceiling.rps and scenario != "burst" else None,
-            "vs_baseline": row.rps / base.rps if base and base.rps else None,
+            **_ratio("vs_naive", row, naive),
+            **_ratio("vs_ceiling", row, top),
+            **_ratio("vs_baseline", row, base),
         }))
     return out
+
+
+def _ratio(name: str, row: Row, ref: Row | None) -> dict[str, Any]:
+    if ref is None or not ref.rps:
+        return {name: None, f"{name}_spread": None}
+    return {name: row.rps / ref.rps,
+            f"{name}_spread": (row.rps_min / ref.rps, row.rps_max / ref.rps)}
 
 
 @dataclass(frozen=True)
@@ -185,6 +197,42 @@ def _spread(v: float | None, lo: float | None, hi: float | None, fmt: str) -> st
     return f"{format(v, fmt)} ({format(lo, fmt)}..{format(hi, fmt)})"
 
 
+def _ratio_cell(r: Row, name: str) -> str:
+    value: float | None = getattr(r, name)
+    spread: tuple[float, float] | None = getattr(r, f"{name}_spread")
+    fmt = ".2f" if value is None or value < 10 else ".1f"
+    lo, hi = spread if spread is not None else (None, None)
+    return _spread(value, lo, hi, fmt)
+
+
+_RATIOS = (
+    ("vs_ceiling", "x ceiling", "req/s over the bare endpoint's under the hot load, same wrk "
+     "settings"),
+    ("vs_naive", "x naive", "req/s over naive's in the same scenario"),
+    ("vs_baseline", "x baseline", "req/s over the baseline server's in the same scenario"),
+)
+
+
+def ratio_tables(rows: Sequence[Row]) -> list[str]:
+    """One table per ratio measured: scenarios down, configurations across; each cell the
+    ratio of medians, with the row's min and max over the reference's median."""
+    lines: list[str] = []
+    scenarios = [s for s in dict.fromkeys(r.scenario for r in rows) if s != "burst"]
+    by = {(r.config, r.scenario): r for r in rows}
+    for name, title, meaning in _RATIOS:
+        configs = list(dict.fromkeys(r.config for r in rows if getattr(r, name) is not None))
+        if not configs:
+            continue
+        lines += [f"{title}: {meaning}.", ""]
+        lines += _table(("scenario", *configs), (
+            [sc, *(_ratio_cell(by[(c, sc)], name) if (c, sc) in by else "-"
+                   for c in configs)]
+            for sc in scenarios if any(getattr(by.get((c, sc)), name, None) is not None
+                                       for c in configs)))
+        lines.append("")
+    return lines
+
+
 def columns(rows: Sequence[Row]) -> tuple[str, ...]:
     """The table's columns: ratios first (x baseline only when a baseline was measured)."""
     cols = ["config", "scenario", "x ceiling", "x naive"]
@@ -197,8 +245,8 @@ def columns(rows: Sequence[Row]) -> tuple[str, ...]:
 def table_cells(r: Row, cols: Sequence[str]) -> list[str]:
     cells = {
         "config": r.config, "scenario": r.scenario,
-        "x ceiling": _f(r.vs_ceiling, ".2f"), "x naive": _f(r.vs_naive, ".2f"),
-        "x baseline": _f(r.vs_baseline, ".2f"),
+        "x ceiling": _ratio_cell(r, "vs_ceiling"), "x naive": _ratio_cell(r, "vs_naive"),
+        "x baseline": _ratio_cell(r, "vs_baseline"),
         "req/s (min-max)": _spread(r.rps, r.rps_min, r.rps_max, ",.0f"),
         "p50 ms (min-max)": _spread(r.p50_ms, r.p50_min, r.p50_max, ".2f"),
         "p99 ms (min-max)": _spread(r.p99_ms, r.p99_min, r.p99_max, ".2f"),
@@ -291,7 +339,9 @@ def _generator_sentence(gen: dict[str, Any]) -> str:
     return (f"Generator: `bench.loadgen`, one process on uvloop, {gen['connections']} "
             f"keep-alive connections opened first (more while all are busy, up to "
             f"{gen['max_connections']}); latency from each request's due time; "
-            f"{gen['warmup_s']:g} s warm-up then {gen['duration_s']:g} s measured per run, "
+            f"{gen['warmup_s']:g} s warm-up then {gen['duration_s']:g} s measured per run "
+            f"(longer at low rates, to measure at least {gen.get('min_requests', 0):,} "
+            "requests), "
             f"{gen['repetitions']} repetition(s); a run is invalid when its p99 send "
             f"lateness exceeds {gen['max_lateness_ms']:g} ms and "
             f"{gen.get('max_lateness_share', 0.1):.0%} of its p99 latency (the generator's "
@@ -313,6 +363,10 @@ def to_markdown(rows: Sequence[Row], check_list: Sequence[Check], meta: dict[str
               "same scenario. wrk CPU and server CPU: CPU seconds per second of run "
               "(1.00 = one core busy; the machine has "
               f"{(meta.get('machine') or {}).get('cores', '?')}).", ""]
+    ratios = ratio_tables(rows)
+    if ratios:
+        lines += ["## Ratios", "", *ratios]
+    lines += ["## Figures", ""]
     cols = columns(rows)
     lines += _table(cols, (table_cells(r, cols) for r in rows))
     if check_list:

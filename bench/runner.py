@@ -65,8 +65,9 @@ class Options:
     sweep: bool = False
     sweep_rates: tuple[float, ...] = LADDER
     p99_bound_ms: float = 50.0
-    refine: int = 2
+    refine: int = 3
     open_connections: int = 16  # connections the generator opens before a run
+    min_requests: int = 500  # a fixed-rate run lasts long enough to measure this many
     max_lateness_ms: float = 1.0
     max_lateness_share: float = 0.1
     drain_s: float = 1.0
@@ -277,12 +278,17 @@ class Bench:
         self.open_runs.append(run)
         return run
 
+    def _window(self, rate: float) -> float:
+        """Seconds measured at ``rate``: the duration, or longer for ``min_requests`` (a p99
+        over a few hundred requests is one stall)."""
+        return max(self.opts.duration_s, self.opts.min_requests / rate)
+
     def open_loop(self, target: Target, sc: Scenario) -> None:
         for rate in self.opts.open_loop_rates:
             for rep in range(self.opts.repetitions):
                 self.progress(f"{target.name} · {sc.name} · {rate:g}/s · run "
                               f"{rep + 1}/{self.opts.repetitions}")
-                self.fixed_rate(target, sc, rate, rep, duration_s=self.opts.duration_s,
+                self.fixed_rate(target, sc, rate, rep, duration_s=self._window(rate),
                                 warmup_s=self.opts.warmup_s)
 
     def sweep(self, target: Target, sc: Scenario) -> None:
@@ -293,7 +299,7 @@ class Bench:
             for rep in range(opts.repetitions):
                 self.progress(f"{target.name} · {sc.name} · sweep {rate:g}/s"
                               + (f" · run {rep + 1}" if opts.repetitions > 1 else ""))
-                runs.append(self.fixed_rate(target, sc, rate, rep, duration_s=opts.duration_s,
+                runs.append(self.fixed_rate(target, sc, rate, rep, duration_s=self._window(rate),
                                             warmup_s=opts.warmup_s))
             return Step(rate, [r.result for r in runs], [r.server_cpu_s for r in runs])
 

@@ -30,8 +30,7 @@ __all__ = ["GENERATOR_LIMIT", "LADDER", "Step", "Sweep", "nice_rate", "run_sweep
 
 GENERATOR_LIMIT = 0.8  # generator CPU share from which an invalid step means its own limit
 
-LADDER: tuple[float, ...] = (100, 150, 200, 300, 500, 700, 1000, 1500, 2000, 3000, 5000,
-                             7000, 10000, 15000, 20000, 30000)
+LADDER: tuple[float, ...] = (100, 200, 500, 1000, 2000, 5000, 10000, 20000, 30000)
 
 
 @dataclass
@@ -148,7 +147,7 @@ def nice_rate(rate: float) -> float:
 
 
 def run_sweep(config: str, scenario: str, measure: Callable[[float], Step],
-              ladder: Sequence[float], bound_ms: float, *, refine: int = 2,
+              ladder: Sequence[float], bound_ms: float, *, refine: int = 3,
               retries: int = 1, confirm: int = 2) -> Sweep:
     """Measure ``ladder`` rates in order until one fails, then bisect ``refine`` times
     between it and the last that held. An invalid step is measured again up to ``retries``

@@ -62,6 +62,7 @@ def test_quick_bench_writes_a_sane_report(tmp_path: Path, session_store: Path) -
 def test_sweep_writes_its_curve_and_publishes(tmp_path: Path, session_store: Path) -> None:
     run_dir = _bench("--sweep", "--configs", "ceiling,full", "--scenarios", "v2-json-hot",
                      "--sweep-rates", "100,200", "--duration", "0.5", "--warmup", "0",
+                     "--min-requests", "50",
                      "--model-root", str(session_store), "--out", str(tmp_path / "results"),
                      "--publish", str(tmp_path / "docs"))
     data = json.loads((run_dir / "results.json").read_text())

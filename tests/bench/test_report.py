@@ -79,12 +79,20 @@ def test_tables_put_ratios_first_and_show_every_spread() -> None:
     md = to_markdown(rows, checks(rows), META)
     full = next(r for r in rows if (r.config, r.scenario) == ("full", "unique"))
     cells = table_cells(full, cols)
-    assert cells[:5] == ["full", "unique", "2.50", "12.50", "5.00"]
+    # each ratio with the row's min and max over the reference's median
+    assert cells[:5] == ["full", "unique", "2.50 (2.00..3.00)", "12.5 (10.0..15.0)",
+                         "5.00 (4.00..6.00)"]
     assert "2,500 (2,000..3,000)" in cells and "1.00" in cells
     assert "| " + " | ".join(cells) + " |" in md
     assert re.search(r"\| unique: full vs naive throughput \| >= 10x \| 12\.5x \| met \|", md)
     assert "2 cores (AMD EPYC), 1-minute load average 0.5 at start, 0.7 at the end" in md
     assert "wrk 4.1.0 -t2 -c64, 2 s runs after 0 s warm-up, 3 repetition(s)" in md
+    # ratios first: a table per ratio, scenarios down, configurations across
+    assert md.index("## Ratios") < md.index("## Figures")
+    assert "| scenario | ceiling | naive | full | baseline |" in md  # x ceiling
+    assert "| unique | - | 0.20 (0.10..0.30) | 2.50 (2.00..3.00) | 0.50 |" in md
+    assert "| unique | 1.00 (0.50..1.50) | 12.5 (10.0..15.0) |" in md  # x naive
+    assert "| unique | 0.40 (0.20..0.60) | 5.00 (4.00..6.00) |" in md  # x baseline
 
 
 def _open(config: str, rate: float, p50_ms: float, rep: int, **kw: float) -> OpenRun:
