@@ -278,19 +278,20 @@ def _header(title: str, meta: dict[str, Any]) -> list[str]:
 
 @dataclass(frozen=True)
 class OpenRow:
-    """Fixed-rate runs of one (config, scenario, rate): medians with min and max."""
+    """Fixed-rate runs of one (config, scenario, rate): latency medians with min and max
+    over the valid repetitions only (None when none was valid)."""
 
     config: str
     scenario: str
     rate: float
     reps: int
     valid: int  # repetitions in which the generator kept its schedule
-    p50_ms: float
-    p50_min: float
-    p50_max: float
-    p99_ms: float
-    p99_min: float
-    p99_max: float
+    p50_ms: float | None
+    p50_min: float | None
+    p50_max: float | None
+    p99_ms: float | None
+    p99_min: float | None
+    p99_max: float | None
     bad: int  # requests without a 2xx answer, over all repetitions
     lateness_p99_ms: float  # the worst repetition's
     generator_cpu: float  # median share of one core
@@ -303,11 +304,11 @@ def aggregate_open(runs: Sequence[OpenRun]) -> list[OpenRow]:
         groups[(r.config, r.scenario, r.result.rate)].append(r)
     out = []
     for (config, scenario, rate), rs in groups.items():
-        p50 = [r.result.latency_us[50.0] / 1000 for r in rs]
-        p99 = [r.result.latency_us[99.0] / 1000 for r in rs]
+        valid = [r for r in rs if r.result.valid]  # an invalid run measured the generator
+        p50 = [r.result.latency_us[50.0] / 1000 for r in valid]
+        p99 = [r.result.latency_us[99.0] / 1000 for r in valid]
         out.append(OpenRow(
-            config, scenario, rate, len(rs), sum(r.result.valid for r in rs),
-            _median(p50), min(p50), max(p50), _median(p99), min(p99), max(p99),
+            config, scenario, rate, len(rs), len(valid), *_stats(p50), *_stats(p99),
             sum(r.result.bad for r in rs),
             max(r.result.lateness_us[99.0] for r in rs) / 1000,
             _median(r.result.cpu_share for r in rs),
@@ -315,19 +316,26 @@ def aggregate_open(runs: Sequence[OpenRun]) -> list[OpenRow]:
     return out
 
 
+def _stats(values: list[float]) -> tuple[float | None, float | None, float | None]:
+    if not values:
+        return None, None, None
+    return _median(values), min(values), max(values)
+
+
 def open_markdown(rows: Sequence[OpenRow], meta: dict[str, Any]) -> list[str]:
     """The open-loop section: latency at fixed arrival rates, invalid runs marked."""
     gen = meta.get("open_loop_generator", {})
     lines = ["## Open loop (fixed arrival rate)", "",
              _generator_sentence(gen), "",
-             "Valid: repetitions whose p99 send lateness stayed within the bound (an invalid "
-             "one measured the generator, not the server).", ""]
+             "Valid: repetitions whose p99 send lateness stayed within the bound; latencies "
+             "are over those only (an invalid one measured the generator or the machine, "
+             "not the server).", ""]
     cols = ("config", "scenario", "rate/s", "valid", "p50 ms (min-max)", "p99 ms (min-max)",
             "not 2xx", "lateness p99 ms", "generator CPU", "server CPU")
     lines += _table(cols, ([
         r.config, r.scenario, f"{r.rate:,.0f}", f"{r.valid}/{r.reps}",
-        _spread(r.p50_ms, r.p50_min, r.p50_max, ".2f"),
-        _spread(r.p99_ms, r.p99_min, r.p99_max, ".2f"), str(r.bad),
+        _spread(r.p50_ms, r.p50_min, r.p50_max, ".2f") if r.valid else "invalid",
+        _spread(r.p99_ms, r.p99_min, r.p99_max, ".2f") if r.valid else "invalid", str(r.bad),
         f"{r.lateness_p99_ms:.2f}", f"{r.generator_cpu:.0%}", _f(r.server_cores, ".2f"),
     ] for r in rows))
     return lines
@@ -384,6 +392,14 @@ def to_markdown(rows: Sequence[Row], check_list: Sequence[Check], meta: dict[str
     return "\n".join(lines) + "\n"
 
 
+def _capacity(s: Sweep) -> str:
+    """The knee's rate; without one, below the first rate that failed (if any did)."""
+    if s.knee is not None:
+        return f"{s.knee.rate:,.0f}"
+    failed = s.first_failed
+    return f"< {failed.rate:,.0f}" if failed is not None else "-"
+
+
 def sweep_markdown(sweeps: Sequence[Sweep], meta: dict[str, Any],
                    images: dict[str, str] | None = None) -> str:
     """Capacity at the p99 bound per target and scenario, then every step."""
@@ -392,9 +408,10 @@ def sweep_markdown(sweeps: Sequence[Sweep], meta: dict[str, Any],
     bound = sweeps[0].bound_ms if sweeps else meta.get("p99_bound_ms", 50.0)
     lines += [_generator_sentence(gen), "",
               f"Each target gets rising fixed rates until a rate fails (median p99 above "
-              f"{bound:g} ms, or a request without a 2xx answer); a rate that fails is "
-              "measured twice more and judged on all three runs, so one stall in one run "
-              "is not taken for saturation. Then the rates between the last that held and "
+              f"{bound:g} ms, or a request without a 2xx answer); a rate that fails while "
+              "its p50 is within the bound gets two more valid runs and is judged on all "
+              "three, so one stall in one run is not taken for saturation. Then the rates "
+              "between the last that held and "
               "the first that failed are bisected. A run where the generator fell behind "
               "is run again; if it stays invalid the rate is not judged. Capacity: the "
               f"highest rate that held, with p99 under {bound:g} ms, below the first that "
@@ -411,7 +428,7 @@ def sweep_markdown(sweeps: Sequence[Sweep], meta: dict[str, Any],
             s.config, s.scenario,
             _f(k.rate / naive.rate if k and naive else None, ".1f"),
             _f(k.rate / ceiling.rate if k and ceiling else None, ".2f"),
-            f"{k.rate:,.0f}" if k else f"< {s.by_rate[0].rate:,.0f}" if s.steps else "-",
+            _capacity(s),
             _spread(k.p50_ms, *k.spread_ms(50.0), ".2f") if k else "-",
             _spread(k.p99_ms, *k.spread_ms(99.0), ".2f") if k else "-",
             f"{k.generator_cpu:.0%}" if k else "-",
@@ -428,8 +445,10 @@ def sweep_markdown(sweeps: Sequence[Sweep], meta: dict[str, Any],
             steps.append([
                 s.config, s.scenario, f"{st.rate:,.0f}",
                 "yes" if st.holds(s.bound_ms) else f"no: {st.why_not(s.bound_ms)}",
-                str(len(st.results)), _spread(st.p50_ms, *st.spread_ms(50.0), ".2f"),
-                _spread(st.p99_ms, *st.spread_ms(99.0), ".2f"), str(st.bad), f"{late:.2f}",
+                str(len(st.results)),
+                _spread(st.p50_ms, *st.spread_ms(50.0), ".2f") if st.valid else "invalid",
+                _spread(st.p99_ms, *st.spread_ms(99.0), ".2f") if st.valid else "invalid",
+                str(st.bad), f"{late:.2f}",
                 f"{st.generator_cpu:.0%}", _f(st.server_cpu, ".2f"),
                 str(max(r.connections_opened for r in st.results))])
     lines += _table(step_cols, steps)

@@ -3,10 +3,11 @@
 A step is one rate (one or more repetitions of ``bench.loadgen``). It *holds* when every
 repetition was valid (the generator kept its schedule), every request got a 2xx answer, and
 the median p99 is within the bound; it *fails* when it was valid and does not hold. A step
-that fails is measured ``confirm`` more times and judged on all its repetitions (the median
-p99), so that one stall (a collector pause, another process on the CPU) in one short run
-does not pass for saturation. The sweep walks up the ladder and stops at the first step
-that fails; then it bisects
+that fails while its median request was within the bound (p50 under it: the excess may be
+one stall, a collector pause or another process on the CPU, in one short run) is measured
+until it has ``confirm`` more valid runs, and judged on all of them (the median p99); a step
+whose p50 is past the bound too is saturated beyond doubt. The sweep walks up the ladder and
+stops at the first step that fails; then it bisects
 (geometrically) between the last step that held and that one, ``refine`` times. The *knee*
 is the highest rate that held below the first that failed: the capacity at that p99 bound.
 
@@ -151,7 +152,8 @@ def run_sweep(config: str, scenario: str, measure: Callable[[float], Step],
               retries: int = 1, confirm: int = 2) -> Sweep:
     """Measure ``ladder`` rates in order until one fails, then bisect ``refine`` times
     between it and the last that held. An invalid step is measured again up to ``retries``
-    times; a failing one ``confirm`` more times (its valid repetitions are kept)."""
+    times; a failing one with its p50 within the bound gets ``confirm`` more valid runs
+    (within ``confirm * (1 + retries)`` attempts)."""
     sweep = Sweep(config, scenario, bound_ms)
 
     def step(rate: float) -> Step:
@@ -160,8 +162,11 @@ def run_sweep(config: str, scenario: str, measure: Callable[[float], Step],
             if s.valid:
                 break
             s = measure(rate)
-        if s.fails(bound_ms):
-            for _ in range(confirm):
+        if s.fails(bound_ms) and s.p50_ms <= bound_ms:
+            wanted = len(s.results) + confirm
+            for _ in range(confirm * (1 + retries)):
+                if len(s.results) >= wanted:
+                    break
                 more = measure(rate)
                 if more.valid:
                     s = Step(rate, s.results + more.results,

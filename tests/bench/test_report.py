@@ -102,16 +102,20 @@ def _open(config: str, rate: float, p50_ms: float, rep: int, **kw: float) -> Ope
 
 def test_open_loop_rows_and_validity() -> None:
     rows = aggregate_open([_open("full", 400, 1.0, 0), _open("full", 400, 3.0, 1),
-                           _open("full", 400, 2.0, 2, lateness_ms=4.0)])
+                           _open("full", 400, 9.0, 2, lateness_ms=10.0)])
     (row,) = rows
+    # the late repetition (p50 9 ms) measured the generator: left out of the latencies
     assert (row.p50_ms, row.p50_min, row.p50_max, row.p99_ms) == (2.0, 1.0, 3.0, 10.0)
-    assert (row.reps, row.valid, row.lateness_p99_ms) == (3, 2, 4.0)
+    assert (row.reps, row.valid, row.lateness_p99_ms) == (3, 2, 10.0)
     assert row.generator_cpu == pytest.approx(0.1) and row.server_cores == pytest.approx(0.5)
     from bench.report import open_markdown
 
     text = "\n".join(open_markdown(rows, META))
-    assert "| full | unique | 400 | 2/3 | 2.00 (1.00..3.00) | 10.00 (5.00..15.00) | 0 | 4.00 |" \
+    assert "| full | unique | 400 | 2/3 | 2.00 (1.00..3.00) | 10.00 (5.00..15.00) | 0 | 10.00 |" \
         in text
+    late = aggregate_open([_open("full", 800, 9.0, 0, lateness_ms=10.0)])
+    assert "| full | unique | 800 | 0/1 | invalid | invalid |" in "\n".join(
+        open_markdown(late, META))
     assert ("a run is invalid when its p99 send lateness exceeds 1 ms and 10% of its p99 "
             "latency") in text
 
@@ -127,5 +131,8 @@ def test_sweep_table_gives_capacity_at_the_bound_with_ratios_first() -> None:
                          sweep("full", [100, 1000, 3000], 5000)], META, {"curve": "sweep.png"})
     assert "| full | unique | 30.0 | 0.30 | 3,000 | 1.00 | 5.00 |" in md
     assert "| naive | unique | 1.0 | 0.01 | 100 |" in md
+    never = Sweep("naive", "unique", 50.0, steps=[
+        Step(100, [result(100, lateness_ms=9.0)]), Step(200, [result(200, 30.0, 400.0)])])
+    assert "| naive | unique | - | - | < 200 |" in sweep_markdown([never], META)
     assert "| full | unique | 5,000 | no: p99 400.0 ms > 50 ms |" in md
     assert "![curve](sweep.png)" in md

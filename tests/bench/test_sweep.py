@@ -124,3 +124,32 @@ def test_step_figures_are_medians_with_their_spread() -> None:
 def test_rates_are_rounded_to_two_digits() -> None:
     assert [nice_rate(x) for x in (1414.2, 173.2, 86.6, 12_247)] == [1400, 170, 87, 12_000]
     assert Sweep("a", "b", 50.0).knee is None
+
+
+def test_a_step_past_the_bound_at_its_median_needs_no_confirmation() -> None:
+    asked: list[float] = []
+
+    def measure(rate: float) -> Step:
+        asked.append(rate)
+        p50, p99 = (1.0, 5.0) if rate <= 1000 else (300.0, 900.0)  # queueing: all slow
+        return Step(rate, [result(rate, p50, p99)])
+
+    sweep = run_sweep("full", "unique", measure, LADDER, 50.0, refine=1)
+    assert asked == [100, 200, 500, 1000, 2000, 1400]
+    assert sweep.knee is not None and sweep.knee.rate == 1000
+
+
+def test_confirmations_are_valid_runs() -> None:
+    # At 2000/s: a failing run, then a late one (dropped), then two that fail again.
+    script = iter([result(2000, p99_ms=400.0), result(2000, lateness_ms=50.0, p99_ms=60.0),
+                   result(2000, p99_ms=420.0), result(2000, p99_ms=380.0)])
+    asked: list[float] = []
+
+    def measure(rate: float) -> Step:
+        asked.append(rate)
+        return Step(rate, [next(script) if rate == 2000 else result(rate)])
+
+    sweep = run_sweep("full", "unique", measure, LADDER, 50.0, refine=0)
+    assert asked == [100, 200, 500, 1000, 2000, 2000, 2000, 2000]
+    (at_2000,) = [s for s in sweep.steps if s.rate == 2000]
+    assert len(at_2000.results) == 3 and at_2000.p99_ms == 400.0
