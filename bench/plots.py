@@ -196,8 +196,9 @@ def latency_figure(runs: Sequence[Run]) -> Any:
 def sweep_figure(sweeps: Sequence[Sweep]) -> Any:
     """p50 (dashed) and p99 (solid) latency against offered load, one panel per scenario,
     one colour per configuration, the capacity (knee) starred, the p99 bound dotted. Steps
-    where the generator fell behind are left out; steps with failed requests are crosses.
-    None when there is nothing to draw."""
+    where the generator fell behind are hollow (their latency is an upper bound of the
+    server's), or left out when that bound is past the p99 bound (they prove nothing); steps
+    with failed requests are crosses. None when there is nothing to draw."""
     scenarios = list(dict.fromkeys(s.scenario for s in sweeps if s.steps))
     if not scenarios:
         return None
@@ -212,7 +213,7 @@ def sweep_figure(sweeps: Sequence[Sweep]) -> Any:
     bound = sweeps[0].bound_ms
     for ax, sc in zip(axes.flat, scenarios, strict=False):
         for s in (s for s in sweeps if s.scenario == sc):
-            steps = [st for st in s.by_rate if st.valid]
+            steps = [st for st in s.by_rate if st.valid or st.holds(s.bound_ms)]
             if not steps:
                 continue
             c = colour[s.config]
@@ -220,6 +221,10 @@ def sweep_figure(sweeps: Sequence[Sweep]) -> Any:
             ax.plot(rates, [st.p99_ms for st in steps], color=c, lw=1.5, marker="o", ms=3)
             ax.plot(rates, [st.p50_ms for st in steps], color=c, lw=1.2, ls="--", marker=".",
                     ms=4)
+            late = [st for st in steps if not st.valid]
+            for values in ([st.p99_ms for st in late], [st.p50_ms for st in late]):
+                ax.plot([st.rate for st in late], values, ls="", marker="o", ms=6,
+                        markerfacecolor="white", markeredgecolor=c)
             failed = [st for st in steps if st.bad]
             ax.plot([st.rate for st in failed], [st.p99_ms for st in failed], ls="",
                     marker="x", ms=7, color=c)
@@ -247,9 +252,12 @@ def sweep_figure(sweeps: Sequence[Sweep]) -> Any:
                 Line2D([], [], color="black", lw=1.2, ls="--", marker=".", ms=4),
                 Line2D([], [], color="black", ls="", marker="*", ms=12),
                 Line2D([], [], color="black", ls="", marker="x", ms=7),
+                Line2D([], [], ls="", marker="o", ms=6, markerfacecolor="white",
+                       markeredgecolor="black"),
                 Line2D([], [], color="grey", ls=":")]
     labels += ["p99", "p50", f"capacity: highest rate with p99 < {bound:g} ms",
-               "requests without a 2xx answer", f"p99 bound ({bound:g} ms)"]
+               "requests without a 2xx answer", "generator late: an upper bound",
+               f"p99 bound ({bound:g} ms)"]
     _legend(fig, handles, labels)
     fig.suptitle("Latency against offered load (open loop, fixed arrival rate)")
     fig.tight_layout()

@@ -18,7 +18,7 @@ from typing import Any
 
 from bench.machine import summary
 from bench.runner import CEILING, OpenRun, Run
-from bench.sweep import Sweep
+from bench.sweep import Step, Sweep
 
 __all__ = ["Check", "OpenRow", "Row", "aggregate", "aggregate_open", "checks", "columns",
            "open_markdown", "ratio_tables", "sweep_markdown", "table_cells", "to_markdown",
@@ -279,19 +279,20 @@ def _header(title: str, meta: dict[str, Any]) -> list[str]:
 @dataclass(frozen=True)
 class OpenRow:
     """Fixed-rate runs of one (config, scenario, rate): latency medians with min and max
-    over the valid repetitions only (None when none was valid)."""
+    over the valid repetitions only; when none was valid, over all of them, as the upper
+    bounds they are (``valid == 0``)."""
 
     config: str
     scenario: str
     rate: float
     reps: int
     valid: int  # repetitions in which the generator kept its schedule
-    p50_ms: float | None
-    p50_min: float | None
-    p50_max: float | None
-    p99_ms: float | None
-    p99_min: float | None
-    p99_max: float | None
+    p50_ms: float
+    p50_min: float
+    p50_max: float
+    p99_ms: float
+    p99_min: float
+    p99_max: float
     bad: int  # requests without a 2xx answer, over all repetitions
     lateness_p99_ms: float  # the worst repetition's
     generator_cpu: float  # median share of one core
@@ -304,9 +305,10 @@ def aggregate_open(runs: Sequence[OpenRun]) -> list[OpenRow]:
         groups[(r.config, r.scenario, r.result.rate)].append(r)
     out = []
     for (config, scenario, rate), rs in groups.items():
-        valid = [r for r in rs if r.result.valid]  # an invalid run measured the generator
-        p50 = [r.result.latency_us[50.0] / 1000 for r in valid]
-        p99 = [r.result.latency_us[99.0] / 1000 for r in valid]
+        valid = [r for r in rs if r.result.valid]  # a late run measured the generator too
+        used = valid or rs
+        p50 = [r.result.latency_us[50.0] / 1000 for r in used]
+        p99 = [r.result.latency_us[99.0] / 1000 for r in used]
         out.append(OpenRow(
             config, scenario, rate, len(rs), len(valid), *_stats(p50), *_stats(p99),
             sum(r.result.bad for r in rs),
@@ -316,9 +318,7 @@ def aggregate_open(runs: Sequence[OpenRun]) -> list[OpenRow]:
     return out
 
 
-def _stats(values: list[float]) -> tuple[float | None, float | None, float | None]:
-    if not values:
-        return None, None, None
+def _stats(values: list[float]) -> tuple[float, float, float]:
     return _median(values), min(values), max(values)
 
 
@@ -328,14 +328,14 @@ def open_markdown(rows: Sequence[OpenRow], meta: dict[str, Any]) -> list[str]:
     lines = ["## Open loop (fixed arrival rate)", "",
              _generator_sentence(gen), "",
              "Valid: repetitions whose p99 send lateness stayed within the bound; latencies "
-             "are over those only (an invalid one measured the generator or the machine, "
-             "not the server).", ""]
+             "are over those only. When none was, the latencies are upper bounds of the "
+             "server's (`<=`): the generator's lateness is in them.", ""]
     cols = ("config", "scenario", "rate/s", "valid", "p50 ms (min-max)", "p99 ms (min-max)",
             "not 2xx", "lateness p99 ms", "generator CPU", "server CPU")
     lines += _table(cols, ([
         r.config, r.scenario, f"{r.rate:,.0f}", f"{r.valid}/{r.reps}",
-        _spread(r.p50_ms, r.p50_min, r.p50_max, ".2f") if r.valid else "invalid",
-        _spread(r.p99_ms, r.p99_min, r.p99_max, ".2f") if r.valid else "invalid", str(r.bad),
+        _bounded(r.valid, _spread(r.p50_ms, r.p50_min, r.p50_max, ".2f")),
+        _bounded(r.valid, _spread(r.p99_ms, r.p99_min, r.p99_max, ".2f")), str(r.bad),
         f"{r.lateness_p99_ms:.2f}", f"{r.generator_cpu:.0%}", _f(r.server_cores, ".2f"),
     ] for r in rows))
     return lines
@@ -392,6 +392,16 @@ def to_markdown(rows: Sequence[Row], check_list: Sequence[Check], meta: dict[str
     return "\n".join(lines) + "\n"
 
 
+def _bounded(valid: bool | int, text: str) -> str:
+    """A latency figure; from a late generator only as the upper bound it is."""
+    return text if valid else f"<= {text}"
+
+
+def _step_ms(st: Step, p: float) -> str:
+    value = st.p50_ms if p == 50.0 else st.p99_ms
+    return _bounded(st.valid, _spread(value, *st.spread_ms(p), ".2f"))
+
+
 def _capacity(s: Sweep) -> str:
     """The knee's rate; without one, below the first rate that failed (if any did)."""
     if s.knee is not None:
@@ -408,14 +418,15 @@ def sweep_markdown(sweeps: Sequence[Sweep], meta: dict[str, Any],
     bound = sweeps[0].bound_ms if sweeps else meta.get("p99_bound_ms", 50.0)
     lines += [_generator_sentence(gen), "",
               f"Each target gets rising fixed rates until a rate fails (median p99 above "
-              f"{bound:g} ms, or a request without a 2xx answer); a rate that fails while "
-              "its p50 is within the bound gets two more valid runs and is judged on all "
-              "three, so one stall in one run is not taken for saturation. Then the rates "
-              "between the last that held and "
-              "the first that failed are bisected. A run where the generator fell behind "
-              "is run again; if it stays invalid the rate is not judged. Capacity: the "
-              f"highest rate that held, with p99 under {bound:g} ms, below the first that "
-              "failed.", ""]
+              f"{bound:g} ms, or a request without a 2xx answer, measured by a generator "
+              "that kept its schedule); a rate that fails while its p50 is within the bound "
+              "gets two more runs and is judged on all three, so one stall in one run is "
+              "not taken for saturation. Then the rates between the last that held and the "
+              "first that failed are bisected. Latency measured by a late generator is the "
+              "server's plus that lateness: it is shown as an upper bound (`<=`), and still "
+              f"shows that a rate held when it is under {bound:g} ms; past it, the run is "
+              "repeated, and a rate that stays so is not judged. Capacity: the highest rate "
+              f"that held, with p99 under {bound:g} ms, below the first that failed.", ""]
     knees = {(s.config, s.scenario): s.knee for s in sweeps}
     cols = ("config", "scenario", "x naive", "x ceiling",
             f"capacity req/s (p99 < {bound:g} ms)", "p50 ms there (min-max)",
@@ -429,8 +440,7 @@ def sweep_markdown(sweeps: Sequence[Sweep], meta: dict[str, Any],
             _f(k.rate / naive.rate if k and naive else None, ".1f"),
             _f(k.rate / ceiling.rate if k and ceiling else None, ".2f"),
             _capacity(s),
-            _spread(k.p50_ms, *k.spread_ms(50.0), ".2f") if k else "-",
-            _spread(k.p99_ms, *k.spread_ms(99.0), ".2f") if k else "-",
+            _step_ms(k, 50.0) if k else "-", _step_ms(k, 99.0) if k else "-",
             f"{k.generator_cpu:.0%}" if k else "-",
             _f(k.server_cpu if k else None, ".2f"), s.stop])
     lines += _table(cols, table)
@@ -446,8 +456,7 @@ def sweep_markdown(sweeps: Sequence[Sweep], meta: dict[str, Any],
                 s.config, s.scenario, f"{st.rate:,.0f}",
                 "yes" if st.holds(s.bound_ms) else f"no: {st.why_not(s.bound_ms)}",
                 str(len(st.results)),
-                _spread(st.p50_ms, *st.spread_ms(50.0), ".2f") if st.valid else "invalid",
-                _spread(st.p99_ms, *st.spread_ms(99.0), ".2f") if st.valid else "invalid",
+                _step_ms(st, 50.0), _step_ms(st, 99.0),
                 str(st.bad), f"{late:.2f}",
                 f"{st.generator_cpu:.0%}", _f(st.server_cpu, ".2f"),
                 str(max(r.connections_opened for r in st.results))])

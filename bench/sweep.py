@@ -1,20 +1,22 @@
 """Latency against offered load: one target at rising fixed rates until it saturates.
 
-A step is one rate (one or more repetitions of ``bench.loadgen``). It *holds* when every
-repetition was valid (the generator kept its schedule), every request got a 2xx answer, and
-the median p99 is within the bound; it *fails* when it was valid and does not hold. A step
-that fails while its median request was within the bound (p50 under it: the excess may be
-one stall, a collector pause or another process on the CPU, in one short run) is measured
-until it has ``confirm`` more valid runs, and judged on all of them (the median p99); a step
-whose p50 is past the bound too is saturated beyond doubt. The sweep walks up the ladder and
-stops at the first step that fails; then it bisects
-(geometrically) between the last step that held and that one, ``refine`` times. The *knee*
-is the highest rate that held below the first that failed: the capacity at that p99 bound.
+A step is one rate (one or more repetitions of ``bench.loadgen``). Measured latency is the
+server's plus the generator's lateness, so it bounds the server's from above: a step *holds*
+when every request got a 2xx answer and the median p99 is within the bound, whether or not
+the generator kept its schedule. It *fails* when every repetition was valid (the generator
+kept its schedule) and it does not hold. A step that is neither (the generator was late,
+and the p99 is past the bound) is measured again, ``retries`` times; if it stays so, it
+proves nothing: when the generator used most of a core (``GENERATOR_LIMIT``) it has reached
+its own limit and the sweep stops there, claiming nothing above; otherwise other processes
+held the CPU, and the sweep goes on up the ladder.
 
-A step where the generator fell behind (invalid) is measured again, ``retries`` times. If it
-stays invalid it proves nothing either way: when the generator used most of a core
-(``GENERATOR_LIMIT``) it has reached its own limit and the sweep stops there, claiming no
-saturation; otherwise other processes held the CPU, and the sweep goes on up the ladder.
+A step that fails while its median request was within the bound (p50 under it: the excess
+may be one stall, a collector pause or another process on the CPU, in one short run) is
+measured until it has ``confirm`` more conclusive runs, and judged on all of them (the
+median p99); a step whose p50 is past the bound too is saturated beyond doubt. The sweep
+walks up the ladder and stops at the first step that fails; then it bisects (geometrically)
+between the last step that held and that one, ``refine`` times. The *knee* is the highest
+rate that held below the first that failed: the capacity at that p99 bound.
 """
 
 from __future__ import annotations
@@ -80,13 +82,18 @@ class Step:
         return float(statistics.median(shares)) if shares else None
 
     def holds(self, bound_ms: float) -> bool:
-        return self.valid and self.bad == 0 and self.p99_ms <= bound_ms
+        """Every answer 2xx and the median p99 within the bound (an upper bound of the
+        server's when the generator was late, so conclusive either way)."""
+        return self.bad == 0 and self.p99_ms <= bound_ms
 
     def fails(self, bound_ms: float) -> bool:
+        """Does not hold, measured by a generator that kept its schedule every time."""
         return self.valid and not self.holds(bound_ms)
 
     def why_not(self, bound_ms: float) -> str:
         """Why the step does not hold ('' when it does)."""
+        if self.holds(bound_ms):
+            return ""
         if not self.valid:
             return next(r.verdict for r in self.results if not r.valid)
         if self.bad:
@@ -156,10 +163,13 @@ def run_sweep(config: str, scenario: str, measure: Callable[[float], Step],
     (within ``confirm * (1 + retries)`` attempts)."""
     sweep = Sweep(config, scenario, bound_ms)
 
+    def conclusive(s: Step) -> bool:
+        return s.holds(bound_ms) or s.fails(bound_ms)
+
     def step(rate: float) -> Step:
         s = measure(rate)
         for _ in range(retries):
-            if s.valid:
+            if conclusive(s):
                 break
             s = measure(rate)
         if s.fails(bound_ms) and s.p50_ms <= bound_ms:
@@ -168,7 +178,7 @@ def run_sweep(config: str, scenario: str, measure: Callable[[float], Step],
                 if len(s.results) >= wanted:
                     break
                 more = measure(rate)
-                if more.valid:
+                if conclusive(more):
                     s = Step(rate, s.results + more.results,
                              s.server_cpu_s + more.server_cpu_s)
         sweep.steps.append(s)
@@ -179,16 +189,16 @@ def run_sweep(config: str, scenario: str, measure: Callable[[float], Step],
     invalid: list[float] = []
     for rate in ladder:
         s = step(rate)
-        if not s.valid:
-            if s.generator_cpu >= GENERATOR_LIMIT:
-                sweep.stop = f"generator at its limit at {rate:g}/s: {s.why_not(bound_ms)}"
-                return sweep
-            invalid.append(rate)
+        if s.holds(bound_ms):
+            last_ok = rate
             continue
-        if not s.holds(bound_ms):
+        if s.fails(bound_ms):
             failed = s
             break
-        last_ok = rate
+        if s.generator_cpu >= GENERATOR_LIMIT:
+            sweep.stop = f"generator at its limit at {rate:g}/s: {s.why_not(bound_ms)}"
+            return sweep
+        invalid.append(rate)
     noted = (f" (not judged, the generator was late: "
              f"{', '.join(f'{r:g}' for r in invalid)}/s)" if invalid else "")
     if failed is None:
@@ -203,10 +213,10 @@ def run_sweep(config: str, scenario: str, measure: Callable[[float], Step],
         if not lo < mid < hi:
             break
         s = step(mid)
-        if not s.valid:
-            break
         if s.holds(bound_ms):
             lo = mid
-        else:
+        elif s.fails(bound_ms):
             hi = mid
+        else:
+            break
     return sweep

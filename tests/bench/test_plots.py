@@ -102,7 +102,8 @@ def test_sweep_curves_mark_the_knee_in_the_configuration_colour(tmp_path: Path) 
     sweeps = []
     for config, cap in (("naive", 200), ("full", 3000), ("compiled", 10000)):
         s = Sweep(config, "unique", 50.0)
-        s.steps = [Step(r, [result(r, 1.0, 5.0 if r <= cap else 300.0)])
+        s.steps = [Step(r, [result(r, 1.0, 5.0 if r <= cap else 300.0,
+                                   lateness_ms=2.0 if r == 100 else 0.05)])
                    for r in (100, 200, 500, 1000, 3000, 5000, 10000, 15000) if r <= cap * 2]
         sweeps.append(s)
     fig = plots.sweep_figure(sweeps)
@@ -115,5 +116,8 @@ def test_sweep_curves_mark_the_knee_in_the_configuration_colour(tmp_path: Path) 
     stars = [line for line in ax.get_lines() if line.get_marker() == "*"]
     assert [(to_hex(s.get_color()), s.get_xdata()[0]) for s in stars] == [
         (colour["naive"], 200), (colour["full"], 3000), (colour["compiled"], 10000)]
+    # the late steps (100/s): hollow, an upper bound, in the configuration's colour
+    hollow = [line for line in ax.get_lines() if line.get_markerfacecolor() == "white"]
+    assert len(hollow) == 2 * 3 and all(line.get_xdata()[0] == 100 for line in hollow)
     assert plots.sweep(tmp_path / "s.png", sweeps)
     assert not plots.sweep(tmp_path / "none.png", [])

@@ -114,7 +114,7 @@ def test_open_loop_rows_and_validity() -> None:
     assert "| full | unique | 400 | 2/3 | 2.00 (1.00..3.00) | 10.00 (5.00..15.00) | 0 | 10.00 |" \
         in text
     late = aggregate_open([_open("full", 800, 9.0, 0, lateness_ms=10.0)])
-    assert "| full | unique | 800 | 0/1 | invalid | invalid |" in "\n".join(
+    assert "| full | unique | 800 | 0/1 | <= 9.00 | <= 45.00 |" in "\n".join(
         open_markdown(late, META))
     assert ("a run is invalid when its p99 send lateness exceeds 1 ms and 10% of its p99 "
             "latency") in text
@@ -132,7 +132,13 @@ def test_sweep_table_gives_capacity_at_the_bound_with_ratios_first() -> None:
     assert "| full | unique | 30.0 | 0.30 | 3,000 | 1.00 | 5.00 |" in md
     assert "| naive | unique | 1.0 | 0.01 | 100 |" in md
     never = Sweep("naive", "unique", 50.0, steps=[
-        Step(100, [result(100, lateness_ms=9.0)]), Step(200, [result(200, 30.0, 400.0)])])
+        Step(100, [result(100, p99_ms=60.0, lateness_ms=9.0)]),  # late: proves nothing
+        Step(200, [result(200, 30.0, 400.0)])])
     assert "| naive | unique | - | - | < 200 |" in sweep_markdown([never], META)
+    late_but_held = Sweep("full", "unique", 50.0, steps=[
+        Step(100, [result(100, 1.0, 5.0, lateness_ms=2.0)]),
+        Step(200, [result(200, 30.0, 400.0)])])
+    assert "| full | unique | - | - | 100 | <= 1.00 | <= 5.00 |" in sweep_markdown(
+        [late_but_held], META)
     assert "| full | unique | 5,000 | no: p99 400.0 ms > 50 ms |" in md
     assert "![curve](sweep.png)" in md
