@@ -172,3 +172,20 @@ def test_a_late_run_within_the_bound_still_shows_the_server_held() -> None:
     assert not at_500.valid and at_500.holds(50.0) and not at_500.fails(50.0)
     assert [s.rate for s in sweep.steps] == [100, 200, 500, 1000, 2000]
     assert sweep.knee is not None and sweep.knee.rate == 1000
+
+
+def test_a_step_of_late_and_valid_runs_fails_only_on_what_the_valid_ones_show() -> None:
+    valid_past = result(1000, p99_ms=300.0)
+    late_past = result(1000, p99_ms=300.0, lateness_ms=40.0)  # an upper bound only
+    late_within = result(1000, p99_ms=20.0, lateness_ms=4.0)
+    assert Step(1000, [valid_past, valid_past, late_within]).fails(50.0)
+    mixed = Step(1000, [valid_past, late_past, late_within])
+    assert not mixed.holds(50.0) and not mixed.fails(50.0)  # proves nothing
+    assert "generator p99 lateness 40.00 ms" in mixed.why_not(50.0)
+    assert Step(1000, [result(1000, errors=1), late_past]).fails(50.0)
+
+
+def test_two_runs_are_judged_on_the_higher() -> None:
+    two = Step(1000, [result(1000, p99_ms=10.0), result(1000, p99_ms=100.0)])
+    assert two.p99_ms == 100.0 and two.fails(50.0)
+    assert two.why_not(50.0) == "p99 100.0 ms > 50 ms"
