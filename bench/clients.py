@@ -1,24 +1,25 @@
-"""Python load for what wrk cannot do: an identical burst, and open-loop (fixed-rate) load."""
+"""Python load for what wrk and the fixed-rate generator do not do: an identical burst, and a
+one-request probe of a door."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from urllib.parse import urlsplit
 
-import httpx
-import numpy as np
+from bench.doors import Load, build
 
-__all__ = ["BurstResult", "OpenLoopResult", "burst", "open_loop", "unique_row"]
+__all__ = ["BurstResult", "burst", "probe"]
 
-def unique_row(salt: int, n: int, features: Sequence[str]) -> dict[str, str]:
-    """A row never produced for another ``(salt, n)``; same shape as the wrk scripts' rows."""
-    k = salt * 10_000_000 + n
-    row = {features[0]: f"{4 + (n % 40) / 10 + k * 1e-12:.12f}"}
-    for j, name in enumerate(features[1:], start=2):
-        row[name] = f"{((n * (2 * j - 1)) % 60) / 10:.1f}"
-    return row
+_CLOSE = (("Connection", "close"),)
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 80
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,15 +30,11 @@ class BurstResult:
     distinct_answers: int
 
 
-async def _burst(url: str, n: int, params: dict[str, str]) -> BurstResult:
+async def _burst(url: str, n: int, request: bytes) -> BurstResult:
     """Open ``n`` connections, then write the same request on all of them back to back (no
     await in between), so the server sees them as one burst; a Python HTTP client would
     stagger them by its own per-request cost."""
-    parsed = httpx.URL(url)
-    host, port = parsed.host, parsed.port or 80
-    query = "&".join(f"{k}={v}" for k, v in params.items())
-    request = (f"GET /predict?{query} HTTP/1.1\r\nHost: {host}:{port}\r\n"
-               "Connection: close\r\n\r\n").encode()
+    host, port = _host_port(url)
     conns = await asyncio.gather(*(asyncio.open_connection(host, port) for _ in range(n)))
     start = time.perf_counter()
     for _, writer in conns:
@@ -63,54 +60,29 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, bytes]:
 
 
 def burst(url: str, n: int, salt: int, features: Sequence[str]) -> BurstResult:
-    """Fire ``n`` identical requests for one new row at once."""
-    return asyncio.run(_burst(url, n, unique_row(salt, 0, features)))
+    """Fire ``n`` identical requests (``GET /predict``) for one new row at once."""
+    host, port = _host_port(url)
+    load = Load("get", "unique", tuple(features), salt=salt, extra_headers=_CLOSE)
+    (request,) = build(load, 1, f"{host}:{port}")
+    return asyncio.run(_burst(url, n, request))
 
 
-@dataclass(frozen=True, slots=True)
-class OpenLoopResult:
-    rate: float
-    sent: int
-    errors: int
-    latency_us: dict[float, int]
-
-
-async def _open_loop(url: str, rate: float, duration_s: float, salt: int,
-                     percentiles: tuple[float, ...], features: Sequence[str]
-                     ) -> OpenLoopResult:
-    total = max(1, int(rate * duration_s))
-    latencies = np.zeros(total)
-    errors = 0
-    limits = httpx.Limits(max_connections=512, max_keepalive_connections=512)
-
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=10) as client:
-
-        async def one(i: int, due: float) -> None:
-            nonlocal errors
-            try:
-                r = await client.get("/predict", params=unique_row(salt, i, features))
-                if r.status_code != 200:
-                    errors += 1
-            except httpx.HTTPError:
-                errors += 1
-            # Measured from when the request was due, not when it went out: a late sender
-            # does not hide queueing (no coordinated omission).
-            latencies[i] = time.perf_counter() - due
-
-        start = time.perf_counter()
-        tasks = []
-        for i in range(total):
-            due = start + i / rate
-            delay = due - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)  # the arrival schedule itself
-            tasks.append(asyncio.create_task(one(i, due)))
-        await asyncio.gather(*tasks)
-    lat = {p: int(np.percentile(latencies, p) * 1e6) for p in percentiles}
-    return OpenLoopResult(rate, total, errors, lat)
-
-
-def open_loop(url: str, rate: float, duration_s: float, salt: int,
-              percentiles: tuple[float, ...], features: Sequence[str]) -> OpenLoopResult:
-    """Unique rows at a fixed arrival ``rate`` (requests/s) for ``duration_s``."""
-    return asyncio.run(_open_loop(url, rate, duration_s, salt, percentiles, features))
+def probe(url: str, load: Load, timeout_s: float = 10.0) -> int:
+    """The HTTP status one request of ``load`` gets (0 when nothing answers)."""
+    host, port = _host_port(url)
+    (request,) = build(replace(load, extra_headers=_CLOSE), 1, f"{host}:{port}")
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s) as s:
+            s.sendall(request)
+            head = b""
+            while b"\r\n" not in head:
+                chunk = s.recv(4096)
+                if not chunk:
+                    return 0
+                head += chunk
+    except OSError:
+        return 0
+    try:
+        return int(head.split(b" ", 2)[1])
+    except (IndexError, ValueError):
+        return 0

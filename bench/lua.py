@@ -1,9 +1,15 @@
-"""wrk Lua scripts for the scenarios.
+"""wrk Lua scripts for the bench's loads (``bench.doors.Load``): every door, hot, unique and
+zipf rows, one or many rows per request.
 
 Every script ends with a ``done`` callback that prints one line ``BENCH_JSON {...}`` with the
-request count, errors and latency percentiles (microseconds), which ``bench.wrk`` parses.
-Rows that must be new are made unique per wrk thread, per counter and per ``salt`` (one salt
-per run), so repetitions and configurations never share a row.
+request count, errors and latency percentiles (microseconds; 100 is wrk's measured maximum),
+which ``bench.wrk`` parses. Unique rows are made from ``(SALT, wrk thread, counter)``: the key
+``(SALT * 16 + tid) * 10**7 + n`` is written in base 4096 over the first four features as
+``digit / 512`` (exact in FP32 and FP64, printed exactly with nine decimals). They differ
+from the Python generator's rows (``bench.doors.unique_rows``, odd multiples of 1/1024) in
+every one of those features, so the two never share a row; distinct for ``SALT < 65536``,
+``n < 10**7`` per thread and run. V2 binary requests pack their tensor with LuaJIT's ``ffi``
+(little-endian, as wrk runs on).
 """
 
 from __future__ import annotations
@@ -11,36 +17,42 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-__all__ = ["MAX_SALT", "PERCENTILES", "hot", "multirow", "unique", "zipf"]
+from bench.doors import Load, hot_row, path_of, zipf_rows
+from bench.zipf import ZipfSampler
+
+__all__ = ["MAX_SALT", "PERCENTILES", "script"]
 
 PERCENTILES = (1, 5, 10, 20, 30, 40, 50, 60, 70, 75, 80, 85, 90, 95, 97.5, 99, 99.5, 99.9, 100)
+MAX_SALT = 65536
 
-IRIS_FEATURES = ("sepal_length", "sepal_width", "petal_length", "petal_width")
-
-_THREADS = """
+_PRELUDE = """
+tid = 0
 local threads_started = 0
 setup = function(thread)
   thread:set("tid", threads_started)
   threads_started = threads_started + 1
 end
+local F = #NAMES
 """
 
-# A unique row for (SALT, tid, n): the first feature carries an offset k * 1e-12 that stays
-# below the 0.1 spacing of its base values (k < 1e11: SALT < 600, tid < 16, n < 1e7), printed
-# with 12 decimals so the gateway parses a distinct float for every k; the other features vary
-# over [0, 6) in steps of 0.1.
 _ROW = """
 local function row(n)
   local k = (SALT * 16 + tid) * 10000000 + n
-  local v = {string.format("%.12f", 4 + (n % 40) / 10 + k * 1e-12)}
-  for j = 2, #NAMES do
-    v[j] = string.format("%.1f", ((n * (2 * j - 1)) % 60) / 10)
+  local v = {}
+  for j = 1, F do
+    local d
+    if j <= 4 then d = math.floor(k / 4096 ^ (j - 1)) % 4096
+    else d = (n * (2 * j - 1)) % 4096 end
+    v[j] = string.format("%.9f", d / 512)
   end
   return v
 end
+"""
+
+_QUERY = """
 local function query(v)
   local parts = {}
-  for j = 1, #NAMES do parts[j] = NAMES[j] .. "=" .. v[j] end
+  for j = 1, F do parts[j] = NAMES[j] .. "=" .. v[j] end
   return "/predict?" .. table.concat(parts, "&")
 end
 """
@@ -50,7 +62,9 @@ done = function(summary, latency, requests)
   local e = summary.errors
   local parts = {}
   for _, p in ipairs(PERCENTILES) do
-    table.insert(parts, string.format('"%s":%d', tostring(p), latency:percentile(p)))
+    local v = latency:percentile(p)
+    if p == 100 then v = latency.max end
+    table.insert(parts, string.format('"%s":%d', tostring(p), v))
   end
   io.write(string.format(
     'BENCH_JSON {"requests":%d,"duration_us":%d,"errors":{"connect":%d,"read":%d,' ..
@@ -60,84 +74,135 @@ done = function(summary, latency, requests)
 end
 """
 
+# Encoders: ``encode(rows)`` turns a list of rows (lists of number strings) into a request.
+_ENCODE = {
+    "get": """
+local function encode(rows) return wrk.format("GET", query(rows[1])) end
+""",
+    "v1": """
+local JSON = {["Content-Type"] = "application/json"}
+local function encode(rows)
+  local parts = {}
+  for r = 1, #rows do parts[r] = "[" .. table.concat(rows[r], ",") .. "]" end
+  return wrk.format("POST", PATH, JSON, '{"instances":[' .. table.concat(parts, ",") .. ']}')
+end
+""",
+    "v2-json": """
+local JSON = {["Content-Type"] = "application/json"}
+local function encode(rows)
+  local parts = {}
+  for r = 1, #rows do parts[r] = table.concat(rows[r], ",") end
+  return wrk.format("POST", PATH, JSON, HEAD .. table.concat(parts, ",") .. TAIL)
+end
+""",
+    "v2-bin": """
+local ffi = require("ffi")
+local TENSOR = ffi.typeof(CTYPE .. "[?]")
+local BIN = {["Content-Type"] = "application/octet-stream",
+             ["Inference-Header-Content-Length"] = tostring(#HEADER)}
+local function encode(rows)
+  local buf = TENSOR(#rows * F)
+  for r = 1, #rows do
+    for j = 1, F do buf[(r - 1) * F + j - 1] = tonumber(rows[r][j]) end
+  end
+  return wrk.format("POST", PATH, BIN, HEADER .. ffi.string(buf, #rows * F * SIZE))
+end
+""",
+}
 
-def _prelude(salt: int, features: Sequence[str] = IRIS_FEATURES) -> str:
-    pct = ", ".join(repr(p) for p in PERCENTILES)
-    names = ", ".join(json.dumps(f) for f in features)
-    return (f"tid = 0\nSALT = {int(salt)}\nPERCENTILES = {{{pct}}}\nNAMES = {{{names}}}\n"
-            + _THREADS)
-
-
-def _query(values: Sequence[str], features: Sequence[str]) -> str:
-    return "&".join(f"{n}={v}" for n, v in zip(features, values, strict=True))
-
-
-def _check_salt(salt: int) -> None:
-    if not 0 <= salt < MAX_SALT:
-        raise ValueError(f"salt must be within [0, {MAX_SALT}), got {salt}")
-
-
-def hot(row: Sequence[float], features: Sequence[str] = IRIS_FEATURES) -> str:
-    """Every request asks the same row."""
-    path = "/predict?" + _query([repr(float(v)) for v in row], features)
-    return _prelude(0, features) + f'local path = "{path}"\n' + (
-        'request = function() return wrk.format("GET", path) end\n'
-    ) + _DONE
-
-
-MAX_SALT = 600
-
-
-def unique(salt: int, features: Sequence[str] = IRIS_FEATURES) -> str:
-    """Every request asks a row never asked before with another ``salt`` (0 <= salt < 600)."""
-    _check_salt(salt)
-    return _prelude(salt, features) + _ROW + """
+_SOURCES = {
+    "hot": """
+local HOT = {%s}
+local rows = {}
+for r = 1, PER do rows[r] = HOT end
+local REQUEST = encode(rows)
+request = function() return REQUEST end
+""",
+    "unique": """
 local counter = 0
 request = function()
-  counter = counter + 1
-  return wrk.format("GET", query(row(counter)))
+  local rows = {}
+  for r = 1, PER do
+    counter = counter + 1
+    rows[r] = row(counter)
+  end
+  return encode(rows)
 end
-""" + _DONE
-
-
-def zipf(rows: Sequence[Sequence[float]], cdf: Sequence[float], seed: int,
-         features: Sequence[str] = IRIS_FEATURES) -> str:
-    """Rows drawn from a fixed set with the given cumulative distribution (``bench.zipf``)."""
-    paths = json.dumps(["/predict?" + _query([repr(float(v)) for v in r], features)
-                        for r in rows])
-    cdf_lua = ",".join(f"{c:.17g}" for c in cdf)
-    return _prelude(seed, features) + f"""
-local paths = {{{paths[1:-1]}}}
-local cdf = {{{cdf_lua}}}
+""",
+    "zipf": """
+local TABLE = {%s}
+local cdf = {%s}
 local n = #cdf
-init = function(args) math.randomseed(SALT * 7919 + tid) end
-request = function()
+local function draw()
   local u = math.random()
   local lo, hi = 1, n
   while lo < hi do
     local mid = math.floor((lo + hi) / 2)
     if cdf[mid] < u then lo = mid + 1 else hi = mid end
   end
-  return wrk.format("GET", paths[lo])
+  return lo
 end
-""" + _DONE
-
-
-def multirow(salt: int, rows_per_request: int = 32, model: str = "iris",
-             features: Sequence[str] = IRIS_FEATURES) -> str:
-    """POST ``/v1/models/<model>/predict`` with ``rows_per_request`` new rows each."""
-    _check_salt(salt)
-    return _prelude(salt, features) + _ROW + f"""
-local counter = 0
-local per = {int(rows_per_request)}
-local headers = {{["Content-Type"] = "application/json"}}
+init = function(args) math.randomseed(SALT * 7919 + tid) end
 request = function()
-  local parts = {{}}
-  for j = 1, per do
-    counter = counter + 1
-    parts[j] = "[" .. table.concat(row(counter), ",") .. "]"
-  end
-  return wrk.format("POST", "/v1/models/{model}/predict", headers,
-                    '{{"instances":[' .. table.concat(parts, ",") .. ']}}')
+  local rows = {}
+  for r = 1, PER do rows[r] = TABLE[draw()] end
+  return encode(rows)
 end
-""" + _DONE
+""",
+}
+
+# GET of zipf rows: the paths are built once (the hot path of the closed-loop zipf load).
+_GET_ZIPF = """
+local PATHS = {}
+for i, v in ipairs(TABLE) do PATHS[i] = query(v) end
+request = function() return wrk.format("GET", PATHS[draw()]) end
+"""
+
+
+def _lua_str(s: str) -> str:
+    return json.dumps(s)  # a JSON string of ASCII is a valid Lua string literal
+
+
+def _values(row: Sequence[float]) -> str:
+    return "{" + ",".join(_lua_str(repr(float(v))) for v in row) + "}"
+
+
+def script(load: Load) -> str:
+    """The wrk script sending ``load`` (its salt, features, door, rows per request).
+
+    Raises ValueError for a salt outside ``[0, MAX_SALT)``.
+    """
+    if not 0 <= load.salt < MAX_SALT:
+        raise ValueError(f"salt must be within [0, {MAX_SALT}), got {load.salt}")
+    f = len(load.features)
+    pct = ", ".join(repr(p) for p in PERCENTILES)
+    names = ", ".join(_lua_str(n) for n in load.features)
+    head = [f"SALT = {int(load.salt)}", f"PERCENTILES = {{{pct}}}", f"NAMES = {{{names}}}",
+            f"PER = {int(load.rows)}", f"PATH = {_lua_str(path_of(load))}"]
+    if load.door == "v2-json":
+        prefix = json.dumps({"inputs": [{"name": load.v2_input, "shape": [load.rows, f],
+                                         "datatype": load.v2_datatype, "data": [0]}]})
+        cut = prefix.index('"data": [') + len('"data": [')
+        head += [f"HEAD = {_lua_str(prefix[:cut])}", f"TAIL = {_lua_str(prefix[cut + 1:])}"]
+    if load.door == "v2-bin":
+        size = 8 if load.v2_datatype == "FP64" else 4
+        header = json.dumps({"inputs": [{
+            "name": load.v2_input, "shape": [load.rows, f], "datatype": load.v2_datatype,
+            "parameters": {"binary_data_size": load.rows * f * size}}]})
+        ctype = "double" if size == 8 else "float"
+        head += [f"HEADER = {_lua_str(header)}", f"SIZE = {size}",
+                 f"CTYPE = {_lua_str(ctype)}"]
+    parts = ["\n".join(head), _PRELUDE, _ROW, _QUERY, _ENCODE[load.door]]
+    if load.keys == "hot":
+        parts.append(_SOURCES["hot"] % ",".join(
+            _lua_str(repr(float(v))) for v in hot_row(f)[0]))
+    elif load.keys == "unique":
+        parts.append(_SOURCES["unique"])
+    else:
+        table = ",".join(_values(r) for r in zipf_rows(load.zipf_n, f).tolist())
+        cdf = ",".join(f"{c:.17g}" for c in ZipfSampler(load.zipf_n, load.zipf_s).cdf)
+        parts.append(_SOURCES["zipf"] % (table, cdf))
+        if load.door == "get":
+            parts.append(_GET_ZIPF)
+    parts.append(_DONE)
+    return "\n".join(parts)

@@ -1,5 +1,10 @@
 """Aggregate runs into rows (median of repetitions, with min and max), acceptance checks,
-and the report files: JSON, Markdown and PNG plots."""
+and the report files: JSON, Markdown and PNG plots.
+
+Every table puts ratios first (to the bare ceiling endpoint, to ``naive``, to the baseline)
+and absolute figures second; every figure is a median over the repetitions, with its
+minimum and maximum.
+"""
 
 from __future__ import annotations
 
@@ -11,9 +16,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.runner import CEILING, Run
+from bench.machine import summary
+from bench.runner import CEILING, OpenRun, Run
+from bench.sweep import Step, Sweep
 
-__all__ = ["Check", "Row", "aggregate", "checks", "to_markdown", "write_report"]
+__all__ = ["Check", "OpenRow", "Row", "aggregate", "aggregate_open", "checks", "columns",
+           "open_markdown", "ratio_tables", "sweep_markdown", "table_cells", "to_markdown",
+           "write_report", "write_sweep_report"]
 
 
 @dataclass(frozen=True)
@@ -31,22 +40,43 @@ class Row:
     model_calls: float | None  # median per repetition
     rows_per_call: float | None
     hit_ratio: float | None
+    # Ratios of req/s medians; their spread is this row's min and max over the reference's
+    # median.
     vs_naive: float | None = None
     vs_ceiling: float | None = None
+    vs_baseline: float | None = None
+    vs_naive_spread: tuple[float, float] | None = None
+    vs_ceiling_spread: tuple[float, float] | None = None
+    vs_baseline_spread: tuple[float, float] | None = None
+    p50_min: float | None = None
+    p50_max: float | None = None
+    p99_min: float | None = None
+    p99_max: float | None = None
+    generator_cores: float | None = None  # median CPU seconds of wrk per second
+    server_cores: float | None = None  # median CPU seconds of the server per second
+    threads: int = 0
+    connections: int = 0
 
 
 def _median(values: Iterable[float]) -> float:
     return float(statistics.median(list(values)))
 
 
-def _ms(runs: Sequence[Run], p: float) -> float | None:
-    values = [r.latency_us[p] for r in runs if p in r.latency_us]
-    return _median(values) / 1000 if values else None
+def _ms(runs: Sequence[Run], p: float) -> tuple[float | None, float | None, float | None]:
+    values = [r.latency_us[p] / 1000 for r in runs if p in r.latency_us]
+    if not values:
+        return None, None, None
+    return _median(values), min(values), max(values)
+
+
+def _cores(pairs: Iterable[tuple[float | None, float]]) -> float | None:
+    shares = [cpu / s for cpu, s in pairs if cpu is not None and s]
+    return _median(shares) if shares else None
 
 
 def aggregate(runs: Sequence[Run]) -> list[Row]:
-    """One row per (config, scenario), in first-seen order, with ratios to ``naive`` (same
-    scenario) and to the ceiling (the bare endpoint under the hot load)."""
+    """One row per (config, scenario), in first-seen order, with ratios to ``naive`` and to
+    ``baseline`` (same scenario) and to the ceiling (the bare endpoint under the hot load)."""
     groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
     for r in runs:
         groups[(r.config, r.scenario)].append(r)
@@ -57,26 +87,45 @@ def aggregate(runs: Sequence[Run]) -> list[Row]:
         total_calls = sum(c.model_calls for c in counted)
         total_rows = sum(c.model_rows for c in counted)
         lookups = sum(c.lookups for c in counted)
+        p50, p50_min, p50_max = _ms(rs, 50.0)
+        p99, p99_min, p99_max = _ms(rs, 99.0)
         rows[(config, scenario)] = Row(
             config=config, scenario=scenario, reps=len(rs),
             rps=_median(r.rps for r in rs), rps_min=min(r.rps for r in rs),
             rps_max=max(r.rps for r in rs),
-            p50_ms=_ms(rs, 50.0), p90_ms=_ms(rs, 90.0), p99_ms=_ms(rs, 99.0),
+            p50_ms=p50, p90_ms=_ms(rs, 90.0)[0], p99_ms=p99,
+            p50_min=p50_min, p50_max=p50_max, p99_min=p99_min, p99_max=p99_max,
             errors=sum(r.errors for r in rs),
             model_calls=calls,
             rows_per_call=(total_rows / total_calls) if total_calls else None,
             hit_ratio=(sum(c.hits for c in counted) / lookups) if lookups else None,
+            generator_cores=_cores((r.generator_cpu_s, r.seconds) for r in rs),
+            server_cores=_cores((r.server_cpu_s, r.seconds) for r in rs),
+            threads=rs[0].threads, connections=rs[0].connections,
         )
     ceiling = rows.get((CEILING, "hot"))
     out = []
-    for (_config, scenario), row in rows.items():
+    for (config, scenario), row in rows.items():
         naive = rows.get(("naive", scenario))
+        base = rows.get(("baseline", scenario))
+        if config in (CEILING, "baseline"):  # references, not compared with the others
+            naive = None
+            base = None
+        top = None if scenario == "burst" else ceiling  # a burst is not a throughput
         out.append(Row(**{
             **asdict(row),
-            "vs_naive": row.rps / naive.rps if naive and naive.rps else None,
-            "vs_ceiling": row.rps / ceiling.rps if ceiling and ceiling.rps else None,
+            **_ratio("vs_naive", row, naive),
+            **_ratio("vs_ceiling", row, top),
+            **_ratio("vs_baseline", row, base),
         }))
     return out
+
+
+def _ratio(name: str, row: Row, ref: Row | None) -> dict[str, Any]:
+    if ref is None or not ref.rps:
+        return {name: None, f"{name}_spread": None}
+    return {name: row.rps / ref.rps,
+            f"{name}_spread": (row.rps_min / ref.rps, row.rps_max / ref.rps)}
 
 
 @dataclass(frozen=True)
@@ -140,109 +189,319 @@ def _f(v: float | None, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
 
-COLUMNS = ("config", "scenario", "req/s (min-max)", "p50 ms", "p90 ms", "p99 ms", "errors",
-           "model calls", "rows/call", "hit ratio", "x naive", "x ceiling")
+def _spread(v: float | None, lo: float | None, hi: float | None, fmt: str) -> str:
+    if v is None:
+        return "-"
+    if lo is None or hi is None or lo == hi:
+        return format(v, fmt)
+    return f"{format(v, fmt)} ({format(lo, fmt)}..{format(hi, fmt)})"
 
 
-def table_cells(r: Row) -> list[str]:
-    return [
-        r.config, r.scenario,
-        f"{r.rps:,.0f} ({r.rps_min:,.0f}..{r.rps_max:,.0f})",
-        _f(r.p50_ms, ".2f"), _f(r.p90_ms, ".2f"), _f(r.p99_ms, ".2f"), str(r.errors),
-        _f(r.model_calls, ",.0f"), _f(r.rows_per_call, ".1f"), _f(r.hit_ratio, ".3f"),
-        _f(r.vs_naive, ".2f"), _f(r.vs_ceiling, ".2f"),
-    ]
+def _ratio_cell(r: Row, name: str) -> str:
+    value: float | None = getattr(r, name)
+    spread: tuple[float, float] | None = getattr(r, f"{name}_spread")
+    fmt = ".2f" if value is None or value < 10 else ".1f"
+    lo, hi = spread if spread is not None else (None, None)
+    return _spread(value, lo, hi, fmt)
 
 
-def to_markdown(rows: Sequence[Row], check_list: Sequence[Check], meta: dict[str, Any]) -> str:
-    lines = [f"# Bench report {meta['timestamp']}", "", f"Command: `{meta['command']}`", "",
-             f"Duration {meta['duration_s']} s, warm-up {meta['warmup_s']} s, "
-             f"{meta['repetitions']} repetition(s), {meta['connections']} connections; "
-             "median of repetitions (min-max for req/s).", ""]
-    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(table_cells(r)) + " |" for r in rows]
+_RATIOS = (
+    ("vs_ceiling", "x ceiling", "req/s over the bare endpoint's under the hot load, same wrk "
+     "settings"),
+    ("vs_naive", "x naive", "req/s over naive's in the same scenario"),
+    ("vs_baseline", "x baseline", "req/s over the baseline server's in the same scenario"),
+)
+
+
+def ratio_tables(rows: Sequence[Row]) -> list[str]:
+    """One table per ratio measured: scenarios down, configurations across; each cell the
+    ratio of medians, with the row's min and max over the reference's median."""
+    lines: list[str] = []
+    scenarios = [s for s in dict.fromkeys(r.scenario for r in rows) if s != "burst"]
+    by = {(r.config, r.scenario): r for r in rows}
+    for name, title, meaning in _RATIOS:
+        configs = list(dict.fromkeys(r.config for r in rows if getattr(r, name) is not None))
+        if not configs:
+            continue
+        lines += [f"{title}: {meaning}.", ""]
+        lines += _table(("scenario", *configs), (
+            [sc, *(_ratio_cell(by[(c, sc)], name) if (c, sc) in by else "-"
+                   for c in configs)]
+            for sc in scenarios if any(getattr(by.get((c, sc)), name, None) is not None
+                                       for c in configs)))
+        lines.append("")
+    return lines
+
+
+def columns(rows: Sequence[Row]) -> tuple[str, ...]:
+    """The table's columns: ratios first (x baseline only when a baseline was measured)."""
+    cols = ["config", "scenario", "x ceiling", "x naive"]
+    if any(r.vs_baseline is not None for r in rows):
+        cols.append("x baseline")
+    return (*cols, "req/s (min-max)", "p50 ms (min-max)", "p99 ms (min-max)", "errors",
+            "wrk CPU", "server CPU", "model calls", "rows/call", "hit ratio")
+
+
+def table_cells(r: Row, cols: Sequence[str]) -> list[str]:
+    cells = {
+        "config": r.config, "scenario": r.scenario,
+        "x ceiling": _ratio_cell(r, "vs_ceiling"), "x naive": _ratio_cell(r, "vs_naive"),
+        "x baseline": _ratio_cell(r, "vs_baseline"),
+        "req/s (min-max)": _spread(r.rps, r.rps_min, r.rps_max, ",.0f"),
+        "p50 ms (min-max)": _spread(r.p50_ms, r.p50_min, r.p50_max, ".2f"),
+        "p99 ms (min-max)": _spread(r.p99_ms, r.p99_min, r.p99_max, ".2f"),
+        "errors": str(r.errors),
+        "wrk CPU": _f(r.generator_cores, ".2f"), "server CPU": _f(r.server_cores, ".2f"),
+        "model calls": _f(r.model_calls, ",.0f"), "rows/call": _f(r.rows_per_call, ".1f"),
+        "hit ratio": _f(r.hit_ratio, ".3f"),
+    }
+    return [cells[c] for c in cols]
+
+
+def _table(cols: Sequence[str], lines: Iterable[Sequence[str]]) -> list[str]:
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    out += ["| " + " | ".join(cells) + " |" for cells in lines]
+    return out
+
+
+def _header(title: str, meta: dict[str, Any]) -> list[str]:
+    machine = meta.get("machine") or {}
+    after = (meta.get("machine_after") or {}).get("load_average") or []
+    lines = [f"# {title} {meta['timestamp']}", "", f"Command: `{meta['command']}`", ""]
+    if machine:
+        lines += [f"Machine: {summary(machine)}"
+                  + (f", {after[0]:g} at the end" if after else "")
+                  + "; other processes may share it, so figures are indicative. Python "
+                  f"{machine.get('python', '?')}, {machine.get('os', '?')}.", ""]
+    return lines
+
+
+@dataclass(frozen=True)
+class OpenRow:
+    """Fixed-rate runs of one (config, scenario, rate): latency medians with min and max
+    over the valid repetitions only; when none was valid, over all of them, as the upper
+    bounds they are (``valid == 0``)."""
+
+    config: str
+    scenario: str
+    rate: float
+    reps: int
+    valid: int  # repetitions in which the generator kept its schedule
+    p50_ms: float
+    p50_min: float
+    p50_max: float
+    p99_ms: float
+    p99_min: float
+    p99_max: float
+    bad: int  # requests without a 2xx answer, over all repetitions
+    lateness_p99_ms: float  # the worst repetition's
+    generator_cpu: float  # median share of one core
+    server_cores: float | None
+
+
+def aggregate_open(runs: Sequence[OpenRun]) -> list[OpenRow]:
+    groups: dict[tuple[str, str, float], list[OpenRun]] = defaultdict(list)
+    for r in runs:
+        groups[(r.config, r.scenario, r.result.rate)].append(r)
+    out = []
+    for (config, scenario, rate), rs in groups.items():
+        valid = [r for r in rs if r.result.valid]  # a late run measured the generator too
+        used = valid or rs
+        p50 = [r.result.latency_us[50.0] / 1000 for r in used]
+        p99 = [r.result.latency_us[99.0] / 1000 for r in used]
+        out.append(OpenRow(
+            config, scenario, rate, len(rs), len(valid), *_stats(p50), *_stats(p99),
+            sum(r.result.bad for r in rs),
+            max(r.result.lateness_us[99.0] for r in rs) / 1000,
+            _median(r.result.cpu_share for r in rs),
+            _cores((r.server_cpu_s, r.result.wall_s) for r in rs)))
+    return out
+
+
+def _stats(values: list[float]) -> tuple[float, float, float]:
+    return _median(values), min(values), max(values)
+
+
+def open_markdown(rows: Sequence[OpenRow], meta: dict[str, Any]) -> list[str]:
+    """The open-loop section: latency at fixed arrival rates, invalid runs marked."""
+    gen = meta.get("open_loop_generator", {})
+    lines = ["## Open loop (fixed arrival rate)", "",
+             _generator_sentence(gen), "",
+             "Valid: repetitions whose p99 send lateness stayed within the bound; latencies "
+             "are over those only. When none was, the latencies are upper bounds of the "
+             "server's (`<=`): the generator's lateness is in them.", ""]
+    cols = ("config", "scenario", "rate/s", "valid", "p50 ms (min-max)", "p99 ms (min-max)",
+            "not 2xx", "lateness p99 ms", "generator CPU", "server CPU")
+    lines += _table(cols, ([
+        r.config, r.scenario, f"{r.rate:,.0f}", f"{r.valid}/{r.reps}",
+        _bounded(r.valid, _spread(r.p50_ms, r.p50_min, r.p50_max, ".2f")),
+        _bounded(r.valid, _spread(r.p99_ms, r.p99_min, r.p99_max, ".2f")), str(r.bad),
+        f"{r.lateness_p99_ms:.2f}", f"{r.generator_cpu:.0%}", _f(r.server_cores, ".2f"),
+    ] for r in rows))
+    return lines
+
+
+def _generator_sentence(gen: dict[str, Any]) -> str:
+    if not gen:
+        return ""
+    return (f"Generator: `bench.loadgen`, one process on uvloop, {gen['connections']} "
+            f"keep-alive connections opened first (more while all are busy, up to "
+            f"{gen['max_connections']}); latency from each request's due time; "
+            f"{gen['warmup_s']:g} s warm-up then {gen['duration_s']:g} s measured per run "
+            f"(longer at low rates, to measure at least {gen.get('min_requests', 0):,} "
+            "requests), "
+            f"{gen['repetitions']} repetition(s); a run is invalid when its p99 send "
+            f"lateness exceeds {gen['max_lateness_ms']:g} ms and "
+            f"{gen.get('max_lateness_share', 0.1):.0%} of its p99 latency (the generator's "
+            "part of that p99 could then be more than that). Generator CPU is its CPU "
+            "time over the measured window (100% = one core).")
+
+
+def to_markdown(rows: Sequence[Row], check_list: Sequence[Check], meta: dict[str, Any],
+                open_rows: Sequence[OpenRow] = (), images: dict[str, str] | None = None
+                ) -> str:
+    lines = _header("Bench report", meta)
+    threads = sorted({(r.threads, r.connections) for r in rows if r.threads})
+    settings = ", ".join(f"-t{t} -c{c}" for t, c in threads) or "-"
+    lines += [f"Closed loop: {meta.get('wrk_version', 'wrk')} {settings}, "
+              f"{meta['duration_s']:g} s runs after {meta['warmup_s']:g} s warm-up, "
+              f"{meta['repetitions']} repetition(s): medians, with min-max over the "
+              "repetitions. x ceiling: req/s over the bare endpoint's under the hot load "
+              "(same wrk settings); x naive, x baseline: over that target's req/s in the "
+              "same scenario. wrk CPU and server CPU: CPU seconds per second of run "
+              "(1.00 = one core busy; the machine has "
+              f"{(meta.get('machine') or {}).get('cores', '?')}).", ""]
+    ratios = ratio_tables(rows)
+    if ratios:
+        lines += ["## Ratios", "", *ratios]
+    lines += ["## Figures", ""]
+    cols = columns(rows)
+    lines += _table(cols, (table_cells(r, cols) for r in rows))
     if check_list:
-        lines += ["", "## Goals", "", "| goal | target | measured | |", "|---|---|---|---|"]
-        for c in check_list:
-            verdict = "n/a" if c.passed is None else ("met" if c.passed else "**short**")
-            lines.append(f"| {c.name} | {c.target} | {c.measured} | {verdict} |")
-    if meta.get("open_loop"):
-        lines += ["", "## Open loop (unique rows at a fixed arrival rate)", "",
-                  "| config | rate/s | sent | errors | p50 ms | p99 ms |",
-                  "|---|---|---|---|---|---|"]
-        for o in meta["open_loop"]:
-            lat = o["latency_us"]
-            lines.append(f"| {o['config']} | {o['rate']:g} | {o['sent']} | {o['errors']} | "
-                         f"{lat['50']/1000:.2f} | {lat['99']/1000:.2f} |")
+        lines += ["", "## Goals", ""]
+        lines += _table(("goal", "target", "measured", ""), ([
+            c.name, c.target, c.measured,
+            "n/a" if c.passed is None else ("met" if c.passed else "**short**")]
+            for c in check_list))
+    if open_rows:
+        lines += ["", *open_markdown(open_rows, meta)]
+    if meta.get("skipped"):
+        lines += ["", "Not measured: " + "; ".join(meta["skipped"]) + "."]
+    if images:
+        lines += [""] + [f"![{k}]({v})" for k, v in images.items()]
     return "\n".join(lines) + "\n"
 
 
-def write_report(out_dir: Path, runs: Sequence[Run], meta: dict[str, Any]) -> list[Row]:
-    """Write results.json, report.md, throughput.png, latency_cdf.png into ``out_dir``."""
+def _bounded(valid: bool | int, text: str) -> str:
+    """A latency figure; from a late generator only as the upper bound it is."""
+    return text if valid else f"<= {text}"
+
+
+def _step_ms(st: Step, p: float) -> str:
+    value = st.p50_ms if p == 50.0 else st.p99_ms
+    return _bounded(st.valid, _spread(value, *st.spread_ms(p), ".2f"))
+
+
+def _capacity(s: Sweep) -> str:
+    """The knee's rate; without one, below the first rate that failed (if any did)."""
+    if s.knee is not None:
+        return f"{s.knee.rate:,.0f}"
+    failed = s.first_failed
+    return f"< {failed.rate:,.0f}" if failed is not None else "-"
+
+
+def sweep_markdown(sweeps: Sequence[Sweep], meta: dict[str, Any],
+                   images: dict[str, str] | None = None) -> str:
+    """Capacity at the p99 bound per target and scenario, then every step."""
+    lines = _header("Bench sweep", meta)
+    gen = meta.get("open_loop_generator", {})
+    bound = sweeps[0].bound_ms if sweeps else meta.get("p99_bound_ms", 50.0)
+    lines += [_generator_sentence(gen), "",
+              f"Each target gets rising fixed rates until a rate fails (median p99 above "
+              f"{bound:g} ms, or a request without a 2xx answer, measured by a generator "
+              "that kept its schedule); a rate that fails while its p50 is within the bound "
+              "gets two more runs and is judged on all three, so one stall in one run is "
+              "not taken for saturation. Then the rates between the last that held and the "
+              "first that failed are bisected. Latency measured by a late generator is the "
+              "server's plus that lateness: it is shown as an upper bound (`<=`), and still "
+              f"shows that a rate held when it is under {bound:g} ms; past it, the run is "
+              "repeated, and a rate that stays so is not judged. Capacity: the highest rate "
+              f"that held, with p99 under {bound:g} ms, below the first that failed.", ""]
+    knees = {(s.config, s.scenario): s.knee for s in sweeps}
+    cols = ("config", "scenario", "x naive", "x ceiling",
+            f"capacity req/s (p99 < {bound:g} ms)", "p50 ms there (min-max)",
+            "p99 ms there (min-max)", "generator CPU there", "server CPU there", "stopped")
+    table = []
+    for s in sweeps:
+        k = s.knee
+        naive, ceiling = knees.get(("naive", s.scenario)), knees.get((CEILING, s.scenario))
+        table.append([
+            s.config, s.scenario,
+            _f(k.rate / naive.rate if k and naive else None, ".1f"),
+            _f(k.rate / ceiling.rate if k and ceiling else None, ".2f"),
+            _capacity(s),
+            _step_ms(k, 50.0) if k else "-", _step_ms(k, 99.0) if k else "-",
+            f"{k.generator_cpu:.0%}" if k else "-",
+            _f(k.server_cpu if k else None, ".2f"), s.stop])
+    lines += _table(cols, table)
+    lines += ["", "## Every step", ""]
+    step_cols = ("config", "scenario", "rate/s", "holds", "runs", "p50 ms (min-max)",
+                 "p99 ms (min-max)", "not 2xx", "lateness p99 ms", "generator CPU",
+                 "server CPU", "connections")
+    steps = []
+    for s in sweeps:
+        for st in s.by_rate:
+            late = max(r.lateness_us[99.0] for r in st.results) / 1000
+            steps.append([
+                s.config, s.scenario, f"{st.rate:,.0f}",
+                "yes" if st.holds(s.bound_ms) else f"no: {st.why_not(s.bound_ms)}",
+                str(len(st.results)),
+                _step_ms(st, 50.0), _step_ms(st, 99.0),
+                str(st.bad), f"{late:.2f}",
+                f"{st.generator_cpu:.0%}", _f(st.server_cpu, ".2f"),
+                str(max(r.connections_opened for r in st.results))])
+    lines += _table(step_cols, steps)
+    if meta.get("skipped"):
+        lines += ["", "Not measured: " + "; ".join(meta["skipped"]) + "."]
+    if images:
+        lines += [""] + [f"![{k}]({v})" for k, v in images.items()]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out_dir: Path, runs: Sequence[Run], meta: dict[str, Any],
+                 open_runs: Sequence[OpenRun] = ()) -> list[Row]:
+    """Write results.json, report.md, throughput.png, latency.png into ``out_dir``."""
+    from bench import plots
+
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = aggregate(runs)
     check_list = checks(rows)
+    open_rows = aggregate_open(open_runs)
     (out_dir / "results.json").write_text(json.dumps({
         "meta": meta,
         "rows": [asdict(r) for r in rows],
         "checks": [asdict(c) for c in check_list],
+        "open_loop": [asdict(r) for r in open_rows],
         "runs": [r.to_json() for r in runs],
+        "open_runs": [r.to_json() for r in open_runs],
     }, indent=2) + "\n")
-    (out_dir / "report.md").write_text(to_markdown(rows, check_list, meta))
-    _plots(out_dir, rows, runs)
+    images = {}
+    if plots.throughput(out_dir / "throughput.png", rows, meta):
+        images["throughput"] = "throughput.png"
+    if plots.latency(out_dir / "latency.png", runs):
+        images["latency by percentile"] = "latency.png"
+    (out_dir / "report.md").write_text(to_markdown(rows, check_list, meta, open_rows, images))
     return rows
 
 
-def _plots(out_dir: Path, rows: Sequence[Row], runs: Sequence[Run]) -> None:
-    import matplotlib
+def write_sweep_report(out_dir: Path, sweeps: Sequence[Sweep], meta: dict[str, Any]) -> None:
+    """Write results.json, sweep.md and sweep.png into ``out_dir``."""
+    from bench import plots
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    scenarios = [s for s in dict.fromkeys(r.scenario for r in rows) if s != "burst"]
-    configs = list(dict.fromkeys(r.config for r in rows))
-    by = {(r.config, r.scenario): r for r in rows}
-    fig, ax = plt.subplots(figsize=(max(8, 1.6 * len(scenarios)), 4.5))
-    width = 0.8 / max(1, len(configs))
-    for i, config in enumerate(configs):
-        xs, ys, lo, hi = [], [], [], []
-        for j, sc in enumerate(scenarios):
-            r = by.get((config, sc))
-            if r is None:
-                continue
-            xs.append(j + i * width)
-            ys.append(r.rps)
-            lo.append(r.rps - r.rps_min)
-            hi.append(r.rps_max - r.rps)
-        ax.bar(xs, ys, width, yerr=[lo, hi], label=config, capsize=2)
-    ax.set_xticks([j + width * (len(configs) - 1) / 2 for j in range(len(scenarios))],
-                  scenarios)
-    ax.set_yscale("log")
-    ax.set_ylabel("requests/s (median, min-max)")
-    ax.set_title("Throughput per configuration and scenario")
-    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    fig.savefig(out_dir / "throughput.png", dpi=110)
-    plt.close(fig)
-
-    wrk_scenarios = [s for s in scenarios if any(r.latency_us for r in runs if r.scenario == s)]
-    fig, axes = plt.subplots(1, max(1, len(wrk_scenarios)),
-                             figsize=(4 * max(1, len(wrk_scenarios)), 3.8), squeeze=False)
-    for ax, sc in zip(axes[0], wrk_scenarios, strict=False):
-        for config in configs:
-            rs = [r for r in runs if r.config == config and r.scenario == sc and r.latency_us]
-            if not rs:
-                continue
-            ps = sorted(rs[0].latency_us)
-            xs = [_median(r.latency_us[p] for r in rs) / 1000 for p in ps]
-            ax.plot(xs, ps, label=config)
-        ax.set_xscale("log")
-        ax.set_xlabel("latency ms")
-        ax.set_ylabel("percentile")
-        ax.set_title(sc)
-        ax.grid(alpha=0.3)
-    axes[0][0].legend(fontsize="small")
-    fig.suptitle("Latency CDF per configuration")
-    fig.tight_layout()
-    fig.savefig(out_dir / "latency_cdf.png", dpi=110)
-    plt.close(fig)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "results.json").write_text(json.dumps({
+        "meta": meta, "sweeps": [s.to_json() for s in sweeps]}, indent=2) + "\n")
+    images = {}
+    if plots.sweep(out_dir / "sweep.png", sweeps):
+        images["latency against offered load"] = "sweep.png"
+    (out_dir / "sweep.md").write_text(sweep_markdown(sweeps, meta, images))

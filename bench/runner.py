@@ -1,31 +1,44 @@
-"""Run scenarios against gateway configurations, side by side, in one invocation."""
+"""Run scenarios against gateway configurations, side by side, in one invocation.
+
+Three kinds of measurement, each on every target (the ceiling, each configuration's gateway,
+a running ``--url``, a ``--baseline-url``):
+
+* closed loop (wrk, ``--connections`` at once): throughput and its latencies;
+* open loop at fixed rates (``--open-loop RATES``, ``bench.loadgen``): latency at a load;
+* sweeps (``--sweep``): rising fixed rates until the p99 bound or errors (``bench.sweep``).
+
+Every wrk run records wrk's own CPU time; every generator run its lateness and CPU; every run
+of a process the bench started, that process's CPU time.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import itertools
+import json
+import subprocess
+import sys
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 
 from bench import clients, lua
+from bench.doors import Load
+from bench.loadgen import Result
+from bench.machine import describe, process_cpu_s
 from bench.procs import Service, gateway, redis_server, uvicorn_app
-from bench.scenarios import CONFIGS, SCENARIOS, Scenario
+from bench.scenarios import CEILING, CONFIGS, SCENARIOS, Scenario
 from bench.scrape import Counters, scrape
+from bench.sweep import LADDER, Step, Sweep, run_sweep
 from bench.wrk import WrkResult, run_wrk
-from bench.zipf import ZipfSampler
 from model_store import ModelStore
 from model_store.demo import IRIS_FEATURES, iris_data, train_heavy, train_iris
 
-__all__ = ["Options", "Run", "run_bench"]
-
-CEILING = "ceiling"
-HOT_ROW = (5.1, 3.5, 1.4, 0.2)
+__all__ = ["CEILING", "Bench", "OpenRun", "Options", "Run", "run_bench"]
 
 
 @dataclass(frozen=True)
@@ -42,14 +55,27 @@ class Options:
     open_loop_rates: tuple[float, ...] = ()
     url: str | None = None  # measure this running gateway instead of starting configurations
     baseline_url: str | None = None
+    baseline_model: str | None = None  # the model's name on the baseline (default: model)
     model_root: Path = Path("models")
     model: str = "iris"  # the default model of every gateway started: GET /predict asks it
     workers: int = 1
+    v2_input: str = "input"
+    v2_datatype: str = "FP64"
+    # open loop and sweeps
+    sweep: bool = False
+    sweep_rates: tuple[float, ...] = LADDER
+    p99_bound_ms: float = 50.0
+    refine: int = 3
+    open_connections: int = 16  # connections the generator opens before a run
+    min_requests: int = 500  # a fixed-rate run lasts long enough to measure this many
+    max_lateness_ms: float = 1.0
+    max_lateness_share: float = 0.1
+    drain_s: float = 1.0
 
 
 @dataclass
 class Run:
-    """One measured repetition of one scenario on one configuration."""
+    """One measured repetition of one closed-loop scenario (or burst) on one target."""
 
     config: str
     scenario: str
@@ -59,6 +85,10 @@ class Run:
     errors: int
     latency_us: dict[float, int] = field(default_factory=dict)
     counters: Counters | None = None
+    generator_cpu_s: float | None = None  # wrk's own CPU seconds
+    server_cpu_s: float | None = None  # the measured server's CPU seconds (if started here)
+    threads: int = 0  # wrk threads
+    connections: int = 0
 
     @property
     def rps(self) -> float:
@@ -69,7 +99,10 @@ class Run:
             "config": self.config, "scenario": self.scenario, "rep": self.rep,
             "requests": self.requests, "seconds": self.seconds, "rps": self.rps,
             "errors": self.errors,
-            "latency_us": {str(k): v for k, v in self.latency_us.items()},
+            "latency_us": {f"{k:g}": v for k, v in self.latency_us.items()},
+            "generator": {"engine": "wrk", "threads": self.threads,
+                          "connections": self.connections, "cpu_s": self.generator_cpu_s},
+            "server_cpu_s": self.server_cpu_s,
             "counters": None if self.counters is None else {
                 "model_calls": self.counters.model_calls,
                 "model_rows": self.counters.model_rows,
@@ -81,12 +114,39 @@ class Run:
         }
 
 
+@dataclass
+class OpenRun:
+    """One fixed-rate run of the generator on one target."""
+
+    config: str
+    scenario: str
+    rep: int
+    result: Result
+    server_cpu_s: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"config": self.config, "scenario": self.scenario, "rep": self.rep,
+                "server_cpu_s": self.server_cpu_s, **self.result.to_json()}
+
+
+@dataclass(frozen=True)
+class Target:
+    """Something measured: its name in reports, URL, PID (when started here), model."""
+
+    name: str
+    url: str
+    pid: int | None
+    metrics: bool  # answers /metrics like the gateway
+    model: str
+
+
 class _Salts:
-    """Distinct row salts: wrk scripts take 1..599, Python clients 9600..9999."""
+    """Distinct salts for unique rows: one counter per row formula (wrk's and Python's rows
+    never coincide, see ``bench.lua``)."""
 
     def __init__(self) -> None:
         self._wrk = itertools.count(1)
-        self._py = itertools.count(9600)
+        self._py = itertools.count(1)
 
     def wrk(self) -> int:
         s = next(self._wrk)
@@ -120,13 +180,6 @@ def features_at(url: str, model: str) -> tuple[str, ...]:
     raise RuntimeError(f"{url} does not serve model {model!r}")
 
 
-def _zipf_rows(n: int, n_features: int) -> np.ndarray:
-    rng = np.random.default_rng(11)
-    if n_features == 4:  # Iris-like ranges
-        return np.round(rng.uniform([4, 2, 1, 0], [8, 4.5, 7, 2.5], size=(n, 4)), 2)
-    return np.round(rng.normal(size=(n, n_features)), 2)
-
-
 class Bench:
     """State of one invocation: options, salts, progress callback, results."""
 
@@ -137,49 +190,48 @@ class Bench:
         self.progress = progress
         self.salts = _Salts()
         self.runs: list[Run] = []
-        self.open_loop: list[dict[str, Any]] = []
+        self.open_runs: list[OpenRun] = []
+        self.sweeps: list[Sweep] = []
+        self.skipped: list[str] = []  # what a target could not be asked, and why
         self.redis: Service | None = None
-        sampler = ZipfSampler(opts.zipf_rows, opts.zipf_s)
-        self._zipf_rows = _zipf_rows(opts.zipf_rows, len(features))
-        self._zipf_cdf = sampler.cdf
+        self.machine = describe()
+        self.machine_after: dict[str, Any] = {}
 
-    # -- scripts -------------------------------------------------------------------------------
-    def _script(self, name: str) -> str:
-        f = self.features
-        if name == "hot":
-            return lua.hot(HOT_ROW if f == IRIS_FEATURES else self._zipf_rows[0].tolist(), f)
-        if name in ("unique", "lowload"):
-            return lua.unique(self.salts.wrk(), f)
-        if name in ("zipf", "redis-down"):
-            return lua.zipf(self._zipf_rows.tolist(), self._zipf_cdf.tolist(), self.salts.wrk(),
-                            f)
-        if name == "multirow":
-            return lua.multirow(self.salts.wrk(), model=self.opts.model, features=f)
-        raise ValueError(name)
+    def load(self, sc: Scenario, model: str, salt: int) -> Load:
+        return Load(door=sc.door, keys=sc.keys, features=self.features, rows=sc.rows,
+                    model=model, salt=salt, v2_input=self.opts.v2_input,
+                    v2_datatype=self.opts.v2_datatype, zipf_n=self.opts.zipf_rows,
+                    zipf_s=self.opts.zipf_s, seed=salt)
 
-    # -- one scenario on one target ------------------------------------------------------------
-    def scenario(self, config: str, url: str, sc: Scenario, *, metrics: bool) -> None:
+    # -- closed loop -----------------------------------------------------------------------
+    def scenario(self, target: Target, sc: Scenario) -> None:
         opts = self.opts
         conns = sc.connections or opts.connections
+        url = target.url
         if sc.engine == "wrk" and opts.warmup_s > 0:
-            self.progress(f"{config} · {sc.name} · warm-up")
-            run_wrk(url, self._script(sc.name), duration_s=opts.warmup_s, connections=conns)
+            self.progress(f"{target.name} · {sc.name} · warm-up")
+            run_wrk(url, lua.script(self.load(sc, target.model, self.salts.wrk())),
+                    duration_s=opts.warmup_s, connections=conns)
         for rep in range(opts.repetitions):
-            self.progress(f"{config} · {sc.name} · run {rep + 1}/{opts.repetitions}")
-            before = scrape(url) if metrics else None
+            self.progress(f"{target.name} · {sc.name} · run {rep + 1}/{opts.repetitions}")
+            before = scrape(url) if target.metrics else None
+            cpu0 = _cpu(target)
             if sc.engine == "burst":
                 b = clients.burst(url, opts.burst_size, self.salts.py(), self.features)
-                run = Run(config, sc.name, rep, b.requests, b.seconds, b.errors)
+                run = Run(target.name, sc.name, rep, b.requests, b.seconds, b.errors)
             else:
                 killer = self._kill_redis_midway() if sc.needs_redis_control else None
-                result: WrkResult = run_wrk(url, self._script(sc.name),
-                                            duration_s=opts.duration_s, connections=conns)
+                result: WrkResult = run_wrk(
+                    url, lua.script(self.load(sc, target.model, self.salts.wrk())),
+                    duration_s=opts.duration_s, connections=conns)
                 if killer is not None:
                     killer.join()
                     self._restart_redis()
-                run = Run(config, sc.name, rep, result.requests, result.duration_s,
-                          result.errors, result.latency_us)
-            after = scrape(url) if metrics else None
+                run = Run(target.name, sc.name, rep, result.requests, result.duration_s,
+                          result.errors, result.latency_us, generator_cpu_s=result.cpu_s,
+                          threads=result.threads, connections=result.connections)
+            run.server_cpu_s = _delta(cpu0, _cpu(target))
+            after = scrape(url) if target.metrics else None
             if before is not None and after is not None:
                 run.counters = after - before
             self.runs.append(run)
@@ -195,54 +247,145 @@ class Bench:
         assert self.redis is not None
         self.redis.start()
 
-    # -- targets -------------------------------------------------------------------------------
-    def target(self, config: str, url: str, *, metrics: bool, get_only: bool) -> None:
+    # -- open loop -------------------------------------------------------------------------
+    def fixed_rate(self, target: Target, sc: Scenario, rate: float, rep: int, *,
+                   duration_s: float, warmup_s: float) -> OpenRun:
+        """One run of ``bench.loadgen`` (its own process) at ``rate`` on ``target``."""
+        opts = self.opts
+        load = self.load(sc, target.model, self.salts.py())
+        cmd = [sys.executable, "-m", "bench.loadgen", "--url", target.url,
+               "--rate", f"{rate:g}", "--duration", f"{duration_s:g}",
+               "--warmup", f"{warmup_s:g}", "--door", load.door, "--keys", load.keys,
+               "--rows", str(load.rows), "--model", load.model,
+               "--features", ",".join(load.features), "--salt", str(load.salt),
+               "--v2-input", load.v2_input, "--v2-datatype", load.v2_datatype,
+               "--zipf-n", str(load.zipf_n), "--zipf-s", f"{load.zipf_s:g}",
+               "--connections", str(opts.open_connections),
+               "--max-lateness-ms", f"{opts.max_lateness_ms:g}",
+               "--max-lateness-share", f"{opts.max_lateness_share:g}",
+               "--drain", f"{opts.drain_s:g}", "--json"]
+        if target.metrics:
+            scrape(target.url)  # wait until the previous run's stragglers are answered
+        cpu0 = _cpu(target)
+        proc = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                              timeout=warmup_s + duration_s + opts.drain_s + 120)
+        cpu1 = _cpu(target)
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench.loadgen failed ({proc.returncode}): "
+                               f"{proc.stderr.strip()[-2000:]}")
+        result = Result.from_json(json.loads(proc.stdout))
+        run = OpenRun(target.name, sc.name, rep, result, _delta(cpu0, cpu1))
+        self.open_runs.append(run)
+        return run
+
+    def _window(self, rate: float) -> float:
+        """Seconds measured at ``rate``: the duration, or longer for ``min_requests`` (a p99
+        over a few hundred requests is one stall)."""
+        return max(self.opts.duration_s, self.opts.min_requests / rate)
+
+    def open_loop(self, target: Target, sc: Scenario) -> None:
+        for rate in self.opts.open_loop_rates:
+            for rep in range(self.opts.repetitions):
+                self.progress(f"{target.name} · {sc.name} · {rate:g}/s · run "
+                              f"{rep + 1}/{self.opts.repetitions}")
+                self.fixed_rate(target, sc, rate, rep, duration_s=self._window(rate),
+                                warmup_s=self.opts.warmup_s)
+
+    def sweep(self, target: Target, sc: Scenario) -> None:
+        opts = self.opts
+
+        def measure(rate: float) -> Step:
+            runs = []
+            for rep in range(opts.repetitions):
+                self.progress(f"{target.name} · {sc.name} · sweep {rate:g}/s"
+                              + (f" · run {rep + 1}" if opts.repetitions > 1 else ""))
+                runs.append(self.fixed_rate(target, sc, rate, rep, duration_s=self._window(rate),
+                                            warmup_s=opts.warmup_s))
+            return Step(rate, [r.result for r in runs], [r.server_cpu_s for r in runs])
+
+        self.sweeps.append(run_sweep(target.name, sc.name, measure, opts.sweep_rates,
+                                     opts.p99_bound_ms, refine=opts.refine))
+
+    # -- targets -----------------------------------------------------------------------------
+    def target(self, target: Target, *, probe: bool = False) -> None:
+        """Every selected scenario on ``target``; with ``probe``, only those whose door
+        answers one request with 200 (a server that is not this gateway)."""
         for name in self.opts.scenarios:
             sc = SCENARIOS[name]
-            if get_only and not sc.get_only:
+            if sc.needs_redis_control and (self.redis is None or CONFIGS.get(
+                    target.name, {}).get("GATEWAY_CACHE") != "on"):
                 continue
-            if sc.needs_redis_control and (
-                    self.redis is None or CONFIGS.get(config, {}).get("GATEWAY_CACHE") != "on"):
+            if self.opts.sweep and not sc.open_loop:
                 continue
-            self.scenario(config, url, sc, metrics=metrics)
-        for rate in self.opts.open_loop_rates:
-            self.progress(f"{config} · open loop · {rate:g}/s")
-            r = clients.open_loop(url, rate, self.opts.duration_s, self.salts.py(),
-                                  lua.PERCENTILES, self.features)
-            self.open_loop.append({"config": config, "rate": rate, "sent": r.sent,
-                                   "errors": r.errors,
-                                   "latency_us": {str(k): v for k, v in r.latency_us.items()}})
+            if probe and not self._answers(target, sc):
+                continue
+            if self.opts.sweep:
+                self.sweep(target, sc)
+                continue
+            self.scenario(target, sc)
+            if sc.open_loop:
+                self.open_loop(target, sc)
 
-    def ceiling(self, url: str) -> None:
-        """The hot load against the bare endpoint (it answers any query string)."""
-        self.scenario(CEILING, url, SCENARIOS["hot"], metrics=False)
+    def _answers(self, target: Target, sc: Scenario) -> bool:
+        status = clients.probe(target.url, self.load(replace(sc, keys="hot"), target.model, 0))
+        if status != 200:
+            self.skipped.append(f"{target.name}: {sc.name} (one request answered "
+                                f"{status or 'nothing'})")
+        return status == 200
+
+    def ceiling(self, target: Target) -> None:
+        """The hot load of each door in use against the bare endpoint (it answers any
+        query string and any body)."""
+        doors = dict.fromkeys(SCENARIOS[n].door for n in self.opts.scenarios
+                              if SCENARIOS[n].engine == "wrk")
+        names = ["hot"] + [f"{d}-hot" for d in doors if d != "get"]
+        for name in names:
+            self.scenario(target, SCENARIOS[name])
+
+
+def _cpu(target: Target) -> float | None:
+    return None if target.pid is None else process_cpu_s(target.pid)
+
+
+def _delta(before: float | None, after: float | None) -> float | None:
+    return None if before is None or after is None else after - before
+
+
+def _service_target(name: str, svc: Service, model: str, *, metrics: bool) -> Target:
+    return Target(name, svc.url, svc.proc.pid if svc.proc else None, metrics, model)
 
 
 def run_bench(opts: Options, progress: Callable[[str], None]) -> Bench:
-    """Measure every configuration (or ``opts.url``), the ceiling, and the baseline."""
+    """Measure the ceiling, every configuration (or ``opts.url``), and the baseline."""
     if opts.url is not None:
         features = features_at(opts.url.rstrip("/"), opts.model)
     else:
         features = ensure_model(opts.model_root, opts.model)
     bench = Bench(opts, progress, features)
+    configs = [c for c in opts.configs if c != CEILING]
     with contextlib.ExitStack() as stack:
-        progress("ceiling · starting")
-        ceiling = stack.enter_context(uvicorn_app("bench.ceiling:app"))
-        bench.ceiling(ceiling.url)
-        ceiling.stop()
+        if CEILING in opts.configs or not opts.sweep:
+            progress("ceiling · starting")
+            with uvicorn_app("bench.ceiling:app") as svc:
+                target = _service_target(CEILING, svc, opts.model, metrics=False)
+                if opts.sweep:
+                    bench.target(target)
+                else:
+                    bench.ceiling(target)
         if opts.url is not None:
-            bench.target("target", opts.url.rstrip("/"), metrics=True, get_only=False)
+            bench.target(Target("target", opts.url.rstrip("/"), None, True, opts.model))
         else:
-            if any(CONFIGS[c].get("GATEWAY_CACHE") == "on" for c in opts.configs):
+            if any(CONFIGS[c].get("GATEWAY_CACHE") == "on" for c in configs):
                 progress("redis-server · starting")
                 bench.redis = stack.enter_context(redis_server())
-            for config in opts.configs:
+            for config in configs:
                 progress(f"{config} · starting")
                 for svc in _gateway(opts, config, bench.redis):
-                    bench.target(config, svc.url, metrics=True, get_only=False)
+                    bench.target(_service_target(config, svc, opts.model, metrics=True))
         if opts.baseline_url is not None:
-            bench.target("baseline", opts.baseline_url.rstrip("/"), metrics=False,
-                         get_only=True)
+            bench.target(Target("baseline", opts.baseline_url.rstrip("/"), None, False,
+                                opts.baseline_model or opts.model), probe=True)
+    bench.machine_after = describe()
     return bench
 
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["CONFIGS", "DEFAULT_CONFIGS", "SCENARIOS", "Scenario"]
+from bench.doors import Door, Keys
+
+__all__ = ["CEILING", "CONFIGS", "DEFAULT_CONFIGS", "DEFAULT_SCENARIOS", "GROUPS", "SCENARIOS",
+           "Scenario"]
+
+CEILING = "ceiling"
+
 
 def _config(cache: str, coalesce: str, batch: str, backend: str = "sklearn") -> dict[str, str]:
     return {"GATEWAY_CACHE": cache, "GATEWAY_COALESCE": coalesce, "GATEWAY_BATCH": batch,
@@ -28,21 +34,56 @@ DEFAULT_CONFIGS = ("naive", "cache", "cache+coalesce", "full", "compiled")
 
 @dataclass(frozen=True, slots=True)
 class Scenario:
+    """One load: which door, which rows, how many per request, and how it is driven."""
+
     name: str
     description: str
-    engine: str  # "wrk" (closed loop) or "burst" (Python, identical requests at once)
-    get_only: bool = True  # only GET /predict: can run against any --baseline-url
+    engine: str  # "wrk" (closed loop; open loop by bench.loadgen) or "burst"
+    door: Door = "get"
+    keys: Keys = "unique"
+    rows: int = 1  # rows per request
     connections: int | None = None  # None: the --connections flag
     needs_redis_control: bool = False  # kills the bench's own redis-server mid-run
 
+    @property
+    def open_loop(self) -> bool:
+        """Whether the fixed-rate generator runs it (``--open-loop``, ``--sweep``)."""
+        return self.engine == "wrk" and self.connections is None and (
+            not self.needs_redis_control)
+
+
+def _door(door: Door, label: str) -> list[Scenario]:
+    prefix = {"v1": "v1", "v2-json": "v2-json", "v2-bin": "v2-bin"}[door]
+    out = [Scenario(f"{prefix}-hot", f"{label}, one row, asked again and again", "wrk", door,
+                    "hot"),
+           Scenario(f"{prefix}-unique", f"{label}, one new row per request", "wrk", door,
+                    "unique"),
+           Scenario(f"{prefix}-32-hot", f"{label}, the same 32 rows per request", "wrk", door,
+                    "hot", rows=32)]
+    if door != "v1":  # v1 with 32 new rows is "multirow"
+        out.append(Scenario(f"{prefix}-32-unique", f"{label}, 32 new rows per request", "wrk",
+                            door, "unique", rows=32))
+    return out
+
 
 SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
-    Scenario("hot", "one row, asked again and again", "wrk"),
-    Scenario("unique", "every request a new row", "wrk"),
-    Scenario("zipf", "10,000 rows, Zipf-skewed (s=1.1)", "wrk"),
-    Scenario("multirow", "POST of 32 new rows per request", "wrk", get_only=False),
-    Scenario("lowload", "one connection, every request a new row", "wrk", connections=1),
+    Scenario("hot", "GET /predict, one row, asked again and again", "wrk", keys="hot"),
+    Scenario("unique", "GET /predict, every request a new row", "wrk"),
+    Scenario("zipf", "GET /predict, 10,000 rows, Zipf-skewed (s=1.1)", "wrk", keys="zipf"),
+    Scenario("multirow", "POST /v1, 32 new rows per request", "wrk", "v1", rows=32),
+    Scenario("lowload", "GET /predict, one connection, every request a new row", "wrk",
+             connections=1),
     Scenario("burst", "N identical new rows fired at once", "burst"),
-    Scenario("redis-down", "zipf load; Redis killed halfway", "wrk", get_only=False,
+    Scenario("redis-down", "zipf load; Redis killed halfway", "wrk", keys="zipf",
              needs_redis_control=True),
+    *_door("v1", "POST /v1"),
+    *_door("v2-json", "V2 infer, JSON"),
+    *_door("v2-bin", "V2 infer, binary tensor"),
 )}
+DEFAULT_SCENARIOS = ("hot", "unique", "zipf", "multirow", "lowload", "burst", "redis-down")
+# Names that stand for several scenarios on the command line.
+GROUPS: dict[str, tuple[str, ...]] = {
+    "default": DEFAULT_SCENARIOS,
+    "doors": ("multirow", *(s for s in SCENARIOS if s.startswith(("v1-", "v2-")))),
+    "all": tuple(SCENARIOS),
+}

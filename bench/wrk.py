@@ -1,12 +1,15 @@
-"""Closed-loop load with wrk: run a generated Lua script, parse its ``BENCH_JSON`` line."""
+"""Closed-loop load with wrk: run a generated Lua script, parse its ``BENCH_JSON`` line, and
+measure the CPU wrk itself used (its rusage, read when it is reaped)."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import tempfile
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 __all__ = ["WrkResult", "parse_output", "run_wrk"]
@@ -17,11 +20,21 @@ class WrkResult:
     requests: int
     duration_s: float
     errors: int  # socket errors + non-2xx/3xx responses
-    latency_us: dict[float, int]  # percentile -> microseconds
+    latency_us: dict[float, int]  # percentile -> microseconds (100: the measured maximum)
+    threads: int = 0
+    connections: int = 0
+    cpu_s: float | None = None  # wrk's user + system CPU seconds
 
     @property
     def rps(self) -> float:
         return self.requests / self.duration_s if self.duration_s else 0.0
+
+    @property
+    def cpu_cores(self) -> float | None:
+        """wrk's CPU seconds per second of run (1.0 = one core busy)."""
+        if self.cpu_s is None or not self.duration_s:
+            return None
+        return self.cpu_s / self.duration_s
 
 
 def parse_output(stdout: str) -> WrkResult:
@@ -48,15 +61,31 @@ def run_wrk(
     exe = shutil.which("wrk")
     if exe is None:
         raise RuntimeError("wrk not found: install it (apt-get install wrk) or run `make bench`")
-    threads = max(1, min(2, connections))
+    threads = threads_for(connections)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "scenario.lua"
         path.write_text(script)
-        proc = subprocess.run(
-            [exe, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration_s))}s",
-             f"--timeout={timeout_s:g}s", "-s", str(path), url],
-            capture_output=True, text=True, timeout=duration_s + timeout_s + 30, check=False,
-        )
+        out_path, err_path = Path(tmp) / "out", Path(tmp) / "err"
+        with out_path.open("wb") as out, err_path.open("wb") as err:
+            proc = subprocess.Popen(
+                [exe, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration_s))}s",
+                 f"--timeout={timeout_s:g}s", "-s", str(path), url],
+                stdout=out, stderr=err)
+        guard = threading.Timer(duration_s + timeout_s + 30, proc.kill)
+        guard.start()
+        try:
+            # Reap it ourselves: os.wait4 hands back the child's own rusage.
+            _pid, status, usage = os.wait4(proc.pid, 0)
+        finally:
+            guard.cancel()
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        stdout, stderr = out_path.read_text(), err_path.read_text()
     if proc.returncode != 0:
-        raise RuntimeError(f"wrk failed ({proc.returncode}): {proc.stderr.strip()}")
-    return parse_output(proc.stdout)
+        raise RuntimeError(f"wrk failed ({proc.returncode}): {stderr.strip()}")
+    return replace(parse_output(stdout), threads=threads, connections=connections,
+                   cpu_s=usage.ru_utime + usage.ru_stime)
+
+
+def threads_for(connections: int) -> int:
+    """wrk threads for ``connections``: two, or one for a single connection."""
+    return max(1, min(2, connections))
