@@ -518,7 +518,6 @@ def run(requests: Sequence[bytes], settings: Settings) -> Result:
             cpu0 = [0.0]
             ru0: list[resource.struct_rusage] = []
             w = settings.warm_requests
-
             wait0: list[float | None] = []
 
             def mark_start() -> None:  # when the measured window opens
@@ -528,6 +527,8 @@ def run(requests: Sequence[bytes], settings: Settings) -> Result:
 
             gen = _Generator(runner.get_loop(), requests, settings, host, port, mark_start)
             end = runner.run(gen.run())
+            if not ru0:  # so late that the measured window never opened: an empty one
+                mark_start()
             cpu1 = time.process_time()
             ru1 = resource.getrusage(resource.RUSAGE_SELF)
             wait1 = _cpu_wait_s()
