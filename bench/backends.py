@@ -7,27 +7,12 @@ estimator and of the compiled model on the same rows, median of repeated calls.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
-
-import numpy as np
 
 from model_store import ModelStore
 from model_store.compiled import verification_rows
-
-
-def time_call(fn: Callable[[np.ndarray], object], rows: np.ndarray, calls: int) -> float:
-    """Median seconds of ``calls`` calls of ``fn(rows)`` (after one warm-up call)."""
-    fn(rows)
-    samples = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn(rows)
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
+from model_store.estimators import median_call_s
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,11 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     print("rows  sklearn  onnx  speed-up")
     for n in (1, 64):
         x = rows[:n]
-        sk = time_call(model.estimator.predict, x, args.calls)
+        sk = median_call_s(model.estimator.predict, x, args.calls)
         if model.compiled is None:
             print(f"{n:>4}  {sk * 1e6:>7.0f}  -     (not compiled)")
             continue
-        ox = time_call(model.compiled.predict, x, args.calls)
+        ox = median_call_s(model.compiled.predict, x, args.calls)
         print(f"{n:>4}  {sk * 1e6:>7.0f}  {ox * 1e6:>4.0f}  {sk / ox:>6.0f}x")
     return 0
 

@@ -26,7 +26,7 @@ import numpy as np
 from model_store.compiled import verification_rows
 from model_store.store import LoadedModel, Manifest, ModelStore
 
-__all__ = ["Entry", "Registered", "catalogue", "load_dataset", "main", "register_all"]
+__all__ = ["Entry", "Registered", "catalogue", "load_dataset", "main", "median_call_s", "register_all"]
 
 DATASETS = ("wine", "breast_cancer", "diabetes")
 
@@ -136,7 +136,8 @@ def max_difference(m: Manifest) -> tuple[str, float | None]:
     return "labels", float(checks["label"]["mismatches"])
 
 
-def _median_call(fn: Callable[[np.ndarray], object], rows: np.ndarray, calls: int) -> float:
+def median_call_s(fn: Callable[[np.ndarray], object], rows: np.ndarray, calls: int) -> float:
+    """Median seconds of ``calls`` calls of ``fn(rows)`` (after one warm-up call)."""
     fn(rows)
     samples = []
     for _ in range(calls):
@@ -156,8 +157,8 @@ def time_model(model: LoadedModel, calls: int, repetitions: int
         x = rows[:n]
         sk, served, ups = [], [], []
         for _ in range(repetitions):
-            a = _median_call(lambda r: model.predict(r, prefer_compiled=False), x, calls)
-            b = (_median_call(lambda r: model.predict(r, prefer_compiled=True), x, calls)
+            a = median_call_s(lambda r: model.predict(r, prefer_compiled=False), x, calls)
+            b = (median_call_s(lambda r: model.predict(r, prefer_compiled=True), x, calls)
                  if model.backend("label") == "onnx" else a)
             sk.append(a)
             served.append(b)
