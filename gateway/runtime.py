@@ -144,18 +144,17 @@ class Gateway:
             )
         return rt
 
-    def timeout_s(self, header: bytes | str | None) -> float:
+    def timeout_s(self, header: bytes | None) -> float:
         """The request's deadline in seconds: ``X-Request-Timeout-Ms`` (ASCII digits, 1 to
         600000) or the default. Raises InvalidInput (``invalid_timeout``)."""
         if header is None:
             return self.settings.request_timeout_ms / 1000
-        raw = header.encode("latin-1") if isinstance(header, str) else header
-        if (0 < len(raw) <= _TIMEOUT_DIGITS and raw.isdigit()
-                and 0 < int(raw) <= _MAX_TIMEOUT_MS):
-            return int(raw) / 1000
+        if (0 < len(header) <= _TIMEOUT_DIGITS and header.isdigit()
+                and 0 < int(header) <= _MAX_TIMEOUT_MS):
+            return int(header) / 1000
         raise InvalidInput(
             f"X-Request-Timeout-Ms: expected an integer from 1 to {_MAX_TIMEOUT_MS}, "
-            f"got {raw.decode('latin-1')!r:.40}",
+            f"got {header.decode('latin-1')!r:.40}",
             code="invalid_timeout",
         )
 

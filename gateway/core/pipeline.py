@@ -127,17 +127,22 @@ class Pipeline:
         """
         rows = canonical_rows(rows)
         units = runner.units(outputs)
+        keys: list[str] | None = None
         if len(rows) == 1 and len(units) == 1 and self._l1 is not None:  # the hot path
             unit = units[0]
-            key = row_keys(self._head(runner, unit), rows)[0]
-            value = self._l1.get(key)
+            keys = row_keys(self._head(runner, unit), rows)
+            value = self._l1.get(keys[0])
             if value is not None:
                 self._l1_hit.inc()
-                return _answer([_Block(unit, rows, [key], [value], ["l1"], [], False)])
+                return _answer([_Block(unit, rows, keys, [value], ["l1"], [], False)])
+            self._l1_miss.inc()
         if float(np.abs(rows).max()) > _FLOAT32_MAX:  # (a cached row passed this before)
             raise InvalidInput(f"feature values must be within ±{_FLOAT32_MAX:.7g} (float32 "
                                "range, in which tree models compare)", code="out_of_range")
-        blocks = [self._start(runner, unit, rows) for unit in units]
+        if keys is not None:  # looked up above: the one unit's row missed L1
+            blocks = [self._start(runner, units[0], rows, keys=keys, looked_up=True)]
+        else:
+            blocks = [self._start(runner, unit, rows) for unit in units]
         pending = [b for b in blocks if b.missing]
         if pending:
             try:
@@ -152,16 +157,17 @@ class Pipeline:
                 raise DeadlineExceeded(f"no answer within {timeout_s * 1000:.0f} ms") from None
         return _answer(blocks)
 
-    def _start(self, runner: ModelRunner, unit: Unit, rows: np.ndarray) -> _Block:
-        """Keys, L1, and the inline attempt: everything that needs no waiting."""
+    def _start(self, runner: ModelRunner, unit: Unit, rows: np.ndarray, *,
+               keys: list[str] | None = None, looked_up: bool = False) -> _Block:
+        """Keys, L1 (unless ``looked_up`` already), and the inline attempt: everything that
+        needs no waiting."""
         n = len(rows)
-        keys = None
-        if self._l1 is not None or self._flights is not None:
+        if keys is None and (self._l1 is not None or self._flights is not None):
             keys = row_keys(self._head(runner, unit), rows)
         use_l2 = (self._l2 is not None and keys is not None
                   and runner.slower_than(self._l2_min_call))
         block = _Block(unit, rows, keys, [None] * n, ["miss"] * n, list(range(n)), use_l2)
-        if self._l1 is not None and keys is not None:
+        if self._l1 is not None and keys is not None and not looked_up:
             self._from_l1(block)
         if block.missing and not use_l2:
             self._answer_inline(runner, block)

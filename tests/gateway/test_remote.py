@@ -26,7 +26,14 @@ from tests.gateway.remote_support import (
     fire,
     predict_request,
 )
-from tests.hardening.procs import GatewayProcess, RedisServer, gateway_process, metric, redis_server
+from tests.hardening.procs import (
+    GatewayProcess,
+    RedisServer,
+    gateway_process,
+    metric,
+    metric_total,
+    redis_server,
+)
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -39,7 +46,7 @@ class Replicas:
     gateways: list[GatewayProcess]
 
     def total(self, name: str, **labels: str) -> float:
-        return sum(metric(gw.metrics(), name, **labels) for gw in self.gateways)
+        return metric_total(self.gateways, name, **labels)
 
 
 def _env(store: Path, url: str, **extra: str) -> dict[str, str]:

@@ -20,7 +20,7 @@ from tests.gateway.remote_support import (
     predict_request,
     redis_cluster,
 )
-from tests.hardening.procs import GatewayProcess, gateway_process, metric
+from tests.hardening.procs import GatewayProcess, gateway_process, metric, metric_total
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -33,7 +33,7 @@ class Setup:
     gateways: list[GatewayProcess]
 
     def total(self, name: str, **labels: str) -> float:
-        return sum(metric(gw.metrics(), name, **labels) for gw in self.gateways)
+        return metric_total(self.gateways, name, **labels)
 
 
 @pytest.fixture(scope="module")

@@ -42,6 +42,11 @@ def metric(text: str, name: str, **labels: str) -> float:
     return total
 
 
+def metric_total(gateways: list[GatewayProcess], name: str, **labels: str) -> float:
+    """``metric`` summed over the ``/metrics`` of every gateway."""
+    return sum(metric(gw.metrics(), name, **labels) for gw in gateways)
+
+
 @dataclass
 class GatewayProcess:
     """A running ``python -m gateway``; ``log`` fills with its stderr lines."""
