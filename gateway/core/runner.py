@@ -8,11 +8,15 @@ JSON bytes ready to splice into any protocol's answer, ``Failure`` for a row the
 refused. It also judges values read back from a shared cache (``decode_value``).
 
 Where a call runs: a thread hop costs tens of microseconds, and a compiled model answers a
-small batch in about as long. ``Executor`` keeps a moving average of the model's own time (per
-call and per row, measured around the call wherever it runs) and runs a call inline only while
-it is predicted to take at most ``inline_max_s``. Until enough calls are measured, and for any
-slower model, it uses the thread (under the version's CapacityLimiter). A model that slows down
-moves back to the thread after one slow call.
+small batch in about as long. ``Executor`` keeps moving averages of the CPU time a call takes on
+its own thread (per call and per row, wherever it runs): that is how long an inline call holds
+the event loop, and unlike the wall clock it does not count the waits for the GIL of a call in
+the thread, nor the moments the process was not scheduled. A call runs inline only while it is
+predicted to take at most ``inline_max_s``. Until enough calls are measured, and for any slower
+model, it uses the thread (under the version's CapacityLimiter). A model that slows down moves
+back to the thread after one slow call; one that waits on something other than the CPU (two
+inline calls in a row longer than ``inline_max_s`` by the wall clock, over half of it waiting)
+goes to the thread for its next ``_WAITED_CALLS`` calls, then is tried inline again.
 """
 
 from __future__ import annotations
@@ -49,13 +53,15 @@ SEP = b"\x00"  # between label and probabilities in a ``both`` value (never insi
 
 _WARMUP_CALLS = 8  # calls measured in the thread before inline is considered
 _ALPHA = 0.2  # weight of the newest call in the moving average
+_WAITED_CALLS = 64  # calls kept in the thread after a model was seen waiting inline
 _PROBA_SUM_TOL = 1e-3
 
 
 class Executor:
     """Runs ``fn(unit, rows)`` inline or in a worker thread; see the module docstring.
 
-    ``on_call(inline, seconds)`` observes each call (metrics); it must not block.
+    ``on_call(inline, seconds)`` observes each call (metrics, wall-clock seconds); it must not
+    block.
     """
 
     def __init__(
@@ -73,12 +79,16 @@ class Executor:
         self._inline_max = inline_max_s
         self._on_call = on_call
         self._calls = 0
-        self._per_row_s = 0.0  # moving average of seconds per row
-        self._per_call_s = 0.0  # moving average of seconds per call
+        self._per_call_s = 0.0  # moving average of a call's wall-clock seconds
+        self._cpu_row_s = 0.0  # moving averages of CPU seconds per row and per call
+        self._cpu_call_s = 0.0
+        self._waited = 0  # consecutive inline calls slow by the wall clock, short in CPU time
+        self._thread_only = 0  # calls left in the thread since the model was seen waiting
+        self._warned = False
 
     @property
     def per_call_s(self) -> float:
-        """Moving average of one call's duration, seconds."""
+        """Moving average of one call's duration (wall clock, where it ran), seconds."""
         return self._per_call_s
 
     @property
@@ -87,55 +97,74 @@ class Executor:
         return self._calls >= _WARMUP_CALLS
 
     def predicted_s(self, rows: int) -> float:
-        """Predicted duration of a call with ``rows`` rows (0 before any measurement)."""
-        return max(self._per_call_s if rows <= 1 else 0.0, self._per_row_s * rows)
+        """Predicted CPU time of a call with ``rows`` rows (0 before any measurement)."""
+        return max(self._cpu_call_s if rows <= 1 else 0.0, self._cpu_row_s * rows)
 
     def inline_for(self, rows: int) -> bool:
         """Would a call with ``rows`` rows run inline now?"""
         if self._placement != "auto":
             return self._placement == "inline"
-        return self.measured and self.predicted_s(rows) <= self._inline_max
+        return (self.measured and not self._thread_only
+                and self.predicted_s(rows) <= self._inline_max)
 
     async def run(self, fn: Callable[[Hashable, np.ndarray], R], unit: Hashable,
                   rows: np.ndarray) -> R:
         """``fn(unit, rows)``, inline or in a worker thread. Raises what ``fn`` raises."""
         if self.inline_for(len(rows)):
             return self.run_inline(fn, unit, rows)
-        took = [0.0]
+        took = [0.0, 0.0]
 
         def timed(u: Hashable, x: np.ndarray) -> R:  # the model's own time, without the hop
-            start = time.perf_counter()
+            start, cpu = time.perf_counter(), time.thread_time()
             try:
                 return fn(u, x)
             finally:
-                took[0] = time.perf_counter() - start
+                took[0], took[1] = time.perf_counter() - start, time.thread_time() - cpu
 
         try:
             return await anyio.to_thread.run_sync(timed, unit, rows, limiter=self._limiter)
         finally:
-            self._observe(False, len(rows), took[0])
+            self._observe(False, len(rows), took[0], took[1])
 
     def run_inline(self, fn: Callable[[Hashable, np.ndarray], R], unit: Hashable,
                    rows: np.ndarray) -> R:
         """``fn(unit, rows)`` on the calling thread, measured. Raises what ``fn`` raises."""
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.thread_time()
         try:
             return fn(unit, rows)
         finally:
-            self._observe(True, len(rows), time.perf_counter() - start)
+            self._observe(True, len(rows), time.perf_counter() - start, time.thread_time() - cpu)
 
-    def _observe(self, inline: bool, rows: int, seconds: float) -> None:
+    def _observe(self, inline: bool, rows: int, seconds: float, cpu_s: float) -> None:
         self._calls += 1
-        per_row = seconds / max(1, rows)
+        cpu_row = cpu_s / max(1, rows)
         if self._calls == 1:
-            self._per_row_s, self._per_call_s = per_row, seconds
+            self._per_call_s, self._cpu_call_s, self._cpu_row_s = seconds, cpu_s, cpu_row
         else:
-            self._per_row_s += _ALPHA * (per_row - self._per_row_s)
             self._per_call_s += _ALPHA * (seconds - self._per_call_s)
-            if inline and seconds > self._inline_max:
-                # One slow inline call is enough: back to the thread until it measures fast.
-                self._per_row_s = max(self._per_row_s, per_row)
-                self._per_call_s = max(self._per_call_s, seconds)
+            self._cpu_call_s += _ALPHA * (cpu_s - self._cpu_call_s)
+            self._cpu_row_s += _ALPHA * (cpu_row - self._cpu_row_s)
+        if inline:
+            if cpu_s > self._inline_max:
+                # One slow call is enough: back to the thread until it measures fast.
+                self._cpu_row_s = max(self._cpu_row_s, cpu_row)
+                self._cpu_call_s = max(self._cpu_call_s, cpu_s)
+            elif seconds > self._inline_max and cpu_s < seconds / 2:
+                # Mostly waiting: the process was not scheduled, or the model waited on
+                # something (its own threads, I/O). Twice in a row is no accident.
+                self._waited += 1
+                if self._waited >= 2:
+                    self._waited = 0
+                    self._thread_only = _WAITED_CALLS
+                    if not self._warned:
+                        self._warned = True
+                        log.warning("model calls wait on something besides the CPU (%.0f us by "
+                                    "the clock, %.0f us of CPU): the worker thread runs them "
+                                    "while they do", seconds * 1e6, cpu_s * 1e6)
+            else:
+                self._waited = 0
+        elif self._thread_only:
+            self._thread_only -= 1
         if self._on_call is not None:
             self._on_call(inline, seconds)
 

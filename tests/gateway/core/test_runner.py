@@ -10,20 +10,28 @@ import anyio
 import numpy as np
 import pytest
 
-from gateway.core.runner import Executor
+from gateway.core.runner import _WAITED_CALLS, Executor
 
 pytestmark = pytest.mark.anyio
 
 
 class Recorder:
-    def __init__(self, seconds: float = 0.0) -> None:
+    """A model that computes for ``seconds`` of CPU time per call (``sleeps``: waits instead,
+    as a model waiting on its own threads or on I/O does)."""
+
+    def __init__(self, seconds: float = 0.0, *, sleeps: bool = False) -> None:
         self.seconds = seconds
+        self.sleeps = sleeps
         self.threads: list[int] = []
 
     def __call__(self, _unit: Hashable, rows: np.ndarray) -> list[float]:
         self.threads.append(threading.get_ident())
-        if self.seconds:
-            time.sleep(self.seconds)  # the model's own work, not a test wait
+        if self.seconds and self.sleeps:
+            time.sleep(self.seconds)  # the model's own waiting, not a test wait
+        elif self.seconds:
+            end = time.thread_time() + self.seconds
+            while time.thread_time() < end:  # the model's own work
+                pass
         return rows[:, 0].tolist()
 
 
@@ -67,6 +75,55 @@ async def test_model_that_slows_down_goes_back_to_the_thread() -> None:
     for _ in range(5):
         await ex.run(fn, "u", rows(1))
     assert not any(places)
+
+
+async def test_time_waiting_for_the_gil_in_the_thread_does_not_count() -> None:
+    """A call in the thread is timed by its CPU time: the event loop holding the GIL
+    meanwhile (here, 20 ms of busy work) does not make a tiny model look slow."""
+    fn = Recorder()
+    ex = Executor(limiter=anyio.CapacityLimiter(1), inline_max_s=0.001)
+    started, go = threading.Event(), threading.Event()
+
+    def tiny(unit: Hashable, x: np.ndarray) -> list[float]:
+        started.set()
+        go.wait()  # returns only once the loop holds the GIL and is busy
+        return fn(unit, x)
+
+    for _ in range(8):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ex.run, tiny, "u", rows(1))
+            await anyio.to_thread.run_sync(started.wait)
+            go.set()
+            end = time.perf_counter() + 0.02
+            while time.perf_counter() < end:  # the event loop busy, holding the GIL
+                pass
+        started.clear()
+        go.clear()
+    assert ex.per_call_s > 0.001  # by the clock, each call lasted as long as the loop's work
+    assert ex.measured and ex.inline_for(1)
+
+
+async def test_model_that_waits_runs_in_the_thread_until_tried_again() -> None:
+    """Two inline calls in a row that mostly wait (a model on its own threads, or on I/O)
+    send the model to the thread for ``_WAITED_CALLS`` calls; then it is tried inline."""
+    fn = Recorder()
+    places: list[bool] = []
+    ex = Executor(limiter=anyio.CapacityLimiter(1), inline_max_s=0.001,
+                  on_call=lambda inline, _s: places.append(inline))
+    for _ in range(10):
+        await ex.run(fn, "u", rows(1))
+    fn.seconds, fn.sleeps = 0.003, True
+    await ex.run(fn, "u", rows(1))
+    assert ex.inline_for(1)  # once may be the process not being scheduled
+    await ex.run(fn, "u", rows(1))
+    assert places[-2:] == [True, True] and not ex.inline_for(1)
+    places.clear()
+    fn.seconds = 0.0
+    for _ in range(_WAITED_CALLS):
+        await ex.run(fn, "u", rows(1))
+    assert not any(places)
+    await ex.run(fn, "u", rows(1))
+    assert places[-1] is True
 
 
 async def test_forced_placements() -> None:
