@@ -30,7 +30,9 @@ import gc
 import os
 import resource
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Mapping
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
@@ -67,6 +69,8 @@ class Metrics:
                 f"it is {'set' if mp_dir is not None else 'unset'} but prometheus-client was "
                 f"imported {'without' if mp_dir is not None else 'with'} it")
         self.multiprocess = mp_dir is not None
+        self.tally = Tally()
+        """Where the per-request and per-call metrics are counted (flushed on render)."""
         r = self.registry = CollectorRegistry(auto_describe=True)
         self._scrape = r
         if mp_dir is not None:
@@ -88,7 +92,7 @@ class Metrics:
         )
         self._sampler: _Sampler | None = None
         if self.multiprocess:
-            self._sampler = _Sampler()
+            self._sampler = _Sampler(self.tally)
             self._sampler.add(in_flight, lambda: self._in_flight)
         else:
             in_flight.set_function(lambda: self._in_flight)
@@ -213,14 +217,59 @@ class Metrics:
         """The exposition text: this process's metrics, or with several workers the server's."""
         if self._sampler is not None:
             self._sampler.sample(time.monotonic())
+        else:
+            self.tally.flush()
         return generate_latest(self._scrape)
+
+
+class Tally:
+    """Counter increments and histogram observations made on the event loop, kept as plain
+    numbers and added to their prometheus-client children in one go by ``flush``:
+    ``Metrics.render`` flushes, and in multiprocess mode so does the periodic sample, so a
+    scrape answered by any worker sees them within ``_SAMPLE_EVERY_S``. A prometheus-client
+    child takes a lock per call (a histogram also walks its buckets), which costs the hot path
+    microseconds per request; here it is a dict update. Event-loop thread only.
+    """
+
+    __slots__ = ("_counts", "_observed")
+
+    def __init__(self) -> None:
+        self._counts: dict[Any, float] = {}
+        self._observed: dict[Any, tuple[list[float], list[int], list[float]]] = {}
+
+    def inc(self, child: Any, amount: float = 1) -> None:
+        """``child.inc(amount)``, deferred (``child``: a Counter or its labelled child)."""
+        counts = self._counts
+        counts[child] = counts.get(child, 0) + amount
+
+    def observe(self, child: Any, value: float) -> None:
+        """``child.observe(value)``, deferred (``child``: a Histogram or labelled child)."""
+        seen = self._observed.get(child)
+        if seen is None:
+            bounds = list(child._upper_bounds)
+            seen = self._observed[child] = (bounds, [0] * len(bounds), [0.0])
+        seen[1][bisect_left(seen[0], value)] += 1  # the first bucket with value <= bound
+        seen[2][0] += value
+
+    def flush(self) -> None:
+        """Add what was tallied to the children (and so to the multiprocess files)."""
+        counts, self._counts = self._counts, {}
+        for child, n in counts.items():
+            child.inc(n)
+        observed, self._observed = self._observed, {}
+        for child, (_bounds, buckets, total) in observed.items():
+            for i, n in enumerate(buckets):
+                if n:
+                    child._buckets[i].inc(n)
+            child._sum.inc(total[0])
 
 
 class _Sampler:
     """Multiprocess mode: writes this worker's function-read gauges (the in-flight count among
-    them) into its file, so that a scrape answered by another worker sees them."""
+    them) and its tally into its file, so that a scrape answered by another worker sees them."""
 
-    def __init__(self) -> None:
+    def __init__(self, tally: Tally) -> None:
+        self._tally = tally
         self._functions: dict[Gauge, Callable[[], float]] = {}  # child -> its function
         self._next = 0.0  # monotonic time of the next periodic sample
         self._nonzero = False  # the last sample wrote a non-zero value
@@ -238,6 +287,7 @@ class _Sampler:
 
     def sample(self, now: float) -> None:
         self._next = now + _SAMPLE_EVERY_S
+        self._tally.flush()
         nonzero = False
         for child, f in self._functions.items():
             value = float(f())

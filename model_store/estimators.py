@@ -26,7 +26,8 @@ import numpy as np
 from model_store.compiled import verification_rows
 from model_store.store import LoadedModel, Manifest, ModelStore
 
-__all__ = ["Entry", "Registered", "catalogue", "load_dataset", "main", "median_call_s", "register_all"]
+__all__ = ["Entry", "Registered", "catalogue", "load_dataset", "main", "median_call_s",
+           "register_all"]
 
 DATASETS = ("wine", "breast_cancer", "diabetes")
 

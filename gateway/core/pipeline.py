@@ -102,6 +102,7 @@ class Pipeline:
         self._l2_error = metrics.cache_lookups.labels("l2", "error")
         self._l2_invalid = metrics.cache_lookups.labels("l2", "invalid")
         self._invalid_logged_at = -_INVALID_LOG_EVERY_S
+        self._tally = metrics.tally
 
     def waiting(self) -> int:
         """Requests waiting on an in-flight computation now (0 without coalescing)."""
@@ -133,9 +134,9 @@ class Pipeline:
             keys = row_keys(self._head(runner, unit), rows)
             value = self._l1.get(keys[0])
             if value is not None:
-                self._l1_hit.inc()
+                self._tally.inc(self._l1_hit)
                 return _answer([_Block(unit, rows, keys, [value], ["l1"], [], False)])
-            self._l1_miss.inc()
+            self._tally.inc(self._l1_miss)
         if float(np.abs(rows).max()) > _FLOAT32_MAX:  # (a cached row passed this before)
             raise InvalidInput(f"feature values must be within ±{_FLOAT32_MAX:.7g} (float32 "
                                "range, in which tree models compare)", code="out_of_range")
@@ -198,9 +199,9 @@ class Pipeline:
                 block.sources[i] = "l1"
         hits = len(block.keys) - len(missing)
         if missing:
-            self._l1_miss.inc(len(missing))
+            self._tally.inc(self._l1_miss, len(missing))
         if hits:
-            self._l1_hit.inc(hits)
+            self._tally.inc(self._l1_hit, hits)
         block.missing = missing
 
     def _answer_inline(self, runner: ModelRunner, block: _Block) -> bool:
@@ -299,7 +300,7 @@ class Pipeline:
         missing = block.missing
         raw = await self._l2.get_many([keys[i] for i in missing])
         if raw is None:
-            self._l2_error.inc(len(missing))
+            self._tally.inc(self._l2_error, len(missing))
             return
         still = []
         invalid = 0
@@ -317,13 +318,13 @@ class Pipeline:
             self._invalid(runner, invalid)
         misses = len(still) - invalid
         if misses:
-            self._l2_miss.inc(misses)
+            self._tally.inc(self._l2_miss, misses)
         if len(still) < len(missing):
-            self._l2_hit.inc(len(missing) - len(still))
+            self._tally.inc(self._l2_hit, len(missing) - len(still))
         block.missing = still
 
     def _invalid(self, runner: ModelRunner, count: int) -> None:
-        self._l2_invalid.inc(count)
+        self._tally.inc(self._l2_invalid, count)
         now = time.monotonic()
         if now - self._invalid_logged_at >= _INVALID_LOG_EVERY_S:
             self._invalid_logged_at = now

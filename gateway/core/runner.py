@@ -60,8 +60,8 @@ _PROBA_SUM_TOL = 1e-3
 class Executor:
     """Runs ``fn(unit, rows)`` inline or in a worker thread; see the module docstring.
 
-    ``on_call(inline, seconds)`` observes each call (metrics, wall-clock seconds); it must not
-    block.
+    ``on_call(inline, unit, rows, seconds)`` observes each call, failed ones too (metrics;
+    wall-clock seconds) on the event loop; it must not block.
     """
 
     def __init__(
@@ -70,7 +70,7 @@ class Executor:
         limiter: anyio.CapacityLimiter,
         placement: Placement = "auto",
         inline_max_s: float = 100e-6,
-        on_call: Callable[[bool, float], None] | None = None,
+        on_call: Callable[[bool, Hashable, int, float], None] | None = None,
     ) -> None:
         if inline_max_s < 0:
             raise ValueError(f"inline_max_s must be >= 0, got {inline_max_s}")
@@ -124,7 +124,7 @@ class Executor:
         try:
             return await anyio.to_thread.run_sync(timed, unit, rows, limiter=self._limiter)
         finally:
-            self._observe(False, len(rows), took[0], took[1])
+            self._observe(False, unit, len(rows), took[0], took[1])
 
     def run_inline(self, fn: Callable[[Hashable, np.ndarray], R], unit: Hashable,
                    rows: np.ndarray) -> R:
@@ -133,9 +133,11 @@ class Executor:
         try:
             return fn(unit, rows)
         finally:
-            self._observe(True, len(rows), time.perf_counter() - start, time.thread_time() - cpu)
+            self._observe(True, unit, len(rows), time.perf_counter() - start,
+                          time.thread_time() - cpu)
 
-    def _observe(self, inline: bool, rows: int, seconds: float, cpu_s: float) -> None:
+    def _observe(self, inline: bool, unit: Hashable, rows: int, seconds: float,
+                 cpu_s: float) -> None:
         self._calls += 1
         cpu_row = cpu_s / max(1, rows)
         if self._calls == 1:
@@ -166,7 +168,7 @@ class Executor:
         elif self._thread_only:
             self._thread_only -= 1
         if self._on_call is not None:
-            self._on_call(inline, seconds)
+            self._on_call(inline, unit, rows, seconds)
 
 
 class ModelRunner:
@@ -206,15 +208,20 @@ class ModelRunner:
         self._max_queue = max_queue
         self._unbatched_rows = 0  # rows in calls made without the batcher (batching off)
         name, version = model.name, str(model.version)
-        self._calls = metrics.model_calls.labels(name, version)
-        self._rows = metrics.model_rows.labels(name, version)
+        model_calls = metrics.model_calls.labels(name, version)
+        model_rows = metrics.model_rows.labels(name, version)
         self._batch_rows = metrics.batch_rows
         inline_calls = metrics.model_exec.labels(name, version, "inline")
         thread_calls = metrics.model_exec.labels(name, version, "thread")
         call_seconds = metrics.model_call_seconds.labels(name, version)
 
-        def on_call(inline: bool, _seconds: float) -> None:
-            (inline_calls if inline else thread_calls).inc()
+        tally = metrics.tally
+        both_calls = 1 if self._one_call else 2
+
+        def on_call(inline: bool, unit: Hashable, rows: int, _seconds: float) -> None:
+            tally.inc(inline_calls if inline else thread_calls)
+            tally.inc(model_calls, both_calls if unit == "both" else 1)
+            tally.inc(model_rows, rows)
             call_seconds.set(self.executor.per_call_s)
 
         self.executor = Executor(limiter=anyio.CapacityLimiter(concurrency), placement=placement,
@@ -224,7 +231,7 @@ class ModelRunner:
             self.batcher = MicroBatcher(
                 self._call, run=self.executor.run, max_batch_size=max_batch_size,
                 max_delay_s=max_delay_s, max_queue=max_queue, concurrency=concurrency,
-                on_batch=metrics.batch_rows.observe,
+                on_batch=lambda n: tally.observe(metrics.batch_rows, n),
             )
             batcher = self.batcher
             metrics.queue_rows.labels(f"{name}:{version}").set_function(
@@ -288,7 +295,7 @@ class ModelRunner:
             out = self.executor.run_inline(self._call, unit, rows)
         except Exception:  # one bad row: the batcher path retries row by row
             return None
-        self._batch_rows.observe(len(rows))
+        self._metrics.tally.observe(self._batch_rows, len(rows))
         return list(out)
 
     async def compute(self, unit: Unit, rows: np.ndarray) -> list[bytes | Failure]:
@@ -327,7 +334,7 @@ class ModelRunner:
             self._unbatched_rows -= n
 
     async def _one_row(self, unit: Unit, row: np.ndarray) -> bytes | Failure:
-        self._batch_rows.observe(1)
+        self._metrics.tally.observe(self._batch_rows, 1)
         try:
             (value,) = await self.executor.run(self._call, unit, row)
         except Exception as exc:  # this row's own error, delivered to its caller
@@ -344,20 +351,15 @@ class ModelRunner:
             probs = self._predict_proba(rows)
             return [dumps(p) for p in probs]
         labels, probs = self.model.predict_both(rows, prefer_compiled=self.prefer_compiled)
-        self._calls.inc(1 if self._one_call else 2)
-        self._rows.inc(len(rows))
         return [dumps(v) + SEP + dumps(p) for v, p in zip(labels, probs, strict=True)]
 
     def _predict(self, rows: np.ndarray) -> list[Any]:
-        out = self.model.predict(rows, prefer_compiled=self.prefer_compiled)
-        self._calls.inc()
-        self._rows.inc(len(rows))
+        out: list[Any] = self.model.predict(rows, prefer_compiled=self.prefer_compiled)
         return out
 
     def _predict_proba(self, rows: np.ndarray) -> list[list[float]]:
-        out = self.model.predict_proba(rows, prefer_compiled=self.prefer_compiled)
-        self._calls.inc()
-        self._rows.inc(len(rows))
+        out: list[list[float]] = self.model.predict_proba(
+            rows, prefer_compiled=self.prefer_compiled)
         return out
 
     def _label(self) -> str:

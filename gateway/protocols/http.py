@@ -12,8 +12,9 @@ answers 405 for a door's path with another method. Anything else goes on to Fast
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
+from typing import Any
 
 import orjson
 from prometheus_client import Counter
@@ -24,10 +25,12 @@ from gateway.errors import BodyTooLarge, GatewayError, InvalidInput, MethodNotAl
 from gateway.metrics import Metrics
 from gateway.runtime import Gateway
 
-__all__ = ["ClientGone", "Door", "Doors", "HttpRequest", "Reply", "error_reply", "timeout_s"]
+__all__ = ["ClientGone", "Decoded", "Door", "Doors", "Handler", "HttpRequest", "Reply",
+           "error_reply", "timeout_s"]
 
 _JSON = b"application/json"
 _MAX_LENGTH_DIGITS = 18
+_MATCH_MEMO = 1024
 
 
 @dataclass(slots=True)
@@ -109,6 +112,36 @@ def timeout_s(gw: Gateway, req: HttpRequest) -> float:
     return gw.timeout_s(req.header(b"x-request-timeout-ms"))
 
 
+class Decoded:
+    """Requests already decoded by one door: decoding is a pure function of the request's
+    bytes and of what the model version expects, and a hot request arrives again and again
+    byte for byte. Bounded in entries and in the size of what is kept (a bigger request is
+    decoded every time); cleared when full. Values must not be changed by their users (arrays
+    are made read-only)."""
+
+    __slots__ = ("_entries", "_max_bytes", "_max_entries")
+
+    def __init__(self, max_entries: int = 4096, max_bytes: int = 2048) -> None:
+        self._entries: dict[Hashable, Any] = {}
+        self._max_entries = max_entries
+        self._max_bytes = max_bytes
+
+    def get(self, key: Hashable) -> Any:
+        """What ``put`` kept under ``key``, or None."""
+        return self._entries.get(key)
+
+    def keeps(self, size: int) -> bool:
+        """Would a request of ``size`` bytes be kept?"""
+        return size <= self._max_bytes
+
+    def put(self, key: Hashable, value: Any) -> None:
+        """Keep ``value`` (never None) under ``key``."""
+        entries = self._entries
+        if len(entries) >= self._max_entries:
+            entries.clear()
+        entries[key] = value
+
+
 Handler = Callable[[Gateway, HttpRequest, dict[str, str]], Awaitable[Reply]]
 Renderer = Callable[[GatewayError], Reply]
 
@@ -156,6 +189,9 @@ class Doors:
             (d.method, d.template): d for d in doors if "{" not in d.template}
         self._counters: dict[tuple[str, int], Counter] = {}
         self._seconds = {d.template: metrics.request_seconds.labels(d.template) for d in doors}
+        # (method, path) -> what _match found: () for no door. Paths name models, so the
+        # set is small in practice; bounded all the same.
+        self._matched: dict[tuple[str, str], Any] = {}
 
     def match(self, scope: Scope) -> tuple[Door | None, dict[str, str], list[str]] | None:
         """The door for this request (or None with the allowed methods, for 405), or None
@@ -168,15 +204,26 @@ class Doors:
             return door, {}, []
         if not path.startswith(self._prefixes):
             return None
+        key = (scope["method"], path)
+        found = self._matched.get(key)
+        if found is None:
+            found = self._match(scope["method"], path)
+            if len(self._matched) >= _MATCH_MEMO:
+                self._matched.clear()
+            self._matched[key] = found
+        return found or None
+
+    def _match(self, method: str, path: str
+               ) -> tuple[Door | None, dict[str, str], list[str]] | tuple[()]:
         allowed: list[str] = []
         for door in self._doors:
             params = door.match(path)
             if params is None:
                 continue
-            if door.method == scope["method"]:
+            if door.method == method:
                 return door, params, []
             allowed.append(door.method)
-        return (None, {}, allowed) if allowed else None
+        return (None, {}, allowed) if allowed else ()
 
     async def answer(self, door: Door, params: dict[str, str], scope: Scope, receive: Receive,
                      send: Send) -> None:
@@ -203,10 +250,10 @@ class Doors:
             reply.headers.append((b"x-request-id", rid.encode()))
             await _send(send, reply)
         finally:
-            metrics.in_flight -= 1
             seconds = time.perf_counter() - start
             self._count(door.template, status)
-            self._seconds[door.template].observe(seconds)
+            metrics.tally.observe(self._seconds[door.template], seconds)
+            metrics.in_flight -= 1  # after counting: returning to 0 flushes the tally
             if gw.settings.access_log == "on":
                 logs.access(scope["method"], scope["path"], status, seconds,
                             cache=reply.cache if reply else None,
@@ -227,7 +274,7 @@ class Doors:
         if counter is None:
             counter = self._counters[(route, status)] = self._metrics.requests.labels(
                 route, str(status))
-        counter.inc()
+        self._metrics.tally.inc(counter)
 
 
 async def _send(send: Send, reply: Reply) -> None:

@@ -8,10 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from gateway.core.runner import Output
-from gateway.protocols.http import Door, HttpRequest, Reply, error_reply, timeout_s
+from gateway.protocols.http import Decoded, Door, HttpRequest, Reply, error_reply, timeout_s
 from gateway.protocols.inputs import parse_query_string
 from gateway.runtime import Gateway
 from model_store import Manifest
@@ -22,37 +20,22 @@ _LABEL: frozenset[Output] = frozenset({"label"})
 _SOURCES = {s: s.encode() for s in ("l1", "l2", "miss")}
 
 
-_MEMO_ENTRIES = 4096
-
-
-class _Rows:
-    """Query strings already decoded, per feature list: decoding is a pure function of both,
-    and a hot row is asked again and again. Bounded; cleared when full."""
-
-    def __init__(self) -> None:
-        self._features: tuple[str, ...] = ()
-        self._rows: dict[bytes, np.ndarray] = {}
-
-    def decode(self, query: bytes, features: tuple[str, ...]) -> np.ndarray:
-        if features != self._features:
-            self._features, self._rows = features, {}
-        row = self._rows.get(query)
-        if row is None:
-            row = parse_query_string(query, features)  # raises for a bad query: not kept
-            if len(self._rows) >= _MEMO_ENTRIES:
-                self._rows.clear()
-            row.flags.writeable = False
-            self._rows[query] = row
-        return row
-
-
 def door() -> Door:
     """The ``GET /predict`` door, with a decoding memo of its own."""
-    decoded = _Rows()
+    decoded = Decoded()
 
     async def predict_query(gw: Gateway, req: HttpRequest, _params: dict[str, str]) -> Reply:
         rt = gw.runtime(gw.settings.default_model)
-        row = decoded.decode(req.scope["query_string"], rt.manifest.features)
+        query: bytes = req.scope["query_string"]
+        features = rt.manifest.features
+        seen = decoded.get(query)
+        if seen is not None and seen[0] == features:
+            row = seen[1]
+        else:
+            row = parse_query_string(query, features)  # raises for a bad query: not kept
+            if decoded.keeps(len(query)):
+                row.flags.writeable = False
+                decoded.put(query, (features, row))
         answer = await gw.infer(rt, row, _LABEL, timeout_s(gw, req))
         return Reply(200, b'{"prediction":' + answer.values["label"][0] + b"}",
                      [(b"x-cache", _SOURCES[answer.sources[0]])], model=rt.manifest.name,

@@ -16,7 +16,15 @@ import orjson
 
 from gateway.core.runner import Output
 from gateway.errors import InvalidInput
-from gateway.protocols.http import Door, HttpRequest, Reply, error_reply, timeout_s
+from gateway.protocols.http import (
+    Decoded,
+    Door,
+    Handler,
+    HttpRequest,
+    Reply,
+    error_reply,
+    timeout_s,
+)
 from gateway.protocols.inputs import parse_instances, parse_json
 from gateway.runtime import Gateway
 
@@ -28,9 +36,9 @@ _BOTH: frozenset[Output] = frozenset({"label", "probabilities"})
 _SOURCES = {s: orjson.dumps(s) for s in ("l1", "l2", "miss")}
 
 
-async def predict_v1(gw: Gateway, req: HttpRequest, params: dict[str, str]) -> Reply:
-    deadline_s = timeout_s(gw, req)
-    payload = parse_json(await req.body(gw.settings.max_body_bytes))
+def _v1_body(body: bytes) -> tuple[Any, bool, Any]:
+    """The version asked for, whether probabilities are, and the instances."""
+    payload = parse_json(body)
     if type(payload) is not dict:
         raise InvalidInput("body: expected a JSON object with 'instances'", code="invalid_body")
     if len(payload) > 1 or "instances" not in payload:
@@ -43,35 +51,79 @@ async def predict_v1(gw: Gateway, req: HttpRequest, params: dict[str, str]) -> R
     proba = payload.get("probabilities", False)
     if type(proba) is not bool:
         raise InvalidInput("probabilities: expected true or false", code="invalid_body")
-    rt = gw.runtime(params["name"], payload.get("version"))
-    m = rt.manifest
-    rows = parse_instances(payload["instances"], m.features, gw.settings.max_rows)
-    answer = await gw.infer(rt, rows, _BOTH if proba else _LABEL, deadline_s)
-    parts = [b'{"model":', orjson.dumps(m.name), b',"version":"', str(m.version).encode(),
-             b'","predictions":[', b",".join(answer.values["label"]), b"]"]
-    if proba:
-        parts += [b',"classes":', orjson.dumps(list(m.classes)), b',"probabilities":[',
-                  b",".join(answer.values["probabilities"]), b"]"]
-    parts += [b',"cache":[', b",".join([_SOURCES[s] for s in answer.sources]), b"]}"]
-    return Reply(200, b"".join(parts), model=m.name, version=str(m.version), cache=answer.source)
+    return payload.get("version"), proba, payload["instances"]
 
 
-async def predict_kserve(gw: Gateway, req: HttpRequest, params: dict[str, str]) -> Reply:
-    deadline_s = timeout_s(gw, req)
-    payload = parse_json(await req.body(gw.settings.max_body_bytes))
+def _kserve_body(body: bytes) -> Any:
+    """The instances of a KServe V1 body."""
+    payload = parse_json(body)
     if type(payload) is not dict or set(payload) != {"instances"}:
         raise InvalidInput("body: expected a JSON object with 'instances' only",
                            code="invalid_body")
-    rt = gw.runtime(params["name"])
-    rows = parse_instances(payload["instances"], rt.manifest.features, gw.settings.max_rows)
-    answer = await gw.infer(rt, rows, _LABEL, deadline_s)
-    return Reply(200, b'{"predictions":[' + b",".join(answer.values["label"]) + b"]}",
-                 model=rt.manifest.name, version=str(rt.manifest.version), cache=answer.source)
+    return payload["instances"]
+
+
+def _predict_v1(decoded: Decoded) -> Handler:
+    async def predict_v1(gw: Gateway, req: HttpRequest, params: dict[str, str]) -> Reply:
+        deadline_s = timeout_s(gw, req)
+        body = await req.body(gw.settings.max_body_bytes)
+        seen = decoded.get(body)
+        if seen is not None:
+            version, proba, features, rows = seen
+            rt = gw.runtime(params["name"], version)
+            if rt.manifest.features != features:
+                seen = None
+        if seen is None:
+            version, proba, instances = _v1_body(body)
+            rt = gw.runtime(params["name"], version)
+            features = rt.manifest.features
+            rows = parse_instances(instances, features, gw.settings.max_rows)
+            if decoded.keeps(len(body)):
+                rows.flags.writeable = False
+                decoded.put(body, (version, proba, features, rows))
+        m = rt.manifest
+        answer = await gw.infer(rt, rows, _BOTH if proba else _LABEL, deadline_s)
+        parts = [b'{"model":', orjson.dumps(m.name), b',"version":"', str(m.version).encode(),
+                 b'","predictions":[', b",".join(answer.values["label"]), b"]"]
+        if proba:
+            parts += [b',"classes":', orjson.dumps(list(m.classes)), b',"probabilities":[',
+                      b",".join(answer.values["probabilities"]), b"]"]
+        parts += [b',"cache":[', b",".join([_SOURCES[s] for s in answer.sources]), b"]}"]
+        return Reply(200, b"".join(parts), model=m.name, version=str(m.version),
+                     cache=answer.source)
+
+    return predict_v1
+
+
+def _predict_kserve(decoded: Decoded) -> Handler:
+    async def predict_kserve(gw: Gateway, req: HttpRequest, params: dict[str, str]) -> Reply:
+        deadline_s = timeout_s(gw, req)
+        body = await req.body(gw.settings.max_body_bytes)
+        seen = decoded.get(body)
+        instances = _kserve_body(body) if seen is None else None
+        rt = gw.runtime(params["name"])
+        features = rt.manifest.features
+        if seen is not None and seen[0] == features:
+            rows = seen[1]
+        else:
+            if instances is None:
+                instances = _kserve_body(body)
+            rows = parse_instances(instances, features, gw.settings.max_rows)
+            if decoded.keeps(len(body)):
+                rows.flags.writeable = False
+                decoded.put(body, (features, rows))
+        answer = await gw.infer(rt, rows, _LABEL, deadline_s)
+        return Reply(200, b'{"predictions":[' + b",".join(answer.values["label"]) + b"]}",
+                     model=rt.manifest.name, version=str(rt.manifest.version),
+                     cache=answer.source)
+
+    return predict_kserve
 
 
 def doors() -> list[Door]:
-    return [Door("POST", "/v1/models/{name}/predict", predict_v1, error_reply),
-            Door("POST", "/v1/models/{name}:predict", predict_kserve, error_reply)]
+    """The ``/v1`` doors, each with a decoding memo of its own."""
+    return [Door("POST", "/v1/models/{name}/predict", _predict_v1(Decoded()), error_reply),
+            Door("POST", "/v1/models/{name}:predict", _predict_kserve(Decoded()), error_reply)]
 
 
 def openapi_paths(error_schema: dict[str, Any]) -> dict[str, Any]:

@@ -19,8 +19,13 @@ from starlette.responses import Response
 
 from gateway.core.runner import ModelRunner, Output
 from gateway.errors import Forbidden, GatewayError, InvalidInput, Unauthorized
-from gateway.protocols.http import Door, HttpRequest, Reply, timeout_s
-from gateway.protocols.v2_codec import OutputSpec, decode_infer_request, encode_infer_response
+from gateway.protocols.http import Decoded, Door, Handler, HttpRequest, Reply, timeout_s
+from gateway.protocols.v2_codec import (
+    InferRequest,
+    OutputSpec,
+    decode_infer_request,
+    encode_infer_response,
+)
 from gateway.responses import json_response
 from gateway.runtime import Gateway, gateway_of
 
@@ -75,13 +80,28 @@ def _outputs(rt: ModelRunner) -> list[tuple[str, str, list[int]]]:
     return out
 
 
-async def infer(gw: Gateway, req: HttpRequest, params: dict[str, str]) -> Reply:
+def _infer(decoded: Decoded) -> Handler:
+    async def infer(gw: Gateway, req: HttpRequest, params: dict[str, str]) -> Reply:
+        rt = gw.runtime(params["name"], params.get("version"))
+        body = await req.body(gw.settings.max_body_bytes)
+        key = (req.header(b"inference-header-content-length"), body)
+        features = rt.manifest.features
+        seen = decoded.get(key)
+        if seen is not None and seen[0] == features:
+            ireq = seen[1]
+        else:
+            ireq = decode_infer_request(body, key[0], features, gw.settings.max_rows)
+            if decoded.keeps(len(body)):
+                ireq.rows.flags.writeable = False
+                decoded.put(key, (features, ireq))
+        return await _answer(gw, req, rt, ireq)
+
+    return infer
+
+
+async def _answer(gw: Gateway, req: HttpRequest, rt: ModelRunner, ireq: InferRequest) -> Reply:
     """Infer rows given as tensors (JSON ``data`` or binary tensor data); answers ``label``
     and ``probabilities`` (or the requested ``outputs``), binary when asked."""
-    rt = gw.runtime(params["name"], params.get("version"))
-    body = await req.body(gw.settings.max_body_bytes)
-    ireq = decode_infer_request(body, req.header(b"inference-header-content-length"),
-                                rt.manifest.features, gw.settings.max_rows)
     available = {n: (d, s) for n, d, s in _outputs(rt)}
     specs = ireq.outputs or tuple(OutputSpec(n, ireq.binary_default) for n in available)
     for spec in specs:
@@ -110,6 +130,8 @@ async def infer(gw: Gateway, req: HttpRequest, params: dict[str, str]) -> Reply:
 
 
 def doors() -> list[Door]:
+    """The infer doors (latest version, or the one named), sharing a decoding memo."""
+    infer = _infer(Decoded())
     return [Door("POST", "/v2/models/{name}/infer", infer, render_error),
             Door("POST", "/v2/models/{name}/versions/{version}/infer", infer, render_error)]
 

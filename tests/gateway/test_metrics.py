@@ -130,3 +130,39 @@ async def test_process_and_collector_metrics_are_exported(session_store: Path) -
     assert values["gateway_process_open_fds"] >= 3
     assert values['gateway_gc_collections_total{generation="2"}'] >= 1
     assert values['gateway_gc_pause_seconds_total{generation="2"}'] > 0
+
+
+def test_tallied_counts_and_observations_render_as_if_made_directly() -> None:
+    """What the tally holds is exported exactly as direct prometheus-client calls would be,
+    bucket bounds included (a value equal to a bound falls in that bucket)."""
+    direct, tallied = Metrics(environ={}), Metrics(environ={})
+    values = [0.0005, 0.0004, 0.001, 0.3, 11.0, 0.0]
+    for v in values:
+        direct.request_seconds.labels("/predict").observe(v)
+        tallied.tally.observe(tallied.request_seconds.labels("/predict"), v)
+    direct.requests.labels("/predict", "200").inc(5)
+    tallied.tally.inc(tallied.requests.labels("/predict", "200"), 2)
+    tallied.tally.inc(tallied.requests.labels("/predict", "200"), 3)
+
+    def samples(m: Metrics) -> list[str]:
+        return [line for line in m.render().decode().splitlines()
+                if line.startswith(("gateway_request_seconds_", "gateway_requests_total"))
+                and "_created" not in line]
+
+    assert samples(tallied) == samples(direct)
+    assert len(samples(direct)) > len(values)
+    assert samples(tallied) == samples(direct)  # flushed once, not twice
+
+
+_TALLY_WORKER = textwrap.dedent("""
+    from gateway.metrics import Metrics
+    m = Metrics()
+    m.in_flight += 1
+    m.tally.inc(m.requests.labels("/predict", "200"), 3)
+    m.in_flight -= 1  # back to zero: the tally reaches the file without a scrape
+""")
+
+
+def test_a_workers_tally_reaches_the_others_without_a_scrape(tmp_path: Path) -> None:
+    run(_TALLY_WORKER, tmp_path)
+    assert metric_sum(merged(tmp_path), "gateway_requests_total", route="/predict") == 3

@@ -43,7 +43,7 @@ async def test_tiny_calls_move_inline_after_warmup() -> None:
     fn = Recorder()
     places: list[bool] = []
     ex = Executor(limiter=anyio.CapacityLimiter(1), inline_max_s=0.01,
-                  on_call=lambda inline, _s: places.append(inline))
+                  on_call=lambda inline, *_: places.append(inline))
     for _ in range(20):
         assert await ex.run(fn, "u", rows(1, 2)) == [1, 2]
     assert places[:8] == [False] * 8 and all(places[8:])
@@ -54,7 +54,7 @@ async def test_slow_model_never_runs_inline() -> None:
     fn = Recorder(seconds=0.002)
     places: list[bool] = []
     ex = Executor(limiter=anyio.CapacityLimiter(1), inline_max_s=100e-6,
-                  on_call=lambda inline, _s: places.append(inline))
+                  on_call=lambda inline, *_: places.append(inline))
     for _ in range(30):
         await ex.run(fn, "u", rows(1))
     assert not any(places)
@@ -65,7 +65,7 @@ async def test_model_that_slows_down_goes_back_to_the_thread() -> None:
     fn = Recorder()
     places: list[bool] = []
     ex = Executor(limiter=anyio.CapacityLimiter(1), inline_max_s=0.001,
-                  on_call=lambda inline, _s: places.append(inline))
+                  on_call=lambda inline, *_: places.append(inline))
     for _ in range(10):
         await ex.run(fn, "u", rows(1))
     assert places[-1] is True
@@ -109,7 +109,7 @@ async def test_model_that_waits_runs_in_the_thread_until_tried_again() -> None:
     fn = Recorder()
     places: list[bool] = []
     ex = Executor(limiter=anyio.CapacityLimiter(1), inline_max_s=0.001,
-                  on_call=lambda inline, _s: places.append(inline))
+                  on_call=lambda inline, *_: places.append(inline))
     for _ in range(10):
         await ex.run(fn, "u", rows(1))
     fn.seconds, fn.sleeps = 0.003, True

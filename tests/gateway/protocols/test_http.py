@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
+from sklearn.tree import DecisionTreeClassifier
 
 from gateway.errors import GatewayError
-from gateway.protocols.http import Door, Reply, error_reply
+from gateway.protocols.http import Decoded, Door, Reply, error_reply
+from model_store import ModelStore
+from model_store.demo import IRIS_FEATURES, iris_data
 from tests.support import probed_app
+
+ROW = [5.1, 3.5, 1.4, 0.2]
 
 pytestmark = pytest.mark.anyio
 
@@ -75,3 +81,43 @@ async def test_every_door_answer_is_counted_by_route_and_status(session_store: P
     assert 'gateway_requests_total{route="/predict",status="200"} 1.0' in text
     assert 'gateway_requests_total{route="/predict",status="422"} 1.0' in text
     assert 'gateway_requests_total{route="/v2/models/{name}/infer",status="400"} 1.0' in text
+
+
+def test_decoded_memo_is_bounded() -> None:
+    memo = Decoded(max_entries=2, max_bytes=4)
+    assert memo.keeps(4) and not memo.keeps(5)
+    memo.put(b"a", 1)
+    memo.put(b"b", 2)
+    assert (memo.get(b"a"), memo.get(b"b")) == (1, 2)
+    memo.put(b"c", 3)  # full: cleared first
+    assert (memo.get(b"a"), memo.get(b"b"), memo.get(b"c")) == (None, None, 3)
+
+
+async def test_a_request_decoded_before_is_decoded_again_for_a_version_with_other_features(
+        store_root: Path) -> None:
+    """The same bytes, asked again after a new version reorders the features: every door
+    answers from the new order, not from the rows it decoded for the old one."""
+    x, y = iris_data()
+    reordered = tuple(reversed(IRIS_FEATURES))
+    query = "/predict?" + "&".join(f"{f}={v}" for f, v in zip(IRIS_FEATURES, ROW, strict=True))
+    by_name = {"instances": [dict(zip(IRIS_FEATURES, ROW, strict=True))]}
+    v2 = {"inputs": [{"name": "input", "shape": [1, 4], "datatype": "FP64", "data": ROW}]}
+    async with probed_app(store_root, model_poll_s=0) as (client, _, gw):
+        before = [(await client.get(query)).json()["prediction"],
+                  (await client.post("/v1/models/iris/predict", json=by_name)).json(),
+                  (await client.post("/v2/models/iris/infer", json=v2)).json()]
+        assert before[0] == "setosa" and before[1]["predictions"] == ["setosa"]
+        ModelStore(store_root).register(
+            DecisionTreeClassifier(random_state=0).fit(x[:, ::-1], y), "iris",
+            features=reordered, backend="sklearn")
+        assert await gw.registry.reload()
+        got = (await client.get(query)).json()["prediction"]
+        assert got == "setosa"  # named parameters: the same row in the new order
+        v1 = (await client.post("/v1/models/iris/predict", json=by_name)).json()
+        assert (v1["version"], v1["predictions"]) == ("2", ["setosa"])
+        # A positional tensor now means the reversed row, a virginica-like flower.
+        out = (await client.post("/v2/models/iris/infer", json=v2)).json()
+        label = next(o for o in out["outputs"] if o["name"] == "label")["data"]
+        expected = DecisionTreeClassifier(random_state=0).fit(x[:, ::-1], y).predict(
+            np.array([ROW]))
+        assert (out["model_version"], label) == ("2", expected.tolist())
