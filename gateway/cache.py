@@ -57,6 +57,8 @@ class L1Cache:
         self._ttl = ttl_s
         self._clock = clock
         self._data: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self.writes = 0
+        """Calls of ``put`` and ``put_many`` so far: unchanged means nothing was stored."""
 
     def get(self, key: str) -> bytes | None:
         item = self._data.get(key)
@@ -86,6 +88,7 @@ class L1Cache:
         return out
 
     def put(self, key: str, value: bytes) -> None:
+        self.writes += 1
         data = self._data
         if key in data:
             data.move_to_end(key)
@@ -95,6 +98,7 @@ class L1Cache:
 
     def put_many(self, keys: list[str], values: list[bytes]) -> None:
         """``put`` for each pair, with one clock reading."""
+        self.writes += 1
         data = self._data
         expires = self._clock() + self._ttl
         for key, value in zip(keys, values, strict=True):

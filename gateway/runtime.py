@@ -13,7 +13,7 @@ from starlette.requests import Request
 
 from gateway.breaker import CircuitBreaker
 from gateway.cache import L1Cache, RedisCache
-from gateway.core.pipeline import Answer, Pipeline
+from gateway.core.pipeline import Answer, Pending, Pipeline
 from gateway.core.runner import ModelRunner, Output
 from gateway.errors import GatewayError, InvalidInput, NotFound, Unavailable
 from gateway.metrics import Metrics
@@ -164,6 +164,17 @@ class Gateway:
     ) -> Answer:
         """``Pipeline.infer`` for a request; see there for errors. Also raises Unavailable
         (shutting down) and InvalidInput (probabilities of a model without them)."""
+        begun = self.begin(rt, rows, outputs)
+        if type(begun) is Answer:
+            return begun
+        if timeout_s is None:
+            timeout_s = self.settings.request_timeout_ms / 1000
+        return await self.pipeline.finish(begun, timeout_s)  # type: ignore[arg-type]
+
+    def begin(self, rt: ModelRunner, rows: np.ndarray, outputs: frozenset[Output] = _LABEL
+              ) -> Answer | Pending:
+        """``Pipeline.begin`` for a request: the answer if it needs no waiting, else what
+        ``Pipeline.finish`` completes. Raises as ``infer`` does before waiting."""
         if not self.accepting:
             raise Unavailable("shutting down", code="shutting_down")
         if "probabilities" in outputs and not rt.has_proba:
@@ -171,9 +182,7 @@ class Gateway:
                 f"model {rt.manifest.name} v{rt.manifest.version} has no probabilities",
                 code="probabilities_unsupported",
             )
-        if timeout_s is None:
-            timeout_s = self.settings.request_timeout_ms / 1000
-        return await self.pipeline.infer(rt, rows, outputs, timeout_s)
+        return self.pipeline.begin(rt, rows, outputs)
 
     def count_rejection(self, exc: GatewayError) -> None:
         self.metrics.rejected.labels(exc.code).inc()

@@ -150,6 +150,18 @@ class _OneWrite:
         else:
             self._pending.append(data)
 
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
     def flush(self) -> None:
         pending, self._pending = self._pending, None
         if pending and not self._transport.is_closing():

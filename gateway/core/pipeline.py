@@ -34,7 +34,7 @@ from gateway.metrics import Metrics
 if TYPE_CHECKING:
     from gateway.remote import Remote
 
-__all__ = ["Answer", "Pipeline", "Source"]
+__all__ = ["Answer", "Pending", "Pipeline", "Source"]
 
 log = logging.getLogger("gateway.pipeline")
 
@@ -55,6 +55,15 @@ class Answer:
     def source(self) -> Source:
         """The slowest tier any row came from (``miss`` if the model ran for any)."""
         return max(self.sources, key=_RANK.__getitem__)
+
+
+@dataclass(eq=False, slots=True)
+class Pending:
+    """What ``Pipeline.begin`` could not answer without waiting, for ``Pipeline.finish``."""
+
+    runner: ModelRunner
+    blocks: list[_Block]
+    l1_writes: int  # L1's write count when the blocks were looked up
 
 
 @dataclass(eq=False, slots=True)
@@ -112,7 +121,8 @@ class Pipeline:
         self, runner: ModelRunner, rows: np.ndarray, outputs: frozenset[Output],
         timeout_s: float,
     ) -> Answer:
-        """``outputs`` for ``rows`` (float64, validated), in row order.
+        """``outputs`` for ``rows`` (float64, validated), in row order: ``begin``, then
+        ``finish`` if anything is left to wait for.
 
         Rows held by L1 are answered without awaiting anything; what remains runs under the
         ``timeout_s`` deadline.
@@ -126,6 +136,21 @@ class Pipeline:
             ModelFailed: the model raised for one of the rows.
         Cancelling it (deadline, client gone) drops its rows that nobody else waits for.
         """
+        begun = self.begin(runner, rows, outputs)
+        if type(begun) is Answer:
+            return begun
+        return await self.finish(begun, timeout_s)  # type: ignore[arg-type]
+
+    def begin(self, runner: ModelRunner, rows: np.ndarray, outputs: frozenset[Output]
+              ) -> Answer | Pending:
+        """Everything about ``rows`` that needs no waiting: keys, L1, and the inline call of a
+        model measured to answer in microseconds. The answer if that was all; else what
+        ``finish`` needs to complete it (await ``finish`` for it, or drop it: nothing is
+        registered anywhere until ``finish`` runs).
+
+        Raises:
+            InvalidInput: a value beyond float32 range (tree models compare in float32).
+        """
         rows = canonical_rows(rows)
         units = runner.units(outputs)
         keys: list[str] | None = None
@@ -137,25 +162,33 @@ class Pipeline:
                 self._tally.inc(self._l1_hit)
                 return _answer([_Block(unit, rows, keys, [value], ["l1"], [], False)])
             self._tally.inc(self._l1_miss)
-        if float(np.abs(rows).max()) > _FLOAT32_MAX:  # (a cached row passed this before)
+        if _out_of_range(rows):  # (a cached row passed this before)
             raise InvalidInput(f"feature values must be within ±{_FLOAT32_MAX:.7g} (float32 "
                                "range, in which tree models compare)", code="out_of_range")
         if keys is not None:  # looked up above: the one unit's row missed L1
             blocks = [self._start(runner, units[0], rows, keys=keys, looked_up=True)]
         else:
             blocks = [self._start(runner, unit, rows) for unit in units]
-        pending = [b for b in blocks if b.missing]
-        if pending:
-            try:
-                async with asyncio.timeout(timeout_s):
-                    if len(pending) == 1:
-                        await self._fill(runner, pending[0])
-                    else:  # tasks start later: others may run between lookup and flight
-                        for b in pending:
-                            b.recheck = True
-                        await asyncio.gather(*(self._fill(runner, b) for b in pending))
-            except TimeoutError:
-                raise DeadlineExceeded(f"no answer within {timeout_s * 1000:.0f} ms") from None
+        if not any(b.missing for b in blocks):
+            return _answer(blocks)
+        return Pending(runner, blocks, self._l1.writes if self._l1 is not None else 0)
+
+    async def finish(self, pending: Pending, timeout_s: float) -> Answer:
+        """Complete what ``begin`` left: L2, then the model, under the ``timeout_s``
+        deadline. Raises as ``infer`` does."""
+        runner, blocks = pending.runner, pending.blocks
+        waiting = [b for b in blocks if b.missing]
+        if len(waiting) > 1 or (self._l1 is not None and self._l1.writes != pending.l1_writes):
+            for b in waiting:  # others may store rows between the lookup and the flight
+                b.recheck = True
+        try:
+            async with asyncio.timeout(timeout_s):
+                if len(waiting) == 1:
+                    await self._fill(runner, waiting[0])
+                else:
+                    await asyncio.gather(*(self._fill(runner, b) for b in waiting))
+        except TimeoutError:
+            raise DeadlineExceeded(f"no answer within {timeout_s * 1000:.0f} ms") from None
         return _answer(blocks)
 
     def _start(self, runner: ModelRunner, unit: Unit, rows: np.ndarray, *,
@@ -335,6 +368,13 @@ class Pipeline:
     async def aclose(self) -> None:
         if self._flights is not None:
             await self._flights.aclose()
+
+
+def _out_of_range(rows: np.ndarray) -> bool:
+    """Is any value beyond float32 range? (Python's own loop is quicker on a few values.)"""
+    if rows.size <= 16:
+        return bool(max(map(abs, rows.ravel().tolist())) > _FLOAT32_MAX)
+    return float(np.abs(rows).max()) > _FLOAT32_MAX
 
 
 def _answer(blocks: list[_Block]) -> Answer:

@@ -3,30 +3,40 @@
 The doors that carry predictions (``GET /predict``, ``POST /v1/models/{name}/predict``,
 ``POST /v2/models/{name}[/versions/{v}]/infer``, KServe's ``POST /v1/models/{name}:predict``)
 are answered here, ahead of FastAPI's middleware, routing and telemetry layers, which cost more
-than a whole cached answer. Each door is a handler ``(gateway, request, params) -> Reply`` and an
-error renderer for its protocol; ``Doors`` matches the request, runs the handler, renders a
-``GatewayError`` the protocol's way, counts and times the request like every other route, and
-answers 405 for a door's path with another method. Anything else goes on to FastAPI.
+than a whole cached answer. A door is a protocol adapter: ``prepare`` decodes a request into a
+``Job`` (model version, rows, outputs wanted, deadline), ``encode`` turns the pipeline's answer
+into a ``Reply``, ``render_error`` renders a ``GatewayError`` the protocol's way. ``Doors``
+matches the request, runs one ``Gateway.begin``/``finish`` underneath, counts and times the
+request like every other route, and answers 405 for a door's path with another method.
+Anything else goes on to FastAPI.
+
+``Doors.answer_now`` runs a door as far as it goes without waiting; the server calls it as soon
+as a request's body is in (``gateway.server``), so an answer held by L1, or computed inline by a
+model measured to take microseconds, is written without an ASGI task at all.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Hashable
+from contextvars import Token
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import orjson
 from prometheus_client import Counter
 from starlette.types import Receive, Scope, Send
 
 from gateway import logs
+from gateway.core.pipeline import Answer
+from gateway.core.runner import ModelRunner, Output
 from gateway.errors import BodyTooLarge, GatewayError, InvalidInput, MethodNotAllowed, error_body
 from gateway.metrics import Metrics
 from gateway.runtime import Gateway
 
-__all__ = ["ClientGone", "Decoded", "Door", "Doors", "Handler", "HttpRequest", "Reply",
-           "error_reply", "timeout_s"]
+__all__ = ["ClientGone", "Decoded", "Door", "Doors", "Encode", "HttpRequest", "Job", "Prepare",
+           "Reply", "error_reply", "timeout_s"]
 
 _JSON = b"application/json"
 _MAX_LENGTH_DIGITS = 18
@@ -61,7 +71,7 @@ class HttpRequest:
 
     __slots__ = ("_receive", "scope")
 
-    def __init__(self, scope: Scope, receive: Receive) -> None:
+    def __init__(self, scope: Scope, receive: Receive | None) -> None:
         self.scope = scope
         self._receive = receive
 
@@ -92,6 +102,7 @@ class HttpRequest:
                                    f"{limit} bytes")
         chunks: list[bytes] = []
         size = 0
+        assert self._receive is not None, "a request built without its body stream"
         while True:
             message = await self._receive()
             if message["type"] == "http.disconnect":
@@ -142,18 +153,36 @@ class Decoded:
         entries[key] = value
 
 
-Handler = Callable[[Gateway, HttpRequest, dict[str, str]], Awaitable[Reply]]
+@dataclass(slots=True)
+class Job:
+    """What a door decoded a request into: one model version, its rows, the outputs wanted,
+    the deadline, and whatever the door's encoder needs besides the answer (``extra``)."""
+
+    rt: ModelRunner
+    rows: np.ndarray
+    outputs: frozenset[Output]
+    timeout_s: float
+    extra: Any = None
+
+
+Prepare = Callable[[Gateway, HttpRequest, dict[str, str], bytes], Job]
+Encode = Callable[[Job, Answer], Reply]
 Renderer = Callable[[GatewayError], Reply]
 
 
 @dataclass(frozen=True, slots=True)
 class Door:
-    """One route: its method, its path template (``{name}`` segments), handler and errors."""
+    """One route: its method, its path template (``{name}`` segments), and its protocol: how
+    a request is decoded (``prepare``, given the whole body; raises GatewayError), how an
+    answer is encoded, how an error is rendered. A door without ``reads_body`` is given
+    ``b""``."""
 
     method: str
     template: str
-    handler: Handler
+    prepare: Prepare
+    encode: Encode
     render_error: Renderer
+    reads_body: bool = True
 
     def match(self, path: str) -> dict[str, str] | None:
         """Path parameters if ``path`` fits the template, else None. A template segment
@@ -228,38 +257,68 @@ class Doors:
     async def answer(self, door: Door, params: dict[str, str], scope: Scope, receive: Receive,
                      send: Send) -> None:
         """Run ``door`` for this request and send its reply; counts and times it."""
-        start = time.perf_counter()
-        status = 500
-        metrics = self._metrics
-        metrics.in_flight += 1
-        req = HttpRequest(scope, receive)
-        rid = logs.request_id_from(req.header(b"x-request-id"))
-        token = logs.request_id.set(rid)
-        reply: Reply | None = None
-        gw: Gateway = scope["state"]["gateway"]
-        try:
+        body = b""
+        if door.reads_body:
+            gw: Gateway = scope["state"]["gateway"]
             try:
-                reply = await door.handler(gw, req, params)
-            except GatewayError as exc:
-                gw.count_rejection(exc)
-                reply = door.render_error(exc)
+                body = await HttpRequest(scope, receive).body(gw.settings.max_body_bytes)
             except ClientGone:
-                status = 499
+                self._count(door.template, 499)
                 return
-            status = reply.status
-            reply.headers.append((b"x-request-id", rid.encode()))
-            await _send(send, reply)
+            except GatewayError as exc:
+                await _send(send, self._rejected(door, scope, exc))
+                return
+        now = self.answer_now(door, params, scope, body)
+        if type(now) is Reply:
+            await _send(send, now)
+        else:
+            await now(send)  # type: ignore[operator]
+
+    def answer_now(self, door: Door, params: dict[str, str], scope: Scope, body: bytes
+                   ) -> Reply | Callable[[Send], Awaitable[None]]:
+        """Run ``door`` on a request whose whole ``body`` is read, as far as it goes without
+        waiting: the reply (counted and timed) if that is all, else the coroutine function
+        that finishes it and sends the reply through an ASGI ``send``. Never raises for the
+        request's own faults (they are replies)."""
+        exchange = _Exchange(self, door, scope)
+        gw = exchange.gw
+        try:
+            job = door.prepare(gw, HttpRequest(scope, None), params, body)
+            begun = gw.begin(job.rt, job.rows, job.outputs)
+            if isinstance(begun, Answer):
+                return exchange.done(door.encode(job, begun))
+        except GatewayError as exc:
+            gw.count_rejection(exc)
+            return exchange.done(door.render_error(exc))
         finally:
-            seconds = time.perf_counter() - start
-            self._count(door.template, status)
-            metrics.tally.observe(self._seconds[door.template], seconds)
-            metrics.in_flight -= 1  # after counting: returning to 0 flushes the tally
-            if gw.settings.access_log == "on":
-                logs.access(scope["method"], scope["path"], status, seconds,
-                            cache=reply.cache if reply else None,
-                            model=reply.model if reply else None,
-                            version=reply.version if reply else None)
-            logs.request_id.reset(token)
+            exchange.leave()
+
+        async def finish(send: Send) -> None:
+            exchange.enter()
+            reply: Reply | None = None
+            try:
+                try:
+                    reply = door.encode(job, await gw.pipeline.finish(begun, job.timeout_s))
+                except GatewayError as exc:
+                    gw.count_rejection(exc)
+                    reply = door.render_error(exc)
+                exchange.done(reply)
+                await _send(send, reply)
+            finally:
+                if reply is None:  # cancelled: counted as failed
+                    exchange.done(None)
+                exchange.leave()
+
+        return finish
+
+    def _rejected(self, door: Door, scope: Scope, exc: GatewayError) -> Reply:
+        """The reply to a request refused before its door ran (its body), counted."""
+        exchange = _Exchange(self, door, scope)
+        try:
+            exchange.gw.count_rejection(exc)
+            return exchange.done(door.render_error(exc))
+        finally:
+            exchange.leave()
 
     async def not_allowed(self, allowed: list[str], scope: Scope, send: Send,
                           render: Renderer) -> None:
@@ -275,6 +334,56 @@ class Doors:
             counter = self._counters[(route, status)] = self._metrics.requests.labels(
                 route, str(status))
         self._metrics.tally.inc(counter)
+
+
+class _Exchange:
+    """One request at a door, from its first byte to its reply: the request id (in the log
+    context while inside, ``enter``/``leave``), the in-flight count, and, once ``done``, its
+    count, latency and access-log line."""
+
+    __slots__ = ("_door", "_doors", "_scope", "_start", "_token", "finished", "gw", "rid")
+
+    def __init__(self, doors: Doors, door: Door, scope: Scope) -> None:
+        self._start = time.perf_counter()
+        self._doors = doors
+        self._door = door
+        self._scope = scope
+        self.gw: Gateway = scope["state"]["gateway"]
+        self.rid = logs.request_id_from(HttpRequest(scope, None).header(b"x-request-id"))
+        self.finished = False
+        doors._metrics.in_flight += 1
+        self._token: Token[str] | None = logs.request_id.set(self.rid)
+
+    def enter(self) -> None:
+        self._token = logs.request_id.set(self.rid)
+
+    def leave(self) -> None:
+        if self._token is not None:
+            logs.request_id.reset(self._token)
+            self._token = None
+
+    def done(self, reply: Reply | None) -> Reply:
+        """Count and time the request (once); ``reply`` gets its ``X-Request-Id``."""
+        if reply is not None:
+            reply.headers.append((b"x-request-id", self.rid.encode()))
+        if self.finished:
+            return reply  # type: ignore[return-value]
+        self.finished = True
+        doors = self._doors
+        seconds = time.perf_counter() - self._start
+        status = reply.status if reply is not None else 500
+        route = self._door.template
+        doors._count(route, status)
+        metrics = doors._metrics
+        metrics.tally.observe(doors._seconds[route], seconds)
+        metrics.in_flight -= 1  # after counting: returning to 0 flushes the tally
+        if self.gw.settings.access_log == "on":
+            scope = self._scope
+            logs.access(scope["method"], scope["path"], status, seconds,
+                        cache=reply.cache if reply else None,
+                        model=reply.model if reply else None,
+                        version=reply.version if reply else None)
+        return reply  # type: ignore[return-value]
 
 
 async def _send(send: Send, reply: Reply) -> None:

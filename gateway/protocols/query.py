@@ -8,8 +8,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from gateway.core.pipeline import Answer
 from gateway.core.runner import Output
-from gateway.protocols.http import Decoded, Door, HttpRequest, Reply, error_reply, timeout_s
+from gateway.protocols.http import (
+    Decoded,
+    Door,
+    HttpRequest,
+    Job,
+    Reply,
+    error_reply,
+    timeout_s,
+)
 from gateway.protocols.inputs import parse_query_string
 from gateway.runtime import Gateway
 from model_store import Manifest
@@ -24,7 +33,7 @@ def door() -> Door:
     """The ``GET /predict`` door, with a decoding memo of its own."""
     decoded = Decoded()
 
-    async def predict_query(gw: Gateway, req: HttpRequest, _params: dict[str, str]) -> Reply:
+    def prepare(gw: Gateway, req: HttpRequest, _params: dict[str, str], _body: bytes) -> Job:
         rt = gw.runtime(gw.settings.default_model)
         query: bytes = req.scope["query_string"]
         features = rt.manifest.features
@@ -36,12 +45,15 @@ def door() -> Door:
             if decoded.keeps(len(query)):
                 row.flags.writeable = False
                 decoded.put(query, (features, row))
-        answer = await gw.infer(rt, row, _LABEL, timeout_s(gw, req))
-        return Reply(200, b'{"prediction":' + answer.values["label"][0] + b"}",
-                     [(b"x-cache", _SOURCES[answer.sources[0]])], model=rt.manifest.name,
-                     version=str(rt.manifest.version), cache=answer.sources[0])
+        return Job(rt, row, _LABEL, timeout_s(gw, req))
 
-    return Door("GET", "/predict", predict_query, error_reply)
+    def encode(job: Job, answer: Answer) -> Reply:
+        m = job.rt.manifest
+        return Reply(200, b'{"prediction":' + answer.values["label"][0] + b"}",
+                     [(b"x-cache", _SOURCES[answer.sources[0]])], model=m.name,
+                     version=str(m.version), cache=answer.sources[0])
+
+    return Door("GET", "/predict", prepare, encode, error_reply, reads_body=False)
 
 
 def openapi_path(manifest: Manifest | None, error_schema: dict[str, Any]) -> dict[str, Any]:

@@ -14,13 +14,16 @@ from typing import Any
 
 import orjson
 
+from gateway.core.pipeline import Answer
 from gateway.core.runner import Output
 from gateway.errors import InvalidInput
 from gateway.protocols.http import (
     Decoded,
     Door,
-    Handler,
+    Encode,
     HttpRequest,
+    Job,
+    Prepare,
     Reply,
     error_reply,
     timeout_s,
@@ -63,10 +66,9 @@ def _kserve_body(body: bytes) -> Any:
     return payload["instances"]
 
 
-def _predict_v1(decoded: Decoded) -> Handler:
-    async def predict_v1(gw: Gateway, req: HttpRequest, params: dict[str, str]) -> Reply:
+def _v1_door(decoded: Decoded) -> tuple[Prepare, Encode]:
+    def prepare(gw: Gateway, req: HttpRequest, params: dict[str, str], body: bytes) -> Job:
         deadline_s = timeout_s(gw, req)
-        body = await req.body(gw.settings.max_body_bytes)
         seen = decoded.get(body)
         if seen is not None:
             version, proba, features, rows = seen
@@ -81,24 +83,25 @@ def _predict_v1(decoded: Decoded) -> Handler:
             if decoded.keeps(len(body)):
                 rows.flags.writeable = False
                 decoded.put(body, (version, proba, features, rows))
-        m = rt.manifest
-        answer = await gw.infer(rt, rows, _BOTH if proba else _LABEL, deadline_s)
+        return Job(rt, rows, _BOTH if proba else _LABEL, deadline_s, proba)
+
+    def encode(job: Job, answer: Answer) -> Reply:
+        m = job.rt.manifest
         parts = [b'{"model":', orjson.dumps(m.name), b',"version":"', str(m.version).encode(),
                  b'","predictions":[', b",".join(answer.values["label"]), b"]"]
-        if proba:
+        if job.extra:
             parts += [b',"classes":', orjson.dumps(list(m.classes)), b',"probabilities":[',
                       b",".join(answer.values["probabilities"]), b"]"]
         parts += [b',"cache":[', b",".join([_SOURCES[s] for s in answer.sources]), b"]}"]
         return Reply(200, b"".join(parts), model=m.name, version=str(m.version),
                      cache=answer.source)
 
-    return predict_v1
+    return prepare, encode
 
 
-def _predict_kserve(decoded: Decoded) -> Handler:
-    async def predict_kserve(gw: Gateway, req: HttpRequest, params: dict[str, str]) -> Reply:
+def _kserve_door(decoded: Decoded) -> tuple[Prepare, Encode]:
+    def prepare(gw: Gateway, req: HttpRequest, params: dict[str, str], body: bytes) -> Job:
         deadline_s = timeout_s(gw, req)
-        body = await req.body(gw.settings.max_body_bytes)
         seen = decoded.get(body)
         instances = _kserve_body(body) if seen is None else None
         rt = gw.runtime(params["name"])
@@ -112,18 +115,20 @@ def _predict_kserve(decoded: Decoded) -> Handler:
             if decoded.keeps(len(body)):
                 rows.flags.writeable = False
                 decoded.put(body, (features, rows))
-        answer = await gw.infer(rt, rows, _LABEL, deadline_s)
-        return Reply(200, b'{"predictions":[' + b",".join(answer.values["label"]) + b"]}",
-                     model=rt.manifest.name, version=str(rt.manifest.version),
-                     cache=answer.source)
+        return Job(rt, rows, _LABEL, deadline_s)
 
-    return predict_kserve
+    def encode(job: Job, answer: Answer) -> Reply:
+        m = job.rt.manifest
+        return Reply(200, b'{"predictions":[' + b",".join(answer.values["label"]) + b"]}",
+                     model=m.name, version=str(m.version), cache=answer.source)
+
+    return prepare, encode
 
 
 def doors() -> list[Door]:
     """The ``/v1`` doors, each with a decoding memo of its own."""
-    return [Door("POST", "/v1/models/{name}/predict", _predict_v1(Decoded()), error_reply),
-            Door("POST", "/v1/models/{name}:predict", _predict_kserve(Decoded()), error_reply)]
+    return [Door("POST", "/v1/models/{name}/predict", *_v1_door(Decoded()), error_reply),
+            Door("POST", "/v1/models/{name}:predict", *_kserve_door(Decoded()), error_reply)]
 
 
 def openapi_paths(error_schema: dict[str, Any]) -> dict[str, Any]:

@@ -17,11 +17,20 @@ import orjson
 from fastapi import APIRouter, Request
 from starlette.responses import Response
 
+from gateway.core.pipeline import Answer
 from gateway.core.runner import ModelRunner, Output
 from gateway.errors import Forbidden, GatewayError, InvalidInput, Unauthorized
-from gateway.protocols.http import Decoded, Door, Handler, HttpRequest, Reply, timeout_s
+from gateway.protocols.http import (
+    Decoded,
+    Door,
+    Encode,
+    HttpRequest,
+    Job,
+    Prepare,
+    Reply,
+    timeout_s,
+)
 from gateway.protocols.v2_codec import (
-    InferRequest,
     OutputSpec,
     decode_infer_request,
     encode_infer_response,
@@ -80,10 +89,13 @@ def _outputs(rt: ModelRunner) -> list[tuple[str, str, list[int]]]:
     return out
 
 
-def _infer(decoded: Decoded) -> Handler:
-    async def infer(gw: Gateway, req: HttpRequest, params: dict[str, str]) -> Reply:
+def _infer() -> tuple[Prepare, Encode]:
+    """Infer rows given as tensors (JSON ``data`` or binary tensor data); answers ``label``
+    and ``probabilities`` (or the requested ``outputs``), binary when asked."""
+    decoded = Decoded()
+
+    def prepare(gw: Gateway, req: HttpRequest, params: dict[str, str], body: bytes) -> Job:
         rt = gw.runtime(params["name"], params.get("version"))
-        body = await req.body(gw.settings.max_body_bytes)
         key = (req.header(b"inference-header-content-length"), body)
         features = rt.manifest.features
         seen = decoded.get(key)
@@ -94,46 +106,46 @@ def _infer(decoded: Decoded) -> Handler:
             if decoded.keeps(len(body)):
                 ireq.rows.flags.writeable = False
                 decoded.put(key, (features, ireq))
-        return await _answer(gw, req, rt, ireq)
+        available = {n: (d, s) for n, d, s in _outputs(rt)}
+        specs = ireq.outputs or tuple(OutputSpec(n, ireq.binary_default) for n in available)
+        for spec in specs:
+            if spec.name not in available:
+                raise InvalidInput(f"unknown output {spec.name!r:.40} (this model has "
+                                   f"{', '.join(available)})", code="bad_request")
+        deadline_s = (ireq.timeout_us / 1e6 if ireq.timeout_us is not None
+                      else timeout_s(gw, req))
+        wanted = frozenset(_OUTPUT_OF[s.name] for s in specs)
+        return Job(rt, ireq.rows, wanted, deadline_s, (ireq, specs, available))
 
-    return infer
+    def encode(job: Job, answer: Answer) -> Reply:
+        ireq, specs, available = job.extra
+        m = job.rt.manifest
+        n = len(ireq.rows)
+        encoded = []
+        for spec in specs:
+            datatype, shape = available[spec.name]
+            encoded.append((spec, datatype, [n, *shape[1:]],
+                            answer.values[_OUTPUT_OF[spec.name]]))
+        content, header_len = encode_infer_response(
+            model_name=m.name, model_version=str(m.version), request_id=ireq.request_id,
+            outputs=encoded,
+        )
+        reply = Reply(200, content, model=m.name, version=str(m.version), cache=answer.source)
+        if header_len is not None:
+            reply.headers.append((b"inference-header-content-length",
+                                  str(header_len).encode()))
+            reply.content_type = b"application/octet-stream"
+        return reply
 
-
-async def _answer(gw: Gateway, req: HttpRequest, rt: ModelRunner, ireq: InferRequest) -> Reply:
-    """Infer rows given as tensors (JSON ``data`` or binary tensor data); answers ``label``
-    and ``probabilities`` (or the requested ``outputs``), binary when asked."""
-    available = {n: (d, s) for n, d, s in _outputs(rt)}
-    specs = ireq.outputs or tuple(OutputSpec(n, ireq.binary_default) for n in available)
-    for spec in specs:
-        if spec.name not in available:
-            raise InvalidInput(f"unknown output {spec.name!r:.40} (this model has "
-                               f"{', '.join(available)})", code="bad_request")
-    deadline_s = (ireq.timeout_us / 1e6 if ireq.timeout_us is not None
-                  else timeout_s(gw, req))
-    wanted = frozenset(_OUTPUT_OF[s.name] for s in specs)
-    answer = await gw.infer(rt, ireq.rows, wanted, deadline_s)
-    n = len(ireq.rows)
-    encoded = []
-    for spec in specs:
-        datatype, shape = available[spec.name]
-        encoded.append((spec, datatype, [n, *shape[1:]], answer.values[_OUTPUT_OF[spec.name]]))
-    content, header_len = encode_infer_response(
-        model_name=rt.manifest.name, model_version=str(rt.manifest.version),
-        request_id=ireq.request_id, outputs=encoded,
-    )
-    reply = Reply(200, content, model=rt.manifest.name, version=str(rt.manifest.version),
-                  cache=answer.source)
-    if header_len is not None:
-        reply.headers.append((b"inference-header-content-length", str(header_len).encode()))
-        reply.content_type = b"application/octet-stream"
-    return reply
+    return prepare, encode
 
 
 def doors() -> list[Door]:
     """The infer doors (latest version, or the one named), sharing a decoding memo."""
-    infer = _infer(Decoded())
-    return [Door("POST", "/v2/models/{name}/infer", infer, render_error),
-            Door("POST", "/v2/models/{name}/versions/{version}/infer", infer, render_error)]
+    prepare, encode = _infer()
+    return [Door("POST", "/v2/models/{name}/infer", prepare, encode, render_error),
+            Door("POST", "/v2/models/{name}/versions/{version}/infer", prepare, encode,
+                 render_error)]
 
 
 async def server_metadata() -> Response:

@@ -59,7 +59,7 @@ def test_a_response_leaves_in_one_write() -> None:
         def close(self) -> None:
             self.closed = True
 
-        def get_extra_info(self, name: str) -> str:
+        def get_extra_info(self, name: str, default: object = None) -> str:
             return name
 
     loop = asyncio.new_event_loop()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from sklearn.tree import DecisionTreeClassifier
 
 from gateway.errors import GatewayError
-from gateway.protocols.http import Decoded, Door, Reply, error_reply
+from gateway.protocols.http import Decoded, Door, error_reply
 from model_store import ModelStore
 from model_store.demo import IRIS_FEATURES, iris_data
 from tests.support import probed_app
@@ -19,7 +20,7 @@ ROW = [5.1, 3.5, 1.4, 0.2]
 pytestmark = pytest.mark.anyio
 
 
-async def _never(*_args: object) -> Reply:
+def _never(*_args: object) -> Any:
     raise AssertionError("not called")
 
 
@@ -36,7 +37,7 @@ async def _never(*_args: object) -> Reply:
 ])
 def test_door_matches_its_template(template: str, path: str,
                                    params: dict[str, str] | None) -> None:
-    assert Door("POST", template, _never, error_reply).match(path) == params
+    assert Door("POST", template, _never, _never, error_reply).match(path) == params
 
 
 def test_error_reply_carries_status_code_and_headers() -> None:
