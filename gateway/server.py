@@ -29,6 +29,13 @@ idle client), so the process never runs out of file descriptors, which would mak
 loop drop every waiting connection, good ones too. When every connection is busy with a
 request, new requests get 503.
 
+**Doors without a task.** A request for an inference door (``gateway.protocols.http``) with a
+small body (``Content-Length`` up to ``_FAST_BODY_BYTES``, no ``Expect: 100-continue``) is held
+until its body is in, then run by ``Doors.answer_now`` right there: an answer that needs no
+waiting (L1, or an inline model call) is written at once, with no ASGI task, scope copy or
+middleware; anything else continues in an ordinary task. uvicorn's keep-alive, pipelining,
+``Connection: close`` and default headers apply as for any response.
+
 The protocol, server and supervisor extend uvicorn's own classes at the points its code offers
 (parser callbacks, ``_start_asgi_task``, ``shutdown``, the worker process factory); the tests
 in ``tests/hardening`` hold them to the behaviour above against real processes.
@@ -44,9 +51,9 @@ import os
 import resource
 import socket
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from enum import Enum
-from typing import Any
+from typing import Any, cast
 
 import orjson
 import uvicorn
@@ -61,6 +68,7 @@ from uvicorn.protocols.http.httptools_impl import (
 from uvicorn.server import ServerState
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
+from gateway.protocols.http import Door, Doors, Reply
 from gateway.settings import Settings
 
 __all__ = [
@@ -167,6 +175,12 @@ class _OneWrite:
         if pending and not self._transport.is_closing():
             self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
 
+    def write_now(self, data: bytes) -> None:
+        """Write ``data`` at once, after anything pending."""
+        self.flush()
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
     def close(self) -> None:
         self.flush()
         self._transport.close()
@@ -208,6 +222,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._shared.awaiting_headers if self._shared is not None else OrderedDict()
         )
         self._phase = _Phase.BETWEEN
+        self._doors = _doors_of(self.app)
+        self._in_headers = False  # inside on_headers_complete (not a pipelined start)
+        # A door request waiting for its body: its cycle, door and path parameters.
+        self._held: tuple[RequestResponseCycle, Door, dict[str, str]] | None = None
         self._header_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._timed_out = False  # this connection was answered 408 by a timer
@@ -223,6 +241,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._make_room()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._held = None
         self._cancel_timers()
         self._awaiting.pop(self, None)
         super().connection_lost(exc)
@@ -251,7 +270,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
-        super().on_headers_complete()
+        self._in_headers = True
+        try:
+            super().on_headers_complete()
+        finally:
+            self._in_headers = False
 
     def on_message_complete(self) -> None:
         self._phase = _Phase.BETWEEN
@@ -259,6 +282,9 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._body_timer.cancel()
             self._body_timer = None
         super().on_message_complete()
+        if self._held is not None:
+            held, self._held = self._held, None
+            self._answer_now(*held)
 
     def on_response_complete(self) -> None:
         self._out.flush()
@@ -284,6 +310,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._header_timer = None
             self._close(408, f"request headers not received within {self._header_timeout:g} s")
 
+    def shutdown(self) -> None:
+        self._release()
+        super().shutdown()
+
     def _close(self, status: int, message: str) -> None:
         """Close the connection, first answering ``status`` when the request being received is
         owed an answer: its headers are incomplete (and no earlier request is still answering),
@@ -291,6 +321,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         running is marked disconnected, so its own late answer is dropped."""
         self._cancel_timers()
         self._awaiting.pop(self, None)
+        self._held = None
         if self.transport.is_closing():
             return
         cycle: RequestResponseCycle | None = self.cycle
@@ -320,7 +351,47 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     # -- requests ----------------------------------------------------------------------------
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        if self._in_headers and app is self.app and self._doors is not None:
+            found = self._doors.match(cycle.scope)  # type: ignore[arg-type]
+            if found is not None and found[0] is not None and _small_body(cycle):
+                self._held = (cycle, found[0], found[1])
+                return  # until on_message_complete
         super()._start_asgi_task(cycle, functools.partial(self._guarded, cycle, app))
+
+    def _release(self) -> None:
+        """Hand a held door request to an ordinary task (shutdown: it is answered there)."""
+        if self._held is not None:
+            cycle = self._held[0]
+            self._held = None
+            super()._start_asgi_task(cycle, functools.partial(self._guarded, cycle, self.app))
+
+    def _answer_now(self, cycle: RequestResponseCycle, door: Door, params: dict[str, str]
+                    ) -> None:
+        """Run a held door request whose body is in: write its reply now, or continue it in
+        a task when it has to wait."""
+        assert self._doors is not None
+        try:
+            now = self._doors.answer_now(door, params, cycle.scope,  # type: ignore[arg-type]
+                                         bytes(cycle.body))
+        except Exception as exc:  # a fault of the gateway's own: uvicorn's answer to it
+            log.error("Exception in ASGI application\n", exc_info=exc)
+            now = _INTERNAL_ERROR
+            cycle.keep_alive = False
+        if not isinstance(now, Reply):
+            finish = cast(Callable[[Any], Awaitable[None]], now)
+
+            async def app(_scope: Scope, _receive: ASGIReceiveCallable,
+                          send: ASGISendCallable) -> None:
+                await finish(send)
+
+            super()._start_asgi_task(cycle, functools.partial(self._guarded, cycle, app))
+            return
+        cycle.response_started = cycle.response_complete = True
+        self._out.write_now(_http_response(now, self.server_state.default_headers,
+                                           cycle.keep_alive))
+        if not cycle.keep_alive:
+            self.transport.close()
+        cycle.on_response()
 
     async def _guarded(
         self,
@@ -345,6 +416,54 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         except ClientDisconnect:
             if not self._timed_out:
                 raise
+
+
+_FAST_BODY_BYTES = 16_384
+
+
+def _doors_of(app: Any) -> Doors | None:
+    """The gateway app's doors, under whatever middleware uvicorn wrapped it in."""
+    for _ in range(8):
+        doors = getattr(app, "doors", None)
+        if isinstance(doors, Doors):
+            return doors
+        app = getattr(app, "app", None)
+        if app is None:
+            return None
+    return None
+
+
+def _small_body(cycle: RequestResponseCycle) -> bool:
+    """Will the whole body be in without the app reading it (none, or a declared length of at
+    most ``_FAST_BODY_BYTES``), with no ``100 Continue`` owed first?"""
+    if cycle.waiting_for_100_continue:
+        return False
+    for name, value in cycle.scope["headers"]:
+        if name == b"content-length":
+            if not (0 < len(value) <= 6 and value.isdigit() and int(value) <= _FAST_BODY_BYTES):
+                return False
+        elif name == b"transfer-encoding":
+            return False
+    return True
+
+
+_INTERNAL_ERROR = Reply(500, b"Internal Server Error", content_type=b"text/plain; charset=utf-8")
+
+
+def _http_response(reply: Reply, default_headers: list[tuple[bytes, bytes]],
+                   keep_alive: bool) -> bytes:
+    """``reply`` as HTTP/1.1 bytes, with uvicorn's default headers (server, date)."""
+    head = [STATUS_LINE[reply.status]]
+    for name, value in default_headers:
+        head += [name, b": ", value, b"\r\n"]
+    head += [b"content-type: ", reply.content_type, b"\r\ncontent-length: ",
+             str(len(reply.body)).encode(), b"\r\n"]
+    for name, value in reply.headers:
+        head += [name, b": ", value, b"\r\n"]
+    if not keep_alive:
+        head.append(b"connection: close\r\n")
+    head += [b"\r\n", reply.body]
+    return b"".join(head)
 
 
 def _error_body(scope: Scope, code: str, message: str) -> bytes:

@@ -11,19 +11,23 @@ Where a call runs: a thread hop costs tens of microseconds, and a compiled model
 small batch in about as long. ``Executor`` keeps moving averages of the CPU time a call takes on
 its own thread (per call and per row, wherever it runs): that is how long an inline call holds
 the event loop, and unlike the wall clock it does not count the waits for the GIL of a call in
-the thread, nor the moments the process was not scheduled. A call runs inline only while it is
-predicted to take at most ``inline_max_s``. Until enough calls are measured, and for any slower
-model, it uses the thread (under the version's CapacityLimiter). A model that slows down moves
-back to the thread after one slow call; one that waits on something other than the CPU (two
-inline calls in a row longer than ``inline_max_s`` by the wall clock, over half of it waiting)
-goes to the thread for its next ``_WAITED_CALLS`` calls, then is tried inline again.
+the thread, nor the moments the process was not scheduled. Garbage collections that start
+during a call are not counted either (they are the process's, not the model's). A call runs
+inline only while it is predicted to take at most ``inline_max_s``. Until enough calls are
+measured, and for any slower model, it uses the thread (under the version's CapacityLimiter).
+A model that slows down moves back to the thread after one slow call; one that waits on
+something other than the CPU (two inline calls in a row longer than ``inline_max_s`` by the
+wall clock, over half of it waiting) goes to the thread for its next ``_WAITED_CALLS`` calls,
+then is tried inline again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Hashable
 from typing import Any, Literal, TypeVar
@@ -57,6 +61,25 @@ _WAITED_CALLS = 64  # calls kept in the thread after a model was seen waiting in
 _PROBA_SUM_TOL = 1e-3
 
 
+class _GcClock(threading.local):
+    """Seconds this thread has spent in garbage collections (a ``gc.callbacks`` probe,
+    installed with the first ``Executor``): a collection that happens to start inside a model
+    call is not the model's time."""
+
+    seconds = 0.0
+    started = 0.0
+
+
+_gc_clock = _GcClock()
+
+
+def _gc_probe(phase: str, _info: dict[str, int]) -> None:
+    if phase == "start":
+        _gc_clock.started = time.perf_counter()
+    else:
+        _gc_clock.seconds += time.perf_counter() - _gc_clock.started
+
+
 class Executor:
     """Runs ``fn(unit, rows)`` inline or in a worker thread; see the module docstring.
 
@@ -85,6 +108,8 @@ class Executor:
         self._waited = 0  # consecutive inline calls slow by the wall clock, short in CPU time
         self._thread_only = 0  # calls left in the thread since the model was seen waiting
         self._warned = False
+        if _gc_probe not in gc.callbacks:
+            gc.callbacks.append(_gc_probe)
 
     @property
     def per_call_s(self) -> float:
@@ -115,11 +140,13 @@ class Executor:
         took = [0.0, 0.0]
 
         def timed(u: Hashable, x: np.ndarray) -> R:  # the model's own time, without the hop
-            start, cpu = time.perf_counter(), time.thread_time()
+            start, cpu, gc_s = time.perf_counter(), time.thread_time(), _gc_clock.seconds
             try:
                 return fn(u, x)
             finally:
-                took[0], took[1] = time.perf_counter() - start, time.thread_time() - cpu
+                gc_s = _gc_clock.seconds - gc_s
+                took[0] = time.perf_counter() - start - gc_s
+                took[1] = time.thread_time() - cpu - gc_s
 
         try:
             return await anyio.to_thread.run_sync(timed, unit, rows, limiter=self._limiter)
@@ -129,12 +156,13 @@ class Executor:
     def run_inline(self, fn: Callable[[Hashable, np.ndarray], R], unit: Hashable,
                    rows: np.ndarray) -> R:
         """``fn(unit, rows)`` on the calling thread, measured. Raises what ``fn`` raises."""
-        start, cpu = time.perf_counter(), time.thread_time()
+        start, cpu, gc_s = time.perf_counter(), time.thread_time(), _gc_clock.seconds
         try:
             return fn(unit, rows)
         finally:
-            self._observe(True, unit, len(rows), time.perf_counter() - start,
-                          time.thread_time() - cpu)
+            gc_s = _gc_clock.seconds - gc_s
+            self._observe(True, unit, len(rows), time.perf_counter() - start - gc_s,
+                          time.thread_time() - cpu - gc_s)
 
     def _observe(self, inline: bool, unit: Hashable, rows: int, seconds: float,
                  cpu_s: float) -> None:

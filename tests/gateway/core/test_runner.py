@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import threading
 import time
 from collections.abc import Hashable
@@ -141,3 +142,22 @@ async def test_forced_placements() -> None:
 def test_bad_threshold_raises() -> None:
     with pytest.raises(ValueError):
         Executor(limiter=anyio.CapacityLimiter(1), inline_max_s=-1)
+
+
+async def test_a_collection_during_a_call_is_not_the_models_time() -> None:
+    fn = Recorder()
+    ex = Executor(limiter=anyio.CapacityLimiter(1), inline_max_s=0.001)
+    for _ in range(10):
+        await ex.run(fn, "u", rows(1))
+    assert ex.inline_for(1)
+    heap = [[i] for i in range(300_000)]  # a collection over these takes milliseconds
+
+    def collected(unit: Hashable, x: np.ndarray) -> list[float]:
+        gc.collect()
+        return fn(unit, x)
+
+    start = time.perf_counter()
+    await ex.run(collected, "u", rows(1))
+    assert time.perf_counter() - start > 0.001  # the call did last longer than the limit
+    assert ex.inline_for(1)
+    del heap
