@@ -12,6 +12,7 @@ from __future__ import annotations
 import hmac
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
+from weakref import WeakKeyDictionary
 
 import orjson
 from fastapi import APIRouter, Request
@@ -89,6 +90,22 @@ def _outputs(rt: ModelRunner) -> list[tuple[str, str, list[int]]]:
     return out
 
 
+_Outputs = dict[str, tuple[str, list[int]]]
+_DESCRIBED: WeakKeyDictionary[ModelRunner, tuple[_Outputs, dict[bool, tuple[OutputSpec, ...]]]]
+_DESCRIBED = WeakKeyDictionary()
+
+
+def _described(rt: ModelRunner) -> tuple[_Outputs, dict[bool, tuple[OutputSpec, ...]]]:
+    """A version's outputs (name -> datatype, shape) and its default output specs (all of
+    them, JSON or binary), computed once per loaded version."""
+    found = _DESCRIBED.get(rt)
+    if found is None:
+        available = {n: (d, s) for n, d, s in _outputs(rt)}
+        every = {b: tuple(OutputSpec(n, b) for n in available) for b in (False, True)}
+        found = _DESCRIBED[rt] = (available, every)
+    return found
+
+
 def _infer() -> tuple[Prepare, Encode]:
     """Infer rows given as tensors (JSON ``data`` or binary tensor data); answers ``label``
     and ``probabilities`` (or the requested ``outputs``), binary when asked."""
@@ -106,8 +123,8 @@ def _infer() -> tuple[Prepare, Encode]:
             if decoded.keeps(len(body)):
                 ireq.rows.flags.writeable = False
                 decoded.put(key, (features, ireq))
-        available = {n: (d, s) for n, d, s in _outputs(rt)}
-        specs = ireq.outputs or tuple(OutputSpec(n, ireq.binary_default) for n in available)
+        available, every = _described(rt)
+        specs = ireq.outputs or every[ireq.binary_default]
         for spec in specs:
             if spec.name not in available:
                 raise InvalidInput(f"unknown output {spec.name!r:.40} (this model has "
