@@ -175,6 +175,10 @@ class Gateway:
               ) -> Answer | Pending:
         """``Pipeline.begin`` for a request: the answer if it needs no waiting, else what
         ``Pipeline.finish`` completes. Raises as ``infer`` does before waiting."""
+        self._admit(rt, outputs)
+        return self.pipeline.begin(rt, rows, outputs)
+
+    def _admit(self, rt: ModelRunner, outputs: frozenset[Output]) -> None:
         if not self.accepting:
             raise Unavailable("shutting down", code="shutting_down")
         if "probabilities" in outputs and not rt.has_proba:
@@ -182,7 +186,23 @@ class Gateway:
                 f"model {rt.manifest.name} v{rt.manifest.version} has no probabilities",
                 code="probabilities_unsupported",
             )
-        return self.pipeline.begin(rt, rows, outputs)
+
+    def begin_many(self, requests: list[tuple[ModelRunner, np.ndarray, frozenset[Output]]]
+                   ) -> list[Answer | Pending | GatewayError]:
+        """``begin`` for requests that arrived together (``Pipeline.begin_many``): one result
+        per request, an error returned rather than raised."""
+        refused: list[GatewayError | None] = []  # None: admitted
+        admitted = []
+        for rt, rows, outputs in requests:
+            try:
+                self._admit(rt, outputs)
+            except GatewayError as exc:
+                refused.append(exc)
+                continue
+            refused.append(None)
+            admitted.append((rt, rows, outputs))
+        begun = iter(self.pipeline.begin_many(admitted))
+        return [next(begun) if r is None else r for r in refused]
 
     def count_rejection(self, exc: GatewayError) -> None:
         self.metrics.rejected.labels(exc.code).inc()

@@ -127,6 +127,7 @@ class GatewayServerState(ServerState):
         self.failing_leftovers = False
         # Set whenever the last open connection closes.
         self.all_closed = asyncio.Event()
+        self.tick: _Tick | None = None  # door requests of this event-loop step
 
 
 class _Phase(Enum):
@@ -367,18 +368,23 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def _answer_now(self, cycle: RequestResponseCycle, door: Door, params: dict[str, str]
                     ) -> None:
-        """Run a held door request whose body is in: write its reply now, or continue it in
-        a task when it has to wait."""
+        """Run a held door request whose body is in, with the others that came in during
+        this event-loop step (``_Tick``)."""
         assert self._doors is not None
-        try:
-            now = self._doors.answer_now(door, params, cycle.scope,  # type: ignore[arg-type]
-                                         bytes(cycle.body))
-        except Exception as exc:  # a fault of the gateway's own: uvicorn's answer to it
-            log.error("Exception in ASGI application\n", exc_info=exc)
-            now = _INTERNAL_ERROR
-            cycle.keep_alive = False
+        if self._shared is None:
+            scope: Any = cycle.scope
+            self.deliver(cycle, self._doors.answer_now(door, params, scope, bytes(cycle.body)))
+            return
+        if self._shared.tick is None:
+            self._shared.tick = _Tick(self.loop, self._doors)
+        self._shared.tick.add(self, cycle, door, params)
+
+    def deliver(self, cycle: RequestResponseCycle,
+                now: Reply | Callable[[Any], Awaitable[None]]) -> None:
+        """Write a door's reply now, or continue the request in a task when it has to
+        wait."""
         if not isinstance(now, Reply):
-            finish = cast(Callable[[Any], Awaitable[None]], now)
+            finish = now
 
             async def app(_scope: Scope, _receive: ASGIReceiveCallable,
                           send: ASGISendCallable) -> None:
@@ -445,9 +451,6 @@ def _small_body(cycle: RequestResponseCycle) -> bool:
         elif name == b"transfer-encoding":
             return False
     return True
-
-
-_INTERNAL_ERROR = Reply(500, b"Internal Server Error", content_type=b"text/plain; charset=utf-8")
 
 
 def _http_response(reply: Reply, default_headers: list[tuple[bytes, bytes]],
@@ -570,6 +573,33 @@ class GatewayServer(uvicorn.Server):
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
                 await self.server_state.all_closed.wait()
+
+
+class _Tick:
+    """Door requests whose body came in during one event-loop step, answered together at its
+    end (``Doors.answer_many``): under load every ready connection has a request, and the
+    misses of one model are computed in one call rather than one call each."""
+
+    __slots__ = ("_doors", "_items", "_loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, doors: Doors) -> None:
+        self._loop = loop
+        self._doors = doors
+        self._items: list[tuple[GatewayHttpProtocol, RequestResponseCycle, Door,
+                                dict[str, str], bytes]] = []
+
+    def add(self, protocol: GatewayHttpProtocol, cycle: RequestResponseCycle, door: Door,
+            params: dict[str, str]) -> None:
+        if not self._items:
+            self._loop.call_soon(self._flush)
+        self._items.append((protocol, cycle, door, params, bytes(cycle.body)))
+
+    def _flush(self) -> None:
+        items, self._items = self._items, []
+        answers = self._doors.answer_many([(door, params, cast(Any, cycle.scope), body)
+                                           for _, cycle, door, params, body in items])
+        for (protocol, cycle, *_), now in zip(items, answers, strict=True):
+            protocol.deliver(cycle, now)
 
 
 class _GatewayProcess(Process):

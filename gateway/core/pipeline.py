@@ -28,7 +28,7 @@ from gateway.core.batcher import Failure
 from gateway.core.keys import canonical_rows, key_head, row_keys
 from gateway.core.runner import SEP, ModelRunner, Output, Unit
 from gateway.core.singleflight import SingleFlight
-from gateway.errors import DeadlineExceeded, InvalidInput
+from gateway.errors import DeadlineExceeded, GatewayError, InvalidInput
 from gateway.metrics import Metrics
 
 if TYPE_CHECKING:
@@ -142,8 +142,8 @@ class Pipeline:
             return begun
         return await self.finish(begun, timeout_s)  # type: ignore[arg-type]
 
-    def begin(self, runner: ModelRunner, rows: np.ndarray, outputs: frozenset[Output]
-              ) -> Answer | Pending:
+    def begin(self, runner: ModelRunner, rows: np.ndarray, outputs: frozenset[Output], *,
+              _inline: bool = True) -> Answer | Pending:
         """Everything about ``rows`` that needs no waiting: keys, L1, and the inline call of a
         model measured to answer in microseconds. The answer if that was all; else what
         ``finish`` needs to complete it (await ``finish`` for it, or drop it: nothing is
@@ -167,12 +167,75 @@ class Pipeline:
             raise InvalidInput(f"feature values must be within ±{_FLOAT32_MAX:.7g} (float32 "
                                "range, in which tree models compare)", code="out_of_range")
         if keys is not None:  # looked up above: the one unit's row missed L1
-            blocks = [self._start(runner, units[0], rows, keys=keys, looked_up=True)]
+            blocks = [self._start(runner, units[0], rows, keys=keys, looked_up=True,
+                                  inline=_inline)]
         else:
-            blocks = [self._start(runner, unit, rows) for unit in units]
+            blocks = [self._start(runner, unit, rows, inline=_inline) for unit in units]
         if not any(b.missing for b in blocks):
             return _answer(blocks)
         return Pending(runner, blocks, self._l1.writes if self._l1 is not None else 0)
+
+    def begin_many(self, requests: list[tuple[ModelRunner, np.ndarray, frozenset[Output]]]
+                   ) -> list[Answer | Pending | GatewayError]:
+        """``begin`` for several requests at once (those that arrived in one event-loop
+        step): the rows they miss of one model version and unit, computed inline, go to the
+        model in one call (each distinct key once) rather than one call per request. One
+        result per request, in order; an InvalidInput is returned, not raised."""
+        out: list[Answer | Pending | GatewayError] = []
+        groups: dict[tuple[int, Unit], list[_Block]] = {}
+        for runner, rows, outputs in requests:
+            try:
+                begun = self.begin(runner, rows, outputs, _inline=False)
+            except GatewayError as exc:
+                out.append(exc)
+                continue
+            out.append(begun)
+            if type(begun) is Pending:
+                for b in begun.blocks:
+                    if b.missing and not b.use_l2:
+                        groups.setdefault((id(runner), b.unit), []).append(b)
+        if not groups:
+            return out
+        runners = {id(r): r for r, _, _ in requests}
+        for (rid, _unit), blocks in groups.items():
+            if len(blocks) == 1:
+                self._answer_inline(runners[rid], blocks[0])
+            else:
+                self._answer_inline_many(runners[rid], blocks)
+        for i, result in enumerate(out):
+            if type(result) is Pending and not any(b.missing for b in result.blocks):
+                out[i] = _answer(result.blocks)
+        return out
+
+    def _answer_inline_many(self, runner: ModelRunner, blocks: list[_Block]) -> None:
+        """``_answer_inline`` for several blocks of one unit with one model call, each
+        distinct key computed once; blocks left missing take the slower path."""
+        flights = self._flights if self._flights is not None and len(self._flights) else None
+        first: dict[str, int] = {}  # key -> its row in the call
+        where: list[tuple[_Block, int, int]] = []  # (block, row in block, row in call)
+        parts: list[np.ndarray] = []
+        for block in blocks:
+            keys = block.keys
+            if keys is None or (flights is not None and any(keys[i] in flights
+                                                             for i in block.missing)):
+                continue  # no key to share, or joining a computation under way
+            for i in block.missing:
+                at = first.get(keys[i])
+                if at is None:
+                    at = first[keys[i]] = len(parts)
+                    parts.append(block.rows[i])
+                where.append((block, i, at))
+        if not parts:
+            return
+        computed = runner.try_inline(blocks[0].unit, np.stack(parts))
+        if computed is None:
+            return
+        for block, i, at in where:
+            block.values[i] = computed[at]
+        for block in {id(b): b for b, _, _ in where}.values():
+            block.missing = []
+        if self._l1 is not None:
+            self._l1.put_many(list(first), computed)
 
     async def finish(self, pending: Pending, timeout_s: float) -> Answer:
         """Complete what ``begin`` left: L2, then the model, under the ``timeout_s``
@@ -193,9 +256,10 @@ class Pipeline:
         return _answer(blocks)
 
     def _start(self, runner: ModelRunner, unit: Unit, rows: np.ndarray, *,
-               keys: list[str] | None = None, looked_up: bool = False) -> _Block:
-        """Keys, L1 (unless ``looked_up`` already), and the inline attempt: everything that
-        needs no waiting."""
+               keys: list[str] | None = None, looked_up: bool = False,
+               inline: bool = True) -> _Block:
+        """Keys, L1 (unless ``looked_up`` already), and (if ``inline``) the inline attempt:
+        everything that needs no waiting."""
         n = len(rows)
         if keys is None and (self._l1 is not None or self._flights is not None):
             keys = row_keys(self._head(runner, unit), rows)
@@ -204,7 +268,7 @@ class Pipeline:
         block = _Block(unit, rows, keys, [None] * n, ["miss"] * n, list(range(n)), use_l2)
         if self._l1 is not None and keys is not None and not looked_up:
             self._from_l1(block)
-        if block.missing and not use_l2:
+        if inline and block.missing and not use_l2:
             self._answer_inline(runner, block)
         return block
 

@@ -58,6 +58,7 @@ SEP = b"\x00"  # between label and probabilities in a ``both`` value (never insi
 _WARMUP_CALLS = 8  # calls measured in the thread before inline is considered
 _ALPHA = 0.2  # weight of the newest call in the moving average
 _WAITED_CALLS = 64  # calls kept in the thread after a model was seen waiting inline
+_SMALL_ROWS = 2  # calls of up to this many rows measure the cost of a call itself
 _PROBA_SUM_TOL = 1e-3
 
 
@@ -103,8 +104,10 @@ class Executor:
         self._on_call = on_call
         self._calls = 0
         self._per_call_s = 0.0  # moving average of a call's wall-clock seconds
-        self._cpu_row_s = 0.0  # moving averages of CPU seconds per row and per call
-        self._cpu_call_s = 0.0
+        # CPU seconds, as moving averages: of a call of one or two rows (the model's cost per
+        # call, mostly), and of each further row of a bigger call (None: not measured yet).
+        self._cpu_small_s: float | None = None
+        self._cpu_row_s: float | None = None
         self._waited = 0  # consecutive inline calls slow by the wall clock, short in CPU time
         self._thread_only = 0  # calls left in the thread since the model was seen waiting
         self._warned = False
@@ -122,8 +125,15 @@ class Executor:
         return self._calls >= _WARMUP_CALLS
 
     def predicted_s(self, rows: int) -> float:
-        """Predicted CPU time of a call with ``rows`` rows (0 before any measurement)."""
-        return max(self._cpu_call_s if rows <= 1 else 0.0, self._cpu_row_s * rows)
+        """Predicted CPU time of a call with ``rows`` rows (0 before any measurement): the
+        cost of a small call plus the measured cost of each further row; while only small
+        calls are measured, each row is assumed to cost a whole small call."""
+        small, per_row = self._cpu_small_s, self._cpu_row_s
+        if small is None:
+            return (per_row or 0.0) * rows
+        if rows <= _SMALL_ROWS:
+            return small
+        return small + (small if per_row is None else per_row) * (rows - _SMALL_ROWS)
 
     def inline_for(self, rows: int) -> bool:
         """Would a call with ``rows`` rows run inline now?"""
@@ -167,19 +177,23 @@ class Executor:
     def _observe(self, inline: bool, unit: Hashable, rows: int, seconds: float,
                  cpu_s: float) -> None:
         self._calls += 1
-        cpu_row = cpu_s / max(1, rows)
-        if self._calls == 1:
-            self._per_call_s, self._cpu_call_s, self._cpu_row_s = seconds, cpu_s, cpu_row
+        self._per_call_s = seconds if self._calls == 1 else (
+            self._per_call_s + _ALPHA * (seconds - self._per_call_s))
+        if rows <= _SMALL_ROWS:
+            old = self._cpu_small_s
+            self._cpu_small_s = cpu_s if old is None else old + _ALPHA * (cpu_s - old)
+            if inline and cpu_s > self._inline_max:  # one slow call is enough: to the thread
+                self._cpu_small_s = max(self._cpu_small_s, cpu_s)
         else:
-            self._per_call_s += _ALPHA * (seconds - self._per_call_s)
-            self._cpu_call_s += _ALPHA * (cpu_s - self._cpu_call_s)
-            self._cpu_row_s += _ALPHA * (cpu_row - self._cpu_row_s)
-        if inline:
-            if cpu_s > self._inline_max:
-                # One slow call is enough: back to the thread until it measures fast.
-                self._cpu_row_s = max(self._cpu_row_s, cpu_row)
-                self._cpu_call_s = max(self._cpu_call_s, cpu_s)
-            elif seconds > self._inline_max and cpu_s < seconds / 2:
+            base = self._cpu_small_s
+            extra = rows if base is None else rows - _SMALL_ROWS
+            per_row = max(0.0, cpu_s - (base or 0.0)) / extra
+            old = self._cpu_row_s
+            self._cpu_row_s = per_row if old is None else old + _ALPHA * (per_row - old)
+            if inline and cpu_s > self._inline_max:
+                self._cpu_row_s = max(self._cpu_row_s, per_row)
+        if inline and cpu_s <= self._inline_max:
+            if seconds > self._inline_max and cpu_s < seconds / 2:
                 # Mostly waiting: the process was not scheduled, or the model waited on
                 # something (its own threads, I/O). Twice in a row is no accident.
                 self._waited += 1
@@ -193,7 +207,7 @@ class Executor:
                                     "while they do", seconds * 1e6, cpu_s * 1e6)
             else:
                 self._waited = 0
-        elif self._thread_only:
+        elif not inline and self._thread_only:
             self._thread_only -= 1
         if self._on_call is not None:
             self._on_call(inline, unit, rows, seconds)

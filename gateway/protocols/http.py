@@ -17,6 +17,7 @@ model measured to take microseconds, is written without an ASGI task at all.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable, Hashable
 from contextvars import Token
@@ -29,7 +30,7 @@ from prometheus_client import Counter
 from starlette.types import Receive, Scope, Send
 
 from gateway import logs
-from gateway.core.pipeline import Answer
+from gateway.core.pipeline import Answer, Pending
 from gateway.core.runner import ModelRunner, Output
 from gateway.errors import BodyTooLarge, GatewayError, InvalidInput, MethodNotAllowed, error_body
 from gateway.metrics import Metrics
@@ -37,6 +38,8 @@ from gateway.runtime import Gateway
 
 __all__ = ["ClientGone", "Decoded", "Door", "Doors", "Encode", "HttpRequest", "Job", "Prepare",
            "Reply", "error_reply", "timeout_s"]
+
+log = logging.getLogger("gateway.doors")
 
 _JSON = b"application/json"
 _MAX_LENGTH_DIGITS = 18
@@ -279,44 +282,81 @@ class Doors:
         """Run ``door`` on a request whose whole ``body`` is read, as far as it goes without
         waiting: the reply (counted and timed) if that is all, else the coroutine function
         that finishes it and sends the reply through an ASGI ``send``. Never raises for the
-        request's own faults (they are replies)."""
-        exchange = _Exchange(self, door, scope)
-        gw = exchange.gw
-        try:
-            job = door.prepare(gw, HttpRequest(scope, None), params, body)
-            begun = gw.begin(job.rt, job.rows, job.outputs)
-            if isinstance(begun, Answer):
-                return exchange.done(door.encode(job, begun))
-        except GatewayError as exc:
-            gw.count_rejection(exc)
-            return exchange.done(door.render_error(exc))
-        finally:
-            exchange.leave()
+        request's own faults (they are replies); a fault of the gateway's own is logged and
+        answered 500."""
+        return self.answer_many([(door, params, scope, body)])[0]
+
+    def answer_many(self, requests: list[tuple[Door, dict[str, str], Scope, bytes]]
+                    ) -> list[Reply | Callable[[Send], Awaitable[None]]]:
+        """``answer_now`` for requests that arrived together: their rows go through one
+        ``Gateway.begin_many``, so the misses of one model share one inline call."""
+        n = len(requests)
+        out: list[Reply | Callable[[Send], Awaitable[None]] | None] = [None] * n
+        exchanges = [_Exchange(self, door, scope) for door, _, scope, _ in requests]
+        jobs: list[Job | None] = [None] * n
+        for k, (door, params, scope, body) in enumerate(requests):
+            ex = exchanges[k]
+            ex.enter()
+            try:
+                jobs[k] = door.prepare(ex.gw, HttpRequest(scope, None), params, body)
+            except Exception as exc:  # every request gets its answer
+                out[k] = ex.failed(exc)
+            finally:
+                ex.leave()
+        todo = [k for k in range(n) if out[k] is None]
+        if todo:
+            gw = exchanges[todo[0]].gw
+            begun: list[Answer | Pending | Exception]
+            try:
+                begun = list(gw.begin_many([(j.rt, j.rows, j.outputs)
+                                            for j in (jobs[k] for k in todo) if j is not None]))
+            except Exception as exc:
+                begun = [exc] * len(todo)
+            for k, result in zip(todo, begun, strict=True):
+                job, ex = jobs[k], exchanges[k]
+                assert job is not None
+                ex.enter()
+                try:
+                    if isinstance(result, Exception):
+                        out[k] = ex.failed(result)
+                    elif isinstance(result, Answer):
+                        out[k] = ex.done(ex.door.encode(job, result))
+                    else:
+                        out[k] = self._finisher(ex, job, result)
+                except Exception as exc:
+                    out[k] = ex.failed(exc)
+                finally:
+                    ex.leave()
+        return out  # type: ignore[return-value]  # every position is filled above
+
+    @staticmethod
+    def _finisher(ex: _Exchange, job: Job, begun: Pending
+                  ) -> Callable[[Send], Awaitable[None]]:
+        """The coroutine function that completes a request ``begin`` left pending."""
 
         async def finish(send: Send) -> None:
-            exchange.enter()
+            ex.enter()
             reply: Reply | None = None
             try:
                 try:
-                    reply = door.encode(job, await gw.pipeline.finish(begun, job.timeout_s))
+                    reply = ex.done(ex.door.encode(
+                        job, await ex.gw.pipeline.finish(begun, job.timeout_s)))
                 except GatewayError as exc:
-                    gw.count_rejection(exc)
-                    reply = door.render_error(exc)
-                exchange.done(reply)
+                    reply = ex.failed(exc)
                 await _send(send, reply)
             finally:
                 if reply is None:  # cancelled: counted as failed
-                    exchange.done(None)
-                exchange.leave()
+                    ex.done(None)
+                ex.leave()
 
         return finish
 
     def _rejected(self, door: Door, scope: Scope, exc: GatewayError) -> Reply:
         """The reply to a request refused before its door ran (its body), counted."""
         exchange = _Exchange(self, door, scope)
+        exchange.enter()
         try:
-            exchange.gw.count_rejection(exc)
-            return exchange.done(door.render_error(exc))
+            return exchange.failed(exc)
         finally:
             exchange.leave()
 
@@ -341,18 +381,18 @@ class _Exchange:
     context while inside, ``enter``/``leave``), the in-flight count, and, once ``done``, its
     count, latency and access-log line."""
 
-    __slots__ = ("_door", "_doors", "_scope", "_start", "_token", "finished", "gw", "rid")
+    __slots__ = ("_doors", "_scope", "_start", "_token", "door", "finished", "gw", "rid")
 
     def __init__(self, doors: Doors, door: Door, scope: Scope) -> None:
         self._start = time.perf_counter()
         self._doors = doors
-        self._door = door
+        self.door = door
         self._scope = scope
         self.gw: Gateway = scope["state"]["gateway"]
         self.rid = logs.request_id_from(HttpRequest(scope, None).header(b"x-request-id"))
         self.finished = False
         doors._metrics.in_flight += 1
-        self._token: Token[str] | None = logs.request_id.set(self.rid)
+        self._token: Token[str] | None = None
 
     def enter(self) -> None:
         self._token = logs.request_id.set(self.rid)
@@ -361,6 +401,15 @@ class _Exchange:
         if self._token is not None:
             logs.request_id.reset(self._token)
             self._token = None
+
+    def failed(self, exc: BaseException) -> Reply:
+        """``done`` with the protocol's error reply for ``exc``: a GatewayError is the
+        request's own fault (counted by code); anything else is the gateway's (logged, 500)."""
+        if not isinstance(exc, GatewayError):
+            log.error("door %s failed", self.door.template, exc_info=exc)
+            exc = GatewayError("internal error")
+        self.gw.count_rejection(exc)
+        return self.done(self.door.render_error(exc))
 
     def done(self, reply: Reply | None) -> Reply:
         """Count and time the request (once); ``reply`` gets its ``X-Request-Id``."""
@@ -372,7 +421,7 @@ class _Exchange:
         doors = self._doors
         seconds = time.perf_counter() - self._start
         status = reply.status if reply is not None else 500
-        route = self._door.template
+        route = self.door.template
         doors._count(route, status)
         metrics = doors._metrics
         metrics.tally.observe(doors._seconds[route], seconds)
