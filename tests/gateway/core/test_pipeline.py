@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 from pathlib import Path
 from typing import Any
@@ -220,3 +221,50 @@ async def test_labels_and_probabilities_cost_one_model_call(session_store: Path,
         labels = (await client.post("/v1/models/iris/predict", json={"instances": rows})).json()
         assert labels["predictions"] == r["predictions"] and labels["cache"] == ["l1"] * 3
         assert probe.calls == 1
+
+
+async def test_requests_of_one_step_share_one_inline_call(session_store: Path,
+                                                          random_rows, iris_estimator) -> None:
+    """What the server does with the door requests of one event-loop step: their misses go
+    to the model in one call, each distinct row once; a row the model refuses sends its
+    requests the slower way, where it fails alone."""
+    from gateway.app import create_app
+    from gateway.settings import Settings
+    from model_store import ModelStore
+    from tests.support import ProbeLoader, serve_with_state
+
+    loader = ProbeLoader()
+    app = create_app(Settings(model_root=session_store, execution="inline"),
+                     store=ModelStore(session_store, loader=loader))
+    async with serve_with_state(app) as (_client, gw):
+        probe = loader.latest()
+        doors = app.doors  # type: ignore[attr-defined]
+        door, params, _ = doors.match({"type": "http", "method": "GET", "path": "/predict"})
+
+        def request(row: Any) -> tuple[Any, dict[str, str], dict[str, Any], bytes]:
+            scope = {"type": "http", "method": "GET", "path": "/predict", "headers": [],
+                     "query_string": q(row).split("?", 1)[1].encode(),
+                     "state": {"gateway": gw}}
+            return door, params, scope, b""
+
+        rows = [random_rows[i % 12] for i in range(16)]  # 12 distinct rows, 4 asked twice
+        replies = doors.answer_many([request(r) for r in rows])
+        assert probe.batch_sizes == [12]
+        expected = iris_estimator.predict(np.array(rows))
+        assert [json.loads(r.body)["prediction"] for r in replies] == expected.tolist()
+
+        calls = probe.calls
+        poisoned = [random_rows[20], [POISON, 1, 1, 1], random_rows[21]]
+        replies = doors.answer_many([request(r) for r in poisoned])
+        assert all(callable(r) for r in replies)  # the one call failed: each goes its way
+        sent: list[list[dict[str, Any]]] = [[] for _ in replies]
+
+        async def run(k: int) -> None:
+            async def send(message: dict[str, Any]) -> None:
+                sent[k].append(message)
+            await replies[k](send)
+
+        await asyncio.gather(*(run(k) for k in range(3)))
+        statuses = [s[0]["status"] for s in sent]
+        assert statuses == [200, 500, 200]
+        assert probe.calls > calls + 1

@@ -161,3 +161,22 @@ async def test_a_collection_during_a_call_is_not_the_models_time() -> None:
     assert time.perf_counter() - start > 0.001  # the call did last longer than the limit
     assert ex.inline_for(1)
     del heap
+
+
+async def test_a_call_costs_a_fixed_part_plus_a_part_per_row() -> None:
+    """A model with a large cost per call and a small one per row: measured on one-row calls,
+    64 rows are first assumed to cost 64 calls (thread); once one such call is measured,
+    its true cost (one call plus 63 cheap rows) is known, and it runs inline."""
+
+    def model(_unit: Hashable, x: np.ndarray) -> list[float]:
+        end = time.thread_time() + 0.0004 + 0.00001 * len(x)
+        while time.thread_time() < end:  # the model's own work
+            pass
+        return x[:, 0].tolist()
+
+    ex = Executor(limiter=anyio.CapacityLimiter(1), inline_max_s=0.002)
+    for _ in range(10):
+        await ex.run(model, "u", rows(1))
+    assert ex.inline_for(1) and not ex.inline_for(64)
+    await ex.run(model, "u", rows(*range(64)))  # in the thread: measures the rows' part
+    assert ex.inline_for(64) and 0.0008 < ex.predicted_s(64) < 0.0016
