@@ -31,10 +31,11 @@ request, new requests get 503.
 
 **Doors without a task.** A request for an inference door (``gateway.protocols.http``) with a
 small body (``Content-Length`` up to ``_FAST_BODY_BYTES``, no ``Expect: 100-continue``) is held
-until its body is in, then run by ``Doors.answer_now`` right there: an answer that needs no
-waiting (L1, or an inline model call) is written at once, with no ASGI task, scope copy or
-middleware; anything else continues in an ordinary task. uvicorn's keep-alive, pipelining,
-``Connection: close`` and default headers apply as for any response.
+until its body is in. The door requests completed during one event-loop step are then run
+together at its end by ``Doors.answer_many`` (``_Tick``): an answer that needs no waiting (L1,
+or an inline model call, one for all their misses of a model) is written at once, with no ASGI
+task, scope copy or middleware; anything else continues in an ordinary task. uvicorn's
+keep-alive, pipelining, ``Connection: close`` and default headers apply as for any response.
 
 The protocol, server and supervisor extend uvicorn's own classes at the points its code offers
 (parser callbacks, ``_start_asgi_task``, ``shutdown``, the worker process factory); the tests

@@ -298,6 +298,10 @@ class Doors:
             ex = exchanges[k]
             ex.enter()
             try:
+                limit = ex.gw.settings.max_body_bytes
+                if len(body) > limit:
+                    raise BodyTooLarge(f"body of {len(body)} bytes exceeds the limit of "
+                                       f"{limit} bytes")
                 jobs[k] = door.prepare(ex.gw, HttpRequest(scope, None), params, body)
             except Exception as exc:  # every request gets its answer
                 out[k] = ex.failed(exc)

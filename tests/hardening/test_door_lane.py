@@ -94,3 +94,20 @@ def test_door_requests_keep_http_semantics(session_store: Path) -> None:
     with gateway_process(env, args=("--timeout-keep-alive", "1")) as gw:
         asyncio.run(scenario(gw.port))
         assert not any("Exception in ASGI application" in line for line in gw.log), gw.log
+
+
+def test_a_door_body_over_the_limit_is_413(session_store: Path) -> None:
+    env = {"GATEWAY_MODEL_ROOT": str(session_store), "GATEWAY_MAX_BODY_BYTES": "100"}
+
+    async def scenario(port: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        rows = b'{"instances": [' + b",".join([b"[5.1, 3.5, 1.4, 0.2]"] * 8) + b"]}"
+        writer.write(_post(rows))
+        status, _headers, body = await _response(reader)
+        assert status.startswith(b"HTTP/1.1 413"), (status, body)
+        writer.write(_post())  # within the limit, on the same connection
+        assert json.loads((await _response(reader))[2])["predictions"] == ["setosa"]
+        writer.close()
+
+    with gateway_process(env) as gw:
+        asyncio.run(scenario(gw.port))
