@@ -67,7 +67,7 @@ class Settings(BaseSettings):
     redis_write_backlog: int = Field(10_000, ge=1)
     """Cache writes waiting to be sent to Redis; beyond it new writes are dropped."""
 
-    l2_min_call_us: int = Field(250, ge=0)
+    l2_min_call_us: int = Field(1000, ge=0)
     """Redis is consulted for a model only while its calls take at least this long on average
     (microseconds): answering a cheaper model again costs less than asking Redis. 0: always."""
 
@@ -92,8 +92,8 @@ class Settings(BaseSettings):
     """Where model calls run: ``auto`` inline on the event loop when measured to be tiny,
     otherwise a worker thread; or force one."""
 
-    inline_max_us: int = Field(250, ge=0, le=10_000)
-    """With ``execution=auto``: the longest call (predicted, microseconds) run inline."""
+    inline_max_us: int = Field(1000, ge=0, le=10_000)
+    """With ``execution=auto``: the longest call run inline (predicted CPU time, microseconds)."""
 
     infer_concurrency: int = Field(1, ge=1, le=64)
     """Model calls running at once per model version (worker-thread slots)."""

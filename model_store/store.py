@@ -44,6 +44,7 @@ from model_store.compiled import (
     verification_rows,
 )
 from model_store.feature_names import drop_fitted_feature_names, fitted_feature_names
+from model_store.forest import ForestProba, forest_proba
 from model_store.inflight import InFlight
 from model_store.settings import ModelSettings
 
@@ -158,6 +159,7 @@ class LoadedModel:
     manifest: Manifest
     estimator: Any
     compiled: OnnxModel | None = None
+    forest: ForestProba | None = None  # the estimator's probabilities, its overhead spared
     _classes: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -192,6 +194,8 @@ class LoadedModel:
         if self.compiled is not None and self.backend("label", prefer_compiled=prefer_compiled) \
                 == "onnx":
             values = self.compiled.predict(rows)
+        elif self.forest is not None:  # what the forest's own predict does with them
+            values = labels_from_proba(self._classes, self.forest.predict_proba(rows))
         else:
             values = self.estimator.predict(rows)
         out: list[Any] = np.asarray(values).tolist()
@@ -207,6 +211,8 @@ class LoadedModel:
     def _proba(self, rows: np.ndarray, backend: Backend) -> np.ndarray:
         if backend == "onnx" and self.compiled is not None:
             return self.compiled.predict_proba(rows)
+        if self.forest is not None:
+            return self.forest.predict_proba(rows)
         return np.asarray(self.estimator.predict_proba(rows), dtype=np.float64)
 
     def both_in_one_call(self, *, prefer_compiled: bool = True) -> bool:
@@ -286,6 +292,17 @@ def describe_estimator(estimator: Any) -> tuple[tuple[str, ...], tuple[Any, ...]
     if classes_ is None:
         return features, (), "regression"
     return features, tuple(np.asarray(classes_).tolist()), "classification"
+
+
+def _fast_forest(estimator: Any, n_features: int) -> ForestProba | None:
+    """``forest_proba`` checked on 2,000 rows spread over the estimator's thresholds; None for
+    anything it does not reproduce exactly (or cannot take)."""
+    try:
+        return forest_proba(estimator, verification_rows(estimator, n_features,
+                                                          generated=2_000))
+    except Exception:
+        log.debug("no fast forest path for %s", type(estimator).__name__, exc_info=True)
+        return None
 
 
 def _check_estimator(manifest: Manifest, estimator: Any) -> None:
@@ -459,7 +476,8 @@ class ModelStore:
                                    f"{type(exc).__name__}: {reason}") from exc
         _check_estimator(manifest, estimator)
         drop_fitted_feature_names(estimator)
-        return LoadedModel(manifest, estimator, self._load_compiled(manifest, estimator))
+        return LoadedModel(manifest, estimator, self._load_compiled(manifest, estimator),
+                           _fast_forest(estimator, len(manifest.features)))
 
     def _load_compiled(self, manifest: Manifest, estimator: Any) -> OnnxModel | None:
         """The verified compiled model, if the manifest has one; its sha256 is checked before

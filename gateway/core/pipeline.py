@@ -236,6 +236,10 @@ class Pipeline:
             block.missing = []
         if self._l1 is not None:
             self._l1.put_many(list(first), computed)
+        if self._l2 is not None and any(b.use_l2 for b, _, _ in where):
+            ttl = runner.cache_ttl_s
+            for key, value in zip(first, computed, strict=True):
+                self._l2.put(key, value, ttl)
 
     async def finish(self, pending: Pending, timeout_s: float) -> Answer:
         """Complete what ``begin`` left: L2, then the model, under the ``timeout_s``

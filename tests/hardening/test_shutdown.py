@@ -2,8 +2,10 @@
 never 500 or a dropped connection) within one grace period, and the process exits with 0.
 
 The scenario of the original report: the scikit-learn backend with batches of one row, four
-POSTs of 1,024 distinct rows (about 12 s of model calls), then SIGTERM. Before the gateway's
-own server, the unfinished requests were cancelled at uvicorn's fixed 10 s cutoff and got 500.
+POSTs of 1,024 distinct rows (about 12 s of model calls: the forest sits behind a scaler, a
+pipeline the store's forest fast path leaves to scikit-learn, about 3 ms a call), then SIGTERM.
+Before the gateway's own server, the unfinished requests were cancelled at uvicorn's fixed 10 s
+cutoff and got 500.
 """
 
 from __future__ import annotations
@@ -15,12 +17,27 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
 
+from model_store import ModelStore
+from model_store.demo import IRIS_FEATURES, iris_data
 from tests.hardening.procs import GatewayProcess, gateway_process, metric
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 GRACE_S = 1.0
+
+
+@pytest.fixture(scope="module")
+def slow_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """iris as a scaler and a 100-tree forest: about 3 ms per call, whatever the rows."""
+    root = tmp_path_factory.mktemp("slow")
+    x, y = iris_data()
+    model = make_pipeline(StandardScaler(), RandomForestClassifier(random_state=0)).fit(x, y)
+    ModelStore(root).register(model, "iris", features=IRIS_FEATURES, backend="sklearn")
+    return root
 
 
 async def _run_until_sigterm(gw: GatewayProcess, workers: int) -> list[httpx.Response]:
@@ -54,9 +71,9 @@ async def _run_until_sigterm(gw: GatewayProcess, workers: int) -> list[httpx.Res
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_sigterm_answers_every_request_and_exits_0(session_store: Path, workers: int) -> None:
+def test_sigterm_answers_every_request_and_exits_0(slow_store: Path, workers: int) -> None:
     env = {
-        "GATEWAY_MODEL_ROOT": str(session_store),
+        "GATEWAY_MODEL_ROOT": str(slow_store),
         "GATEWAY_BACKEND": "sklearn",
         "GATEWAY_MAX_BATCH_SIZE": "1",
         "GATEWAY_MAX_QUEUE_ROWS": "8192",
@@ -81,11 +98,11 @@ def test_sigterm_answers_every_request_and_exits_0(session_store: Path, workers:
         assert not any("Exception in ASGI application" in line for line in gw.log), gw.log
 
 
-def test_requests_without_a_batcher_are_answered_503_too(session_store: Path) -> None:
+def test_requests_without_a_batcher_are_answered_503_too(slow_store: Path) -> None:
     """With ``GATEWAY_BATCH=off`` rows wait in worker threads, where the drain cannot reach
     them: the server cancels what is left after the grace period and answers 503 itself."""
     env = {
-        "GATEWAY_MODEL_ROOT": str(session_store),
+        "GATEWAY_MODEL_ROOT": str(slow_store),
         "GATEWAY_BACKEND": "sklearn",
         "GATEWAY_BATCH": "off",
         "GATEWAY_SHUTDOWN_GRACE_S": str(GRACE_S),
