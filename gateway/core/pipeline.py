@@ -198,32 +198,37 @@ class Pipeline:
             return out
         runners = {id(r): r for r, _, _ in requests}
         for (rid, _unit), blocks in groups.items():
-            if len(blocks) == 1:
-                self._answer_inline(runners[rid], blocks[0])
+            runner = runners[rid]
+            if len(blocks) == 1 or runner.batcher is None:  # batching off: a call per block
+                for block in blocks:
+                    self._answer_inline(runner, block)
             else:
-                self._answer_inline_many(runners[rid], blocks)
+                self._answer_inline_many(runner, blocks)
         for i, result in enumerate(out):
             if type(result) is Pending and not any(b.missing for b in result.blocks):
                 out[i] = _answer(result.blocks)
         return out
 
     def _answer_inline_many(self, runner: ModelRunner, blocks: list[_Block]) -> None:
-        """``_answer_inline`` for several blocks of one unit with one model call, each
-        distinct key computed once; blocks left missing take the slower path."""
-        flights = self._flights if self._flights is not None and len(self._flights) else None
-        first: dict[str, int] = {}  # key -> its row in the call
+        """``_answer_inline`` for several blocks of one unit with one model call (with
+        coalescing on, each distinct key once); blocks left missing take the slower path."""
+        flights = self._flights
+        busy = flights if flights is not None and len(flights) else None
+        at_key: dict[str, int] = {}  # key -> its row in the call (coalescing)
         where: list[tuple[_Block, int, int]] = []  # (block, row in block, row in call)
         parts: list[np.ndarray] = []
         for block in blocks:
             keys = block.keys
-            if keys is None or (flights is not None and any(keys[i] in flights
-                                                             for i in block.missing)):
-                continue  # no key to share, or joining a computation under way
+            if keys is not None and busy is not None and any(keys[i] in busy
+                                                             for i in block.missing):
+                continue  # join the computation under way instead
             for i in block.missing:
-                at = first.get(keys[i])
+                at = at_key.get(keys[i]) if keys is not None and flights is not None else None
                 if at is None:
-                    at = first[keys[i]] = len(parts)
+                    at = len(parts)
                     parts.append(block.rows[i])
+                    if keys is not None and flights is not None:
+                        at_key[keys[i]] = at
                 where.append((block, i, at))
         if not parts:
             return
@@ -232,14 +237,13 @@ class Pipeline:
             return
         for block, i, at in where:
             block.values[i] = computed[at]
-        for block in {id(b): b for b, _, _ in where}.values():
+        answered = {id(b): b for b, _, _ in where}.values()
+        for block in answered:
             block.missing = []
         if self._l1 is not None:
-            self._l1.put_many(list(first), computed)
-        if self._l2 is not None and any(b.use_l2 for b, _, _ in where):
-            ttl = runner.cache_ttl_s
-            for key, value in zip(first, computed, strict=True):
-                self._l2.put(key, value, ttl)
+            stored = {block.keys[i]: computed[at] for block, i, at in where
+                      if block.keys is not None}
+            self._l1.put_many(list(stored), list(stored.values()))
 
     async def finish(self, pending: Pending, timeout_s: float) -> Answer:
         """Complete what ``begin`` left: L2, then the model, under the ``timeout_s``

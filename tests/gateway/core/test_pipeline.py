@@ -223,6 +223,33 @@ async def test_labels_and_probabilities_cost_one_model_call(session_store: Path,
         assert probe.calls == 1
 
 
+@pytest.mark.parametrize(("switches", "calls"), [
+    ({}, [12]),  # each distinct row once
+    ({"coalesce": "off"}, [16]),  # one call, but each request computes its own rows
+    ({"batch": "off"}, [1] * 16),  # a call per request
+])
+async def test_the_misses_of_one_step_respect_the_switches(
+        session_store: Path, random_rows, switches: dict[str, str], calls: list[int]) -> None:
+    from gateway.app import create_app
+    from gateway.settings import Settings
+    from model_store import ModelStore
+    from tests.support import ProbeLoader, serve_with_state
+
+    loader = ProbeLoader()
+    app = create_app(Settings(model_root=session_store, execution="inline", **switches),
+                     store=ModelStore(session_store, loader=loader))
+    async with serve_with_state(app) as (_client, gw):
+        doors = app.doors  # type: ignore[attr-defined]
+        door, params, _ = doors.match({"type": "http", "method": "GET", "path": "/predict"})
+        requests = [(door, params, {"type": "http", "method": "GET", "path": "/predict",
+                                    "headers": [], "state": {"gateway": gw},
+                                    "query_string": q(random_rows[i % 12]).split("?")[1].encode()},
+                     b"") for i in range(16)]
+        replies = doors.answer_many(requests)
+        assert [r.status for r in replies] == [200] * 16
+        assert loader.latest().batch_sizes == calls
+
+
 async def test_requests_of_one_step_share_one_inline_call(session_store: Path,
                                                           random_rows, iris_estimator) -> None:
     """What the server does with the door requests of one event-loop step: their misses go
