@@ -12,16 +12,18 @@ __all__ = ["CEILING", "CONFIGS", "DEFAULT_CONFIGS", "DEFAULT_SCENARIOS", "GROUPS
 CEILING = "ceiling"
 
 
-def _config(cache: str, coalesce: str, batch: str, backend: str = "sklearn") -> dict[str, str]:
+def _config(cache: str, coalesce: str, batch: str, backend: str = "sklearn",
+            execution: str = "auto") -> dict[str, str]:
     return {"GATEWAY_CACHE": cache, "GATEWAY_COALESCE": coalesce, "GATEWAY_BATCH": batch,
-            "GATEWAY_BACKEND": backend}
+            "GATEWAY_BACKEND": backend, "GATEWAY_EXECUTION": execution}
 
 
-# Gateway settings per configuration. The mechanism comparisons run on the sklearn backend
-# ("naive" is one worker-thread predict per row); "compiled" is "full" on the verified ONNX
-# backend, with model calls placed inline or in the thread by measurement.
+# Gateway settings per configuration. The mechanism comparisons run on the sklearn backend;
+# "naive" is the common tutorial's service: the estimator's own predict, one worker-thread call
+# per row. "compiled" is "full" on the verified ONNX backend. Model calls are placed inline or
+# in the thread by measurement, except in "naive".
 CONFIGS: dict[str, dict[str, str]] = {
-    "naive": _config("off", "off", "off"),
+    "naive": _config("off", "off", "off", backend="estimator", execution="thread"),
     "cache": _config("on", "off", "off"),
     "cache+coalesce": _config("on", "on", "off"),
     "full": _config("on", "on", "on"),

@@ -22,6 +22,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 
 from gateway.core.pipeline import Pipeline
@@ -152,6 +153,8 @@ class ModelRegistry:
     def _runner(self, model: LoadedModel) -> ModelRunner:
         """A runner with the global settings, overridden by the version's own."""
         s, own = self._settings, model.manifest.settings
+        if s.backend == "estimator":
+            model = dataclasses.replace(model, forest=None)
         return ModelRunner(
             model, self._metrics,
             prefer_compiled=s.backend == "auto",

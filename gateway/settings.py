@@ -84,9 +84,11 @@ class Settings(BaseSettings):
     batch: Switch = "on"
     """``off`` disables micro-batching: one ``predict`` thread call per row."""
 
-    backend: Literal["auto", "sklearn"] = "auto"
+    backend: Literal["auto", "sklearn", "estimator"] = "auto"
     """``auto`` serves each output from the compiled (ONNX) model where the store verified it;
-    ``sklearn`` always calls the estimator."""
+    ``sklearn`` always uses scikit-learn (a forest through its verified fast path);
+    ``estimator`` calls the estimator's own methods and nothing else, as a plain scikit-learn
+    service does (for comparisons)."""
 
     execution: Literal["auto", "inline", "thread"] = "auto"
     """Where model calls run: ``auto`` inline on the event loop when measured to be tiny,

@@ -232,17 +232,25 @@ class Pipeline:
                 where.append((block, i, at))
         if not parts:
             return
-        computed = runner.try_inline(blocks[0].unit, np.stack(parts))
-        if computed is None:
-            return
+        computed: list[bytes | None] = []
+        step = runner.max_batch_size
+        rows = np.stack(parts)
+        for start in range(0, len(rows), step):  # calls of at most max_batch_size rows
+            got = runner.try_inline(blocks[0].unit, rows[start:start + step])
+            computed += got if got is not None else [None] * len(rows[start:start + step])
+        failed = {id(b) for b, _, at in where if computed[at] is None}
+        stored: dict[str, bytes] = {}
         for block, i, at in where:
-            block.values[i] = computed[at]
-        answered = {id(b): b for b, _, _ in where}.values()
-        for block in answered:
+            if id(block) in failed:
+                continue  # the slower path isolates the row the model refused
+            value = computed[at]
+            assert value is not None
+            block.values[i] = value
+            if block.keys is not None:
+                stored[block.keys[i]] = value
+        for block in {id(b): b for b, _, _ in where if id(b) not in failed}.values():
             block.missing = []
-        if self._l1 is not None:
-            stored = {block.keys[i]: computed[at] for block, i, at in where
-                      if block.keys is not None}
+        if self._l1 is not None and stored:
             self._l1.put_many(list(stored), list(stored.values()))
 
     async def finish(self, pending: Pending, timeout_s: float) -> Answer:

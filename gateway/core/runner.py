@@ -243,6 +243,7 @@ class ModelRunner:
         }
         """The settings in force for this version (global ones, overridden by its own)."""
         self.manifest = model.manifest
+        self.max_batch_size = max_batch_size
         self.prefer_compiled = prefer_compiled
         self.backends: dict[str, str] = dict(model.backends(prefer_compiled=prefer_compiled))
         self.has_proba = model.has_proba

@@ -54,3 +54,21 @@ def test_a_loaded_forest_answers_as_its_estimator(tmp_path: Path) -> None:
     assert model.predict_proba(rows, prefer_compiled=False) == est.predict_proba(rows).tolist()
     labels, proba = model.predict_both(rows, prefer_compiled=False)
     assert labels == est.predict(rows).tolist() and proba == est.predict_proba(rows).tolist()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("backend", "fast"), [("sklearn", True), ("estimator", False)])
+async def test_the_estimator_backend_calls_the_forest_itself(tmp_path: Path, backend: str,
+                                                             fast: bool) -> None:
+    from gateway.app import create_app
+    from gateway.settings import Settings
+    from tests.support import serve_with_state
+
+    x, y = iris_data()
+    ModelStore(tmp_path).register(RandomForestClassifier(n_estimators=10, random_state=0)
+                                  .fit(x, y), "iris", features=IRIS_FEATURES, backend="sklearn")
+    app = create_app(Settings(model_root=tmp_path, backend=backend))
+    async with serve_with_state(app) as (client, gw):
+        assert (gw.runtime("iris").model.forest is not None) is fast
+        r = await client.post("/v1/models/iris/predict", json={"instances": x[:3].tolist()})
+        assert r.json()["predictions"] == ["setosa"] * 3
