@@ -17,8 +17,9 @@ inline only while it is predicted to take at most ``inline_max_s``. Until enough
 measured, and for any slower model, it uses the thread (under the version's CapacityLimiter).
 A model that slows down moves back to the thread after one slow call; one that waits on
 something other than the CPU (two inline calls in a row longer than ``inline_max_s`` by the
-wall clock, over half of it waiting) goes to the thread for its next ``_WAITED_CALLS`` calls,
-then is tried inline again.
+wall clock, over half of it blocked: the thread gave up the CPU, which preemption by other
+processes does not count as) goes to the thread for its next ``_WAITED_CALLS`` calls, then is
+tried inline again.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import asyncio
 import gc
 import logging
 import math
+import resource
 import threading
 import time
 from collections.abc import Callable, Hashable
@@ -79,6 +81,12 @@ def _gc_probe(phase: str, _info: dict[str, int]) -> None:
         _gc_clock.started = time.perf_counter()
     else:
         _gc_clock.seconds += time.perf_counter() - _gc_clock.started
+
+
+def _blocked_count() -> int:
+    """Times this thread has blocked (voluntary context switches: I/O, sleep, a lock, other
+    threads), as opposed to being preempted."""
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_nvcsw
 
 
 class Executor:
@@ -167,12 +175,15 @@ class Executor:
                    rows: np.ndarray) -> R:
         """``fn(unit, rows)`` on the calling thread, measured. Raises what ``fn`` raises."""
         start, cpu, gc_s = time.perf_counter(), time.thread_time(), _gc_clock.seconds
+        blocked = _blocked_count()
         try:
             return fn(unit, rows)
         finally:
             gc_s = _gc_clock.seconds - gc_s
-            self._observe(True, unit, len(rows), time.perf_counter() - start - gc_s,
-                          time.thread_time() - cpu - gc_s)
+            seconds = time.perf_counter() - start - gc_s
+            if seconds > self._inline_max and _blocked_count() == blocked:
+                seconds = min(seconds, self._inline_max)  # only preempted: not waiting
+            self._observe(True, unit, len(rows), seconds, time.thread_time() - cpu - gc_s)
 
     def _observe(self, inline: bool, unit: Hashable, rows: int, seconds: float,
                  cpu_s: float) -> None:

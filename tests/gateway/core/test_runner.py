@@ -180,3 +180,20 @@ async def test_a_call_costs_a_fixed_part_plus_a_part_per_row() -> None:
     assert ex.inline_for(1) and not ex.inline_for(64)
     await ex.run(model, "u", rows(*range(64)))  # in the thread: measures the rows' part
     assert ex.inline_for(64) and 0.0008 < ex.predicted_s(64) < 0.0016
+
+
+async def test_a_call_slowed_only_by_preemption_is_not_waiting(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slow by the clock without the thread ever blocking is the process being preempted by
+    others (a busy machine): the model stays inline."""
+    from gateway.core import runner
+
+    fn = Recorder()
+    ex = Executor(limiter=anyio.CapacityLimiter(1), inline_max_s=0.001)
+    for _ in range(10):
+        await ex.run(fn, "u", rows(1))
+    monkeypatch.setattr(runner, "_blocked_count", lambda: 0)  # as if it never blocked
+    fn.seconds, fn.sleeps = 0.003, True
+    for _ in range(3):
+        await ex.run(fn, "u", rows(1))
+    assert ex.inline_for(1)
