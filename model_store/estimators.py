@@ -158,7 +158,7 @@ def time_model(model: LoadedModel, calls: int, repetitions: int
         x = rows[:n]
         sk, served, ups = [], [], []
         for _ in range(repetitions):
-            a = median_call_s(lambda r: model.predict(r, prefer_compiled=False), x, calls)
+            a = median_call_s(model.estimator.predict, x, calls)  # scikit-learn's own
             b = (median_call_s(lambda r: model.predict(r, prefer_compiled=True), x, calls)
                  if model.backend("label") == "onnx" else a)
             sk.append(a)
