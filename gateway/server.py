@@ -597,8 +597,14 @@ class _Tick:
 
     def _flush(self) -> None:
         items, self._items = self._items, []
-        answers = self._doors.answer_many([(door, params, cast(Any, cycle.scope), body)
-                                           for _, cycle, door, params, body in items])
+        try:
+            answers: list[Any] = self._doors.answer_many(
+                [(door, params, cast(Any, cycle.scope), body)
+                 for _, cycle, door, params, body in items])
+        except Exception as exc:  # a fault of the gateway's own: every request still answered
+            log.error("Exception in ASGI application\n", exc_info=exc)
+            answers = [Reply(500, b"Internal Server Error",
+                             content_type=b"text/plain; charset=utf-8")] * len(items)
         for (protocol, cycle, *_), now in zip(items, answers, strict=True):
             protocol.deliver(cycle, now)
 
