@@ -183,18 +183,17 @@ class Executor:
                    rows: np.ndarray) -> R:
         """``fn(unit, rows)`` on the calling thread, measured. Raises what ``fn`` raises."""
         start, cpu, gc_s = time.perf_counter(), time.thread_time(), _gc_clock.seconds
-        blocked = _blocked_count()
+        switches = _blocked_count()
         try:
             return fn(unit, rows)
         finally:
             gc_s = _gc_clock.seconds - gc_s
-            seconds = time.perf_counter() - start - gc_s
-            if seconds > self._inline_max and _blocked_count() == blocked:
-                seconds = min(seconds, self._inline_max)  # only preempted: not waiting
-            self._observe(True, unit, len(rows), seconds, time.thread_time() - cpu - gc_s)
+            self._observe(True, unit, len(rows), time.perf_counter() - start - gc_s,
+                          time.thread_time() - cpu - gc_s,
+                          blocked=_blocked_count() != switches)
 
     def _observe(self, inline: bool, unit: Hashable, rows: int, seconds: float,
-                 cpu_s: float) -> None:
+                 cpu_s: float, *, blocked: bool = True) -> None:
         self._calls += 1
         self._per_call_s = seconds if self._calls == 1 else (
             self._per_call_s + _ALPHA * (seconds - self._per_call_s))
@@ -212,9 +211,9 @@ class Executor:
             if inline and cpu_s > self._inline_max:
                 self._cpu_row_s = max(self._cpu_row_s, per_row)
         if inline and cpu_s <= self._inline_max:
-            if seconds > self._inline_max and cpu_s < seconds / 2:
-                # Mostly waiting: the process was not scheduled, or the model waited on
-                # something (its own threads, I/O). Twice in a row is no accident.
+            if seconds > self._inline_max and cpu_s < seconds / 2 and blocked:
+                # Mostly waiting, and the thread blocked: the model waited on something
+                # (its own threads, I/O, a lock). Twice in a row is no accident.
                 self._waited += 1
                 if self._waited >= 2:
                     self._waited = 0
