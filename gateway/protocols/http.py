@@ -140,20 +140,21 @@ class Decoded:
         self._max_entries = max_entries
         self._max_bytes = max_bytes
 
-    def get(self, key: Hashable) -> Any:
-        """What ``put`` kept under ``key``, or None."""
+    def find(self, key: Hashable) -> tuple[tuple[str, ...], Any] | None:
+        """The features and value ``keep`` kept under ``key``, or None."""
         return self._entries.get(key)
 
-    def keeps(self, size: int) -> bool:
-        """Would a request of ``size`` bytes be kept?"""
-        return size <= self._max_bytes
-
-    def put(self, key: Hashable, value: Any) -> None:
-        """Keep ``value`` (never None) under ``key``."""
+    def keep(self, key: Hashable, size: int, features: tuple[str, ...], value: Any,
+             rows: np.ndarray) -> None:
+        """Keep ``value`` (decoded for ``features``; ``rows`` are its rows, made read-only)
+        under ``key``, unless the request (``size`` bytes) is too big to keep."""
+        if size > self._max_bytes:
+            return
+        rows.flags.writeable = False
         entries = self._entries
         if len(entries) >= self._max_entries:
             entries.clear()
-        entries[key] = value
+        entries[key] = (features, value)
 
 
 @dataclass(slots=True)

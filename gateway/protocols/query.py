@@ -37,14 +37,12 @@ def door() -> Door:
         rt = gw.runtime(gw.settings.default_model)
         query: bytes = req.scope["query_string"]
         features = rt.manifest.features
-        seen = decoded.get(query)
+        seen = decoded.find(query)
         if seen is not None and seen[0] == features:
             row = seen[1]
         else:
             row = parse_query_string(query, features)  # raises for a bad query: not kept
-            if decoded.keeps(len(query)):
-                row.flags.writeable = False
-                decoded.put(query, (features, row))
+            decoded.keep(query, len(query), features, row, row)
         return Job(rt, row, _LABEL, timeout_s(gw, req))
 
     def encode(job: Job, answer: Answer) -> Reply:

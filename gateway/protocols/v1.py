@@ -69,9 +69,9 @@ def _kserve_body(body: bytes) -> Any:
 def _v1_door(decoded: Decoded) -> tuple[Prepare, Encode]:
     def prepare(gw: Gateway, req: HttpRequest, params: dict[str, str], body: bytes) -> Job:
         deadline_s = timeout_s(gw, req)
-        seen = decoded.get(body)
+        seen = decoded.find(body)
         if seen is not None:
-            version, proba, features, rows = seen
+            features, (version, proba, rows) = seen
             rt = gw.runtime(params["name"], version)
             if rt.manifest.features != features:
                 seen = None
@@ -80,9 +80,7 @@ def _v1_door(decoded: Decoded) -> tuple[Prepare, Encode]:
             rt = gw.runtime(params["name"], version)
             features = rt.manifest.features
             rows = parse_instances(instances, features, gw.settings.max_rows)
-            if decoded.keeps(len(body)):
-                rows.flags.writeable = False
-                decoded.put(body, (version, proba, features, rows))
+            decoded.keep(body, len(body), features, (version, proba, rows), rows)
         return Job(rt, rows, _BOTH if proba else _LABEL, deadline_s, proba)
 
     def encode(job: Job, answer: Answer) -> Reply:
@@ -102,7 +100,7 @@ def _v1_door(decoded: Decoded) -> tuple[Prepare, Encode]:
 def _kserve_door(decoded: Decoded) -> tuple[Prepare, Encode]:
     def prepare(gw: Gateway, req: HttpRequest, params: dict[str, str], body: bytes) -> Job:
         deadline_s = timeout_s(gw, req)
-        seen = decoded.get(body)
+        seen = decoded.find(body)
         instances = _kserve_body(body) if seen is None else None
         rt = gw.runtime(params["name"])
         features = rt.manifest.features
@@ -112,9 +110,7 @@ def _kserve_door(decoded: Decoded) -> tuple[Prepare, Encode]:
             if instances is None:
                 instances = _kserve_body(body)
             rows = parse_instances(instances, features, gw.settings.max_rows)
-            if decoded.keeps(len(body)):
-                rows.flags.writeable = False
-                decoded.put(body, (features, rows))
+            decoded.keep(body, len(body), features, rows, rows)
         return Job(rt, rows, _LABEL, deadline_s)
 
     def encode(job: Job, answer: Answer) -> Reply:

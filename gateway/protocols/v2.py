@@ -115,14 +115,12 @@ def _infer() -> tuple[Prepare, Encode]:
         rt = gw.runtime(params["name"], params.get("version"))
         key = (req.header(b"inference-header-content-length"), body)
         features = rt.manifest.features
-        seen = decoded.get(key)
+        seen = decoded.find(key)
         if seen is not None and seen[0] == features:
             ireq = seen[1]
         else:
             ireq = decode_infer_request(body, key[0], features, gw.settings.max_rows)
-            if decoded.keeps(len(body)):
-                ireq.rows.flags.writeable = False
-                decoded.put(key, (features, ireq))
+            decoded.keep(key, len(body), features, ireq, ireq.rows)
         available, every = _described(rt)
         specs = ireq.outputs or every[ireq.binary_default]
         for spec in specs:

@@ -86,12 +86,14 @@ async def test_every_door_answer_is_counted_by_route_and_status(session_store: P
 
 def test_decoded_memo_is_bounded() -> None:
     memo = Decoded(max_entries=2, max_bytes=4)
-    assert memo.keeps(4) and not memo.keeps(5)
-    memo.put(b"a", 1)
-    memo.put(b"b", 2)
-    assert (memo.get(b"a"), memo.get(b"b")) == (1, 2)
-    memo.put(b"c", 3)  # full: cleared first
-    assert (memo.get(b"a"), memo.get(b"b"), memo.get(b"c")) == (None, None, 3)
+    f = ("x",)
+    memo.keep(b"big", 5, f, 0, np.zeros(1))  # too big to keep
+    assert memo.find(b"big") is None
+    for key, n in ((b"a", 1), (b"b", 2)):
+        memo.keep(key, 4, f, n, np.zeros(1))
+    assert (memo.find(b"a"), memo.find(b"b")) == ((f, 1), (f, 2))
+    memo.keep(b"c", 4, f, 3, np.zeros(1))  # full: cleared first
+    assert (memo.find(b"a"), memo.find(b"b"), memo.find(b"c")) == (None, None, (f, 3))
 
 
 async def test_a_request_decoded_before_is_decoded_again_for_a_version_with_other_features(
