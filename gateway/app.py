@@ -63,6 +63,8 @@ async def readyz(request: Request) -> Response:
         "status": "ready" if ready else "not_ready",
         "models": {n: sorted(vs) for n, vs in gw.models.items()},
         "cache": gw.cache_status(),
+        "redis": {n: {str(v): gw.redis_use(rt) for v, rt in sorted(vs.items())}
+                  for n, vs in gw.models.items()},
     }
     if gw.failed:
         body["failed"] = gw.failed

@@ -6,9 +6,12 @@ dependency: every call is bounded by ``timeout_s``, failures feed a circuit brea
 Redis while open, and an unreachable Redis reads as a miss. Lookups issued within one
 event-loop tick go out as one ``MGET``; writes are queued (bounded) and sent in
 pipelines by a background task, so neither delays a response. On a Redis Cluster a lookup is one
-``MGET`` per node and writes are per-node pipelines. With a secret, every value is
-stored behind a keyed BLAKE2b tag over key and value, and a value whose tag does not verify is
-read back as ``INVALID``: whoever can write to Redis cannot make the gateway serve their answer.
+``MGET`` per node and writes are per-node pipelines. A background ``PING`` every second measures
+the round trip (``round_trip_s``: the minimum over the last 16, which leaves out the moments
+the event loop was busy) and, while the circuit is open, is the probe that closes it. With a
+secret, every value is stored behind a keyed BLAKE2b tag over key and value, and a value
+whose tag does not verify is read back as ``INVALID``: whoever can write to Redis cannot make
+the gateway serve their answer.
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ log = logging.getLogger("gateway.cache")
 
 _WRITE_CHUNK = 512
 _TAG_BYTES = 16
+_PROBE_EVERY_S = 1.0
+_ROUND_TRIPS_KEPT = 16
 
 INVALID = b""
 """What ``RedisCache.get_many`` returns for a value whose integrity tag does not verify."""
@@ -142,6 +147,8 @@ class RedisCache:
         self._write_wake: asyncio.Event | None = None
         self._write_idle: asyncio.Event | None = None  # set while nothing is queued or sending
         self._writer: asyncio.Task[None] | None = None
+        self._prober: asyncio.Task[None] | None = None
+        self._round_trips: deque[float] = deque(maxlen=_ROUND_TRIPS_KEPT)
         self._answered = False  # has Redis answered a call since startup?
 
     @property
@@ -155,19 +162,47 @@ class RedisCache:
             self._answered = True
             log.info("redis answers: L2 cache in use")
 
+    @property
+    def round_trip_s(self) -> float | None:
+        """The Redis round trip as this process sees it (seconds; None until one was
+        measured): the least of the recent ``PING`` round trips."""
+        return min(self._round_trips) if self._round_trips else None
+
     async def start(self) -> None:
-        """Start the background writer and probe Redis once; a failed probe only logs."""
+        """Start the background writer and prober, and probe Redis once; a failed probe only
+        logs."""
         self._write_wake = asyncio.Event()
         self._write_idle = asyncio.Event()
         self._write_idle.set()
-        self._writer = asyncio.get_running_loop().create_task(self._write_loop())
+        loop = asyncio.get_running_loop()
+        self._writer = loop.create_task(self._write_loop())
         try:
-            async with asyncio.timeout(self._timeout * 4):
-                await self._client.ping()
-            self._succeeded()
+            await self._ping(self._timeout * 4, timed=False)  # also connects: not a round trip
         except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
             self._failed(exc)
             log.warning("redis not reachable at startup (%s); serving from L1 + model", exc)
+        self._prober = loop.create_task(self._probe_loop())
+
+    async def _ping(self, timeout_s: float, *, timed: bool = True) -> None:
+        """One ``PING``, its round trip kept if ``timed``. Raises what the call raises."""
+        async with asyncio.timeout(timeout_s):
+            await self._client.ping()
+            start = time.perf_counter()
+            await self._client.ping()
+            if timed:
+                self._round_trips.append(time.perf_counter() - start)
+                self._metrics.redis_round_trip.set(min(self._round_trips))
+        self._succeeded()
+
+    async def _probe_loop(self) -> None:
+        while True:
+            await asyncio.sleep(_PROBE_EVERY_S)  # the probing period itself
+            if not self._breaker.allow():
+                continue
+            try:
+                await self._ping(self._timeout)
+            except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+                self._failed(exc)
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None] | None:
         """Values for ``keys`` (None per missing key, ``INVALID`` per value failing its tag),
@@ -322,7 +357,7 @@ class RedisCache:
 
     async def aclose(self) -> None:
         """Stop the writer and pending reads, then close the connection pool."""
-        tasks = [t for t in (self._writer, *self._reads) if t is not None]
+        tasks = [t for t in (self._writer, self._prober, *self._reads) if t is not None]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

@@ -139,6 +139,16 @@ class Metrics:
             "gateway_circuit_open", "1 while the Redis circuit breaker skips Redis.", registry=r,
             multiprocess_mode="livemax",
         )
+        self.l2_consulted = Gauge(  # workers: 1 while any live worker consults Redis for it
+            "gateway_l2_consulted", "1 while misses of the model version are looked up in "
+            "Redis, 0 while they skip it (their call costs less than a Redis round trip).",
+            ["model", "version"], registry=r, multiprocess_mode="livemax",
+        )
+        self.redis_round_trip = Gauge(  # workers: the most recently updated live worker's
+            "gateway_redis_round_trip_seconds", "Redis round trip as measured by periodic "
+            "PINGs (minimum over the recent window).", registry=r,
+            multiprocess_mode="livemostrecent",
+        )
         self.model_loads = Counter(
             "gateway_model_loads", "Model versions loaded, by result (loaded, failed).",
             ["model", "result"], registry=r,

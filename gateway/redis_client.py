@@ -41,7 +41,7 @@ from redis.asyncio.client import Pipeline
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.backoff import DEFAULT_BASE, DEFAULT_CAP, ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 __all__ = ["CLUSTER_SCHEMES", "BoundedRedis", "connect_redis", "connect_redis_cluster",
@@ -103,7 +103,7 @@ def connect_redis_cluster(
         socket_timeout=max(connect_timeout_s, command_timeout_s),
         max_connections=max_connections,
         require_full_coverage=False,
-        cluster_error_retry_attempts=1,
+        retry=Retry(ExponentialWithJitterBackoff(base=DEFAULT_BASE, cap=DEFAULT_CAP), 1),
         socket_keepalive=True,
     )
 

@@ -1,7 +1,8 @@
 """Cross-replica single-flight: a burst of misses spread over replicas runs the model once.
 
 Plugged into the pipeline's computation (so one request per replica coordinates a key, the
-local single-flight merging the rest), for models whose calls cost more than a Redis round trip.
+local single-flight merging the rest), for the misses that consult Redis (``gateway.core.sharing``:
+those of models whose calls cost more than a Redis round trip).
 For a block of keys, one Lua script per Redis slot does, atomically per key:
 
 * the value is in Redis: take it (the script checks again after the caller's lookup);

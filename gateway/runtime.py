@@ -15,6 +15,7 @@ from gateway.breaker import CircuitBreaker
 from gateway.cache import L1Cache, RedisCache
 from gateway.core.pipeline import Answer, Pending, Pipeline
 from gateway.core.runner import ModelRunner, Output
+from gateway.core.sharing import Sharing
 from gateway.errors import GatewayError, InvalidInput, NotFound, Unavailable
 from gateway.metrics import Metrics
 from gateway.redact import redact_url
@@ -52,6 +53,7 @@ class Gateway:
     registry: ModelRegistry
     accepting: bool = True
     remote: Remote | None = None
+    sharing: Sharing | None = None
 
     @property
     def models(self) -> dict[str, dict[int, ModelRunner]]:
@@ -98,14 +100,18 @@ class Gateway:
         remote = None
         if l2 is not None and settings.redis_url and settings.coalesce_remote == "auto":
             remote = await _open_remote(settings, l2, metrics)
+        sharing = None
+        if l2 is not None:
+            override = settings.l2_min_call_us
+            sharing = Sharing(metrics, round_trip_s=lambda: l2.round_trip_s,
+                              override_s=None if override is None else override / 1e6)
         pipeline = Pipeline(
             metrics, prefix=settings.cache_prefix, l1=l1, l2=l2,
-            coalesce=settings.coalesce == "on",
-            l2_min_call_s=settings.l2_min_call_us / 1e6,
-            remote=remote,
+            coalesce=settings.coalesce == "on", sharing=sharing, remote=remote,
         )
         registry = ModelRegistry(settings, store, metrics, pipeline)
-        gw = cls(settings, store, metrics, pipeline, l1, l2, registry, remote=remote)
+        gw = cls(settings, store, metrics, pipeline, l1, l2, registry, remote=remote,
+                 sharing=sharing)
         await registry.reload()
         if settings.model_poll_s > 0:
             registry.watch(settings.model_poll_s)
@@ -219,6 +225,19 @@ class Gateway:
             "l2": self.l2.status if self.l2 is not None else "off",
         }
 
+    def redis_use(self, rt: ModelRunner) -> dict[str, Any]:
+        """Whether misses of ``rt`` are looked up in Redis and coalesced across replicas now,
+        and why (``Sharing.explain``, plus ``cross_replica`` and the Redis status)."""
+        if self.l2 is None or self.sharing is None:
+            why = ("GATEWAY_CACHE=off" if self.settings.cache == "off"
+                   else "no Redis configured (GATEWAY_REDIS_URL)")
+            return {"consulted": False, "reason": why, "cross_replica": False}
+        out = self.sharing.explain(rt)
+        out["cross_replica"] = out["consulted"] and self.remote is not None
+        if self.l2.blocked():
+            out["reason"] += "; Redis not answering now (circuit open): L1 and the model meanwhile"
+        return out
+
     def describe(self) -> list[dict[str, Any]]:
         out = []
         for name, versions in sorted(self.models.items()):
@@ -229,7 +248,7 @@ class Gateway:
                 "versions": [
                     {"version": str(v), "sha256": rt.manifest.sha256,
                      "created": rt.manifest.created, "backends": rt.backends,
-                     "settings": rt.settings}
+                     "settings": rt.settings, "redis": self.redis_use(rt)}
                     for v, rt in sorted(versions.items())
                 ],
                 "task": latest.task,

@@ -67,9 +67,10 @@ class Settings(BaseSettings):
     redis_write_backlog: int = Field(10_000, ge=1)
     """Cache writes waiting to be sent to Redis; beyond it new writes are dropped."""
 
-    l2_min_call_us: int = Field(1000, ge=0)
-    """Redis is consulted for a model only while its calls take at least this long on average
-    (microseconds): answering a cheaper model again costs less than asking Redis. 0: always."""
+    l2_min_call_us: int | None = Field(None, ge=0)
+    """Unset: misses of a model are looked up in Redis (and coalesced across replicas) while
+    its call for the rows costs at least the measured Redis round trip (stopping below half of
+    it); set: this many microseconds instead of the round trip. 0: always consult Redis."""
 
     breaker_failures: int = Field(3, ge=1)
     """Consecutive Redis failures that open the circuit (Redis skipped)."""
@@ -160,10 +161,10 @@ class Settings(BaseSettings):
 
     # -- scale-out ---------------------------------------------------------------------------
     coalesce_remote: Literal["auto", "off"] = "auto"
-    """Cross-replica single-flight. ``auto``: with Redis, for every model whose calls are
-    slower than ``l2_min_call_us``, a replica that misses takes a lease on the row in Redis
-    (or waits for the replica holding it), so a burst spread over replicas runs the model
-    once. ``off``: each replica computes its own misses (local single-flight only)."""
+    """Cross-replica single-flight. ``auto``: with Redis, for the misses of every model that
+    consults Redis (see ``l2_min_call_us``), a replica that misses takes a lease on the row in
+    Redis (or waits for the replica holding it), so a burst spread over replicas runs the
+    model once. ``off``: each replica computes its own misses (local single-flight only)."""
 
     remote_lease_min_ms: int = Field(250, ge=10)
     """Shortest row lease (the lease is ``max(this, 4 x the model's average call time)``,

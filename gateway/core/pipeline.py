@@ -6,11 +6,13 @@ JSON value per row and output, computing only the rows no tier holds, each at mo
 time, in as few model calls as the load allows. A request's missing rows travel as one block:
 keys already in flight are joined, the rest are owned by one computation that submits them to
 the batcher as one entry and stores the results in L1 before its keys are freed (Redis is
-written in the background). A model measured to answer in microseconds skips Redis, and its
-misses are answered by one inline call on the spot, which costs less than the coordination it
-replaces. With a ``Remote``, the computation of a model that consults Redis first coordinates
-its keys with the other replicas (cross-replica single-flight, ``gateway.remote``), which then
-also stores them in Redis.
+written in the background). Whether a block's misses are looked up in Redis is ``Sharing``'s
+decision (a call dearer than a Redis round trip). Misses that skip Redis, of a model measured to
+answer in microseconds, are answered by one inline call on the spot, which costs less than the
+coordination it replaces; misses looked up in Redis always take the single-flight (other
+requests ran during the lookup). With a ``Remote``, the computation of a block that consults
+Redis first coordinates its keys with the other replicas (cross-replica single-flight,
+``gateway.remote``), which then also stores them in Redis.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from gateway.cache import L1Cache, RedisCache
 from gateway.core.batcher import Failure
 from gateway.core.keys import canonical_rows, key_head, row_keys
 from gateway.core.runner import SEP, ModelRunner, Output, Unit
+from gateway.core.sharing import Sharing
 from gateway.core.singleflight import SingleFlight
 from gateway.errors import DeadlineExceeded, GatewayError, InvalidInput
 from gateway.metrics import Metrics
@@ -92,14 +95,15 @@ class Pipeline:
         l1: L1Cache | None,
         l2: RedisCache | None,
         coalesce: bool,
-        l2_min_call_s: float = 0.0,
+        sharing: Sharing | None = None,
         remote: Remote | None = None,
     ) -> None:
+        """``sharing`` decides when ``l2`` is consulted (without one: always)."""
         self._metrics = metrics
         self._prefix = prefix
         self._l1 = l1
         self._l2 = l2
-        self._l2_min_call = l2_min_call_s
+        self._sharing = sharing
         self._remote = remote
         self._flights: SingleFlight[str, bytes | Failure] | None = (
             SingleFlight(abandon=True) if coalesce else None
@@ -201,13 +205,34 @@ class Pipeline:
             runner = runners[rid]
             if len(blocks) == 1 or runner.batcher is None:  # batching off: a call per block
                 for block in blocks:
-                    self._answer_inline(runner, block)
+                    if block is not blocks[0] and self._flights is not None:
+                        self._joined_in_step(runner, block)  # rows an earlier block computed
+                    if block.missing:
+                        self._answer_inline(runner, block)
             else:
                 self._answer_inline_many(runner, blocks)
         for i, result in enumerate(out):
             if type(result) is Pending and not any(b.missing for b in result.blocks):
                 out[i] = _answer(result.blocks)
         return out
+
+    def _joined_in_step(self, runner: ModelRunner, block: _Block) -> None:
+        """Take the block's missing rows that another request of this step has computed
+        since its lookup (they are in L1 now): coalesced, not computed again."""
+        keys = block.keys
+        if self._l1 is None or keys is None:
+            return
+        still = []
+        for i, value in zip(block.missing, self._l1.get_many([keys[i] for i in block.missing]),
+                            strict=True):
+            if value is None:
+                still.append(i)
+            else:
+                block.values[i] = value
+        if len(still) < len(block.missing):
+            self._metrics.coalesced.labels(runner.manifest.name).inc(
+                len(block.missing) - len(still))
+            block.missing = still
 
     def _answer_inline_many(self, runner: ModelRunner, blocks: list[_Block]) -> None:
         """``_answer_inline`` for several blocks of one unit with one model call (with
@@ -279,11 +304,13 @@ class Pipeline:
         n = len(rows)
         if keys is None and (self._l1 is not None or self._flights is not None):
             keys = row_keys(self._head(runner, unit), rows)
-        use_l2 = (self._l2 is not None and keys is not None
-                  and runner.slower_than(self._l2_min_call))
-        block = _Block(unit, rows, keys, [None] * n, ["miss"] * n, list(range(n)), use_l2)
+        block = _Block(unit, rows, keys, [None] * n, ["miss"] * n, list(range(n)), False)
         if self._l1 is not None and keys is not None and not looked_up:
             self._from_l1(block)
+        if self._l2 is not None and keys is not None and block.missing:
+            sharing = self._sharing
+            block.use_l2 = sharing is None or sharing.consult(runner, len(block.missing))
+        use_l2 = block.use_l2
         if inline and block.missing and not use_l2:
             self._answer_inline(runner, block)
         return block
@@ -300,6 +327,8 @@ class Pipeline:
         """Drop what was memoized for ``runner`` (its model version was unloaded)."""
         for k in [k for k in self._heads if k[0] == id(runner)]:
             del self._heads[k]
+        if self._sharing is not None:
+            self._sharing.forget(runner)
 
     def _from_l1(self, block: _Block) -> None:
         assert self._l1 is not None and block.keys is not None
@@ -342,9 +371,12 @@ class Pipeline:
     async def _fill(self, runner: ModelRunner, block: _Block) -> None:
         """L2, then the model, for the block's missing rows."""
         if block.use_l2:
+            # Other requests ran during the lookup: what they computed is found by the
+            # computation's L1 recheck, what they compute now is joined by the single-flight,
+            # and other replicas are coordinated with; never an inline call of its own.
             block.recheck = True
             await self._from_l2(runner, block)
-            if not block.missing or self._answer_inline(runner, block):
+            if not block.missing:
                 return
         missing = block.missing
         keys = block.keys

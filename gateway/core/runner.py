@@ -341,10 +341,6 @@ class ModelRunner:
             return f"proba@{self.backends['probabilities']}"
         return f"both@{self.backends['label']}+{self.backends['probabilities']}"
 
-    def slower_than(self, seconds: float) -> bool:
-        """Does one call take at least ``seconds``? True until measured."""
-        return not self.executor.measured or self.executor.per_call_s >= seconds
-
     # -- calling the model ---------------------------------------------------------------------
     def try_inline(self, unit: Unit, rows: np.ndarray) -> list[bytes] | None:
         """Answer ``rows`` with one call on the spot when that call is measured to be tiny;

@@ -198,7 +198,8 @@ async def model_metadata(name: str, request: Request, version: str | None = None
         "outputs": [{"name": n, "datatype": d, "shape": s} for n, d, s in _outputs(rt)],
         "parameters": {"version": str(m.version), "sha256": m.sha256, "task": m.task,
                        "features": list(m.features), "classes": list(m.classes),
-                       "backends": rt.backends, "settings": rt.settings},
+                       "backends": rt.backends, "settings": rt.settings,
+                       "redis": gw.redis_use(rt)},
     }
     return json_response(meta)
 

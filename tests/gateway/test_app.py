@@ -86,7 +86,10 @@ async def test_health_ready_metrics_docs(session_store: Path) -> None:
         assert (await client.get("/healthz")).json() == {"status": "ok"}
         ready = (await client.get("/readyz")).json()
         assert ready == {"status": "ready", "models": {"iris": [1]},
-                         "cache": {"l1": "ok", "l2": "off"}}
+                         "cache": {"l1": "ok", "l2": "off"},
+                         "redis": {"iris": {"1": {
+                             "consulted": False, "cross_replica": False,
+                             "reason": "no Redis configured (GATEWAY_REDIS_URL)"}}}}
         await client.get(Q)
         text = (await client.get("/metrics")).text
         assert 'gateway_requests_total{route="/predict",status="200"} 1.0' in text

@@ -226,7 +226,8 @@ async def test_labels_and_probabilities_cost_one_model_call(session_store: Path,
 @pytest.mark.parametrize(("switches", "calls"), [
     ({}, [12]),  # each distinct row once
     ({"coalesce": "off"}, [16]),  # one call, but each request computes its own rows
-    ({"batch": "off"}, [1] * 16),  # a call per request
+    ({"batch": "off"}, [1] * 12),  # a call per request, each distinct row once
+    ({"batch": "off", "coalesce": "off"}, [1] * 16),  # a call per request
     ({"max_batch_size": 5}, [5, 5, 2]),  # calls of at most max_batch_size rows
 ])
 async def test_the_misses_of_one_step_respect_the_switches(

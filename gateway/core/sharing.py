@@ -1,0 +1,128 @@
+"""Whether Redis is consulted for a model version's misses, and why.
+
+Looking a miss up in Redis costs a round trip; it pays when computing the rows costs more. So
+the rule compares a model's measured cost for the rows at hand (``Executor.predicted_s``: the
+CPU time of one call with that many rows) with a reference: the Redis round trip measured by
+the L2 tier (``RedisCache.round_trip_s``, a windowed minimum of periodic PINGs, kept up to
+date), or ``GATEWAY_L2_MIN_CALL_US`` when set (0: always consult).
+
+Per model version the decision is a state with hysteresis, so that a model costing about a
+round trip does not flap: it starts *consulted* (calls not measured yet count as dear), stops
+once a small call (one or two rows) is measured at less than half the reference, and starts
+again once a small call costs at least the reference. A block of more rows whose call costs at
+least the reference is looked up whatever the state. Cross-replica coalescing follows the same
+decision (its lease lives in Redis).
+
+``consult`` is on the request path (an L1 miss): a few comparisons, no allocation unless the
+state flips. ``explain`` says the same in words, for ``/v1/models``, V2 metadata and
+``/readyz``; a gauge (``gateway_l2_consulted``) says it per model version.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from gateway.core.runner import ModelRunner
+from gateway.metrics import Metrics
+
+__all__ = ["Sharing"]
+
+log = logging.getLogger("gateway.sharing")
+
+_STOP_BELOW = 0.5  # stop consulting once a small call costs less than this share of the reference
+
+
+class Sharing:
+    """The Redis rule for every model version of one app; see the module docstring.
+
+    ``round_trip_s()`` gives the measured Redis round trip in seconds (None: not measured yet);
+    ``override_s`` replaces it as the reference when not None. Event-loop thread only.
+    """
+
+    def __init__(self, metrics: Metrics, *, round_trip_s: Callable[[], float | None],
+                 override_s: float | None = None) -> None:
+        if override_s is not None and override_s < 0:
+            raise ValueError(f"override_s must be >= 0, got {override_s}")
+        self._round_trip = round_trip_s
+        self._override = override_s
+        self._gauge = metrics.l2_consulted
+        self._skipped: set[int] = set()  # id() of the runners whose misses skip Redis now
+        self._seen: dict[int, ModelRunner] = {}  # runners with a gauge child
+
+    def consult(self, runner: ModelRunner, rows: int) -> bool:
+        """Should a miss of ``rows`` rows of ``runner`` be looked up in Redis now?"""
+        ex = runner.executor
+        if not ex.measured:
+            return True
+        ref = self._override if self._override is not None else self._round_trip()
+        if ref is None:
+            return True
+        small = ex.predicted_s(1)
+        rid = id(runner)
+        if rid in self._skipped:
+            if small >= ref:
+                self._flip(runner, True, small, ref)
+                return True
+            return rows > 2 and ex.predicted_s(rows) >= ref
+        if small < ref * _STOP_BELOW:
+            self._flip(runner, False, small, ref)
+            return rows > 2 and ex.predicted_s(rows) >= ref
+        if rid not in self._seen:
+            self._seen[rid] = runner
+            self._gauge.labels(runner.manifest.name, str(runner.manifest.version)).set(1)
+        return True
+
+    def explain(self, runner: ModelRunner) -> dict[str, Any]:
+        """Whether a one-row miss of ``runner`` is looked up in Redis now and why:
+        ``{"consulted", "reason", "call_ms", "reference_ms"}`` (the last two None until
+        measured)."""
+        consulted = self.consult(runner, 1)
+        ex = runner.executor
+        call = ex.predicted_s(1) if ex.measured else None
+        ref = self._override if self._override is not None else self._round_trip()
+        what = ("GATEWAY_L2_MIN_CALL_US" if self._override is not None
+                else "Redis round trip")
+        if call is None:
+            reason = "calls not measured yet: consulted until they are"
+        elif ref is None:
+            reason = "Redis round trip not measured yet: consulted until it is"
+        elif self._override == 0:
+            reason = "GATEWAY_L2_MIN_CALL_US=0: always consulted"
+        elif not consulted:
+            reason = f"call {_ms(call)} < {what} {_ms(ref)}: answering again is cheaper"
+        elif call >= ref:
+            reason = f"call {_ms(call)} >= {what} {_ms(ref)}"
+        else:
+            reason = (f"call {_ms(call)} >= half the {what} {_ms(ref)} "
+                      "(consulted until below half)")
+        return {"consulted": consulted, "reason": reason,
+                "call_ms": None if call is None else round(call * 1e3, 4),
+                "reference_ms": None if ref is None else round(ref * 1e3, 4)}
+
+    def forget(self, runner: ModelRunner) -> None:
+        """Drop what is kept of ``runner`` (its version was unloaded), gauge included."""
+        rid = id(runner)
+        self._skipped.discard(rid)
+        if self._seen.pop(rid, None) is not None:
+            try:
+                self._gauge.remove(runner.manifest.name, str(runner.manifest.version))
+            except KeyError:
+                pass
+
+    def _flip(self, runner: ModelRunner, consulted: bool, call_s: float, ref_s: float) -> None:
+        rid = id(runner)
+        if consulted:
+            self._skipped.discard(rid)
+        else:
+            self._skipped.add(rid)
+        self._seen[rid] = runner
+        m = runner.manifest
+        self._gauge.labels(m.name, str(m.version)).set(1 if consulted else 0)
+        log.info("model %s v%s: Redis %s (call %s, reference %s)", m.name, m.version,
+                 "consulted" if consulted else "skipped", _ms(call_s), _ms(ref_s))
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.3f} ms"

@@ -1,0 +1,148 @@
+"""The Redis rule: a model's measured call for the rows at hand against the measured round trip
+(or the override), with hysteresis; said in words and by a gauge."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any, cast
+
+import pytest
+
+from gateway.core.runner import ModelRunner
+from gateway.core.sharing import Sharing
+from gateway.metrics import Metrics
+
+
+class FakeExecutor:
+    """What ``Sharing`` reads of an ``Executor``: whether measured, predicted CPU seconds."""
+
+    def __init__(self, small_s: float | None, per_row_s: float = 0.0) -> None:
+        self.small_s = small_s
+        self.per_row_s = per_row_s
+
+    @property
+    def measured(self) -> bool:
+        return self.small_s is not None
+
+    def predicted_s(self, rows: int) -> float:
+        assert self.small_s is not None
+        return self.small_s + self.per_row_s * max(0, rows - 2)
+
+
+def runner(small_s: float | None, per_row_s: float = 0.0, version: int = 1) -> Any:
+    return SimpleNamespace(executor=FakeExecutor(small_s, per_row_s),
+                           manifest=SimpleNamespace(name="m", version=version))
+
+
+class Clock:
+    """A settable round trip."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+
+    def __call__(self) -> float | None:
+        return self.seconds
+
+
+def gauge(metrics: Metrics, version: int = 1) -> float | None:
+    return metrics.registry.get_sample_value("gateway_l2_consulted",
+                                             {"model": "m", "version": str(version)})
+
+
+def test_unmeasured_calls_or_round_trip_consult_redis() -> None:
+    metrics = Metrics({})
+    rtt = Clock(None)
+    rule = Sharing(metrics, round_trip_s=rtt)
+    assert rule.consult(cast(ModelRunner, runner(None)), 1)
+    assert rule.explain(cast(ModelRunner, runner(None)))["reason"].startswith(
+        "calls not measured yet")
+    r = cast(ModelRunner, runner(10e-6))
+    assert rule.consult(r, 1)
+    assert rule.explain(r)["reason"].startswith("Redis round trip not measured yet")
+
+
+def test_a_cheap_model_skips_redis_and_says_why() -> None:
+    metrics = Metrics({})
+    rule = Sharing(metrics, round_trip_s=Clock(110e-6))
+    r = cast(ModelRunner, runner(40e-6))
+    assert not rule.consult(r, 1)
+    said = rule.explain(r)
+    assert said == {"consulted": False,
+                    "reason": "call 0.040 ms < Redis round trip 0.110 ms: answering again is "
+                              "cheaper",
+                    "call_ms": 0.04, "reference_ms": 0.11}
+    assert gauge(metrics) == 0
+
+
+def test_a_dear_model_consults_redis() -> None:
+    metrics = Metrics({})
+    rule = Sharing(metrics, round_trip_s=Clock(110e-6))
+    r = cast(ModelRunner, runner(300e-6))
+    assert rule.consult(r, 1)
+    assert rule.explain(r)["reason"] == "call 0.300 ms >= Redis round trip 0.110 ms"
+    assert gauge(metrics) == 1
+
+
+def test_hysteresis_stops_below_half_and_starts_again_at_the_round_trip() -> None:
+    metrics = Metrics({})
+    rule = Sharing(metrics, round_trip_s=Clock(100e-6))
+    model = runner(150e-6)
+    r = cast(ModelRunner, model)
+    assert rule.consult(r, 1)
+    for cost in (90e-6, 60e-6, 51e-6):  # between half and one round trip: still consulted
+        model.executor.small_s = cost
+        assert rule.consult(r, 1)
+    assert "consulted until below half" in rule.explain(r)["reason"]
+    model.executor.small_s = 49e-6
+    assert not rule.consult(r, 1)
+    for cost in (60e-6, 90e-6, 99e-6):  # back above half, below one round trip: still skipped
+        model.executor.small_s = cost
+        assert not rule.consult(r, 1)
+    model.executor.small_s = 100e-6
+    assert rule.consult(r, 1)
+    assert gauge(metrics) == 1
+
+
+def test_the_round_trip_is_read_each_time() -> None:
+    rtt = Clock(100e-6)
+    rule = Sharing(Metrics({}), round_trip_s=rtt)
+    r = cast(ModelRunner, runner(200e-6))
+    assert rule.consult(r, 1)
+    rtt.seconds = 1e-3  # Redis moved a network away: the model is now cheaper than asking
+    assert not rule.consult(r, 1)
+    rtt.seconds = 150e-6
+    assert rule.consult(r, 1)
+
+
+def test_a_block_dearer_than_a_round_trip_is_looked_up_while_small_calls_skip() -> None:
+    rule = Sharing(Metrics({}), round_trip_s=Clock(100e-6))
+    r = cast(ModelRunner, runner(20e-6, per_row_s=5e-6))
+    assert not rule.consult(r, 1)
+    assert not rule.consult(r, 10)  # 60 us
+    assert rule.consult(r, 20)  # 110 us
+    assert not rule.consult(r, 1)  # the state is the small call's
+
+
+def test_the_override_replaces_the_round_trip() -> None:
+    metrics = Metrics({})
+    rule = Sharing(metrics, round_trip_s=Clock(100e-6), override_s=1e-3)
+    r = cast(ModelRunner, runner(300e-6))
+    assert not rule.consult(r, 1)
+    assert rule.explain(r)["reason"].startswith("call 0.300 ms < GATEWAY_L2_MIN_CALL_US 1.000 ms")
+    always = Sharing(metrics, round_trip_s=Clock(100e-6), override_s=0)
+    tiny = cast(ModelRunner, runner(1e-9, version=2))
+    assert always.consult(tiny, 1)
+    assert always.explain(tiny)["reason"] == "GATEWAY_L2_MIN_CALL_US=0: always consulted"
+    with pytest.raises(ValueError):
+        Sharing(metrics, round_trip_s=Clock(None), override_s=-1)
+
+
+def test_forget_removes_the_gauge() -> None:
+    metrics = Metrics({})
+    rule = Sharing(metrics, round_trip_s=Clock(100e-6))
+    r = cast(ModelRunner, runner(10e-6))
+    assert not rule.consult(r, 1)
+    assert gauge(metrics) == 0
+    rule.forget(r)
+    assert gauge(metrics) is None
+    assert not rule.consult(r, 1)  # as new: measured cheap, skipped again

@@ -1,0 +1,134 @@
+"""Sharing through Redis by default, as a new user runs it: two real gateway processes on one
+redis-server of the test's own, no ``GATEWAY_L2_MIN_CALL_US``. Warmed with ordinary traffic,
+then bursts; Redis restarted; and the compiled demo model, whose metadata says why it skips
+Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from model_store.demo import IRIS_FEATURES
+from tests.gateway.remote_support import fire, predict_request
+from tests.hardening.inproc import gateway_client
+from tests.hardening.procs import GatewayProcess, gateway_process, metric, redis_server
+
+pytestmark = [pytest.mark.e2e, pytest.mark.slow]
+
+_rows = itertools.count()
+RESTART_BOUND_S = 10.0  # the promise to operators: sharing again within this after a restart
+
+
+def new_row() -> list[float]:
+    i = next(_rows)
+    return [4.0 + (i % 97) / 25, 2.0 + (i // 97) / 50, 2.5, 0.7]
+
+
+def get(client: httpx.Client, gw: GatewayProcess, row: list[float]) -> tuple[str, str]:
+    r = client.get(f"{gw.base}/predict", params=dict(zip(IRIS_FEATURES, row, strict=True)))
+    assert r.status_code == 200, r.text
+    return r.json()["prediction"], r.headers["x-cache"]
+
+
+def calls(gw: GatewayProcess) -> float:
+    return metric(gw.metrics(), "gateway_model_calls_total")
+
+
+def warm(client: httpx.Client, a: GatewayProcess, b: GatewayProcess) -> None:
+    """50 new rows asked of A, then asked of B until B finds each in Redis."""
+    rows = [new_row() for _ in range(50)]
+    for row in rows:
+        get(client, a, row)
+    for row in rows:
+        for _ in range(1000):
+            if get(client, b, row)[1] == "l2":
+                break
+        else:
+            raise AssertionError("B never found A's answer in Redis")
+
+
+async def slow_client(gw: GatewayProcess, row: list[float], n: int) -> list[str]:
+    """``n`` requests for ``row``, one every 5 ms, each on a connection of its own."""
+    async with httpx.AsyncClient(limits=httpx.Limits(max_keepalive_connections=0)) as c:
+        async def one() -> str:
+            r = await c.get(f"{gw.base}/predict",
+                            params=dict(zip(IRIS_FEATURES, row, strict=True)))
+            assert r.status_code == 200, r.text
+            return str(r.json()["prediction"])
+
+        tasks = []
+        for _ in range(n):
+            tasks.append(asyncio.ensure_future(one()))
+            await asyncio.sleep(0.005)  # the client's pace, not a synchronisation
+        return list(await asyncio.gather(*tasks))
+
+
+def test_replicas_share_by_default_after_warmup_and_again_after_a_redis_restart(
+        session_store: Path, tmp_path: Path, iris_estimator: Any) -> None:
+    with redis_server(tmp_path) as rs:
+        env = {"GATEWAY_MODEL_ROOT": str(session_store), "GATEWAY_REDIS_URL": rs.url,
+               "GATEWAY_BACKEND": "sklearn", "GATEWAY_MODEL_POLL_S": "0",
+               "GATEWAY_CACHE_PREFIX": "share", "GATEWAY_REDIS_TIMEOUT_MS": "500",
+               "GATEWAY_REMOTE_LEASE_MIN_MS": "3000"}
+        with gateway_process(env) as a, gateway_process(env) as b, httpx.Client() as client:
+            warm(client, a, b)
+            said = client.get(f"{a.base}/readyz").json()["redis"]["iris"]["1"]
+            assert said["consulted"] and said["cross_replica"], said
+            assert said["reason"].startswith("call "), said  # measured, compared
+
+            row = new_row()
+            expected = iris_estimator.predict(np.array([row])).tolist()[0]
+            before = calls(a) + calls(b)
+            replies = asyncio.run(fire([predict_request(gw.port, row)
+                                        for gw in (a, b) for _ in range(100)]))
+            assert [r.prediction() for r in replies] == [expected] * 200
+            assert calls(a) + calls(b) - before == 1  # a tight burst over both: one call
+
+            row = new_row()
+            expected = iris_estimator.predict(np.array([row])).tolist()[0]
+            before = calls(a)
+            assert asyncio.run(slow_client(a, row, 200)) == [expected] * 200
+            assert calls(a) - before == 1  # a loose burst to one process: one call
+
+            rs.kill()
+            rs.start()  # empty, on the same port
+            deadline = time.monotonic() + RESTART_BOUND_S
+            shared = False
+            while not shared and time.monotonic() < deadline:
+                row = new_row()
+                get(client, a, row)
+                shared = get(client, b, row)[1] == "l2"
+            assert shared, "no answer shared through Redis within 10 s of its restart"
+
+
+@pytest.mark.anyio
+async def test_the_compiled_demo_model_says_why_redis_is_skipped(
+        compiled_store: Path, redis_server: Any) -> None:
+    settings = {"redis_url": f"redis://{redis_server.host}:{redis_server.port}/0",
+                "cache_prefix": "compiled-skip"}
+    async with gateway_client(compiled_store, **settings) as client:
+        said: dict[str, Any] = {}
+        for _ in range(100):  # ordinary traffic until calls and round trip are measured
+            for _ in range(100):
+                r = await client.get("/predict", params=dict(zip(IRIS_FEATURES, new_row(),
+                                                                 strict=True)))
+                assert r.status_code == 200
+            said = (await client.get("/readyz")).json()["redis"]["iris"]["1"]
+            if not said["consulted"]:
+                break
+        assert not said["consulted"], said
+        assert " < Redis round trip " in said["reason"] and not said["cross_replica"], said
+        assert said["call_ms"] < said["reference_ms"]
+        v1 = (await client.get("/v1/models")).json()["models"][0]["versions"][0]["redis"]
+        v2 = (await client.get("/v2/models/iris")).json()["parameters"]["redis"]
+        assert v1["consulted"] is False and v2["consulted"] is False
+        scraped = (await client.get("/metrics")).text
+        assert metric(scraped, "gateway_l2_consulted", model="iris", version="1") == 0
+        assert metric(scraped, "gateway_redis_round_trip_seconds") > 0
