@@ -45,7 +45,6 @@ from model_store.compiled import (
 )
 from model_store.feature_names import drop_fitted_feature_names, fitted_feature_names
 from model_store.forest import ForestProba, forest_proba
-from model_store.inflight import InFlight
 from model_store.settings import ModelSettings
 
 ARTIFACT = "model.joblib"
@@ -342,13 +341,13 @@ class ModelStore:
     """Models on disk under ``root``; see the module docstring for the layout.
 
     ``loader`` unpickles a verified artifact (``joblib.load`` unless a test passes its own).
-    Concurrent ``load`` calls for one version load it once.
+    ``load`` does not deduplicate concurrent calls: its caller decides (the gateway's registry
+    loads under one lock, so each version once).
     """
 
     def __init__(self, root: Path | str, *, loader: Loader = joblib.load) -> None:
         self.root = Path(root)
         self._loader = loader
-        self._loads: InFlight[tuple[str, int], LoadedModel] = InFlight()
 
     # -- reading ---------------------------------------------------------------------------
     def models(self) -> dict[str, list[int]]:
@@ -506,16 +505,8 @@ class ModelStore:
             return None
 
     async def load(self, name: str, version: int) -> LoadedModel:
-        """``load_sync`` in a worker thread; concurrent loads of one version load it once."""
-
-        async def _load() -> LoadedModel:
-            return await anyio.to_thread.run_sync(self.load_sync, name, version)
-
-        return await self._loads.do((name, version), _load)
-
-    async def aclose(self) -> None:
-        """Cancel the loads still in flight."""
-        await self._loads.aclose()
+        """``load_sync`` in a worker thread. Raises as ``load_sync`` does."""
+        return await anyio.to_thread.run_sync(self.load_sync, name, version)
 
     # -- writing ---------------------------------------------------------------------------
     def register(

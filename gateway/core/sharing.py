@@ -53,6 +53,10 @@ class Sharing:
 
     def consult(self, runner: ModelRunner, rows: int) -> bool:
         """Should a miss of ``rows`` rows of ``runner`` be looked up in Redis now?"""
+        rid = id(runner)
+        if rid not in self._seen:  # every version starts consulted
+            self._seen[rid] = runner
+            self._gauge.labels(runner.manifest.name, str(runner.manifest.version)).set(1)
         ex = runner.executor
         if not ex.measured:
             return True
@@ -60,7 +64,6 @@ class Sharing:
         if ref is None:
             return True
         small = ex.predicted_s(1)
-        rid = id(runner)
         if rid in self._skipped:
             if small >= ref:
                 self._flip(runner, True, small, ref)
@@ -69,9 +72,6 @@ class Sharing:
         if small < ref * _STOP_BELOW:
             self._flip(runner, False, small, ref)
             return rows > 2 and ex.predicted_s(rows) >= ref
-        if rid not in self._seen:
-            self._seen[rid] = runner
-            self._gauge.labels(runner.manifest.name, str(runner.manifest.version)).set(1)
         return True
 
     def explain(self, runner: ModelRunner) -> dict[str, Any]:
@@ -112,12 +112,10 @@ class Sharing:
                 pass
 
     def _flip(self, runner: ModelRunner, consulted: bool, call_s: float, ref_s: float) -> None:
-        rid = id(runner)
         if consulted:
-            self._skipped.discard(rid)
+            self._skipped.discard(id(runner))
         else:
-            self._skipped.add(rid)
-        self._seen[rid] = runner
+            self._skipped.add(id(runner))
         m = runner.manifest
         self._gauge.labels(m.name, str(m.version)).set(1 if consulted else 0)
         log.info("model %s v%s: Redis %s (call %s, reference %s)", m.name, m.version,

@@ -7,13 +7,15 @@ import asyncio
 import shutil
 from pathlib import Path
 
+import joblib
 import numpy as np
 import pytest
 from sklearn.dummy import DummyClassifier
 
+from gateway import Settings, create_app
 from model_store import ModelStore
 from model_store.demo import IRIS_FEATURES
-from tests.support import probed_app, wait_for, wait_thread_event
+from tests.support import probed_app, serve_with_state, wait_for, wait_thread_event
 
 pytestmark = pytest.mark.anyio
 
@@ -43,6 +45,24 @@ async def test_new_version_is_served_after_reload_and_requests_in_flight_keep_th
         pinned = (await client.post(Q, json={"instances": [ROW], "version": 1})).json()
         assert pinned["predictions"] == ["setosa"] and pinned["cache"] == ["l1"]
         assert not await gw.registry.reload()  # nothing changed since
+
+
+async def test_concurrent_reloads_load_each_version_once(store_root: Path) -> None:
+    loads: list[Path] = []
+
+    def loader(path: Path) -> object:
+        loads.append(path)
+        return joblib.load(path)
+
+    app = create_app(Settings(model_root=store_root, model_poll_s=0),
+                     store=ModelStore(store_root, loader=loader))
+    async with serve_with_state(app) as (_client, gw):
+        assert len(loads) == 1
+        ModelStore(store_root).register(constant("virginica"), "iris", features=IRIS_FEATURES,
+                                        backend="sklearn")
+        changed = await asyncio.gather(*(gw.registry.reload() for _ in range(10)))
+        assert changed.count(True) == 1
+        assert len(loads) == 2 and sorted(gw.models["iris"]) == [1, 2]
 
 
 async def test_removed_version_stops_being_served(store_root: Path) -> None:

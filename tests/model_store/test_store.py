@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import asyncio
 import json
 import warnings
 from pathlib import Path
@@ -88,20 +87,6 @@ def test_regression_model_has_no_classes(tmp_path: Path) -> None:
     x, _ = iris_data()
     m = ModelStore(tmp_path).register(LinearRegression().fit(x[:, :3], x[:, 3]), "petal")
     assert m.task == "regression" and m.classes == () and m.features == ("f0", "f1", "f2")
-
-
-async def test_concurrent_loads_of_one_version_load_once(tmp_path: Path, iris_estimator) -> None:
-    ModelStore(tmp_path).register(iris_estimator, "iris")
-    loads: list[Path] = []
-
-    def loader(path: Path) -> object:
-        loads.append(path)
-        return iris_estimator
-
-    store = ModelStore(tmp_path, loader=loader)
-    models = await asyncio.gather(*(store.load("iris", 1) for _ in range(20)))
-    assert len(loads) == 1
-    assert all(m is models[0] for m in models)
 
 
 def test_errors_name_model_version_and_reason_but_no_path(tmp_path: Path,

@@ -54,6 +54,7 @@ def test_unmeasured_calls_or_round_trip_consult_redis() -> None:
     rtt = Clock(None)
     rule = Sharing(metrics, round_trip_s=rtt)
     assert rule.consult(cast(ModelRunner, runner(None)), 1)
+    assert gauge(metrics) == 1
     assert rule.explain(cast(ModelRunner, runner(None)))["reason"].startswith(
         "calls not measured yet")
     r = cast(ModelRunner, runner(10e-6))
