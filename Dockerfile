@@ -1,8 +1,8 @@
 # syntax=docker/dockerfile:1
-# The gateway: python:3.11-slim, the project installed with `pip install .` (runtime
-# dependencies only, no dev or bench extras), run as an unprivileged user. The model store is a
-# volume at /models; settings are GATEWAY_* environment variables. Build: docker build -t
-# inference-gateway:0.1.0 .
+# The gateway: python:3.11-slim, the runtime dependencies exactly as requirements/runtime.lock
+# pins them (hashes checked; no dev or bench extras), then the project with `pip install .
+# --no-deps`, run as an unprivileged user. The model store is a volume at /models; settings are
+# GATEWAY_* environment variables. Build: docker build -t inference-gateway:0.1.0 .
 FROM python:3.11-slim
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
@@ -11,10 +11,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /src
+COPY requirements/runtime.lock ./requirements/
+RUN pip install --require-hashes --no-deps -r requirements/runtime.lock
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 COPY model_store ./model_store
-RUN pip install . \
+RUN pip install . --no-deps --no-build-isolation \
  && cd / && rm -rf /src \
  && groupadd --system --gid 10001 gateway \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \

@@ -10,15 +10,35 @@ MODELS  ?= models
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: install run test lint bench bench-replicas models clean
+.PHONY: install lock run test test-fast lint bench bench-replicas models clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The environment is requirements/dev.lock: every distribution at its pinned version, checked
+# against its hashes, nothing resolved here. Then the project itself, editable, built by the
+# locked setuptools (no build isolation, so nothing unlocked is fetched).
+$(STAMP): requirements/dev.lock pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r requirements/dev.lock
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
+
+# Both locks from pyproject.toml, for CPython 3.11 on Linux x86_64, with hashes; pins already in
+# a lock stay unless LOCK_ARGS says otherwise (--upgrade, or --upgrade-package NAME).
+# uv (`uv pip compile`) rather than pip-tools: it resolves for a target Python and platform, not
+# for the interpreter it runs on, without building or installing anything, and in seconds.
+# dev.lock: the package with its dev extra (tests, bench, lint, uv). runtime.lock: its runtime
+# dependencies only (the image), constrained by dev.lock so both pin the same versions. Both
+# also lock [build-system] requires, as make install and the image build the project with them.
+UV_COMPILE     = $(BIN)/uv pip compile --quiet --generate-hashes --no-strip-markers \
+                 --python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
+                 --custom-compile-command 'make lock' $(LOCK_ARGS)
+BUILD_REQUIRES = $(BIN)/python -c 'import tomllib; \
+                 print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")'
+
+lock: install
+	$(BUILD_REQUIRES) | $(UV_COMPILE) pyproject.toml - --extra dev -o requirements/dev.lock
+	$(BUILD_REQUIRES) | $(UV_COMPILE) pyproject.toml - -c requirements/dev.lock -o requirements/runtime.lock
 
 models: install
 	$(BIN)/python -m model_store --root $(MODELS) train-demo --if-empty
@@ -29,6 +49,10 @@ run: models
 test: install
 	@scripts/ensure-tools.sh redis-server wrk nginx
 	$(BIN)/python -m pytest
+
+# The suite less what starts processes or takes long (e2e and slow tests).
+test-fast: install
+	$(BIN)/python -m pytest -m "not e2e and not slow" -p no:randomly
 
 # Side-by-side load test of the gateway configurations; BENCH_ARGS=--quick for a short run.
 bench: models
