@@ -1,6 +1,8 @@
-"""Errors a request can end with, and their one mapping to HTTP responses.
+"""Errors a request can end with: a status and a stable code per kind.
 
-Every error body is ``{"error": {"code": "<stable_code>", "message": "<what and where>"}}``.
+Each door renders them its own way (the V2 doors as ``{"error": "<message>"}``, as the Open
+Inference Protocol says); ``error_body`` and ``error_response`` are the gateway's own shape,
+``{"error": {"code": "<stable_code>", "message": "<what and where>"}}``, for every other route.
 """
 
 from __future__ import annotations

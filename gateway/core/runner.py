@@ -109,7 +109,7 @@ class Executor:
         *,
         limiter: anyio.CapacityLimiter,
         placement: Placement = "auto",
-        inline_max_s: float = 100e-6,
+        inline_max_s: float = 1e-3,
         on_call: Callable[[bool, Hashable, int, float], None] | None = None,
     ) -> None:
         if inline_max_s < 0:
@@ -244,7 +244,7 @@ class ModelRunner:
         *,
         prefer_compiled: bool = True,
         placement: Placement = "auto",
-        inline_max_s: float = 100e-6,
+        inline_max_s: float = 1e-3,
         batching: bool = True,
         max_batch_size: int = 64,
         max_delay_s: float = 0.0,

@@ -6,8 +6,8 @@ are answered here, ahead of FastAPI's middleware, routing and telemetry layers, 
 than a whole cached answer. A door is a protocol adapter: ``prepare`` decodes a request into a
 ``Job`` (model version, rows, outputs wanted, deadline), ``encode`` turns the pipeline's answer
 into a ``Reply``, ``render_error`` renders a ``GatewayError`` the protocol's way. ``Doors``
-matches the request, runs one ``Gateway.begin``/``finish`` underneath, counts and times the
-request like every other route, and answers 405 for a door's path with another method.
+matches the request, runs one ``Gateway.begin``/``Pipeline.finish`` underneath, counts and
+times the request like every other route, and answers 405 for a door's path with another method.
 Anything else goes on to FastAPI.
 
 ``Doors.answer_now`` runs a door as far as it goes without waiting; the server calls it as soon
