@@ -20,7 +20,7 @@ from pydantic import ValidationError
 
 from gateway.metrics import MULTIPROC_ENV
 from gateway.server import gateway_config, run
-from gateway.settings import Settings, describe_errors
+from gateway.settings import Settings, describe_errors, unknown_names
 from gateway.workers import metrics_dir, serve_workers
 
 APP = "gateway.app:from_env"
@@ -29,6 +29,13 @@ KEEP_ALIVE_S = 75
 """Default ``--timeout-keep-alive``: above nginx's idle upstream connection timeout (60 s in
 ``deploy/nginx``), so that nginx, never the gateway, closes an idle connection. Otherwise
 nginx may send a request on a connection the gateway is closing, and the client gets a 502."""
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 1 to 65535, got {text}")
+    return value
+
 
 def _positive_int(text: str) -> int:
     value = int(text)
@@ -41,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m gateway", description=__doc__)
     where = p.add_argument_group("where to listen")
     where.add_argument("--host", default="127.0.0.1", help="address (default: %(default)s)")
-    where.add_argument("--port", type=int, default=8000, help="port (default: %(default)s)")
+    where.add_argument("--port", type=_port, default=8000, help="port (default: %(default)s)")
     where.add_argument("--uds", metavar="PATH", type=Path,
                        help="listen on this unix socket instead of --host/--port (an nginx "
                             "sidecar); its directory must exist and be writable")
@@ -96,14 +103,33 @@ def socket_path_error(path: Path) -> str | None:
     return None
 
 
+def address_error(host: str, port: int) -> str | None:
+    """Why ``host:port`` cannot be listened on (in use, not an address of this host), or None:
+    checked by binding it once, before any model is loaded."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        return f"{host}: {exc.strerror}"
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server binds
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            return f"cannot listen on {host}:{port}: {exc.strerror or exc}"
+    return None
+
+
 def load_settings() -> Settings:
-    """Settings from the environment; a bad one ends the process with one line per problem
-    (the variable, its value with credentials redacted, what is expected) and status 2."""
+    """Settings from the environment; a bad one, or a ``GATEWAY_*`` variable that names no
+    setting, ends the process with one line per problem (the variable, its value with
+    credentials redacted, what is expected) and status 2."""
+    problems = unknown_names(os.environ)
     try:
         settings = Settings()
-        problems = settings.problems()
+        problems += settings.problems()
     except ValidationError as exc:
-        problems = describe_errors(exc)
+        problems += describe_errors(exc)
     if problems:
         for line in problems:
             print(f"python -m gateway: {line}", file=sys.stderr)
@@ -118,6 +144,11 @@ def main(argv: list[str] | None = None) -> None:
         error = socket_path_error(args.uds)
         if error is not None:
             p.error(f"--uds: {error}")
+    else:
+        error = address_error(args.host, args.port)
+        if error is not None:  # not a usage error: one line, no usage text
+            print(f"python -m gateway: {error}", file=sys.stderr)
+            raise SystemExit(2)
     settings = load_settings()
     options: dict[str, Any] = {
         "log_level": args.log_level,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Mapping
 from hashlib import blake2b
 from pathlib import Path
 from typing import Literal
@@ -199,6 +201,19 @@ class Settings(BaseSettings):
                 out.append(f"GATEWAY_DEFAULT_MODEL={self.default_model!r}: not in the store "
                            f"(it has {', '.join(names)})")
         return out
+
+
+def unknown_names(environ: Mapping[str, str]) -> list[str]:
+    """One line per ``GATEWAY_*`` variable of ``environ`` that names no setting (a typo would
+    otherwise leave its setting at the default without a word), with the closest setting."""
+    known = [name.upper() for name in Settings.model_fields]
+    out = []
+    for var in sorted(environ):
+        if var.startswith("GATEWAY_") and var[8:] not in known:
+            close = difflib.get_close_matches(var[8:], known, n=1, cutoff=0.75)
+            hint = f" (did you mean GATEWAY_{close[0]}?)" if close else ""
+            out.append(f"{var}: not a setting{hint}; the settings are listed in the README")
+    return out
 
 
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")

@@ -35,6 +35,7 @@ def served(monkeypatch: pytest.MonkeyPatch,
         return 0
 
     monkeypatch.setattr(cli, "run", record)
+    monkeypatch.setattr(cli, "address_error", lambda _host, _port: None)  # 8000 may be taken
     monkeypatch.setenv("GATEWAY_MODEL_ROOT", str(session_store))
     monkeypatch.setenv(MULTIPROC_ENV, "unset-below")
     monkeypatch.delenv(MULTIPROC_ENV)
@@ -134,6 +135,38 @@ def test_bad_options_exit_with_a_clear_error(
     assert served == []
 
 
+def test_a_port_out_of_range_is_refused(
+        served: list[dict[str, Any]], capsys: pytest.CaptureFixture[str]) -> None:
+    err = _refused(capsys, ["--port", "99999"])
+    assert "--port: expected a port from 1 to 65535, got 99999" in err
+    assert served == []
+
+
+def test_an_address_in_use_or_unknown_is_named() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.address_error("127.0.0.1", port) == (
+            f"cannot listen on 127.0.0.1:{port}: Address already in use")
+    assert cli.address_error("127.0.0.1", port) is None  # free again
+    assert "no.such.host.invalid" in (cli.address_error("no.such.host.invalid", 8000) or "")
+
+
+@pytest.mark.e2e
+def test_the_cli_refuses_a_port_in_use_in_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "gateway", "--port", str(port)],
+                              capture_output=True, text=True, timeout=60, check=False,
+                              env={**os.environ, "GATEWAY_MODEL_ROOT": str(tmp_path)})
+    assert proc.returncode == 2
+    assert proc.stderr == (f"python -m gateway: cannot listen on 127.0.0.1:{port}: Address "
+                           "already in use\n")
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root may write any directory")
 def test_a_read_only_directory_is_refused(tmp_path: Path) -> None:
     tmp_path.chmod(0o500)
@@ -173,6 +206,9 @@ def test_the_cli_refuses_an_unusable_socket_before_loading_models(tmp_path: Path
      "GATEWAY_MODEL_ROOT='/nonexistent/models': not a directory"),
     ({"GATEWAY_DEFAULT_MODEL": "churn"},
      "GATEWAY_DEFAULT_MODEL='churn': not in the store (it has iris)"),
+    ({"GATEWAY_REDIS_ULR": "redis://127.0.0.1:6379/0"},
+     "GATEWAY_REDIS_ULR: not a setting (did you mean GATEWAY_REDIS_URL?)"),
+    ({"GATEWAY_NO_SUCH_THING": "1"}, "GATEWAY_NO_SUCH_THING: not a setting; the settings are"),
 ])
 def test_bad_settings_are_one_line_each_and_exit_2(
     served: list[dict[str, Any]], capsys: pytest.CaptureFixture[str],
