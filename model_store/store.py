@@ -19,8 +19,8 @@ import os
 import pickle
 import platform
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -568,7 +568,8 @@ class ModelStore:
 
         model_dir = self.root / name
         model_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{version}-", dir=model_dir))
+        tmp = model_dir / f".{version}-{secrets.token_hex(8)}"
+        tmp.mkdir()  # permissions from the umask, like the files (mkdtemp's would be 0700)
         try:
             joblib.dump(estimator, tmp / ARTIFACT)
             manifest = Manifest(

@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import warnings
 from pathlib import Path
 
@@ -306,3 +308,16 @@ def test_model_store_imports_nothing_from_gateway() -> None:
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=60, check=False)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_a_registered_version_is_readable_by_others_under_a_common_umask(
+        tmp_path: Path, iris_estimator) -> None:
+    old = os.umask(0o022)
+    try:
+        ModelStore(tmp_path).register(iris_estimator, "iris")
+    finally:
+        os.umask(old)
+    version_dir = tmp_path / "iris" / "1"
+    assert stat.S_IMODE(version_dir.stat().st_mode) == 0o755
+    for f in version_dir.iterdir():
+        assert stat.S_IMODE(f.stat().st_mode) & 0o044 == 0o044, f.name
