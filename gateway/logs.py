@@ -105,7 +105,12 @@ def configure(fmt: Literal["text", "json"], level: str = "INFO") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+    for name in ("uvicorn", "uvicorn.error"):
         lg = logging.getLogger(name)
         lg.handlers[:] = []
         lg.propagate = True
+    # uvicorn writes access lines whenever its access logger has a handler, its ancestors' too:
+    # the gateway writes its own (GATEWAY_ACCESS_LOG), so uvicorn's reach none.
+    uvicorn_access = logging.getLogger("uvicorn.access")
+    uvicorn_access.handlers[:] = []
+    uvicorn_access.propagate = False

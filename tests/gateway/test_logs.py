@@ -73,3 +73,33 @@ def test_json_lines_hold_the_request_fields() -> None:
     assert (line["request_id"], line["status"], line["cache"]) == ("r1", 200, "l1")
     assert line["logger"] == "gateway.access" and line["time"].endswith("Z")
     assert "model" not in line
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("access_log", ["off", "on"])
+def test_a_served_gateway_logs_one_access_line_per_request_only_when_asked(
+        session_store: Path, access_log: str) -> None:
+    """uvicorn logs access lines whenever its logger has a handler somewhere up the tree: off
+    must mean none at all, on exactly the gateway's own line per request."""
+    import httpx
+
+    from tests.hardening.procs import gateway_process
+
+    env = {"GATEWAY_MODEL_ROOT": str(session_store), "GATEWAY_ACCESS_LOG": access_log,
+           "GATEWAY_MODEL_POLL_S": "0"}
+    paths = ["/predict?sepal_length=5&sepal_width=3&petal_length=1.4&petal_width=0.2",
+             "/readyz", "/metrics", "/v1/models", "/healthz"]
+    with gateway_process(env) as gw, httpx.Client(base_url=gw.base) as client:
+        logged_before = len(gw.log)
+        for _ in range(100):
+            for path in paths:
+                assert client.get(path).status_code == 200
+            r = client.post("/v2/models/iris/infer", json={"inputs": [
+                {"name": "input", "datatype": "FP64", "shape": [1, 4],
+                 "data": [5.0, 3.0, 1.4, 0.2]}]})
+            assert r.status_code == 200
+        gw.terminate()
+    lines = gw.log[logged_before:]
+    access = [ln for ln in lines if "gateway.access" in ln or "uvicorn.access" in ln]
+    assert not [ln for ln in lines if "uvicorn.access" in ln]
+    assert len(access) == (600 if access_log == "on" else 0), access[:3]
