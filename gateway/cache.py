@@ -8,10 +8,14 @@ event-loop tick go out as one ``MGET``; writes are queued (bounded) and sent in
 pipelines by a background task, so neither delays a response. On a Redis Cluster a lookup is one
 ``MGET`` per node and writes are per-node pipelines. A background ``PING`` every second measures
 the round trip (``round_trip_s``: the minimum over the last 16, which leaves out the moments
-the event loop was busy) and, while the circuit is open, is the probe that closes it. With a
-secret, every value is stored behind a keyed BLAKE2b tag over key and value, and a value
-whose tag does not verify is read back as ``INVALID``: whoever can write to Redis cannot make
-the gateway serve their answer.
+the event loop was busy) and, while the circuit is open, is the probe that closes it.
+
+Every value is stored bound to its key: a format byte, then a BLAKE2b tag over key and value,
+then the value. A value whose tag does not verify is read back as ``INVALID`` (a miss): without
+a secret the digest is unkeyed, which catches a value copied under another row's key and
+corruption; with a secret it is keyed, so whoever can write to Redis cannot make the gateway
+serve their answer either. Entries of an older format (no format byte) read as ``INVALID``
+too, never as an answer: an upgrade costs misses, never a misread value.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ log = logging.getLogger("gateway.cache")
 
 _WRITE_CHUNK = 512
 _TAG_BYTES = 16
+_FORMAT = b"\x01"  # the first byte of every stored value: format byte, tag, value
+_HEAD = len(_FORMAT) + _TAG_BYTES
 _PROBE_EVERY_S = 1.0
 _ROUND_TRIPS_KEPT = 16
 
@@ -211,10 +217,10 @@ class RedisCache:
         if self._breaker.blocked():
             return None
         values = await self._get_raw(keys)
-        if values is None or self._secret is None:
+        if values is None:
             return values
-        return [None if v is None else self._open(k, v) for k, v in zip(keys, values,
-                                                                           strict=True)]
+        return [None if v is None else self.unseal(k, v) for k, v in zip(keys, values,
+                                                                            strict=True)]
 
     @property
     def client(self) -> aioredis.Redis | RedisCluster:
@@ -238,26 +244,23 @@ class RedisCache:
         self._failed(exc)
 
     def seal(self, key: str, value: bytes) -> bytes:
-        """``value`` as stored under ``key``: behind its integrity tag when there is a secret."""
-        return value if self._secret is None else self._tag(key, value) + value
+        """``value`` as stored under ``key``: the format byte, its tag over key and value
+        (keyed with the secret, if any), the value."""
+        return _FORMAT + self._tag(key, value) + value
 
     def unseal(self, key: str, stored: bytes) -> bytes:
-        """The value ``seal`` stored under ``key``, or ``INVALID`` when its tag does not
-        verify."""
-        return stored if self._secret is None else self._open(key, stored)
+        """The value ``seal`` stored under ``key``, or ``INVALID`` when it is of another
+        format or its tag does not verify (stored under another key, corrupted, forged)."""
+        if stored[:1] != _FORMAT or len(stored) < _HEAD:
+            return INVALID
+        tag, value = stored[1:_HEAD], stored[_HEAD:]
+        return value if hmac.compare_digest(tag, self._tag(key, value)) else INVALID
 
     def _tag(self, key: str, value: bytes) -> bytes:
-        assert self._secret is not None
-        h = blake2b(key.encode(), key=self._secret, digest_size=_TAG_BYTES)
+        h = blake2b(key.encode(), key=self._secret or b"", digest_size=_TAG_BYTES)
         h.update(b"\x00")
         h.update(value)
         return h.digest()
-
-    def _open(self, key: str, stored: bytes) -> bytes:
-        tag, value = stored[:_TAG_BYTES], stored[_TAG_BYTES:]
-        if len(tag) == _TAG_BYTES and hmac.compare_digest(tag, self._tag(key, value)):
-            return value
-        return INVALID
 
     async def _get_raw(self, keys: Sequence[str]) -> list[bytes | None] | None:
         fut: asyncio.Future[list[bytes | None] | None] = (

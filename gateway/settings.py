@@ -53,9 +53,10 @@ class Settings(BaseSettings):
     of its nodes. Unset: the gateway runs on the in-process cache alone."""
 
     cache_secret: SecretStr | None = None
-    """With a secret, every Redis value carries a keyed BLAKE2b tag, and a value whose tag
-    does not verify is a miss: whoever can write to Redis cannot forge answers. Every gateway
-    sharing the Redis needs the same secret."""
+    """Every Redis value carries a BLAKE2b tag over its key and itself, and a value whose tag
+    does not verify is a miss (a value stored under another row's key, a corrupted one). With a
+    secret the tag is keyed: whoever can write to Redis cannot forge answers either. Every
+    gateway sharing the Redis needs the same secret."""
 
     cache_ttl_s: int = Field(3600, ge=1)
     """Redis entry lifetime (``SET … EX``), seconds."""

@@ -155,6 +155,54 @@ async def test_with_a_cache_secret_an_untagged_or_foreign_value_is_a_miss(
         await r.aclose()
 
 
+async def test_without_a_secret_a_value_under_another_rows_key_is_a_miss(
+    session_store: Path, redis_server: Any
+) -> None:
+    prefix = f"misplaced-{uuid.uuid4().hex[:8]}"
+    settings = {"redis_url": f"redis://{redis_server.host}:{redis_server.port}/0",
+                "cache_prefix": prefix, "l2_min_call_us": 0, "backend": "sklearn"}
+    setosa = [5.1, 3.5, 1.4, 0.2]
+    r = aioredis.Redis(host=redis_server.host, port=redis_server.port)
+    try:
+        async with gateway_client(session_store, **settings) as writer:
+            assert (await writer.post(V1, json={"instances": [ROW]})).json()["predictions"] == [
+                "virginica"]
+            (virginica_key,) = await wait_for_keys(r, prefix)
+            await writer.post(V1, json={"instances": [setosa]})
+            keys = await wait_for_keys(r, prefix, 2)
+        (setosa_key,) = set(keys) - {virginica_key}
+        await r.set(setosa_key, await r.get(virginica_key), ex=600)  # a valid answer, misplaced
+        async with gateway_client(session_store, **settings) as reader:  # an empty L1
+            got = (await reader.post(V1, json={"instances": [setosa]})).json()
+            assert (got["predictions"], got["cache"]) == (["setosa"], ["miss"])
+            scraped = (await reader.get("/metrics")).text
+            assert metric(scraped, "gateway_cache_lookups_total", tier="l2",
+                          result="invalid") == 1
+            got = (await reader.post(V1, json={"instances": [ROW]})).json()
+            assert (got["predictions"], got["cache"]) == (["virginica"], ["l2"])  # in place
+    finally:
+        await r.aclose()
+
+
+async def test_an_entry_of_the_older_unbound_format_is_a_miss_never_an_answer(
+    session_store: Path, redis_server: Any
+) -> None:
+    prefix = f"oldformat-{uuid.uuid4().hex[:8]}"
+    settings = {"redis_url": f"redis://{redis_server.host}:{redis_server.port}/0",
+                "cache_prefix": prefix, "l2_min_call_us": 0, "backend": "sklearn"}
+    r = aioredis.Redis(host=redis_server.host, port=redis_server.port)
+    try:
+        async with gateway_client(session_store, **settings) as writer:
+            await writer.post(V1, json={"instances": [ROW]})
+        # What the older format stored: the bare value (label and probabilities of one call)
+        await forge(r, prefix, b'"setosa"\x00[1.0,0.0,0.0]')
+        async with gateway_client(session_store, **settings) as reader:
+            got = (await reader.post(V1, json={"instances": [ROW]})).json()
+            assert (got["predictions"], got["cache"]) == (["virginica"], ["miss"])
+    finally:
+        await r.aclose()
+
+
 # -- 3. the backend is part of the key ---------------------------------------------------------
 async def test_onnx_and_sklearn_gateways_on_one_redis_never_share_entries(
     compiled_store: Path, redis_server: Any, iris_estimator: Any
