@@ -97,15 +97,23 @@ def _kind(value: Any) -> str:
 
 
 def _wrong_features(what: str, features: Sequence[str], given: Iterable[str]) -> InvalidInput:
+    """What is missing and what is unknown (a few names of each), and where the model's
+    features are listed: never the whole list, which may be hundreds of names."""
     names = set(map(str, given))
     missing = [f for f in features if f not in names]
     extra = sorted(names - set(features))
+    parts = ([f"missing {_few(missing)}"] if missing else []) + (
+        [f"unknown {_few(extra)}"] if extra else [])
     return InvalidInput(
-        f"{what} must be exactly {', '.join(features)}"
-        + (f"; missing: {', '.join(missing)}" if missing else "")
-        + (f"; unknown: {', '.join(extra)}" if extra else ""),
+        f"{what}: {'; '.join(parts) or 'not the model features'} (the model has "
+        f"{len(features)} features, named by GET /v1/models)",
         code="wrong_features",
     )
+
+
+def _few(names: Sequence[str], shown: int = 5) -> str:
+    head = ", ".join(repr(n)[:66] for n in names[:shown])
+    return head if len(names) <= shown else f"{head} and {len(names) - shown} more"
 
 
 def parse_query_string(query: bytes, features: Sequence[str]) -> np.ndarray:
