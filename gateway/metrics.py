@@ -85,6 +85,17 @@ class Metrics:
             "gateway_request_seconds", "HTTP request latency.", ["route"],
             buckets=_LATENCY_BUCKETS, registry=r,
         )
+        self.fast_lane = Counter(  # counted through the tally (gateway.server)
+            "gateway_fast_lane_requests", "Door requests taken by the HTTP fast lane, by how "
+            "they were answered (answered: written at once, no task; continued: in a task, "
+            "having to wait).", ["how"], registry=r,
+        )
+        self.fast_lane_bypassed = Counter(  # counted through the tally (gateway.server)
+            "gateway_fast_lane_bypassed", "Door requests answered by the ASGI app in a task "
+            "instead of the fast lane, by reason (body: large, chunked or 100-continue; "
+            "pipelined: started after an earlier response; shutdown: held at shutdown).",
+            ["reason"], registry=r,
+        )
         self._in_flight = 0
         in_flight = Gauge(  # workers: sum over live workers (sampled, see the module doc)
             "gateway_requests_in_flight", "HTTP requests being answered now.", registry=r,

@@ -36,10 +36,16 @@ together at its end by ``Doors.answer_many`` (``_Tick``): an answer that needs n
 or an inline model call, one for all their misses of a model) is written at once, with no ASGI
 task, scope copy or middleware; anything else continues in an ordinary task. uvicorn's
 keep-alive, pipelining, ``Connection: close`` and default headers apply as for any response.
+``gateway_fast_lane_requests_total{how}`` counts the door requests the lane took (``answered``
+at once, ``continued`` in a task); ``gateway_fast_lane_bypassed_total{reason}`` those started
+in an ASGI task instead (a large, chunked or 100-continue body; a pipelined request started
+after an earlier response; a request held when shutdown began).
 
 The protocol, server and supervisor extend uvicorn's own classes at the points its code offers
 (parser callbacks, ``_start_asgi_task``, ``shutdown``, the worker process factory); the tests
-in ``tests/hardening`` hold them to the behaviour above against real processes.
+in ``tests/hardening`` hold them to the behaviour above against real processes, and
+``tests/contracts/test_uvicorn.py`` fails, naming what to re-check here, when uvicorn's code
+at those points changes.
 """
 
 from __future__ import annotations
@@ -69,6 +75,7 @@ from uvicorn.protocols.http.httptools_impl import (
 from uvicorn.server import ServerState
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
+from gateway.metrics import Metrics
 from gateway.protocols.http import Door, Doors, Reply
 from gateway.settings import Settings
 
@@ -129,6 +136,7 @@ class GatewayServerState(ServerState):
         # Set whenever the last open connection closes.
         self.all_closed = asyncio.Event()
         self.tick: _Tick | None = None  # door requests of this event-loop step
+        self.lane: _Lane | None = None  # the fast lane's counters, made by the first connection
 
 
 class _Phase(Enum):
@@ -225,6 +233,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         )
         self._phase = _Phase.BETWEEN
         self._doors = _doors_of(self.app)
+        self._lane = _Lane.of(app_state, self._shared) if self._doors is not None else None
         self._in_headers = False  # inside on_headers_complete (not a pipelined start)
         # A door request waiting for its body: its cycle, door and path parameters.
         self._held: tuple[RequestResponseCycle, Door, dict[str, str]] | None = None
@@ -353,18 +362,26 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     # -- requests ----------------------------------------------------------------------------
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
-        if self._in_headers and app is self.app and self._doors is not None:
+        if app is self.app and self._doors is not None:
             found = self._doors.match(cycle.scope)  # type: ignore[arg-type]
-            if found is not None and found[0] is not None and _small_body(cycle):
-                self._held = (cycle, found[0], found[1])
-                return  # until on_message_complete
+            if found is not None and found[0] is not None:
+                if self._in_headers and _small_body(cycle):
+                    self._held = (cycle, found[0], found[1])
+                    return  # until on_message_complete
+                self._bypassed("body" if self._in_headers else "pipelined")
         super()._start_asgi_task(cycle, functools.partial(self._guarded, cycle, app))
+
+    def _bypassed(self, reason: str) -> None:
+        """Count a door request started in an ASGI task instead of the fast lane."""
+        if self._lane is not None:
+            self._lane.tally.inc(self._lane.bypassed[reason])
 
     def _release(self) -> None:
         """Hand a held door request to an ordinary task (shutdown: it is answered there)."""
         if self._held is not None:
             cycle = self._held[0]
             self._held = None
+            self._bypassed("shutdown")
             super()._start_asgi_task(cycle, functools.partial(self._guarded, cycle, self.app))
 
     def _answer_now(self, cycle: RequestResponseCycle, door: Door, params: dict[str, str]
@@ -384,7 +401,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
                 now: Reply | Callable[[Any], Awaitable[None]]) -> None:
         """Write a door's reply now, or continue the request in a task when it has to
         wait."""
+        lane = self._lane
         if not isinstance(now, Reply):
+            if lane is not None:
+                lane.tally.inc(lane.continued)
             finish = now
 
             async def app(_scope: Scope, _receive: ASGIReceiveCallable,
@@ -393,6 +413,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
             super()._start_asgi_task(cycle, functools.partial(self._guarded, cycle, app))
             return
+        if lane is not None:
+            lane.tally.inc(lane.answered)
         cycle.response_started = cycle.response_complete = True
         self._out.write_now(_http_response(now, self.server_state.default_headers,
                                            cycle.keep_alive))
@@ -607,6 +629,34 @@ class _Tick:
                              content_type=b"text/plain; charset=utf-8")] * len(items)
         for (protocol, cycle, *_), now in zip(items, answers, strict=True):
             protocol.deliver(cycle, now)
+
+
+class _Lane:
+    """The fast lane's counters (``Metrics.fast_lane``, ``Metrics.fast_lane_bypassed``),
+    counted through the app's per-loop tally: a dict increment per request."""
+
+    __slots__ = ("answered", "bypassed", "continued", "tally")
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.tally = metrics.tally
+        self.answered = metrics.fast_lane.labels("answered")
+        self.continued = metrics.fast_lane.labels("continued")
+        self.bypassed = {reason: metrics.fast_lane_bypassed.labels(reason)
+                         for reason in ("body", "pipelined", "shutdown")}
+
+    @staticmethod
+    def of(app_state: dict[str, Any], shared: GatewayServerState | None) -> _Lane | None:
+        """The counters of the app whose lifespan state is ``app_state`` (None without its
+        gateway), made once per server."""
+        if shared is not None and shared.lane is not None:
+            return shared.lane
+        metrics = getattr(app_state.get("gateway"), "metrics", None)
+        if not isinstance(metrics, Metrics):
+            return None
+        lane = _Lane(metrics)
+        if shared is not None:
+            shared.lane = lane
+        return lane
 
 
 class _GatewayProcess(Process):

@@ -1,19 +1,27 @@
-"""The server's configuration from settings (its behaviour is tested against real processes
-in tests/hardening)."""
+"""The server's configuration from settings, and its protocol driven in-process with raw bytes
+(its behaviour is tested against real processes in tests/hardening)."""
 
 from __future__ import annotations
 
+import asyncio
 import resource
+from pathlib import Path
 
+import orjson
 import pytest
+import uvicorn
 
-from gateway import Settings
+from gateway import Settings, create_app
 from gateway.server import (
     GatewayConfig,
     GatewayHttpProtocol,
+    GatewayServerState,
     default_connection_limit,
     gateway_config,
 )
+from tests.hardening.procs import metric
+
+_ROW = b"sepal_length=5.1&sepal_width=3.5&petal_length=1.4&petal_width=0.2"
 
 
 @pytest.mark.parametrize(("soft", "limit"), [
@@ -81,3 +89,100 @@ def test_a_response_leaves_in_one_write() -> None:
         assert out.get_extra_info("peername") == "peername"
     finally:
         loop.close()
+
+
+class _Transport:
+    """A connection's transport as the protocol sees it: records what is written."""
+
+    def __init__(self) -> None:
+        self.data = b""
+        self.closed = False
+        self.wrote = asyncio.Event()
+
+    def write(self, data: bytes) -> None:
+        self.data += data
+        self.wrote.set()
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return {"sockname": ("127.0.0.1", 8000), "peername": ("127.0.0.1", 5000)}.get(
+            name, default)
+
+    async def response(self) -> tuple[bytes, bytes]:
+        """The next whole response (head, body), Content-Length framed; consumed."""
+        async with asyncio.timeout(30):
+            while b"\r\n\r\n" not in self.data or len(self._rest()) < self._length():
+                self.wrote.clear()
+                await self.wrote.wait()
+        head, _, rest = self.data.partition(b"\r\n\r\n")
+        body, self.data = rest[:self._length()], rest[self._length():]
+        return head, body
+
+    def _rest(self) -> bytes:
+        return self.data.partition(b"\r\n\r\n")[2]
+
+    def _length(self) -> int:
+        head = self.data.partition(b"\r\n\r\n")[0].lower()
+        return int(head.split(b"content-length: ")[1].split(b"\r\n")[0])
+
+
+@pytest.mark.anyio
+async def test_the_fast_lane_answers_raw_requests_and_counts_them(session_store: Path) -> None:
+    """``GatewayHttpProtocol`` fed raw HTTP on a real event loop: a door request that needs the
+    model (in a thread here) continues in a task; the same request again is answered from L1
+    at the end of the loop step, no task; ``gateway_fast_lane_requests_total`` counts each by
+    how, and a request with a chunked body is counted as bypassing the lane."""
+    app = create_app(Settings(model_root=session_store, execution="thread"))
+    async with app.router.lifespan_context(app) as state:
+        assert state is not None
+        metrics = state["gateway"].metrics
+        config = uvicorn.Config(app, http=GatewayHttpProtocol, log_config=None)
+        config.load()
+        protocol = GatewayHttpProtocol(config, GatewayServerState(), dict(state),
+                                       _loop=asyncio.get_running_loop())
+        transport = _Transport()
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+
+        def lane(how: str) -> float:
+            return metric(metrics.render().decode(), "gateway_fast_lane_requests_total",
+                          how=how)
+
+        request = b"GET /predict?" + _ROW + b" HTTP/1.1\r\nHost: gw\r\n\r\n"
+        protocol.data_received(request)
+        head, body = await transport.response()
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"x-cache: miss" in head
+        assert orjson.loads(body) == {"prediction": "setosa"}
+        assert (lane("continued"), lane("answered")) == (1, 0)
+        if protocol.tasks:
+            await asyncio.wait(set(protocol.tasks))  # the task that answered ends
+
+        protocol.data_received(request)
+        assert not protocol.tasks and transport.data == b""  # no task; written at the step's end
+        head, body = await transport.response()
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n") and b"x-cache: l1" in head
+        assert b"\r\ncontent-length: " in head and b"connection" not in head
+        assert orjson.loads(body) == {"prediction": "setosa"}
+        assert (lane("continued"), lane("answered")) == (1, 1)
+
+        v1 = b'{"instances": [[5.1, 3.5, 1.4, 0.2]]}'
+        protocol.data_received(b"POST /v1/models/iris/predict HTTP/1.1\r\nHost: gw\r\n"
+                               b"Transfer-Encoding: chunked\r\n\r\n"
+                               + f"{len(v1):x}\r\n".encode() + v1 + b"\r\n0\r\n\r\n")
+        head, body = await transport.response()
+        assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+        assert orjson.loads(body)["predictions"] == ["setosa"]
+        text = metrics.render().decode()
+        assert metric(text, "gateway_fast_lane_bypassed_total", reason="body") == 1
+        assert metric(text, "gateway_fast_lane_requests_total") == 2
+        protocol.connection_lost(None)
