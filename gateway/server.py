@@ -38,8 +38,9 @@ task, scope copy or middleware; anything else continues in an ordinary task. uvi
 keep-alive, pipelining, ``Connection: close`` and default headers apply as for any response.
 ``gateway_fast_lane_requests_total{how}`` counts the door requests the lane took (``answered``
 at once, ``continued`` in a task); ``gateway_fast_lane_bypassed_total{reason}`` those started
-in an ASGI task instead (a large, chunked or 100-continue body; a pipelined request started
-after an earlier response; a request held when shutdown began).
+in an ASGI task instead (a large, chunked or 100-continue body; a pipelined request whose
+body had not all arrived when the earlier response ended; a request held when shutdown
+began).
 
 The protocol, server and supervisor extend uvicorn's own classes at the points its code offers
 (parser callbacks, ``_start_asgi_task``, ``shutdown``, the worker process factory); the tests
@@ -299,8 +300,10 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         self._out.flush()
-        super().on_response_complete()
+        super().on_response_complete()  # may start the next pipelined request
+        cycle = self.cycle
         if self._phase is _Phase.BETWEEN and not self.pipeline \
+                and (cycle is None or cycle.response_complete) \
                 and not self.transport.is_closing():
             self._awaiting[self] = None  # idle: first to go when room is needed
 
@@ -365,10 +368,16 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if app is self.app and self._doors is not None:
             found = self._doors.match(cycle.scope)  # type: ignore[arg-type]
             if found is not None and found[0] is not None:
-                if self._in_headers and _small_body(cycle):
+                small = _small_body(cycle)
+                if small and self._in_headers:
                     self._held = (cycle, found[0], found[1])
                     return  # until on_message_complete
-                self._bypassed("body" if self._in_headers else "pipelined")
+                if small and not cycle.more_body and self._held is None:
+                    self._answer_now(cycle, found[0], found[1])  # pipelined, its body in
+                    return
+                # (A pipelined body still arriving: reading is paused until the ASGI task's
+                # receive resumes it.)
+                self._bypassed("pipelined" if small else "body")
         super()._start_asgi_task(cycle, functools.partial(self._guarded, cycle, app))
 
     def _bypassed(self, reason: str) -> None:

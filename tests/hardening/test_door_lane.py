@@ -191,11 +191,6 @@ def test_new_rows_computed_inline_take_the_fast_lane(lane_gateway: GatewayProces
     assert counts.grew(LANE, how="answered") == 20 and counts.grew(LANE) == 20
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a pipelined door request after the first of a read is started by uvicorn's "
-    "on_response_complete, outside on_headers_complete, and GatewayHttpProtocol."
-    "_start_asgi_task sends it to the ASGI app (gateway_fast_lane_bypassed_total"
-    '{reason="pipelined"})'))
 def test_pipelined_requests_take_the_fast_lane(lane_gateway: GatewayProcess) -> None:
     row = _new_row()
     asyncio.run(_ask(lane_gateway.port, [_get(row)]))  # now in L1
@@ -213,6 +208,28 @@ def test_pipelined_requests_take_the_fast_lane(lane_gateway: GatewayProcess) -> 
     assert [json.loads(body) for _, _, body in answers] == [{"prediction": "setosa"}] * 5
     assert counts.grew(BYPASSED, reason="pipelined") == 0
     assert counts.grew(LANE, how="answered") == 5
+
+
+def test_pipelined_posts_and_misses_take_the_fast_lane(lane_gateway: GatewayProcess) -> None:
+    """Requests with bodies, and new rows (inline model calls), written in one go."""
+    rows = [_new_row() for _ in range(6)]
+    requests = [_get(r) for r in rows[:3]] + [
+        _post(b'{"instances": [[' + r.split("&")[0].split("=")[1].encode()
+              + b', 2.5, 4.4, 1.2]]}') for r in rows[3:]]
+
+    async def pipelined(port: int) -> list[tuple[bytes, dict[bytes, bytes], bytes]]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"".join(requests))
+        answers = [await _response(reader) for _ in requests]
+        writer.close()
+        await writer.wait_closed()
+        return answers
+
+    counts = _Counts(lane_gateway)
+    answers = asyncio.run(pipelined(lane_gateway.port))
+    assert [a[0].split(b" ")[1] for a in answers] == [b"200"] * 6
+    assert counts.grew(BYPASSED) == 0
+    assert counts.grew(LANE) == 6
 
 
 def test_bodies_the_lane_cannot_hold_bypass_it(lane_gateway: GatewayProcess) -> None:
