@@ -18,6 +18,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from gateway import logs
 from gateway.metrics import MULTIPROC_ENV
 from gateway.server import gateway_config, run
 from gateway.settings import Settings, describe_errors, unknown_names
@@ -173,8 +174,9 @@ def main(argv: list[str] | None = None) -> None:
         try:
             if args.workers == 1:
                 raise SystemExit(run(APP, settings=settings, **options))
-            serve_workers(gateway_config(settings, APP, workers=args.workers, **options),
-                          directory)
+            config = gateway_config(settings, APP, workers=args.workers, **options)
+            logs.configure(settings.log_format, args.log_level)  # the supervisor's lines too
+            serve_workers(config, directory)
         finally:
             if parent is None:
                 del os.environ[MULTIPROC_ENV]

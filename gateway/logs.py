@@ -3,9 +3,10 @@
 Every request has an id: ``X-Request-Id`` when the client (or nginx) sent a usable one (at most
 128 characters of ``A-Z a-z 0-9 . _ : -``), else one made here. It is echoed in the response
 and carried by every log line written while the request is answered (a context variable read
-by ``RequestIdFilter``). With ``GATEWAY_LOG_FORMAT=json`` each line is one JSON object with
-``time``, ``level``, ``logger``, ``message``, ``request_id`` and, for access lines, ``method``,
-``path``, ``status``, ``duration_ms``, ``cache``, ``model``, ``version``. The access log
+by ``RequestIdFilter``). Every line names its process (a worker, or the supervisor of
+``--workers N``). With ``GATEWAY_LOG_FORMAT=json`` each line is one JSON object with
+``time``, ``level``, ``logger``, ``pid``, ``message``, ``request_id`` and, for access lines,
+``method``, ``path``, ``status``, ``duration_ms``, ``cache``, ``model``, ``version``. The access log
 (``GATEWAY_ACCESS_LOG=on``) is off by default: it costs a log record per request.
 """
 
@@ -81,6 +82,7 @@ class JsonFormatter(logging.Formatter):
             + f".{int(record.msecs):03d}Z",
             "level": record.levelname,
             "logger": record.name,
+            "pid": record.process,
             "message": record.getMessage(),
             "request_id": getattr(record, "request_id", "-"),
         }
@@ -101,7 +103,7 @@ def configure(fmt: Literal["text", "json"], level: str = "INFO") -> None:
         handler.setFormatter(JsonFormatter())
     else:
         handler.setFormatter(logging.Formatter(
-            "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"))
+            "%(asctime)s %(levelname)s %(name)s [%(process)d %(request_id)s] %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import orjson
@@ -72,6 +73,7 @@ def test_json_lines_hold_the_request_fields() -> None:
     assert line["message"] == "GET /predict" and line["level"] == "INFO"
     assert (line["request_id"], line["status"], line["cache"]) == ("r1", 200, "l1")
     assert line["logger"] == "gateway.access" and line["time"].endswith("Z")
+    assert line["pid"] == os.getpid()  # which worker (or the supervisor) wrote it
     assert "model" not in line
 
 
