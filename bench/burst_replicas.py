@@ -36,7 +36,7 @@ import httpx
 import numpy as np
 import orjson
 
-from bench.procs import Service, gateway, redis_server
+from bench.procs import GatewayProcess, gateway_process, redis_server
 from model_store import ModelStore
 from model_store.demo import IRIS_FEATURES, train_iris
 
@@ -53,7 +53,7 @@ class Result:
     wrong_answers: int
 
 
-def _totals(gateways: Sequence[Service]) -> dict[str, float]:
+def _totals(gateways: Sequence[GatewayProcess]) -> dict[str, float]:
     out = {"gateway_model_calls_total": 0.0, "gateway_model_rows_total": 0.0}
     for gw in gateways:
         for name, value in _SAMPLE.findall(httpx.get(f"{gw.url}/metrics", timeout=10).text):
@@ -89,13 +89,13 @@ async def _fire(requests: list[tuple[int, bytes]]) -> list[Any]:
 
 
 @contextmanager
-def _deployment(store: Path, replicas: int, remote: str) -> Iterator[list[Service]]:
+def _deployment(store: Path, replicas: int, remote: str) -> Iterator[list[GatewayProcess]]:
     with ExitStack() as stack:
         redis = stack.enter_context(redis_server())
         env = {"GATEWAY_MODEL_ROOT": str(store), "GATEWAY_REDIS_URL": redis.url,
                "GATEWAY_BACKEND": "sklearn", "GATEWAY_COALESCE_REMOTE": remote,
                "GATEWAY_MODEL_POLL_S": "0"}
-        yield [stack.enter_context(gateway(env)) for _ in range(replicas)]
+        yield [stack.enter_context(gateway_process(env)) for _ in range(replicas)]
 
 
 def run_config(store: Path, estimator: Any, rows: np.ndarray, *, replicas: int, remote: str,

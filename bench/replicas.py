@@ -17,8 +17,8 @@ answered from the in-process cache), where the proxy's share of the work is larg
 On a machine with few cores the load generator, nginx and the gateways share them: two
 gateways cannot double throughput on two cores, and the report prints the core count.
 
-The process helpers here (``gateways``, ``nginx_process``, ``render_site``) are also
-what the deployment tests start nginx and gateways with.
+The nginx helpers here (``nginx_process``, ``render_site``) are also what the deployment tests
+start nginx with; gateways come from ``bench.procs``.
 """
 
 from __future__ import annotations
@@ -29,173 +29,25 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 
-__all__ = [
-    "DEPLOY_DIR", "Gateway", "Nginx", "Process", "free_port", "gateway_process", "gateways",
-    "main", "nginx_binary", "nginx_process", "render_site",
-]
+from bench.procs import Process, free_port, gateways
+
+__all__ = ["DEPLOY_DIR", "Nginx", "main", "nginx_binary", "nginx_process", "render_site"]
 
 DEPLOY_DIR = Path(__file__).resolve().parents[1] / "deploy"
-_STARTED = "Application startup complete"
-_LISTENING = "Uvicorn running on"
 _NGINX_WORKER = re.compile(r"start worker process (\d+)")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Process:
-    """A child process whose stderr lines are collected as they come.
-
-    ``wait_for`` blocks on those lines (a condition variable, bounded by a timeout), never on
-    sleeping; ``stop`` signals the process by its PID and reaps it.
-    """
-
-    def __init__(self, argv: Sequence[str], *, env: Mapping[str, str] | None = None,
-                 stdout: IO[Any] | int = subprocess.DEVNULL) -> None:
-        self.argv = list(argv)
-        self.popen = subprocess.Popen(self.argv, env=env, stdout=stdout,
-                                      stderr=subprocess.PIPE, text=True)
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self._eof = False
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def _read(self) -> None:
-        assert self.popen.stderr is not None
-        for line in self.popen.stderr:
-            with self._cond:
-                self.lines.append(line)
-                self._cond.notify_all()
-        with self._cond:
-            self._eof = True
-            self._cond.notify_all()
-
-    def matches(self, pattern: str | re.Pattern[str]) -> list[re.Match[str]]:
-        with self._cond:
-            lines = list(self.lines)
-        return [m for line in lines if (m := re.search(pattern, line))]
-
-    def wait_for(self, pattern: str | re.Pattern[str], *, count: int = 1,
-                 timeout_s: float = 60) -> list[re.Match[str]]:
-        """The first ``count`` stderr matches of ``pattern``, once there are that many.
-
-        Raises RuntimeError (with the output so far) if the process ends or ``timeout_s``
-        passes first.
-        """
-        with self._cond:
-            self._cond.wait_for(
-                lambda: self._eof or sum(bool(re.search(pattern, x)) for x in self.lines) >= count,
-                timeout=timeout_s)
-        found = self.matches(pattern)
-        if len(found) < count:
-            raise RuntimeError(f"{self.argv[0]}: no {pattern!r} x{count} "
-                               f"(exit code {self.popen.poll()}):\n{self.output()[-4000:]}")
-        return found[:count]
-
-    def output(self) -> str:
-        with self._cond:
-            return "".join(self.lines)
-
-    def send(self, sig: int) -> None:
-        if self.popen.poll() is None:
-            os.kill(self.pid, sig)
-
-    def stop(self, sig: int = signal.SIGTERM, timeout_s: float = 20) -> int:
-        """Send ``sig`` (if still running), then ``wait``."""
-        self.send(sig)
-        return self.wait(timeout_s)
-
-    def wait(self, timeout_s: float = 20) -> int:
-        """The exit code, once the process has ended; SIGKILL after ``timeout_s``."""
-        try:
-            self.popen.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
-        self._reader.join(timeout=5)
-        if not self._reader.is_alive() and self.popen.stderr is not None:
-            self.popen.stderr.close()
-        return self.popen.returncode
-
-
-@dataclass
-class Gateway:
-    """A running ``python -m gateway``: its URL (through a unix socket when ``uds``)."""
-
-    process: Process
-    port: int | None
-    uds: Path | None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}" if self.port else "http://gateway"
-
-    @property
-    def upstream(self) -> str:
-        """The address as an nginx ``server`` line names it."""
-        return f"unix:{self.uds}" if self.uds else f"127.0.0.1:{self.port}"
-
-    def client(self, **kwargs: Any) -> httpx.Client:
-        transport = httpx.HTTPTransport(uds=str(self.uds)) if self.uds else None
-        return httpx.Client(base_url=self.url, transport=transport, **kwargs)
-
-
-@contextmanager
-def gateways(count: int, env: Mapping[str, str], *, uds: Path | None = None, workers: int = 1,
-             args: Sequence[str] = ()) -> Iterator[list[Gateway]]:
-    """``count`` processes of ``python -m gateway`` with ``GATEWAY_*`` settings from ``env``,
-    each on a free port (or the one on ``uds``), started together; yielded once each worker
-    has logged that its startup is complete and the socket is listening, stopped with SIGTERM
-    when the context ends."""
-    if uds is not None and count != 1:
-        raise ValueError("one gateway per unix socket")
-    started: list[Gateway] = []
-    try:
-        for _ in range(count):
-            port = None if uds else free_port()
-            where = ["--uds", str(uds)] if uds else ["--port", str(port)]
-            argv = [sys.executable, "-m", "gateway", *where, "--workers", str(workers),
-                    "--log-level", "info", *args]
-            started.append(Gateway(Process(argv, env={**os.environ, **env}), port, uds))
-        for gw in started:
-            gw.process.wait_for(_STARTED, count=workers)
-            gw.process.wait_for(_LISTENING)  # one process: bound only after its startup
-        yield started
-    finally:
-        for gw in started:
-            gw.process.send(signal.SIGTERM)
-        for gw in started:
-            gw.process.wait()
-
-
-@contextmanager
-def gateway_process(env: Mapping[str, str], **options: Any) -> Iterator[Gateway]:
-    """One gateway, as ``gateways(1, env, **options)``."""
-    with gateways(1, env, **options) as (gateway,):
-        yield gateway
 
 
 def nginx_binary() -> str:

@@ -30,7 +30,7 @@ from bench import clients, lua
 from bench.doors import Load
 from bench.loadgen import Result
 from bench.machine import describe, process_cpu_s
-from bench.procs import Service, gateway, redis_server, uvicorn_app
+from bench.procs import GatewayProcess, RedisServer, gateway_process, redis_server, uvicorn_app
 from bench.scenarios import CEILING, CONFIGS, SCENARIOS, Scenario
 from bench.scrape import Counters, scrape
 from bench.sweep import LADDER, Step, Sweep, run_sweep
@@ -193,7 +193,7 @@ class Bench:
         self.open_runs: list[OpenRun] = []
         self.sweeps: list[Sweep] = []
         self.skipped: list[str] = []  # what a target could not be asked, and why
-        self.redis: Service | None = None
+        self.redis: RedisServer | None = None
         self.machine = describe()
         self.machine_after: dict[str, Any] = {}
 
@@ -351,8 +351,8 @@ def _delta(before: float | None, after: float | None) -> float | None:
     return None if before is None or after is None else after - before
 
 
-def _service_target(name: str, svc: Service, model: str, *, metrics: bool) -> Target:
-    return Target(name, svc.url, svc.proc.pid if svc.proc else None, metrics, model)
+def _service_target(name: str, svc: GatewayProcess, model: str, *, metrics: bool) -> Target:
+    return Target(name, svc.url, svc.process.pid, metrics, model)
 
 
 def run_bench(opts: Options, progress: Callable[[str], None]) -> Bench:
@@ -389,7 +389,7 @@ def run_bench(opts: Options, progress: Callable[[str], None]) -> Bench:
     return bench
 
 
-def _gateway(opts: Options, config: str, redis: Service | None) -> Iterator[Service]:
+def _gateway(opts: Options, config: str, redis: RedisServer | None) -> Iterator[GatewayProcess]:
     env = {
         "GATEWAY_MODEL_ROOT": str(opts.model_root),
         "GATEWAY_DEFAULT_MODEL": opts.model,
@@ -398,5 +398,5 @@ def _gateway(opts: Options, config: str, redis: Service | None) -> Iterator[Serv
     }
     if redis is not None and CONFIGS[config].get("GATEWAY_CACHE") == "on":
         env["GATEWAY_REDIS_URL"] = redis.url
-    with gateway(env, workers=opts.workers) as svc:
+    with gateway_process(env, workers=opts.workers) as svc:
         yield svc

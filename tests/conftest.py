@@ -1,17 +1,105 @@
+"""Fixtures shared by the suite, and the rule that keeps ``-m "not e2e and not slow"`` free of
+processes: a test that starts one (a gateway or another Python, redis-server, nginx, wrk) is
+``e2e``.
+
+Tests using a fixture that starts a process (``redis_server``, ``redis_fault_server``) are
+marked ``e2e`` here; every other such test carries the mark itself. A test without the mark that
+starts one of the programs the suite runs anyway fails at teardown, naming what it started.
+"""
+
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+import re
+import sys
+from collections.abc import Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
-from pytest_redis import factories
 
+from bench import procs
 from model_store import ModelStore
 from model_store.demo import IRIS_FEATURES, iris_data, train_iris
 
-# A redis-server of the test session's own, on a free port (never the machine's 6379).
-redis_server = factories.redis_proc(port=None)
+PROCESS_FIXTURES = frozenset({"redis_server", "redis_fault_server"})
+"""Fixtures that start a process: a test using one, directly or through another fixture, is
+marked ``e2e``."""
+
+_STARTS = frozenset({"subprocess.Popen", "os.posix_spawn", "os.spawn"})  # audit events
+_PROGRAMS = re.compile(r"python[\d.]*|redis-server|redis-cli|nginx|wrk|podman|docker|uvicorn")
+"""What the suite starts (Python: a gateway, the load generator, a script). Libraries' own
+probes (``ldconfig`` for ``ctypes.util.find_library``, ``lscpu`` for joblib's core count) are
+not tests starting processes, and run in whichever test comes first."""
+
+
+class _ProcessWatch:
+    """The programs started while a test without the ``e2e`` mark runs (set up, called and
+    torn down); fed by a ``sys`` audit hook, which cannot be removed, so it only records while
+    ``watching``."""
+
+    def __init__(self) -> None:
+        self.watching = False
+        self.started: list[str] = []
+
+    def audit(self, event: str, args: tuple[Any, ...]) -> None:
+        if not self.watching or event not in _STARTS:
+            return
+        path, argv = (args[0], args[1]) if event != "os.spawn" else (args[1], args[2])
+        argv = [argv] if isinstance(argv, str | bytes) else list(argv)
+        if _PROGRAMS.fullmatch(os.path.basename(os.fsdecode(path or argv[0]))):
+            self.started.append(" ".join(map(os.fsdecode, argv))[:120])
+
+    def start(self, watching: bool) -> None:
+        self.watching, self.started = watching, []
+
+    def stop(self) -> list[str]:
+        self.watching = False
+        return self.started
+
+
+_WATCH = pytest.StashKey[_ProcessWatch]()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    watch = _ProcessWatch()
+    config.stash[_WATCH] = watch
+    sys.addaudithook(watch.audit)
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m`` deselects by mark
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if PROCESS_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Generator[None, None, None]:
+    item.config.stash[_WATCH].start(watching=item.get_closest_marker("e2e") is None)
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item: pytest.Item) -> Generator[None, None, None]:
+    try:
+        result = yield
+    finally:
+        started = item.config.stash[_WATCH].stop()
+    if started:
+        pytest.fail(f"{item.nodeid} is not marked e2e but started: " + "; ".join(started)
+                    + " (mark it pytest.mark.e2e, and slow if it takes more than a few seconds)",
+                    pytrace=False)
+    return result
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[procs.RedisServer]:
+    """A redis-server of the test session's own, on a free port (never the machine's 6379)
+    and a unix socket."""
+    with procs.redis_server(tmp_path_factory.mktemp("redis")) as server:
+        yield server
 
 
 @pytest.fixture
@@ -51,8 +139,11 @@ def store_root(tmp_path: Path, iris_estimator: object) -> Iterator[Path]:
     yield root
 
 
-# A second one, for tests that stop and restart it.
-redis_fault_server = factories.redis_proc(port=None)
+@pytest.fixture(scope="session")
+def redis_fault_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[procs.RedisServer]:
+    """A second one, for tests that stop and restart it."""
+    with procs.redis_server(tmp_path_factory.mktemp("redis-fault")) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

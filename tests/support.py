@@ -1,12 +1,10 @@
-"""Test support: an instrumented estimator wrapper, an in-process client, real processes."""
+"""Test support: an instrumented estimator wrapper, an in-process client, event waits.
+
+Real processes (gateways, redis-server) come from ``bench.procs``."""
 
 from __future__ import annotations
 
 import asyncio
-import os
-import socket
-import subprocess
-import sys
 import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -18,6 +16,7 @@ import joblib
 import numpy as np
 from fastapi import FastAPI
 
+from bench.procs import gateway_process
 from gateway import Settings, create_app
 from gateway.runtime import Gateway
 from model_store import ModelStore
@@ -132,51 +131,8 @@ async def wait_thread_event(event: threading.Event) -> None:
     assert event.is_set()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @contextmanager
-def uvicorn_process(env: dict[str, str], *, port: int | None = None) -> Iterator[str]:
-    """Start ``python -m gateway`` as a real process; yield its base URL once it is up.
-
-    Waits on the server's own "Uvicorn running on" line (the socket listens), then stops it
-    (SIGTERM, then SIGKILL) by PID.
-    """
-    port = port or free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "gateway", "--port", str(port), "--log-level", "info"],
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    log: list[str] = []
-    assert proc.stderr is not None
-    drain = threading.Thread(target=_drain, args=(proc.stderr, log), daemon=True)
-    try:
-        for line in proc.stderr:
-            log.append(line)
-            if "Uvicorn running on" in line:  # logged once the socket listens
-                break
-        else:
-            raise RuntimeError("gateway exited during startup:\n" + "".join(log))
-        drain.start()
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if drain.is_alive():
-            drain.join(timeout=5)
-        proc.stderr.close()
-
-
-def _drain(stream: Any, log: list[str]) -> None:
-    for line in stream:
-        log.append(line)
+def uvicorn_process(env: dict[str, str]) -> Iterator[str]:
+    """``bench.procs.gateway_process``, yielding only its base URL."""
+    with gateway_process(env) as gw:
+        yield gw.url

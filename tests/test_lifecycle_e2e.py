@@ -18,9 +18,9 @@ import tritonclient.http as httpclient
 from sklearn.dummy import DummyClassifier
 from tritonclient.utils import InferenceServerException
 
+from bench.procs import gateway_process
 from model_store import ModelStore
 from model_store.demo import IRIS_FEATURES
-from tests.hardening.procs import gateway_process
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

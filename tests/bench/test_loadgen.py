@@ -13,14 +13,14 @@ import pytest
 
 from bench.doors import Load, build
 from bench.loadgen import Result, Settings, run
-from bench.procs import Service, uvicorn_app
+from bench.procs import GatewayProcess, uvicorn_app
 from tests.bench.checker import SlowServer
 
 FEATURES = ("sepal_length", "sepal_width", "petal_length", "petal_width")
 
 
 @pytest.fixture(scope="module")
-def ceiling() -> Iterator[Service]:
+def ceiling() -> Iterator[GatewayProcess]:
     """The bare ceiling endpoint, a real uvicorn process."""
     with uvicorn_app("bench.ceiling:app") as svc:
         yield svc
@@ -58,7 +58,7 @@ def _skip_if_machine_busy(results: list[Result]) -> None:
 
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_lateness_stays_within_its_bound_at_5000_per_second(ceiling: Service) -> None:
+def test_lateness_stays_within_its_bound_at_5000_per_second(ceiling: GatewayProcess) -> None:
     valid, results = _best_of(3, lambda: _loadgen(ceiling.url, 5000, 2.0))
     if valid is None:
         _skip_if_machine_busy(results)
@@ -70,7 +70,7 @@ def test_lateness_stays_within_its_bound_at_5000_per_second(ceiling: Service) ->
 
 
 @pytest.mark.e2e
-def test_sub_millisecond_p50_at_a_rate_the_ceiling_holds(ceiling: Service) -> None:
+def test_sub_millisecond_p50_at_a_rate_the_ceiling_holds(ceiling: GatewayProcess) -> None:
     # The median is what this asks: the median request is sent on time and answered within
     # a millisecond of its due time (the tail may belong to other processes on the machine).
     results = []

@@ -17,8 +17,9 @@ from bench.scenarios import SCENARIOS
 from bench.wrk import parse_output
 from tests.bench.checker import Expect, checking_server
 
-pytestmark = pytest.mark.skipif(shutil.which("wrk") is None,
-                                reason="wrk missing (make test installs it)")
+pytestmark = [pytest.mark.e2e,
+              pytest.mark.skipif(shutil.which("wrk") is None,
+                                 reason="wrk missing (make test installs it)")]
 
 FEATURES = ("sepal_length", "sepal_width", "petal_length", "petal_width")
 HEAVY = tuple(f"f{i}" for i in range(20))

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from bench.machine import describe, process_cpu_s, summary
 
 # A parent that starts a child which burns 0.2 s of CPU, says so, then waits; the parent
@@ -25,6 +27,7 @@ def test_the_machine_is_described() -> None:
     assert f"{m['cores']} cores ({m['cpu_model']})" in summary(m)
 
 
+@pytest.mark.e2e
 def test_cpu_time_counts_a_process_and_its_children() -> None:
     with subprocess.Popen([sys.executable, "-c", _PARENT], stdin=subprocess.PIPE,
                           stdout=subprocess.PIPE, text=True) as parent:

@@ -27,6 +27,7 @@ def test_wrk_output_parsing() -> None:
     assert (threads_for(1), threads_for(64)) == (1, 2)
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk missing (make test installs it)")
 def test_a_run_reports_wrks_settings_and_cpu() -> None:
     expect = Expect("get", FEATURES)

@@ -20,7 +20,8 @@ import pytest
 import redis
 import tritonclient.http as httpclient
 
-from bench.replicas import Gateway, Nginx, free_port, gateway_process, gateways, nginx_process
+from bench.procs import GatewayProcess, free_port, gateway_process, gateways
+from bench.replicas import Nginx, nginx_process
 from bench.replicas import render_site as render
 from model_store.demo import IRIS_FEATURES
 from tests.deploy.support import NGINX_DIR, bounded_load, redis_url
@@ -45,7 +46,7 @@ def replica_env(store: Path, redis_proc: Any, prefix: str) -> dict[str, str]:
     }
 
 
-def front_of(gws: list[Gateway], directory: Path, conf: str = "gateway.conf") -> Any:
+def front_of(gws: list[GatewayProcess], directory: Path, conf: str = "gateway.conf") -> Any:
     port = free_port()
     site = render(NGINX_DIR / conf, listen=f"127.0.0.1:{port}", upstreams=[g.upstream for g in gws],
                   metrics_listen=f"127.0.0.1:{free_port()}")
@@ -55,7 +56,7 @@ def front_of(gws: list[Gateway], directory: Path, conf: str = "gateway.conf") ->
 @dataclass
 class Front:
     nginx: Nginx
-    gateways: list[Gateway]
+    gateways: list[GatewayProcess]
     redis: redis.Redis
     prefix: str
 

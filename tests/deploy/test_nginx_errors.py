@@ -9,9 +9,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from bench.procs import free_port
 from bench.replicas import nginx_process, render_site
 from tests.deploy.support import NGINX_DIR
-from tests.support import free_port
 
 pytestmark = pytest.mark.e2e
 

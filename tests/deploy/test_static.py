@@ -21,7 +21,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from bench.replicas import free_port, gateway_process
+from bench.procs import free_port, gateway_process
 from gateway import Settings
 from tests.deploy.support import (
     KUBE_DIR,

@@ -1,24 +1,18 @@
 """Helpers for the cross-replica coalescing tests: a burst fired over pre-opened connections,
-a model that announces its calls and takes its time, and a Redis Cluster of the test's own."""
+and a model that announces its calls and takes its time (the Redis Cluster is in
+``bench.procs``)."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import socket
-import subprocess
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import orjson
-
-from tests.support import free_port
 
 SLEEP_ENV = "REMOTE_TEST_SLEEP_S"
 NOTIFY_ENV = "REMOTE_TEST_NOTIFY"
@@ -93,106 +87,3 @@ async def fire(requests: list[tuple[int, bytes]]) -> list[Reply]:
         return Reply(status, body)
 
     return list(await asyncio.gather(*(read(r, w) for r, w in conns)))
-
-
-class RedisCluster:
-    """Three ``redis-server --cluster-enabled yes`` masters on free loopback ports, joined
-    with ``redis-cli --cluster create``; each master can be killed."""
-
-    def __init__(self, workdir: Path, masters: int = 3) -> None:
-        self.workdir = workdir
-        self.ports = [_cluster_port() for _ in range(masters)]
-        self.procs: list[subprocess.Popen[str]] = []
-
-    @property
-    def url(self) -> str:
-        return f"redis+cluster://127.0.0.1:{self.ports[0]}"
-
-    def start(self) -> None:
-        for port in self.ports:
-            d = self.workdir / str(port)
-            d.mkdir()
-            proc = subprocess.Popen(
-                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                 "--appendonly", "no", "--dir", str(d), "--cluster-enabled", "yes",
-                 "--cluster-config-file", str(d / "nodes.conf"), "--cluster-node-timeout",
-                 "1000", "--cluster-require-full-coverage", "no", "--loglevel", "notice"],
-                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            self.procs.append(proc)
-            _wait_line(proc, "Ready to accept connections")
-        subprocess.run(
-            ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in self.ports),
-             "--cluster-replicas", "0", "--cluster-yes"],
-            check=True, capture_output=True, text=True, timeout=30)
-        for port in self.ports:  # every node agrees the cluster is up
-            _wait_cluster_ok(port)
-
-    def kill(self, i: int) -> None:
-        self.procs[i].kill()
-        self.procs[i].wait()
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
-
-
-def _cluster_port() -> int:
-    """A free port below 55536 whose cluster bus port (+10000) is free too."""
-    for _ in range(200):
-        port = free_port()
-        if port > 55535:
-            continue
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        return port
-    raise RuntimeError("no free port pair for a cluster node")
-
-
-def _wait_line(proc: subprocess.Popen[str], text: str) -> None:
-    assert proc.stdout is not None
-    lines = []
-    for line in proc.stdout:
-        lines.append(line)
-        if text in line:
-            threading.Thread(target=_discard, args=(proc.stdout,), daemon=True).start()
-            return
-    raise RuntimeError("redis-server did not start:\n" + "".join(lines))
-
-
-def _discard(stream: Any) -> None:
-    try:
-        for _ in stream:
-            pass
-    except ValueError:  # closed at exit
-        pass
-
-
-def _wait_cluster_ok(port: int) -> None:
-    """Block until the node reports ``cluster_state:ok`` (``redis-cli`` waits on the node)."""
-    for _ in range(1000):
-        out = subprocess.run(["redis-cli", "-p", str(port), "cluster", "info"],
-                             capture_output=True, text=True, timeout=10).stdout
-        if "cluster_state:ok" in out:
-            return
-    raise RuntimeError(f"cluster node {port} never reported cluster_state:ok")
-
-
-@contextmanager
-def redis_cluster(workdir: Path) -> Iterator[RedisCluster]:
-    cluster = RedisCluster(workdir)
-    try:
-        cluster.start()
-        yield cluster
-    finally:
-        cluster.stop()

@@ -21,15 +21,15 @@ from typing import Any
 import numpy as np
 import pytest
 
+from bench.procs import RedisCluster, redis_cluster
 from gateway.core.pipeline import Answer, Pending
 from gateway.metrics import Metrics
 from gateway.runtime import Gateway
 from gateway.settings import Settings
 from model_store import ModelStore
-from tests.gateway.remote_support import RedisCluster, redis_cluster
 from tests.hardening.procs import metric
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.slow]
 
 BURST = 200
 LABEL: frozenset[Any] = frozenset({"label"})

@@ -179,7 +179,7 @@ async def test_redis_down_serves_from_model_then_recovers(
 
 
 async def test_redis_down_at_startup_does_not_stop_startup(session_store: Path) -> None:
-    from tests.support import free_port
+    from bench.procs import free_port
 
     dead = f"redis://127.0.0.1:{free_port()}/0"
     async with gateway_on(session_store, dead) as (a, _, _):

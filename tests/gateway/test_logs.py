@@ -78,6 +78,7 @@ def test_json_lines_hold_the_request_fields() -> None:
 
 
 @pytest.mark.e2e
+@pytest.mark.slow
 @pytest.mark.parametrize("access_log", ["off", "on"])
 def test_a_served_gateway_logs_one_access_line_per_request_only_when_asked(
         session_store: Path, access_log: str) -> None:
@@ -85,7 +86,7 @@ def test_a_served_gateway_logs_one_access_line_per_request_only_when_asked(
     must mean none at all, on exactly the gateway's own line per request."""
     import httpx
 
-    from tests.hardening.procs import gateway_process
+    from bench.procs import gateway_process
 
     env = {"GATEWAY_MODEL_ROOT": str(session_store), "GATEWAY_ACCESS_LOG": access_log,
            "GATEWAY_MODEL_POLL_S": "0"}

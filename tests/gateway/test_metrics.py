@@ -86,6 +86,8 @@ def worker(directory: Path, *args: int) -> str:
     return run(_WORKER, directory, *args)
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_workers_scrape_the_sum_of_all_workers(tmp_path: Path) -> None:
     first = worker(tmp_path, 3, 2, 7, 0)
     assert metric_sum(first, "gateway_requests_total", route="/predict") == 3
@@ -106,6 +108,7 @@ def test_workers_scrape_the_sum_of_all_workers(tmp_path: Path) -> None:
     assert metric_sum(after, "gateway_queue_rows") == 1
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize(("state", "queued"), [("busy", 4), ("idle", 0)])
 def test_a_workers_function_gauges_reach_the_others_without_a_scrape(
     tmp_path: Path, state: str, queued: float
@@ -163,6 +166,7 @@ _TALLY_WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.e2e
 def test_a_workers_tally_reaches_the_others_without_a_scrape(tmp_path: Path) -> None:
     run(_TALLY_WORKER, tmp_path)
     assert metric_sum(merged(tmp_path), "gateway_requests_total", route="/predict") == 3

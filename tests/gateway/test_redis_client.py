@@ -67,7 +67,7 @@ async def test_warm_connections_are_opened_on_first_use(redis_server: Any) -> No
 
 
 async def test_a_redis_that_is_down_fails_calls_quickly_and_closes_cleanly() -> None:
-    from tests.support import free_port
+    from bench.procs import free_port
 
     client = connect_redis(f"redis://127.0.0.1:{free_port()}/0", connect_timeout_s=1,
                            command_timeout_s=0.5, max_connections=2)

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from bench.procs import GatewayProcess, RedisServer, gateway_process, redis_server
 from model_store import ModelStore
 from model_store.demo import IRIS_FEATURES
 from tests.gateway.remote_support import (
@@ -26,14 +27,7 @@ from tests.gateway.remote_support import (
     fire,
     predict_request,
 )
-from tests.hardening.procs import (
-    GatewayProcess,
-    RedisServer,
-    gateway_process,
-    metric,
-    metric_total,
-    redis_server,
-)
+from tests.hardening.procs import metric, metric_total
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -13,14 +13,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.gateway.remote_support import (
-    RedisCluster,
-    Reply,
-    fire,
-    predict_request,
-    redis_cluster,
-)
-from tests.hardening.procs import GatewayProcess, gateway_process, metric, metric_total
+from bench.procs import GatewayProcess, RedisCluster, gateway_process, redis_cluster
+from tests.gateway.remote_support import Reply, fire, predict_request
+from tests.hardening.procs import metric, metric_total
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

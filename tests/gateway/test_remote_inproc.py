@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import redis
 
+from bench.procs import free_port
 from gateway.breaker import CircuitBreaker
 from gateway.cache import RedisCache
 from gateway.core.batcher import Failure
@@ -20,7 +21,7 @@ from gateway.core.runner import ModelRunner, Unit
 from gateway.metrics import Metrics
 from gateway.redis_client import connect_redis, subscriber_for
 from gateway.remote import Remote, lease_key
-from tests.support import free_port, wait_for
+from tests.support import wait_for
 
 pytestmark = pytest.mark.anyio
 

@@ -15,10 +15,11 @@ import httpx
 import numpy as np
 import pytest
 
+from bench.procs import GatewayProcess, gateway_process, redis_server
 from model_store.demo import IRIS_FEATURES
 from tests.gateway.remote_support import fire, predict_request
 from tests.hardening.inproc import gateway_client
-from tests.hardening.procs import GatewayProcess, gateway_process, metric, redis_server
+from tests.hardening.procs import metric
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

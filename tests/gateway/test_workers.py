@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from bench.replicas import gateway_process
+from bench.procs import gateway_process
 from gateway.workers import metrics_dir
 from tests.deploy.support import metric_sum
 

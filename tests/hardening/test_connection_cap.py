@@ -11,10 +11,10 @@ import numpy as np
 import orjson
 import pytest
 
+from bench.procs import gateway_process
 from model_store import ModelStore
 from model_store.demo import IRIS_FEATURES
 from tests.gateway.remote_support import NOTIFY_ENV, SLEEP_ENV, Sleepy
-from tests.hardening.procs import gateway_process
 
 pytestmark = pytest.mark.e2e
 

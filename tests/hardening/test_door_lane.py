@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.hardening.procs import GatewayProcess, gateway_process, metric
+from bench.procs import GatewayProcess, gateway_process
+from tests.hardening.procs import metric
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -27,8 +27,8 @@ from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from schemathesis import GenerationMode
 
+from bench.procs import GatewayProcess, gateway_process
 from tests.hardening.inproc import gateway_client
-from tests.hardening.procs import GatewayProcess, gateway_process
 
 ROW = [6.3, 3.3, 6.0, 2.5]
 QUERY = "/predict?sepal_length=6.3&sepal_width=3.3&petal_length=6.0&petal_width=2.5"

@@ -5,7 +5,14 @@ and a 0.2 s L1 lifetime so that many do) reach a redis-server of the test's own 
 delaying proxy. Six clients send ``GET /predict``, ``/v1`` (4 rows, probabilities) and V2
 (3 rows, both outputs) requests over 200 rows while Redis is killed three times and restarted,
 stopped for 5 s, and slowed to 200 ms and then 15 ms one-way. Every answer must be 200 and
-equal the estimator's own (labels and probabilities, exactly). The figures are printed.
+equal the estimator's own (labels and probabilities, exactly).
+
+Redis must be in use where the scenario says so, counted from the gateways' ``/metrics``
+(``gateway_cache_lookups_total{tier="l2",result="hit"}``): before each fault, after it (after
+each restart), and while a 15 ms one-way link (a 30 ms round trip, under the 50 ms call
+timeout) slows it. Each such check keeps the load running until the gateways have answered
+``MIN_L2_HITS`` more rows from Redis, failing only if that takes longer than ``L2_WAIT_S``: a
+bound on progress, not a timing. The figures are printed.
 """
 
 from __future__ import annotations
@@ -22,18 +29,16 @@ import httpx
 import numpy as np
 import pytest
 
+from bench.procs import GatewayProcess, RedisServer, gateway_process, redis_server
 from model_store.demo import IRIS_FEATURES
-from tests.hardening.procs import (
-    DelayProxy,
-    GatewayProcess,
-    RedisServer,
-    gateway_process,
-    redis_server,
-)
+from tests.hardening.procs import DelayProxy, metric_total
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
 CLIENTS = 6
+REDIS_TIMEOUT_MS = 50  # the gateways' bound on a Redis call (the default)
+MIN_L2_HITS = 10  # rows answered from Redis that show it is in use
+L2_WAIT_S = 30.0  # the most load a check may take to see them (on a loaded machine: seconds)
 
 
 @dataclass
@@ -44,6 +49,7 @@ class Tally:
     failures: list[str] = field(default_factory=list)
     wrong: list[str] = field(default_factory=list)
     max_latency_s: float = 0.0
+    l2_checks: list[str] = field(default_factory=list)  # "when hits" of each passed check
     _progress: asyncio.Event = field(default_factory=asyncio.Event)
 
     def record(self, latency_s: float) -> None:
@@ -69,7 +75,24 @@ class Setup:
     probs: list[list[float]]
 
     def l2_hits(self) -> float:
-        return sum(gw.l2_hits() for gw in self.gateways)
+        """Rows the gateways have answered from Redis so far."""
+        return metric_total(self.gateways, "gateway_cache_lookups_total", tier="l2",
+                            result="hit")
+
+    async def redis_used(self, tally: Tally, when: str) -> float:
+        """Keep the load running until ``MIN_L2_HITS`` more rows are answered from Redis; the
+        hits counted. AssertionError if ``L2_WAIT_S`` pass first."""
+        start = hits = await asyncio.to_thread(self.l2_hits)
+        try:
+            async with asyncio.timeout(L2_WAIT_S):
+                while hits - start < MIN_L2_HITS:
+                    await tally.more(10)
+                    hits = await asyncio.to_thread(self.l2_hits)
+        except TimeoutError:
+            raise AssertionError(f"Redis not in use {when}: {hits - start:.0f} l2 hits in "
+                                 f"{L2_WAIT_S:.0f} s of load ({tally.requests} requests)") from None
+        tally.l2_checks.append(f"{when} {hits - start:.0f}")
+        return hits - start
 
 
 @pytest.fixture(scope="module")
@@ -80,6 +103,7 @@ def setup(session_store: Path, tmp_path_factory: pytest.TempPathFactory,
         env = {
             "GATEWAY_MODEL_ROOT": str(session_store),
             "GATEWAY_REDIS_URL": proxy.url,
+            "GATEWAY_REDIS_TIMEOUT_MS": str(REDIS_TIMEOUT_MS),
             "GATEWAY_CACHE_PREFIX": "faults",
             "GATEWAY_BACKEND": "sklearn",
             "GATEWAY_L2_MIN_CALL_US": "0",
@@ -141,7 +165,9 @@ def _scenario(setup: Setup, name: str, fault: Callable[[Tally], Awaitable[None]]
         clients = [asyncio.ensure_future(_client(setup, k, stop, tally)) for k in range(CLIENTS)]
         try:
             await tally.more(100)  # warm: Redis filled, connections open
+            await setup.redis_used(tally, "before the fault")
             await fault(tally)
+            await setup.redis_used(tally, "after the fault")
             await tally.more(100)  # and after
         finally:
             stop.set()
@@ -154,18 +180,20 @@ def _scenario(setup: Setup, name: str, fault: Callable[[Tally], Awaitable[None]]
     hits = setup.l2_hits() - hits_before
     print(f"{name}: {tally.requests} requests in {time.monotonic() - started:.1f} s, "
           f"{len(tally.failures)} failed, {len(tally.wrong)} wrong, "
-          f"max latency {tally.max_latency_s * 1000:.0f} ms, l2 hits {hits:.0f}")
+          f"max latency {tally.max_latency_s * 1000:.0f} ms, l2 hits {hits:.0f} "
+          f"(checks: {', '.join(tally.l2_checks)})")
     assert not tally.failures, tally.failures[:5]
     assert not tally.wrong, tally.wrong[:5]
 
 
 def test_redis_killed_three_times_and_restarted(setup: Setup) -> None:
     async def fault(tally: Tally) -> None:
-        for _ in range(3):
+        for i in range(3):
             setup.redis.kill()
             await tally.more(100)
-            await asyncio.to_thread(setup.redis.start)
+            await asyncio.to_thread(setup.redis.start)  # empty: no persistence
             await tally.more(150)
+            await setup.redis_used(tally, f"after restart {i + 1}")
 
     _scenario(setup, "redis SIGKILL x3 with restarts", fault)
 
@@ -188,6 +216,8 @@ def test_redis_behind_a_slow_network(setup: Setup, delay_ms: int) -> None:
         setup.proxy.delay_s = delay_ms / 1000
         try:
             await tally.more(500)
+            if 2 * delay_ms < REDIS_TIMEOUT_MS:  # replies come in time
+                await setup.redis_used(tally, f"behind {delay_ms} ms")
         finally:
             setup.proxy.delay_s = 0.0
 

@@ -21,9 +21,10 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from bench.procs import GatewayProcess, gateway_process
 from model_store import ModelStore
 from model_store.demo import IRIS_FEATURES, iris_data
-from tests.hardening.procs import GatewayProcess, gateway_process, metric
+from tests.hardening.procs import metric
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

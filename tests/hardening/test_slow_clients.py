@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.hardening.procs import gateway_process
+from bench.procs import gateway_process
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

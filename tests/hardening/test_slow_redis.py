@@ -18,8 +18,9 @@ import httpx
 import numpy as np
 import pytest
 
+from bench.procs import gateway_process, redis_server
 from model_store.demo import IRIS_FEATURES
-from tests.hardening.procs import DelayProxy, gateway_process, metric, redis_server
+from tests.hardening.procs import DelayProxy, metric
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 

@@ -298,6 +298,7 @@ def test_labels_not_from_probabilities_take_two_calls(tmp_path: Path, iris_estim
     assert labels == contrary.predict(random_rows).tolist()
 
 
+@pytest.mark.e2e
 def test_model_store_imports_nothing_from_gateway() -> None:
     import subprocess
     import sys
