@@ -32,7 +32,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -42,14 +42,17 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import DEFAULT_BASE, DEFAULT_CAP, ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 __all__ = ["CLUSTER_SCHEMES", "BoundedRedis", "connect_redis", "connect_redis_cluster",
-           "is_cluster_url", "subscriber_for"]
+           "is_cluster_url", "listen", "subscriber_for"]
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
 log = logging.getLogger("gateway.redis")
+
+_RESUBSCRIBE_MAX_S = 2.0
 
 
 def connect_redis(
@@ -123,6 +126,37 @@ def subscriber_for(url: str, client: Any, *, connect_timeout_s: float) -> aiored
     tcp = urlsplit(url).scheme in ("redis", "rediss")
     return aioredis.Redis.from_url(url, socket_connect_timeout=connect_timeout_s,
                                    **({"socket_keepalive": True} if tcp else {}))
+
+
+async def listen(subscriber: Callable[[], Any], channel: str,
+                 on_message: Callable[[bytes], None], subscribed: asyncio.Event) -> None:
+    """Subscribe to ``channel`` and hand each message's data to ``on_message``, until
+    cancelled: a lost subscription is made again after a backoff (50 ms, doubling to 2 s,
+    against a Redis that is down). ``subscriber()`` makes the client for each attempt (closed
+    when it ends); ``subscribed`` is set while subscribed."""
+    backoff = 0.05
+    while True:
+        client = subscriber()
+        pubsub = client.pubsub()
+        try:
+            await pubsub.subscribe(channel)
+            subscribed.set()
+            backoff = 0.05
+            while True:
+                msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
+                if msg is not None and msg.get("type") == "message":
+                    on_message(msg["data"])
+        except (RedisError, OSError) as exc:
+            log.debug("channel %s lost (%r); subscribing again", channel, exc)
+        finally:
+            subscribed.clear()
+            try:
+                await pubsub.aclose()
+                await client.aclose()
+            except (RedisError, OSError):
+                pass
+        await asyncio.sleep(backoff)  # the backoff itself
+        backoff = min(backoff * 2, _RESUBSCRIBE_MAX_S)
 
 
 class _WarmPool(aioredis.ConnectionPool):

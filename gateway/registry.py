@@ -212,6 +212,16 @@ class ModelRegistry:
             for runner in versions.values():
                 self._retire(runner)
 
+    async def apply(self, op: str, name: str) -> None:
+        """``load_model`` (``op`` ``load``) or ``unload_model`` (``unload``) of ``name``;
+        raises as they do, ValueError for another ``op``."""
+        if op == "load":
+            await self.load_model(name)
+        elif op == "unload":
+            await self.unload_model(name)
+        else:
+            raise ValueError(f"unknown repository change {op!r}")
+
     def index(self) -> list[dict[str, str]]:
         """Every version in the store as last scanned, with its state: ``READY``,
         ``UNAVAILABLE`` (with a reason) or ``UNLOADED``."""

@@ -41,6 +41,7 @@ from gateway.cache import INVALID, RedisCache
 from gateway.core.batcher import Failure
 from gateway.core.runner import ModelRunner, Unit
 from gateway.metrics import Metrics
+from gateway.redis_client import listen
 
 __all__ = ["Remote"]
 
@@ -51,7 +52,6 @@ LocalCompute = Callable[[Unit, np.ndarray], Awaitable[list[bytes | Failure]]]
 _LEASE_CALLS = 4.0  # lease = this many average calls (~2 x p99 for a steady model)
 _MAX_LEASE_S = 30.0
 _WAIT_MARGIN_S = 0.01  # past the lease's end before asking again
-_RESUBSCRIBE_MAX_S = 2.0
 
 # Every script: KEYS = value, lease, waiters per key; ARGV = this process's token (also its
 # channel), then the key's own arguments.
@@ -345,29 +345,7 @@ class Remote:
                 fut.set_result(value)
 
     async def _listen(self) -> None:
-        backoff = 0.05
-        while True:
-            client = self._subscriber()
-            pubsub = client.pubsub()
-            try:
-                await pubsub.subscribe(self.channel)
-                self._subscribed.set()
-                backoff = 0.05
-                while True:
-                    msg = await pubsub.get_message(ignore_subscribe_messages=True, timeout=None)
-                    if msg is not None and msg.get("type") == "message":
-                        self._deliver(msg["data"])
-            except (RedisError, OSError) as exc:
-                log.debug("coalescing channel lost (%r); subscribing again", exc)
-            finally:
-                self._subscribed.clear()
-                try:
-                    await pubsub.aclose()
-                    await client.aclose()
-                except (RedisError, OSError):
-                    pass
-            await asyncio.sleep(backoff)  # back off before reconnecting to a Redis that is down
-            backoff = min(backoff * 2, _RESUBSCRIBE_MAX_S)
+        await listen(self._subscriber, self.channel, self._deliver, self._subscribed)
 
     # -- Redis calls -------------------------------------------------------------------------
     async def _call(self, name: str, items: list[tuple[str, list[Any]]]) -> list[Any] | None:

@@ -11,6 +11,7 @@ import numpy as np
 from redis.crc import key_slot
 from starlette.requests import Request
 
+from gateway.announce import Announcer
 from gateway.breaker import CircuitBreaker
 from gateway.cache import L1Cache, RedisCache
 from gateway.core.pipeline import Answer, Pending, Pipeline
@@ -54,6 +55,7 @@ class Gateway:
     accepting: bool = True
     remote: Remote | None = None
     sharing: Sharing | None = None
+    announcer: Announcer | None = None
 
     @property
     def models(self) -> dict[str, dict[int, ModelRunner]]:
@@ -110,8 +112,16 @@ class Gateway:
             coalesce=settings.coalesce == "on", sharing=sharing, remote=remote,
         )
         registry = ModelRegistry(settings, store, metrics, pipeline)
+        announcer = None
+        if l2 is not None and settings.redis_url:
+            url = settings.redis_url
+            connect_s = settings.redis_connect_timeout_ms / 1000
+            announcer = Announcer(l2, lambda: subscriber_for(url, l2.client,
+                                                            connect_timeout_s=connect_s),
+                                  prefix=settings.cache_prefix)
+            announcer.start(registry.apply)
         gw = cls(settings, store, metrics, pipeline, l1, l2, registry, remote=remote,
-                 sharing=sharing)
+                 sharing=sharing, announcer=announcer)
         await registry.reload()
         if settings.model_poll_s > 0:
             registry.watch(settings.model_poll_s)
@@ -238,6 +248,15 @@ class Gateway:
             out["reason"] += "; Redis not answering now (circuit open): L1 and the model meanwhile"
         return out
 
+    async def change_repository(self, op: str, model: str) -> dict[str, Any]:
+        """Load or unload ``model`` here (``ModelRegistry.apply``), then announce it to the
+        other processes sharing the Redis. What it reached: ``{"processes": "all", "others":
+        n}`` (the others subscribed now, which apply it too) or ``{"processes": "this"}``
+        (no Redis, or it did not answer). Raises as ``ModelRegistry.apply``."""
+        await self.registry.apply(op, model)
+        heard = None if self.announcer is None else await self.announcer.announce(op, model)
+        return {"processes": "this"} if heard is None else {"processes": "all", "others": heard}
+
     def describe(self) -> list[dict[str, Any]]:
         out = []
         for name, versions in sorted(self.models.items()):
@@ -269,6 +288,8 @@ class Gateway:
         await self.drain()
         await self.registry.aclose()
         await self.pipeline.aclose()
+        if self.announcer is not None:
+            await self.announcer.aclose()
         if self.remote is not None:
             await self.remote.aclose()
         if self.l2 is not None:

@@ -10,7 +10,7 @@ for an unknown model or version, 413 for an oversized body, 503 when not ready o
 from __future__ import annotations
 
 import hmac
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -244,27 +244,26 @@ async def repository_index(request: Request) -> Response:
 
 
 async def repository_load(name: str, request: Request) -> Response:
-    """Serve every version the store has of ``name`` (again). Needs the admin token."""
-    gw = gateway_of(request)
-    return await _change(gw, request, lambda: gw.registry.load_model(name))
+    """Serve every version the store has of ``name`` (again), in every gateway process sharing
+    the Redis (``Gateway.change_repository``; the answer says which). Needs the admin token."""
+    return await _change(gateway_of(request), request, "load", name)
 
 
 async def repository_unload(name: str, request: Request) -> Response:
-    """Stop serving ``name`` until it is loaded again. Needs the admin token."""
-    gw = gateway_of(request)
-    return await _change(gw, request, lambda: gw.registry.unload_model(name))
+    """Stop serving ``name`` until it is loaded again, in every gateway process sharing the
+    Redis (the answer says which). Needs the admin token."""
+    return await _change(gateway_of(request), request, "unload", name)
 
 
-async def _change(gw: Gateway, request: Request,
-                  change: Callable[[], Awaitable[None]]) -> Response:
+async def _change(gw: Gateway, request: Request, op: str, name: str) -> Response:
     refused = _admin(gw, request)
     if refused is not None:
         return refused
     try:
-        await change()
+        reached = await gw.change_repository(op, name)
     except GatewayError as exc:
         return _error(gw, exc)
-    return json_response({})
+    return json_response(reached)
 
 
 def v2_router() -> APIRouter:

@@ -43,7 +43,7 @@ FENCE = Fence("redis", "8.1.0", "tests/contracts/test_redis.py", (
         "redis_client:BoundedRedis.aclose", "redis_client:BoundedRedis.__init__"),
     pin(RA, "Pipeline.__init__", "0daebf0757f4", "redis_client:_BoundedPipeline.__init__"),
     pin(RA, "Pipeline.execute", "f61e1ae2ffba", "redis_client:_BoundedPipeline.execute"),
-    pin(RA, "PubSub.get_message", "bf92023c2c45", "remote:Remote._listen"),  # None: blocks
+    pin(RA, "PubSub.get_message", "bf92023c2c45", "redis_client:listen"),  # None: blocks
     pin("redis.asyncio.retry", "Retry", None,
         "redis_client:connect_redis", signature="backoff, retries, supported_errors"),
     pin("redis.backoff", "ExponentialWithJitterBackoff", None,
