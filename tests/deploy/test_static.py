@@ -6,6 +6,8 @@ the image's healthcheck command run against a real gateway."""
 from __future__ import annotations
 
 import copy
+import fnmatch
+import glob
 import json
 import re
 import shlex
@@ -142,7 +144,8 @@ def test_compose_wiring_matches_the_gateway_nginx_and_image() -> None:
     (server_line,) = upstream(site).find("server")
     assert server_line.args[0] == f"gateway:{port}"  # the service name, its port
     listen = int(public_server(site).one("listen").args[0])
-    assert [f"{listen}:{listen}"] == ngx["ports"]
+    (published,) = ngx["ports"]  # the host's port is NGINX_PORT, by default nginx's own
+    assert re.fullmatch(rf"\$\{{NGINX_PORT:-{listen}\}}:{listen}", published), published
     assert ngx["volumes"] == ["./deploy/nginx/gateway.conf:/etc/nginx/conf.d/default.conf:ro"]
     assert port_of(ngx["healthcheck"]["test"][-1]) == listen
 
@@ -171,8 +174,13 @@ def test_every_gateway_setting_named_in_deploy_files_exists() -> None:
 # -- Dockerfile ------------------------------------------------------------------------------
 
 def test_dockerfile_builds_a_slim_non_root_runtime_image() -> None:
-    (base,) = instruction("FROM")
-    assert re.fullmatch(r"python:3\.1[1-9]-slim", base)
+    # The image is built on the base, an argument: python:3.1x-slim unless given
+    # (scripts/image.sh: a Debian base); a stage before it holds only files (FROM scratch).
+    args = dict(a.partition("=")[::2] for a in instruction("ARG"))
+    assert re.fullmatch(r"python:3\.1[1-9]-slim", args["BASE"])
+    *stages, last = [f.split() for f in instruction("FROM")]
+    assert last == ["${BASE}"]
+    assert all(stage[0] == "scratch" for stage in stages), stages
     runs = " ".join(instruction("RUN"))
     assert "pip install . " in runs + " " and "[dev]" not in runs and "-e " not in runs
     words = [w for w, _ in dockerfile()]
@@ -196,11 +204,21 @@ def test_dockerfile_copies_only_what_exists_and_dockerignore_lets_in() -> None:
              if line and not line.startswith("#")]
     assert rules[0] == "*"  # an allowlist
     allowed = {r[1:].rstrip("/") for r in rules if r.startswith("!")}
+    used: set[str] = set()
     for args in instruction("COPY"):
+        if args.startswith("--from="):
+            continue  # from an earlier stage
         *sources, _dest = args.split()
         for source in sources:
+            if glob.has_magic(source):  # optional (build/wheelhouse): may match nothing
+                letting_in = {a for a in allowed if fnmatch.fnmatch(a, f"{source}/*")}
+                assert letting_in, f"{source} is excluded by .dockerignore"
+                used |= letting_in
+                continue
             assert (ROOT / source).exists(), source
             assert source.rstrip("/") in allowed, f"{source} is excluded by .dockerignore"
+            used.add(source.rstrip("/"))
+    assert used == allowed  # .dockerignore lets in exactly what the build copies
     assert (ROOT / "pyproject.toml").name in allowed and "README.md" in allowed
 
 
