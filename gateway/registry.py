@@ -153,8 +153,8 @@ class ModelRegistry:
     def _runner(self, model: LoadedModel) -> ModelRunner:
         """A runner with the global settings, overridden by the version's own."""
         s, own = self._settings, model.manifest.settings
-        if s.backend == "estimator":
-            model = dataclasses.replace(model, forest=None)
+        if s.backend == "estimator":  # the estimator's own methods: no verified fast path
+            model = dataclasses.replace(model, forest=None, booster=None)
         return ModelRunner(
             model, self._metrics,
             prefer_compiled=s.backend == "auto",

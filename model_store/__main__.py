@@ -2,7 +2,8 @@
 
 Commands: train-demo, register, compile, configure, list. ``--root`` (the store, ./models)
 may come before or after the command. Exit status: 0 done, 1 the store refused, 2 bad input
-(arguments, a file that is not a joblib estimator, unreadable training rows).
+(arguments, a file that is not a joblib estimator or a usable booster file of its format,
+feature names or classes whose count does not match the model, unreadable training rows).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 import joblib
 import numpy as np
 
+from model_store import boosters
+from model_store.boosters import BoosterError
 from model_store.compiled import CompileError
 from model_store.demo import IRIS_FEATURES, iris_data, train_heavy, train_iris
 from model_store.settings import ModelSettings
@@ -67,6 +70,9 @@ def _add_settings(p: argparse.ArgumentParser) -> None:
     g.add_argument("--execution", choices=("auto", "inline", "thread"), default=None,
                    help="where model calls run: auto (inline when measured tiny), inline or "
                         "thread")
+    g.add_argument("--threads", type=int, default=None,
+                   help="threads inside one call of an XGBoost or LightGBM model (1..64; "
+                        "default 1, which leaves the event loop its core)")
 
 
 def _settings_given(args: argparse.Namespace) -> dict[str, Any]:
@@ -94,10 +100,24 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--backend", choices=_BACKENDS, default="auto", help=_BACKEND_HELP)
 
     reg = sub.add_parser("register", parents=[common],
-                         help="register a joblib-pickled fitted estimator",
-                         description="Store a fitted estimator (a joblib file) as a new "
-                                     "version, verify it and, by default, compile it.")
-    reg.add_argument("path", type=Path, help="the joblib file of a fitted estimator")
+                         help="register a fitted estimator (joblib) or a booster file",
+                         description="Store a fitted estimator (a joblib file: scikit-learn, "
+                                     "or an XGBoost or LightGBM wrapper) or a native booster "
+                                     "file (XGBoost .json/.ubj, LightGBM .txt) as a new "
+                                     "version, verify it and, by default, compile it (a "
+                                     "scikit-learn estimator) or verify its booster path.")
+    reg.add_argument("path", type=Path,
+                     help="the joblib file of a fitted estimator, or a booster file saved by "
+                          "XGBoost (.json, .ubj) or LightGBM (.txt)")
+    reg.add_argument("--format", choices=boosters.FORMATS, default=None,
+                     help="what the file is, when its suffix does not say: joblib, json or "
+                          "ubj (XGBoost Booster.save_model), txt (LightGBM Booster.save_model)"
+                          " (default: from the suffix; anything but .json, .ubj, .txt is "
+                          "joblib)")
+    reg.add_argument("--classes", default=None,
+                     help="comma-separated class labels of a booster file's classifier, in "
+                          "class-index order (default 0..k-1; labels that are all integers "
+                          "stay integers); for an estimator, must equal its classes_")
     reg.add_argument("--name", required=True, help="model name ([A-Za-z0-9][A-Za-z0-9_.-]*)")
     reg.add_argument("--version", type=int, default=None, help="default: the next version")
     reg.add_argument("--features", default=None,
@@ -134,6 +154,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _backends(m: Manifest) -> str:
+    if m.family != "sklearn":
+        return _booster_backend(m)
     onnx = m.backends.get("onnx")
     if onnx is None:
         return "backend=sklearn"
@@ -142,6 +164,20 @@ def _backends(m: Manifest) -> str:
     parts = [f"onnx input={onnx.get('input', 'float64')}"]
     for output, check in onnx["checks"].items():
         verdict = "onnx" if check["verified"] else "sklearn"
+        detail = (f"mismatches={check['mismatches']}" if output == "label" and m.classes
+                  else f"max_diff={check['max_abs_diff']:.2g}")
+        parts.append(f"{output}={verdict}({detail} on {check['rows']} rows)")
+    return " ".join(parts)
+
+
+def _booster_backend(m: Manifest) -> str:
+    record = m.backends.get(m.family, {})
+    parts = [f"family={m.family} format={m.format} objective={m.objective}"]
+    if "via" not in record:
+        return " ".join([*parts, f"backend={record.get('reference', m.family)}"])
+    parts.append(f"backend={record['via']}")
+    for output, check in record["checks"].items():
+        verdict = "verified" if check["verified"] else "not verified"
         detail = (f"mismatches={check['mismatches']}" if output == "label" and m.classes
                   else f"max_diff={check['max_abs_diff']:.2g}")
         parts.append(f"{output}={verdict}({detail} on {check['rows']} rows)")
@@ -172,6 +208,38 @@ def read_estimator(path: Path) -> Any:
         raise InputError(f"{path}: holds an object of type {type(estimator).__name__}, not an "
                          "estimator (no predict method)")
     return estimator
+
+
+def read_booster(path: Path, fmt: boosters.Format) -> boosters.BoosterInfo:
+    """What a native booster file is, checked as ``register`` will. Raises InputError."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        return boosters.read_native(data, fmt)[1]
+    except BoosterError as exc:
+        raise InputError(f"{path}: {exc}") from exc
+
+
+def _labels(text: str) -> tuple[Any, ...]:
+    cells = tuple(c.strip() for c in text.split(","))
+    try:
+        return tuple(int(c) for c in cells)
+    except ValueError:
+        return cells
+
+
+def _check_counts(path: Path, names: tuple[str, ...] | None, n_features: int,
+                  classes: tuple[Any, ...] | None, n_classes: int) -> None:
+    """Feature names and classes given on the command line must match the model's counts."""
+    if names is not None and len(names) != n_features:
+        raise InputError(f"{path}: the model has {n_features} features, --features names "
+                         f"{len(names)}")
+    if classes is not None and len(classes) != n_classes:
+        raise InputError(f"{path}: the model has {n_classes} classes, --classes names "
+                         f"{len(classes)}" if n_classes else
+                         f"{path}: --classes given for a regressor")
 
 
 def read_rows(path: Path, features: tuple[str, ...]) -> np.ndarray:
@@ -241,16 +309,30 @@ def _run(args: argparse.Namespace, store: ModelStore) -> int:
         _report(store.register(estimator, name, features=features, backend=args.backend,
                                train_rows=rows), store)
     elif args.command == "register":
-        estimator = read_estimator(args.path)
-        try:
-            fitted, _, _ = describe_estimator(estimator)
-        except ValueError as exc:
-            raise InputError(f"{args.path}: {exc}") from exc
         names = tuple(args.features.split(",")) if args.features else None
+        classes = _labels(args.classes) if args.classes else None
+        fmt = args.format or boosters.format_of(args.path)
+        model: Any
+        if fmt == "joblib":
+            model = read_estimator(args.path)
+            try:
+                fitted, own_classes, _ = describe_estimator(model)
+                family = boosters.family_of(model)
+                if family != "sklearn":
+                    boosters.describe(boosters.wrapped_booster(model, family), family)
+            except ValueError as exc:  # BoosterError too
+                raise InputError(f"{args.path}: {exc}") from exc
+            _check_counts(args.path, names, len(fitted), classes, len(own_classes))
+        else:
+            info = read_booster(args.path, fmt)
+            model = args.path
+            fitted = info.feature_names or tuple(f"f{i}" for i in range(info.n_features))
+            _check_counts(args.path, names, info.n_features, classes, info.n_classes)
         rows = read_rows(args.train_rows, names or fitted) if args.train_rows else None
         _report(store.register(
-            estimator, args.name, version=args.version, features=names, backend=args.backend,
-            train_rows=rows, proba_atol=args.proba_atol, value_rtol=args.value_rtol,
+            model, args.name, version=args.version, features=names, classes=classes,
+            format=fmt if fmt != "joblib" else None, backend=args.backend, train_rows=rows,
+            proba_atol=args.proba_atol, value_rtol=args.value_rtol,
             settings=_settings_given(args),
         ), store)
     elif args.command == "compile":

@@ -25,7 +25,7 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -36,6 +36,7 @@ __all__ = [
     "InputType",
     "OnnxModel",
     "OutputCheck",
+    "Runs",
     "compile_estimator",
     "compiled_library_versions",
     "convert_onnx",
@@ -43,6 +44,7 @@ __all__ = [
     "sklearn_checks",
     "verification_rows",
     "verify",
+    "verify_backend",
 ]
 
 log = logging.getLogger("model_store.compiled")
@@ -249,13 +251,16 @@ def labels_from_proba(classes: Any, proba: np.ndarray) -> np.ndarray:
 
 
 def verification_rows(estimator: Any, n_features: int, train_rows: np.ndarray | None = None,
-                      *, generated: int = 10_000, seed: int = 0) -> np.ndarray:
+                      *, generated: int = 10_000, seed: int = 0,
+                      splits: list[tuple[np.ndarray, np.ndarray]] | None = None) -> np.ndarray:
     """The training rows (if any) plus ``generated`` rows drawn uniformly over each feature's
     range: the training range, else the span of the trees' thresholds, else [-10, 10].
     A quarter of the generated rows sit exactly on thresholds, where rounding would show.
     For a pipeline ending in trees, half the generated rows are drawn that way in the space
     its final step sees and mapped back through the transforms' ``inverse_transform``, so
-    they land on (within rounding of) the final step's thresholds too."""
+    they land on (within rounding of) the final step's thresholds too. ``splits`` (feature
+    index, threshold arrays) stand for the estimator's own where it is not a scikit-learn tree
+    model (a booster's)."""
     rng = np.random.default_rng(seed)
     train = None if train_rows is None else np.asarray(train_rows, dtype=np.float64)
     parts = [] if train is None else [train]
@@ -272,7 +277,8 @@ def verification_rows(estimator: Any, n_features: int, train_rows: np.ndarray | 
                 np.isfinite(mapped)):
             parts.append(mapped)
             generated -= len(inner)
-    parts.append(_generated(_splits(estimator), n_features, train, generated, rng))
+    parts.append(_generated(_splits(estimator) if splits is None else splits, n_features,
+                            train, generated, rng))
     return np.vstack(parts)
 
 
@@ -377,6 +383,12 @@ def _same_labels(expected: np.ndarray, got: np.ndarray) -> int:
     return int(np.sum(expected.astype(object) == cast.astype(object)))
 
 
+class Runs(Protocol):
+    """A backend that answers labels (or values) and probabilities from one call."""
+
+    def run(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]: ...
+
+
 def verify(estimator: Any, compiled: OnnxModel, rows: np.ndarray, proba_atol: float,
            value_rtol: float = 1e-5) -> dict[str, OutputCheck]:
     """Compare ``compiled`` with ``estimator`` on ``rows``, per output."""
@@ -386,9 +398,15 @@ def verify(estimator: Any, compiled: OnnxModel, rows: np.ndarray, proba_atol: fl
 
 def _verify(expected: Expected, compiled: OnnxModel, proba_atol: float,
             value_rtol: float, conversion: str) -> dict[str, OutputCheck]:
+    return verify_backend(expected, compiled, proba_atol, value_rtol, f"{conversion} input")
+
+
+def verify_backend(expected: Expected, backend: Runs, proba_atol: float, value_rtol: float,
+                   where: str) -> dict[str, OutputCheck]:
+    """Compare ``backend``'s answers on ``expected.rows`` with ``expected``, per output (see
+    the module docstring for the tolerances); ``where`` starts each reason."""
     n = len(expected.rows)
-    labels, proba = compiled.run(expected.rows)
-    where = f"{conversion} input"
+    labels, proba = backend.run(expected.rows)
     checks: dict[str, OutputCheck] = {}
     if expected.classes is None:  # regression: values within a relative tolerance
         want = expected.labels.astype(np.float64)

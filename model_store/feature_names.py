@@ -6,6 +6,11 @@ what the gateway passes: float64 rows, columns in the manifest's feature order, 
 from those very names at registration. Dropping the remembered names from the estimators that
 receive the rows makes the call plain again, at no cost per call; building a DataFrame per
 call instead would need pandas and cost tens of microseconds each time.
+
+LightGBM's wrappers (``LGBMClassifier``, ``LGBMRegressor``, 4.5 and later) derive
+``feature_names_in_`` from their booster and a private flag, ``_fitted_with_feature_names``;
+clearing that flag is their way of dropping the names (lightgbm is bounded below its next minor
+for it, and ``tests/model_store/test_families.py`` fails when it stops working).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import numpy as np
 __all__ = ["drop_fitted_feature_names", "fitted_feature_names"]
 
 _ATTR = "feature_names_in_"
+_LIGHTGBM_FLAG = "_fitted_with_feature_names"
 
 
 def fitted_feature_names(estimator: Any) -> tuple[str, ...] | None:
@@ -49,6 +55,9 @@ def drop_fitted_feature_names(estimator: Any) -> int:
             state = vars(obj)
             if _ATTR in state:
                 del state[_ATTR]
+                removed += 1
+            if state.get(_LIGHTGBM_FLAG) is True:
+                state[_LIGHTGBM_FLAG] = False
                 removed += 1
             stack.extend(v for k, v in state.items() if not k.startswith("__"))
     return removed

@@ -2,7 +2,9 @@
 
 Each field overrides the gateway's global setting of the same name for that version only; a
 field left unset (None) means "the global default". Ranges are those of the gateway's own
-settings, so a manifest can never ask for what the gateway would refuse.
+settings, so a manifest can never ask for what the gateway would refuse. ``threads`` has no
+global counterpart: it is the thread count inside one call of an XGBoost or LightGBM model
+(unset: 1; see ``model_store.boosters``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ _INT_RANGES: dict[str, tuple[int, int | None]] = {
     "max_batch_delay_us": (0, 1_000_000),
     "infer_concurrency": (1, 64),
     "cache_ttl_s": (1, None),
+    "threads": (1, 64),
 }
 _EXECUTIONS = ("auto", "inline", "thread")
 
@@ -47,6 +50,10 @@ class ModelSettings:
 
     execution: Execution | None = None
     """Where calls run: ``auto`` (inline when measured tiny), ``inline`` or ``thread``."""
+
+    threads: int | None = None
+    """Threads inside one model call of an XGBoost (``nthread``) or LightGBM
+    (``num_threads``) model (1..64; unset: 1, which leaves the event loop its core)."""
 
     def __post_init__(self) -> None:
         for name, (lo, hi) in _INT_RANGES.items():

@@ -1,15 +1,18 @@
 """Versioned model store on disk.
 
-Layout: ``<root>/<name>/<version>/`` holds the artifact ``model.joblib`` and the manifest
-``model.json``. Versions are positive integers; ``latest`` is the highest. Loading checks the
-artifact's sha256 against the manifest *before* unpickling it, then checks that what was
-unpickled is an estimator that fits the manifest, so a tampered, mismatched or foreign artifact
-is never served. Error messages name the model, the version and the reason, never a file path
-(they reach ``/readyz``).
+Layout: ``<root>/<name>/<version>/`` holds the artifact and the manifest ``model.json``. The
+artifact is ``model.joblib`` (a pickled estimator: scikit-learn, or an XGBoost or LightGBM
+wrapper) or a native booster file (``booster.json``, ``booster.ubj``, ``booster.txt``; see
+``model_store.boosters``), which is loaded without unpickling. Versions are positive integers;
+``latest`` is the highest. Loading checks the artifact's sha256 against the manifest *before*
+unpickling or loading it, then checks that what was loaded is a model that fits the manifest,
+so a tampered, mismatched or foreign artifact is never served. Error messages name the model,
+the version and the reason, never a file path (they reach ``/readyz``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -32,6 +35,18 @@ import joblib
 import numpy as np
 import sklearn
 
+from model_store import boosters
+from model_store.boosters import (
+    ARTIFACTS,
+    FAMILIES,
+    FORMATS,
+    BoosterError,
+    BoosterInfo,
+    BoosterModel,
+    Family,
+    Format,
+    NativeEstimator,
+)
 from model_store.compiled import (
     ONNX_ARTIFACT,
     CompileError,
@@ -42,6 +57,7 @@ from model_store.compiled import (
     labels_from_proba,
     sklearn_checks,
     verification_rows,
+    verify_backend,
 )
 from model_store.feature_names import drop_fitted_feature_names, fitted_feature_names
 from model_store.forest import ForestProba, forest_proba
@@ -53,7 +69,7 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 log = logging.getLogger("model_store")
 
-Task = Literal["classification", "regression"]
+Task = boosters.Task
 Loader = Callable[[Path], Any]
 
 # What unpickling a foreign or damaged artifact can raise.
@@ -98,6 +114,13 @@ class Manifest:
     bool, "rows": n}}}}`` for the estimator itself."""
     settings: ModelSettings = dataclasses.field(default_factory=ModelSettings)
     """Serving settings of this version (only the fields set; the rest are global)."""
+    family: Family = "sklearn"
+    """The library the model belongs to: ``sklearn``, ``xgboost`` or ``lightgbm``."""
+    format: Format = "joblib"
+    """How the artifact is stored: ``joblib`` (pickled), or natively ``json``/``ubj``
+    (XGBoost) or ``txt`` (LightGBM)."""
+    objective: str = ""
+    """A booster's objective as its library names it (empty for scikit-learn)."""
 
     @property
     def digest(self) -> str:
@@ -110,13 +133,22 @@ class Manifest:
             "features": list(self.features), "classes": list(self.classes), "task": self.task,
             "created": self.created, "library_versions": dict(self.library_versions),
             "artifact": self.artifact, "backends": self.backends,
+            "family": self.family, "format": self.format,
         }
+        if self.objective:
+            data["objective"] = self.objective
         if self.settings:
             data["settings"] = self.settings.to_json()
         return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Manifest:
+        """Raises ValueError (or KeyError, TypeError) on a manifest that cannot be read."""
+        family, fmt = data.get("family", "sklearn"), data.get("format", "joblib")
+        if family not in FAMILIES or fmt not in FORMATS:
+            raise ValueError(f"unknown family {family!r} or format {fmt!r}")
+        if fmt != "joblib" and boosters.NATIVE[fmt] != family:
+            raise ValueError(f"format {fmt!r} is not one of the {family} family")
         return cls(
             name=str(data["name"]),
             version=int(data["version"]),
@@ -129,6 +161,9 @@ class Manifest:
             artifact=str(data.get("artifact", ARTIFACT)),
             backends=dict(data.get("backends") or {}),
             settings=ModelSettings.from_json(data.get("settings")),
+            family=family,
+            format=fmt,
+            objective=str(data.get("objective", "")),
         )
 
     def verified(self, backend: str, output: str) -> bool:
@@ -143,7 +178,8 @@ class Manifest:
         return checks.get("label", {}).get("from_proba") is True
 
 
-Backend = Literal["sklearn", "onnx"]
+Backend = Literal["sklearn", "onnx", "xgboost", "lightgbm"]
+"""Who answers an output: ``onnx`` (the compiled model), else the model's own family."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,14 +187,18 @@ class LoadedModel:
     """A verified manifest with its estimator (and compiled model, if any), ready to predict.
 
     Each output is served by the compiled model only where the manifest records that it was
-    verified for that output; ``prefer_compiled=False`` forces the estimator. Rows are float64,
-    columns in ``manifest.features`` order.
+    verified for that output; ``prefer_compiled=False`` forces the model's own family. Within
+    the family, a verified fast path answers where there is one: ``forest`` (scikit-learn
+    forests' probabilities) or ``booster`` (XGBoost and LightGBM: one library call); without
+    them (``dataclasses.replace(model, forest=None, booster=None)``) the estimator's own
+    methods answer. Rows are float64, columns in ``manifest.features`` order.
     """
 
     manifest: Manifest
     estimator: Any
     compiled: OnnxModel | None = None
     forest: ForestProba | None = None  # the estimator's probabilities, its overhead spared
+    booster: BoosterModel | None = None  # an XGBoost or LightGBM model's verified fast path
     _classes: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -182,7 +222,7 @@ class LoadedModel:
         """Which backend answers ``output`` (``label`` or ``probabilities``)."""
         if prefer_compiled and self.compiled is not None and self.manifest.verified("onnx", output):
             return "onnx"
-        return "sklearn"
+        return self.manifest.family
 
     def backends(self, *, prefer_compiled: bool = True) -> dict[str, Backend]:
         outputs = ["label", "probabilities"] if self.has_proba else ["label"]
@@ -193,6 +233,8 @@ class LoadedModel:
         if self.compiled is not None and self.backend("label", prefer_compiled=prefer_compiled) \
                 == "onnx":
             values = self.compiled.predict(rows)
+        elif self.booster is not None:
+            values = self.booster.predict(rows)
         elif self.forest is not None:  # what the forest's own predict does with them
             values = labels_from_proba(self._classes, self.forest.predict_proba(rows))
         else:
@@ -210,6 +252,8 @@ class LoadedModel:
     def _proba(self, rows: np.ndarray, backend: Backend) -> np.ndarray:
         if backend == "onnx" and self.compiled is not None:
             return self.compiled.predict_proba(rows)
+        if self.booster is not None:
+            return self.booster.predict_proba(rows)
         if self.forest is not None:
             return self.forest.predict_proba(rows)
         return np.asarray(self.estimator.predict_proba(rows), dtype=np.float64)
@@ -263,13 +307,16 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def library_versions() -> dict[str, str]:
-    return {
+def library_versions(family: Family = "sklearn") -> dict[str, str]:
+    out = {
         "python": platform.python_version(),
         "sklearn": sklearn.__version__,
         "joblib": joblib.__version__,
         "numpy": np.__version__,
     }
+    if family != "sklearn":
+        out[family] = boosters.library_version(family)
+    return out
 
 
 def describe_estimator(estimator: Any) -> tuple[tuple[str, ...], tuple[Any, ...], Task]:
@@ -319,6 +366,37 @@ def _check_estimator(manifest: Manifest, estimator: Any) -> None:
                                f"{len(manifest.features)}")
 
 
+def _booster_verified(manifest: Manifest) -> bool:
+    """Was the booster path verified for every output the model has?"""
+    outputs = ["label"] + (["probabilities"] if manifest.task == "classification" else [])
+    return all(manifest.verified(manifest.family, o) for o in outputs)
+
+
+def _wrapper_booster(manifest: Manifest, estimator: Any) -> BoosterModel | None:
+    """The verified booster path of an unpickled XGBoost or LightGBM wrapper (None where
+    registration did not verify it); the wrapper's own predict gets the version's threads
+    too. Raises ArtifactRejected for a wrapper of another family or shape."""
+    where = _where(manifest.name, manifest.version)
+    family = manifest.family
+    try:
+        booster = boosters.wrapped_booster(estimator, family)
+    except BoosterError as exc:
+        raise ArtifactRejected(f"{where}: {manifest.artifact}: {exc}") from exc
+    classes = getattr(estimator, "classes_", None)
+    n_classes = 0 if classes is None else len(classes)
+    if n_classes != len(manifest.classes):
+        raise ArtifactRejected(f"{where}: the {family} model has {n_classes} classes, the "
+                               f"manifest lists {len(manifest.classes)}")
+    threads = manifest.settings.threads or boosters.DEFAULT_THREADS
+    boosters.set_threads(estimator, family, threads)
+    if not _booster_verified(manifest):
+        return None
+    info = BoosterInfo(family, manifest.objective, manifest.task, len(manifest.features),
+                       n_classes, None, [])
+    return BoosterModel(booster, info, classes, threads=threads,
+                        iteration_range=boosters.wrapper_iteration_range(estimator))
+
+
 def _check_rows(rows: np.ndarray | None, n_features: int) -> np.ndarray | None:
     if rows is None:
         return None
@@ -328,6 +406,136 @@ def _check_rows(rows: np.ndarray | None, n_features: int) -> np.ndarray | None:
     if not np.all(np.isfinite(out)):
         raise ValueError("training rows: NaN or infinite values")
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class _Prepared:
+    """A model about to be stored: what it is, what to write, what verifies it."""
+
+    family: Family
+    format: Format
+    artifact: str
+    data: bytes | None  # the native file; None: joblib-dump the model
+    features: tuple[str, ...]
+    classes: tuple[Any, ...]
+    task: Task
+    served: Any  # the estimator as load_sync serves it (the reference for a booster)
+    info: BoosterInfo | None = None
+    fast: BoosterModel | None = None  # a booster's fast path, verified against ``served``
+
+
+def _features(given: Sequence[str] | None, own: tuple[str, ...] | None, n: int,
+              what: str) -> tuple[str, ...]:
+    if given is None:
+        return own if own is not None else tuple(f"f{i}" for i in range(n))
+    features = tuple(given)
+    if len(features) != n:
+        raise ValueError(f"{len(features)} feature names given, {what} expects {n}")
+    if own is not None and features != own:
+        raise ValueError(f"feature names {','.join(features)} disagree with those the "
+                         f"{what} was fitted with: {','.join(own)}")
+    return features
+
+
+def _classes(given: Sequence[Any] | None, own: tuple[Any, ...], what: str) -> tuple[Any, ...]:
+    if given is None or tuple(given) == own:
+        return own
+    raise ValueError(f"classes {','.join(map(str, given))} disagree with the {what}'s: "
+                     f"{','.join(map(str, own)) or '(a regressor has none)'}")
+
+
+def _prepare(model: Any, fmt: Format | None, features: Sequence[str] | None,
+             classes: Sequence[Any] | None, threads: int) -> _Prepared:
+    """What ``register`` stores for ``model`` (see there). Raises ValueError (BoosterError
+    for a booster that is not usable), OSError."""
+    data: bytes | None = None
+    if isinstance(model, str | os.PathLike):
+        path = Path(model)
+        fmt = fmt or boosters.format_of(path)
+        if fmt == "joblib":
+            raise ValueError(f"{path}: not a native booster file (.json, .ubj, .txt); "
+                             "register the estimator it holds")
+        data = path.read_bytes()
+    else:
+        native = boosters.native_bytes(model)
+        if native is not None:
+            data, fmt = native
+    if data is not None:  # a native booster: loaded from the very bytes stored
+        assert fmt is not None and fmt != "joblib"
+        booster, info = boosters.read_native(data, fmt)
+        own_classes = info.default_classes()
+        if classes is not None:
+            if info.task == "regression":
+                raise ValueError(f"classes given for a regressor ({info.objective})")
+            if len(classes) != info.n_classes or len(set(classes)) != len(classes):
+                raise ValueError(f"{len(classes)} classes given, the {info.objective} model "
+                                 f"has {info.n_classes} distinct ones")
+            own_classes = tuple(classes)
+        names = _features(features, info.feature_names, info.n_features, "booster")
+        reference = NativeEstimator(booster, info, own_classes or None, threads=threads)
+        fast = BoosterModel(booster, info, own_classes or None, threads=threads)
+        return _Prepared(info.family, fmt, ARTIFACTS[fmt], data, names, own_classes, info.task,
+                         reference, info, fast)
+
+    est_features, est_classes, task = describe_estimator(model)
+    family = boosters.family_of(model)
+    names = _features(features, fitted_feature_names(model), len(est_features), "estimator")
+    served = copy.deepcopy(model)  # as load_sync serves it
+    drop_fitted_feature_names(served)
+    if family == "sklearn":
+        return _Prepared("sklearn", "joblib", ARTIFACT, None, names,
+                         _classes(classes, est_classes, "estimator"), task, served)
+    info = boosters.describe(boosters.wrapped_booster(served, family), family)
+    if info.task != task or info.n_features != len(names) or (
+            task == "classification" and info.n_classes != len(est_classes)):
+        raise BoosterError(f"{type(model).__name__} disagrees with its booster "
+                           f"({info.objective}, {info.n_features} features, "
+                           f"{info.n_classes} classes)")
+    boosters.set_threads(served, family, threads)
+    fast = BoosterModel(boosters.wrapped_booster(served, family), info,
+                        est_classes or None, threads=threads,
+                        iteration_range=boosters.wrapper_iteration_range(served))
+    return _Prepared(family, "joblib", ARTIFACT, None, names,
+                     _classes(classes, est_classes, "estimator"), task, served, info, fast)
+
+
+def _verify_booster(manifest: Manifest, prepared: _Prepared, rows: np.ndarray | None,
+                    proba_atol: float, value_rtol: float, *, fast: bool) -> Manifest:
+    """Check the model on the verification rows (its thresholds, ``rows``) and, with
+    ``fast``, its booster path against the library's own predict; record both under
+    ``backends[family]``."""
+    assert prepared.info is not None and prepared.fast is not None
+    n_features = len(manifest.features)
+    expected = Expected.of(prepared.served, verification_rows(
+        prepared.served, n_features, rows, splits=prepared.info.splits))
+    own = sklearn_checks(expected).get("label", {}).get("from_proba")
+    record: dict[str, Any] = {"reference": _reference_name(prepared)}
+    if fast:
+        checks = verify_backend(expected, prepared.fast, proba_atol, value_rtol,
+                                prepared.fast.via)
+        label = checks["label"]
+        if label.from_proba is not None:  # and the estimator's own labels are from_proba too
+            checks["label"] = dataclasses.replace(label, from_proba=bool(
+                label.from_proba and own))
+        where = _where(manifest.name, manifest.version)
+        for output, check in checks.items():
+            if not check.verified:
+                log.warning("%s: %s %s not verified (%s); %s serves it", where,
+                            prepared.fast.via, output, check.reason, record["reference"])
+        record["via"] = prepared.fast.via
+        record["checks"] = {o: c.to_json() for o, c in checks.items()}
+    elif own is not None:
+        record["checks"] = {"label": {"rows": len(expected.rows), "from_proba": own}}
+    backends = {k: v for k, v in manifest.backends.items() if k != manifest.family}
+    backends[manifest.family] = record
+    return dataclasses.replace(manifest, backends=backends)
+
+
+def _reference_name(prepared: _Prepared) -> str:
+    if prepared.format == "joblib":
+        return f"{type(prepared.served).__name__}.predict"
+    return ("xgboost Booster.predict(DMatrix)" if prepared.family == "xgboost"
+            else "lightgbm Booster.predict")
 
 
 def _write_manifest(vdir: Path, manifest: Manifest) -> None:
@@ -440,22 +648,29 @@ class ModelStore:
         return manifest
 
     def load_sync(self, name: str, version: int) -> LoadedModel:
-        """Verify and unpickle one version (blocking; prefer ``load`` from async code).
+        """Verify and load one version (blocking; prefer ``load`` from async code).
 
-        The estimator's remembered DataFrame column names are dropped (see
-        ``model_store.feature_names``): the gateway passes plain rows in the same order.
+        A joblib artifact is unpickled (by the store's ``loader``); a native booster file is
+        checked and loaded by its library (``model_store.boosters``), never unpickled. The
+        estimator's remembered DataFrame column names are dropped (see
+        ``model_store.feature_names``): the gateway passes plain rows in the same order. An
+        XGBoost or LightGBM model is served through its booster where registration verified
+        that path, with the version's ``threads`` setting (default 1).
 
         Raises:
             ModelNotFound: no such model or version.
             ArtifactRejected: missing manifest or artifact, sha256 mismatch (checked before
-                unpickling), an artifact that cannot be unpickled, is not an estimator (no
-                ``predict``) or whose feature count disagrees with the manifest.
+                unpickling or loading), an artifact that cannot be unpickled or loaded, is not
+                an estimator (no ``predict``) or of another family, or whose feature count
+                (classes, objective) disagrees with the manifest.
         """
         manifest = self.manifest(name, version)
         where = _where(name, version)
         artifact = self.root / name / str(version) / manifest.artifact
         if not artifact.is_file():
             raise ArtifactRejected(f"{where}: artifact {manifest.artifact} missing")
+        if manifest.format != "joblib":
+            return self._load_native(manifest, artifact)
         try:
             actual = sha256_file(artifact)
         except OSError as exc:
@@ -475,8 +690,44 @@ class ModelStore:
                                    f"{type(exc).__name__}: {reason}") from exc
         _check_estimator(manifest, estimator)
         drop_fitted_feature_names(estimator)
+        if manifest.family != "sklearn":
+            return LoadedModel(manifest, estimator, booster=_wrapper_booster(manifest, estimator))
         return LoadedModel(manifest, estimator, self._load_compiled(manifest, estimator),
                            _fast_forest(estimator, len(manifest.features)))
+
+    def _load_native(self, manifest: Manifest, artifact: Path) -> LoadedModel:
+        """A native booster file: its bytes read once, their sha256 checked, then checked and
+        loaded by the library from those same bytes."""
+        where = _where(manifest.name, manifest.version)
+        try:
+            data = artifact.read_bytes()
+        except OSError as exc:
+            raise ArtifactRejected(f"{where}: {manifest.artifact} unreadable: {exc.strerror}"
+                                   ) from exc
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != manifest.sha256:
+            raise ArtifactRejected(
+                f"{where}: {manifest.artifact}: sha256 mismatch (manifest "
+                f"{manifest.sha256[:12]}…, file {actual[:12]}…); refusing to load"
+            )
+        try:
+            booster, info = boosters.read_native(data, manifest.format)
+        except BoosterError as exc:
+            raise ArtifactRejected(f"{where}: {manifest.artifact}: {exc}") from exc
+        if (info.family, info.objective, info.task, info.n_features, info.n_classes) != (
+                manifest.family, manifest.objective, manifest.task, len(manifest.features),
+                len(manifest.classes)):
+            raise ArtifactRejected(
+                f"{where}: {manifest.artifact} holds a {info.family} {info.objective} model of "
+                f"{info.n_features} features and {info.n_classes} classes, the manifest says "
+                f"{manifest.family} {manifest.objective}, {len(manifest.features)} and "
+                f"{len(manifest.classes)}")
+        threads = manifest.settings.threads or boosters.DEFAULT_THREADS
+        classes = manifest.classes or None
+        estimator = NativeEstimator(booster, info, classes, threads=threads)
+        fast = (BoosterModel(booster, info, classes, threads=threads)
+                if _booster_verified(manifest) else None)
+        return LoadedModel(manifest, estimator, booster=fast)
 
     def _load_compiled(self, manifest: Manifest, estimator: Any) -> OnnxModel | None:
         """The verified compiled model, if the manifest has one; its sha256 is checked before
@@ -511,33 +762,46 @@ class ModelStore:
     # -- writing ---------------------------------------------------------------------------
     def register(
         self,
-        estimator: Any,
+        model: Any,
         name: str,
         *,
         version: int | None = None,
         features: Sequence[str] | None = None,
+        classes: Sequence[Any] | None = None,
+        format: Format | None = None,
         backend: Literal["auto", "sklearn", "onnx"] = "auto",
         train_rows: np.ndarray | None = None,
         proba_atol: float = 1e-6,
         value_rtol: float = 1e-5,
         settings: ModelSettings | Mapping[str, Any] | None = None,
     ) -> Manifest:
-        """Store a fitted estimator as a new version and return its manifest.
+        """Store a model as a new version and return its manifest.
 
-        ``version`` defaults to the next one. ``features`` default to the names the estimator
-        was fitted with (a DataFrame's columns), else ``f0..fN``; given together, they must be
-        equal. The version directory is written under a temporary name and renamed into place,
-        so readers never see half a version. The estimator is checked on the verification rows
-        (``train_rows`` plus generated ones): for a classifier, whether its labels are
-        ``classes[argmax(predict_proba)]`` (recorded for one-call answers). ``backend`` ``auto``
-        also compiles it (see ``compile``), falling back to sklearn with a logged reason when it
-        cannot be converted; ``onnx`` requires the conversion.
+        ``model`` is a fitted estimator (pickled with joblib: scikit-learn, or an XGBoost or
+        LightGBM wrapper), the path of a native booster file (XGBoost ``.json``/``.ubj``,
+        LightGBM ``.txt``; ``format`` names it when the suffix does not), or an XGBoost or
+        LightGBM ``Booster`` (stored natively: UBJSON, text). A native file is stored as it
+        is and loaded without unpickling.
+
+        ``version`` defaults to the next one. ``features`` default to the names the model
+        was fitted with (a DataFrame's columns, a booster's feature names), else ``f0..fN``;
+        given together, they must be equal. ``classes`` name a native booster's classes
+        (default 0..k-1); for an estimator they must equal its ``classes_``. The version
+        directory is written under a temporary name and renamed into place, so readers never
+        see half a version. The model is checked on the verification rows (``train_rows``
+        plus generated ones): for a classifier, whether its labels are
+        ``classes[argmax(predict_proba)]`` (recorded for one-call answers). ``backend``
+        ``auto`` also compiles a scikit-learn estimator (see ``compile``), falling back to
+        sklearn with a logged reason when it cannot be converted, and verifies an XGBoost or
+        LightGBM model's booster path against the library's own predict; ``onnx`` requires
+        the conversion; ``sklearn`` keeps the estimator's own methods only.
 
         Raises:
-            ValueError: bad name, version taken or not positive, not a fitted estimator,
-                feature names that disagree with the estimator, training rows of the wrong
-                shape, bad settings.
-            CompileError: ``backend="onnx"`` and the estimator cannot be converted.
+            ValueError: bad name, version taken or not positive, not a fitted estimator or
+                not a usable booster file (``BoosterError``), feature names or classes that
+                disagree with the model, training rows of the wrong shape, bad settings.
+            CompileError: ``backend="onnx"`` and the model cannot be converted.
+            OSError: the booster file cannot be read.
         """
         if not _NAME.match(name):
             raise ValueError(f"invalid model name {name!r}")
@@ -548,48 +812,54 @@ class ModelStore:
             raise ValueError(f"version must be a positive integer, got {version}")
         if version in existing:
             raise ValueError(f"model {name!r} already has version {version}")
-        est_features, classes, task = describe_estimator(estimator)
-        if features is not None:
-            features = tuple(features)
-            if len(features) != len(est_features):
-                raise ValueError(
-                    f"{len(features)} feature names given, estimator expects {len(est_features)}"
-                )
-            fitted = fitted_feature_names(estimator)
-            if fitted is not None and features != fitted:
-                raise ValueError(f"feature names {','.join(features)} disagree with those the "
-                                 f"estimator was fitted with: {','.join(fitted)}")
-            est_features = features
-        rows = _check_rows(train_rows, len(est_features))
         model_settings = (settings if isinstance(settings, ModelSettings)
                           else ModelSettings.from_json(settings))
-        served = copy.deepcopy(estimator)  # as load_sync serves it
-        drop_fitted_feature_names(served)
+        prepared = _prepare(model, format, features, classes,
+                            model_settings.threads or boosters.DEFAULT_THREADS)
+        if prepared.family == "sklearn" and model_settings.threads is not None:
+            raise ValueError("threads: a setting of XGBoost and LightGBM models only")
+        if prepared.family != "sklearn" and backend == "onnx":
+            raise CompileError(f"{prepared.family} models are not compiled to ONNX yet")
+        rows = _check_rows(train_rows, len(prepared.features))
 
         model_dir = self.root / name
         model_dir.mkdir(parents=True, exist_ok=True)
         tmp = model_dir / f".{version}-{secrets.token_hex(8)}"
         tmp.mkdir()  # permissions from the umask, like the files (mkdtemp's would be 0700)
         try:
-            joblib.dump(estimator, tmp / ARTIFACT)
+            if prepared.data is None:
+                joblib.dump(model, tmp / prepared.artifact)
+            else:
+                (tmp / prepared.artifact).write_bytes(prepared.data)
             manifest = Manifest(
                 name=name,
                 version=version,
-                sha256=sha256_file(tmp / ARTIFACT),
-                features=est_features,
-                classes=classes,
-                task=task,
+                sha256=sha256_file(tmp / prepared.artifact),
+                features=prepared.features,
+                classes=prepared.classes,
+                task=prepared.task,
                 created=datetime.now(UTC).isoformat(timespec="seconds"),
-                library_versions=library_versions(),
+                library_versions=library_versions(prepared.family),
+                artifact=prepared.artifact,
                 settings=model_settings,
+                family=prepared.family,
+                format=prepared.format,
+                objective="" if prepared.info is None else prepared.info.objective,
             )
-            manifest = _verify_into(tmp, manifest, served, rows, proba_atol, value_rtol,
-                                    compile_to=None if backend == "sklearn" else "onnx",
-                                    required=backend == "onnx")
+            if prepared.family == "sklearn":
+                manifest = _verify_into(tmp, manifest, prepared.served, rows, proba_atol,
+                                        value_rtol,
+                                        compile_to=None if backend == "sklearn" else "onnx",
+                                        required=backend == "onnx")
+            else:
+                manifest = _verify_booster(manifest, prepared, rows, proba_atol, value_rtol,
+                                           fast=backend != "sklearn")
             _write_manifest(tmp, manifest)
             os.rename(tmp, model_dir / str(version))
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            with contextlib.suppress(OSError):  # only while empty: no version of it
+                model_dir.rmdir()
             raise
         return manifest
 
@@ -608,8 +878,12 @@ class ModelStore:
         Raises:
             ModelNotFound, ArtifactRejected: as ``load_sync``.
             ValueError: training rows of the wrong shape.
-            CompileError: the estimator cannot be converted (the manifest records why).
+            CompileError: the estimator cannot be converted (the manifest records why), or
+                is an XGBoost or LightGBM model (not compiled yet).
         """
+        family = self.manifest(name, version).family
+        if family != "sklearn":
+            raise CompileError(f"{family} models are not compiled to ONNX yet")
         loaded = self.load_sync(name, version)
         vdir = self.root / name / str(version)
         rows = _check_rows(train_rows, len(loaded.manifest.features))
@@ -634,11 +908,14 @@ class ModelStore:
 
         Raises:
             ModelNotFound, ArtifactRejected: as ``manifest``.
-            ValueError: an unknown setting or a value out of range.
+            ValueError: an unknown setting or a value out of range; ``threads`` for a
+                scikit-learn model.
         """
         manifest = self.manifest(name, version)
         updated = dataclasses.replace(
             manifest, settings=manifest.settings.updated(dict(values or {}), tuple(unset)))
+        if manifest.family == "sklearn" and updated.settings.threads is not None:
+            raise ValueError("threads: a setting of XGBoost and LightGBM models only")
         _write_manifest(self._vdir(name, version), updated)
         return updated
 
