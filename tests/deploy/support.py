@@ -95,7 +95,7 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
 
 
 def redis_url(proc: Any) -> str:
-    """The URL of a pytest-redis process."""
+    """The URL of a redis-server of the tests' own."""
     return f"redis://{proc.host}:{proc.port}/0"
 
 

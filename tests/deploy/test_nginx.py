@@ -137,7 +137,7 @@ def test_request_ids_body_limit_and_private_metrics(front: Front, iris_rows: np.
             rid = response.headers["x-request-id"]
             (answered,) = [g for g in front.gateways
                            if g.upstream == upstream_of(front.nginx, response)]
-            answered.process.wait_for(rf"\[{re.escape(rid)}\] .*GET /predict 200")
+            answered.process.wait_for(rf"\[\d+ {re.escape(rid)}\] .*GET /predict 200")
 
         hidden = client.get("/metrics")
         assert hidden.status_code == 404 and hidden.json()["error"]["code"] == "not_found"
