@@ -193,7 +193,7 @@ async def model_metadata(name: str, request: Request, version: str | None = None
     meta: dict[str, Any] = {
         "name": m.name,
         "versions": versions,
-        "platform": "sklearn",
+        "platform": m.family,
         "inputs": [{"name": "input", "datatype": "FP64", "shape": [-1, len(m.features)]}],
         "outputs": [{"name": n, "datatype": d, "shape": s} for n, d, s in _outputs(rt)],
         "parameters": {"version": str(m.version), "sha256": m.sha256, "task": m.task,

@@ -134,6 +134,8 @@ async def test_every_door_answers_as_the_library(
         same_values(r.json()["predictions"])
 
         # KServe V1
+        meta = (await client.get(f"/v2/models/{name}")).json()
+        assert meta["platform"] == family  # xgboost or lightgbm, as the manifest says
         r = await client.post(f"/v1/models/{name}:predict", json={"instances": rows.tolist()})
         assert r.status_code == 200, r.text
         same_values(r.json()["predictions"])
