@@ -349,6 +349,10 @@ def _run(args: argparse.Namespace, store: ModelStore) -> int:
             m = store.manifest(args.name, args.version)
         print(f"{m.name} v{m.version}: {_settings(m) or 'settings=(global defaults)'}")
     else:
+        if not store.root.is_dir():
+            raise InputError(f"{store.root}: no model store there (not a directory)")
+        if not store.models():
+            print(f"{store.root}: no models", file=sys.stderr)
         for name, versions in store.models().items():
             for v in versions:
                 try:

