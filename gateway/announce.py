@@ -68,7 +68,7 @@ class Announcer:
             self._cache.failed(exc)
             return None
         self._cache.succeeded()
-        return max(0, heard - 1)  # this process hears its own message too
+        return heard - 1 if self.subscribed.is_set() else heard  # it hears its own too
 
     def _heard(self, data: bytes) -> None:
         try:

@@ -155,6 +155,7 @@ class RedisCache:
         self._writer: asyncio.Task[None] | None = None
         self._prober: asyncio.Task[None] | None = None
         self._round_trips: deque[float] = deque(maxlen=_ROUND_TRIPS_KEPT)
+        self._round_trip: float | None = None  # the least of them (read on every L1 miss)
         self._answered = False  # has Redis answered a call since startup?
 
     @property
@@ -172,7 +173,7 @@ class RedisCache:
     def round_trip_s(self) -> float | None:
         """The Redis round trip as this process sees it (seconds; None until one was
         measured): the least of the recent ``PING`` round trips."""
-        return min(self._round_trips) if self._round_trips else None
+        return self._round_trip
 
     async def start(self) -> None:
         """Start the background writer and prober, and probe Redis once; a failed probe only
@@ -197,7 +198,8 @@ class RedisCache:
             await self._client.ping()
             if timed:
                 self._round_trips.append(time.perf_counter() - start)
-                self._metrics.redis_round_trip.set(min(self._round_trips))
+                self._round_trip = min(self._round_trips)
+                self._metrics.redis_round_trip.set(self._round_trip)
         self._succeeded()
 
     async def _probe_loop(self) -> None:

@@ -4,6 +4,7 @@ by the app's lifespan, handed to each request as ``scope["state"]["gateway"]``."
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,11 +115,7 @@ class Gateway:
         registry = ModelRegistry(settings, store, metrics, pipeline)
         announcer = None
         if l2 is not None and settings.redis_url:
-            url = settings.redis_url
-            connect_s = settings.redis_connect_timeout_ms / 1000
-            announcer = Announcer(l2, lambda: subscriber_for(url, l2.client,
-                                                            connect_timeout_s=connect_s),
-                                  prefix=settings.cache_prefix)
+            announcer = Announcer(l2, _subscriber(settings, l2), prefix=settings.cache_prefix)
             announcer.start(registry.apply)
         gw = cls(settings, store, metrics, pipeline, l1, l2, registry, remote=remote,
                  sharing=sharing, announcer=announcer)
@@ -296,14 +293,19 @@ class Gateway:
             await self.l2.aclose()
 
 
-async def _open_remote(settings: Settings, l2: RedisCache, metrics: Metrics) -> Remote:
-    """Cross-replica single-flight over ``l2``'s Redis, its channel subscribed (or being)."""
+def _subscriber(settings: Settings, l2: RedisCache) -> Callable[[], Any]:
+    """What makes a client for one pub/sub subscription on ``l2``'s Redis."""
     url = settings.redis_url
     assert url is not None
     connect_s = settings.redis_connect_timeout_ms / 1000
-    cluster = is_cluster_url(url)
-    remote = Remote(l2, lambda: subscriber_for(url, l2.client, connect_timeout_s=connect_s),
-                    metrics, prefix=settings.cache_prefix,
+    return lambda: subscriber_for(url, l2.client, connect_timeout_s=connect_s)
+
+
+async def _open_remote(settings: Settings, l2: RedisCache, metrics: Metrics) -> Remote:
+    """Cross-replica single-flight over ``l2``'s Redis, its channel subscribed (or being)."""
+    assert settings.redis_url is not None
+    cluster = is_cluster_url(settings.redis_url)
+    remote = Remote(l2, _subscriber(settings, l2), metrics, prefix=settings.cache_prefix,
                     lease_min_s=settings.remote_lease_min_ms / 1000,
                     slot_of=(lambda k: key_slot(k.encode())) if cluster else None)
     await remote.start(settings.redis_connect_timeout_ms / 1000)

@@ -162,12 +162,16 @@ def _backends(m: Manifest) -> str:
     if "error" in onnx:
         return f"backend=sklearn (onnx failed: {onnx['error']})"
     parts = [f"onnx input={onnx.get('input', 'float64')}"]
-    for output, check in onnx["checks"].items():
-        verdict = "onnx" if check["verified"] else "sklearn"
-        detail = (f"mismatches={check['mismatches']}" if output == "label" and m.classes
-                  else f"max_diff={check['max_abs_diff']:.2g}")
-        parts.append(f"{output}={verdict}({detail} on {check['rows']} rows)")
+    parts += [_check(m, output, check, "onnx" if check["verified"] else "sklearn")
+              for output, check in onnx["checks"].items()]
     return " ".join(parts)
+
+
+def _check(m: Manifest, output: str, check: dict[str, Any], verdict: str) -> str:
+    """One output's verification, as ``list`` shows it."""
+    detail = (f"mismatches={check['mismatches']}" if output == "label" and m.classes
+              else f"max_diff={check['max_abs_diff']:.2g}")
+    return f"{output}={verdict}({detail} on {check['rows']} rows)"
 
 
 def _booster_backend(m: Manifest) -> str:
@@ -176,11 +180,8 @@ def _booster_backend(m: Manifest) -> str:
     if "via" not in record:
         return " ".join([*parts, f"backend={record.get('reference', m.family)}"])
     parts.append(f"backend={record['via']}")
-    for output, check in record["checks"].items():
-        verdict = "verified" if check["verified"] else "not verified"
-        detail = (f"mismatches={check['mismatches']}" if output == "label" and m.classes
-                  else f"max_diff={check['max_abs_diff']:.2g}")
-        parts.append(f"{output}={verdict}({detail} on {check['rows']} rows)")
+    parts += [_check(m, output, check, "verified" if check["verified"] else "not verified")
+              for output, check in record["checks"].items()]
     return " ".join(parts)
 
 
