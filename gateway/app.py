@@ -22,11 +22,11 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from gateway import logs
-from gateway.errors import GatewayError, InvalidInput, error_body, error_response
+from gateway.errors import GatewayError, HttpError, InvalidInput, error_response
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.middleware import MetricsMiddleware
 from gateway.protocols import query, v1, v2
-from gateway.protocols.http import Doors, error_reply
+from gateway.protocols.http import Doors, as_response
 from gateway.responses import json_response
 from gateway.runtime import Gateway, gateway_of
 from gateway.settings import Settings
@@ -80,13 +80,15 @@ async def _gateway_error(_request: Request, exc: Exception) -> Response:
     return error_response(exc)
 
 
+def _rendered(request: Request, exc: GatewayError) -> Response:
+    """``exc`` rendered the way of the protocol whose path this is (``Doors.renderer``)."""
+    app: GatewayApp = request.app
+    return as_response(app.doors.renderer(request.scope)(exc))
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
-    if request.url.path.startswith("/v2"):
-        return v2.http_error(exc.status_code, str(exc.detail), exc.headers)
-    err = GatewayError(str(exc.detail), code={404: "not_found", 405: "method_not_allowed"}.get(
-        exc.status_code, "http_error"))
-    return json_response(error_body(err), exc.status_code, headers=exc.headers)
+    return _rendered(request, HttpError(exc.status_code, str(exc.detail), exc.headers))
 
 
 async def _validation_error(request: Request, exc: Exception) -> Response:
@@ -94,9 +96,7 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
     where = "; ".join(
         f"{'.'.join(map(str, e.get('loc', ())))}: {e.get('msg', '')}" for e in exc.errors()
     )
-    if request.url.path.startswith("/v2"):
-        return v2.http_error(400, where, None)
-    return json_response(error_body(InvalidInput(where)), 422)
+    return _rendered(request, InvalidInput(where))
 
 
 _ERROR_SCHEMA = {
@@ -139,9 +139,11 @@ def _openapi(app: GatewayApp, store: ModelStore, settings: Settings) -> dict[str
             _default_manifest(store, settings.default_model), _ERROR_SCHEMA)
         paths.update(v1.openapi_paths(_ERROR_SCHEMA))
         paths.update(v2.openapi_paths())
+        v2_paths = set(v2.openapi_paths()) | {getattr(route, "path", "")
+                                              for route in v2.v2_router().routes}
         for path, item in paths.items():
             for op in item.values():
-                _real_errors(op, v2=path.startswith("/v2"))
+                _real_errors(op, v2=path in v2_paths)
         schemas = schema.get("components", {}).get("schemas", {})
         for name in ("HTTPValidationError", "ValidationError"):
             schemas.pop(name, None)
@@ -186,13 +188,8 @@ class GatewayApp(FastAPI):
         found = self.doors.match(scope)
         if found is None:
             await super().__call__(scope, receive, send)
-            return
-        door, params, allowed = found
-        if door is None:
-            render = v2.render_error if scope["path"].startswith("/v2/") else error_reply
-            await self.doors.not_allowed(allowed, scope, send, render)
-            return
-        await self.doors.answer(door, params, scope, receive, send)
+        else:
+            await self.doors.serve(found, scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, *, store: ModelStore | None = None) -> FastAPI:
@@ -237,7 +234,8 @@ def create_app(settings: Settings | None = None, *, store: ModelStore | None = N
             RequestValidationError: _validation_error,
         },
     )
-    app.doors = Doors([query.door(), *v1.doors(), *v2.doors()], metrics=app_metrics)
+    app.doors = Doors([query.door(), *v1.doors(), *v2.doors()], metrics=app_metrics,
+                      spaces={v2.PREFIX: v2.render_error})
     app.add_api_route("/v1/models", list_models, methods=["GET"])
     app.add_api_route("/v1/models/{name}", model_status, methods=["GET"])
     app.add_api_route("/healthz", healthz, methods=["GET"])

@@ -7,6 +7,8 @@ Inference Protocol says); ``error_body`` and ``error_response`` are the gateway'
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from starlette.responses import Response
 
 from gateway.responses import json_response
@@ -16,6 +18,7 @@ __all__ = [
     "DeadlineExceeded",
     "Forbidden",
     "GatewayError",
+    "HttpError",
     "InvalidInput",
     "MalformedJson",
     "MethodNotAllowed",
@@ -42,6 +45,20 @@ class GatewayError(Exception):
         self.message = message
         if code is not None:
             self.code = code
+
+
+class HttpError(GatewayError):
+    """A routing error of the web framework (unknown path, wrong method, bad path parameter),
+    with its status and headers."""
+
+    _CODES = {404: "not_found", 405: "method_not_allowed",  # noqa: RUF012 - read-only
+              408: "request_timeout"}
+
+    def __init__(self, status: int, message: str,
+                 headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message, code=self._CODES.get(status, "http_error"))
+        self.status = status
+        self.headers = dict(headers or {})
 
 
 class InvalidInput(GatewayError):

@@ -39,7 +39,6 @@ log = logging.getLogger("gateway")
 _MAX_TIMEOUT_MS = 600_000
 _TIMEOUT_DIGITS = 6  # enough for _MAX_TIMEOUT_MS
 _VERSION_DIGITS = 9
-_LABEL: frozenset[Output] = frozenset({"label"})
 
 
 @dataclass(eq=False)
@@ -171,51 +170,33 @@ class Gateway:
             code="invalid_timeout",
         )
 
-    async def infer(
-        self, rt: ModelRunner, rows: np.ndarray, outputs: frozenset[Output] = _LABEL,
-        timeout_s: float | None = None,
-    ) -> Answer:
-        """``Pipeline.infer`` for a request; see there for errors. Also raises Unavailable
-        (shutting down) and InvalidInput (probabilities of a model without them)."""
-        begun = self.begin(rt, rows, outputs)
-        if type(begun) is Answer:
-            return begun
-        if timeout_s is None:
-            timeout_s = self.settings.request_timeout_ms / 1000
-        return await self.pipeline.finish(begun, timeout_s)  # type: ignore[arg-type]
-
-    def begin(self, rt: ModelRunner, rows: np.ndarray, outputs: frozenset[Output] = _LABEL
-              ) -> Answer | Pending:
-        """``Pipeline.begin`` for a request: the answer if it needs no waiting, else what
-        ``Pipeline.finish`` completes. Raises as ``infer`` does before waiting."""
-        self._admit(rt, outputs)
-        return self.pipeline.begin(rt, rows, outputs)
-
-    def _admit(self, rt: ModelRunner, outputs: frozenset[Output]) -> None:
-        if not self.accepting:
-            raise Unavailable("shutting down", code="shutting_down")
-        if "probabilities" in outputs and not rt.has_proba:
-            raise InvalidInput(
-                f"model {rt.manifest.name} v{rt.manifest.version} has no probabilities",
-                code="probabilities_unsupported",
-            )
-
-    def begin_many(self, requests: list[tuple[ModelRunner, np.ndarray, frozenset[Output]]]
-                   ) -> list[Answer | Pending | GatewayError]:
-        """``begin`` for requests that arrived together (``Pipeline.begin_many``): one result
-        per request, an error returned rather than raised."""
+    def begin(self, requests: list[tuple[ModelRunner, np.ndarray, frozenset[Output]]]
+              ) -> list[Answer | Pending | GatewayError]:
+        """``Pipeline.begin`` for requests that arrived together: per request, its answer if it
+        needs no waiting, else what ``finish`` completes, or its error (returned, not raised):
+        Unavailable (shutting down), InvalidInput (probabilities of a model without them, a
+        value out of range)."""
         refused: list[GatewayError | None] = []  # None: admitted
         admitted = []
         for rt, rows, outputs in requests:
-            try:
-                self._admit(rt, outputs)
-            except GatewayError as exc:
-                refused.append(exc)
-                continue
-            refused.append(None)
-            admitted.append((rt, rows, outputs))
-        begun = iter(self.pipeline.begin_many(admitted))
+            if not self.accepting:
+                refused.append(Unavailable("shutting down", code="shutting_down"))
+            elif "probabilities" in outputs and not rt.has_proba:
+                refused.append(InvalidInput(
+                    f"model {rt.manifest.name} v{rt.manifest.version} has no probabilities",
+                    code="probabilities_unsupported"))
+            else:
+                refused.append(None)
+                admitted.append((rt, rows, outputs))
+        if len(admitted) == len(requests):
+            return self.pipeline.begin(admitted)
+        begun = iter(self.pipeline.begin(admitted))
         return [next(begun) if r is None else r for r in refused]
+
+    async def finish(self, pending: Pending, timeout_s: float) -> Answer:
+        """``Pipeline.finish``: the rest of an answer ``begin`` left pending; raises as it
+        does."""
+        return await self.pipeline.finish(pending, timeout_s)
 
     def count_rejection(self, exc: GatewayError) -> None:
         self.metrics.rejected.labels(exc.code).inc()

@@ -29,18 +29,8 @@ idle client), so the process never runs out of file descriptors, which would mak
 loop drop every waiting connection, good ones too. When every connection is busy with a
 request, new requests get 503.
 
-**Doors without a task.** A request for an inference door (``gateway.protocols.http``) with a
-small body (``Content-Length`` up to ``_FAST_BODY_BYTES``, no ``Expect: 100-continue``) is held
-until its body is in. The door requests completed during one event-loop step are then run
-together at its end by ``Doors.answer_many`` (``_Tick``): an answer that needs no waiting (L1,
-or an inline model call, one for all their misses of a model) is written at once, with no ASGI
-task, scope copy or middleware; anything else continues in an ordinary task. uvicorn's
-keep-alive, pipelining, ``Connection: close`` and default headers apply as for any response.
-``gateway_fast_lane_requests_total{how}`` counts the door requests the lane took (``answered``
-at once, ``continued`` in a task); ``gateway_fast_lane_bypassed_total{reason}`` those started
-in an ASGI task instead (a large, chunked or 100-continue body; a pipelined request whose
-body had not all arrived when the earlier response ended; a request held when shutdown
-began).
+**Doors without a task.** Door requests with a small body are answered inside the protocol,
+without an ASGI task: the fast lane, ``gateway.lane``.
 
 The protocol, server and supervisor extend uvicorn's own classes at the points its code offers
 (parser callbacks, ``_start_asgi_task``, ``shutdown``, the worker process factory); the tests
@@ -59,25 +49,21 @@ import os
 import resource
 import socket
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from enum import Enum
 from typing import Any, cast
 
-import orjson
 import uvicorn
 from starlette.requests import ClientDisconnect
 from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallable, Scope
 from uvicorn.config import STARTUP_FAILURE
-from uvicorn.protocols.http.httptools_impl import (
-    STATUS_LINE,
-    HttpToolsProtocol,
-    RequestResponseCycle,
-)
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
-from gateway.metrics import Metrics
-from gateway.protocols.http import Door, Doors, Reply
+from gateway.errors import HttpError, Unavailable
+from gateway.lane import FastLane, Held, doors_of, http_response
+from gateway.protocols.http import error_reply, send_reply
 from gateway.settings import Settings
 
 __all__ = [
@@ -136,8 +122,7 @@ class GatewayServerState(ServerState):
         self.failing_leftovers = False
         # Set whenever the last open connection closes.
         self.all_closed = asyncio.Event()
-        self.tick: _Tick | None = None  # door requests of this event-loop step
-        self.lane: _Lane | None = None  # the fast lane's counters, made by the first connection
+        self.lane: FastLane | None = None  # made by the first connection
 
 
 class _Phase(Enum):
@@ -233,14 +218,23 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._shared.awaiting_headers if self._shared is not None else OrderedDict()
         )
         self._phase = _Phase.BETWEEN
-        self._doors = _doors_of(self.app)
-        self._lane = _Lane.of(app_state, self._shared) if self._doors is not None else None
-        self._in_headers = False  # inside on_headers_complete (not a pipelined start)
-        # A door request waiting for its body: its cycle, door and path parameters.
-        self._held: tuple[RequestResponseCycle, Door, dict[str, str]] | None = None
+        self._lane = self._lane_of(app_state)
+        self._doors = doors_of(self.app)
+        self.in_headers = False  # inside on_headers_complete (not a pipelined start)
+        self.held: Held | None = None  # a door request waiting for its body (the fast lane)
         self._header_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
         self._timed_out = False  # this connection was answered 408 by a timer
+
+    def _lane_of(self, app_state: dict[str, Any]) -> FastLane | None:
+        """The server's fast lane (made by its first connection), None for another app."""
+        shared = self._shared
+        if shared is not None and shared.lane is not None:
+            return shared.lane
+        lane = FastLane.of(self.app, app_state, self.loop)
+        if shared is not None:
+            shared.lane = lane
+        return lane
 
     # -- connection ------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -253,7 +247,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._make_room()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._held = None
+        self.held = None
         self._cancel_timers()
         self._awaiting.pop(self, None)
         super().connection_lost(exc)
@@ -282,11 +276,11 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
-        self._in_headers = True
+        self.in_headers = True
         try:
             super().on_headers_complete()
         finally:
-            self._in_headers = False
+            self.in_headers = False
 
     def on_message_complete(self) -> None:
         self._phase = _Phase.BETWEEN
@@ -294,9 +288,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._body_timer.cancel()
             self._body_timer = None
         super().on_message_complete()
-        if self._held is not None:
-            held, self._held = self._held, None
-            self._answer_now(*held)
+        if self.held is not None and self._lane is not None:
+            self._lane.complete(self)
 
     def on_response_complete(self) -> None:
         self._out.flush()
@@ -325,7 +318,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             self._close(408, f"request headers not received within {self._header_timeout:g} s")
 
     def shutdown(self) -> None:
-        self._release()
+        if self._lane is not None:
+            self._lane.release(self, self.app)
         super().shutdown()
 
     def _close(self, status: int, message: str) -> None:
@@ -335,7 +329,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         running is marked disconnected, so its own late answer is dropped."""
         self._cancel_timers()
         self._awaiting.pop(self, None)
-        self._held = None
+        self.held = None
         if self.transport.is_closing():
             return
         cycle: RequestResponseCycle | None = self.cycle
@@ -348,7 +342,8 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             owed = False
         if owed:
             self._timed_out = True
-            self.transport.write(_raw_response(status, message, self.server_state))
+            self.transport.write(http_response(error_reply(HttpError(status, message)),
+                                               self.server_state.default_headers, False))
         if running and cycle is not None:
             cycle.disconnected = True
             cycle.message_event.set()
@@ -365,71 +360,23 @@ class GatewayHttpProtocol(HttpToolsProtocol):
 
     # -- requests ----------------------------------------------------------------------------
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
-        if app is self.app and self._doors is not None:
-            found = self._doors.match(cycle.scope)  # type: ignore[arg-type]
-            if found is not None and found[0] is not None:
-                small = _small_body(cycle)
-                if small and self._in_headers:
-                    self._held = (cycle, found[0], found[1])
-                    return  # until on_message_complete
-                if small and not cycle.more_body and self._held is None:
-                    self._answer_now(cycle, found[0], found[1])  # pipelined, its body in
-                    return
-                # (A pipelined body still arriving: reading is paused until the ASGI task's
-                # receive resumes it.)
-                self._bypassed("pipelined" if small else "body")
+        if app is self.app and self._lane is not None and self._lane.take(self, cycle):
+            return
+        self.start_task(cycle, app)
+
+    def start_task(self, cycle: RequestResponseCycle, app: ASGI3Application) -> None:
+        """Run ``app`` for ``cycle`` in uvicorn's ASGI task, guarded (``_guarded``)."""
         super()._start_asgi_task(cycle, functools.partial(self._guarded, cycle, app))
 
-    def _bypassed(self, reason: str) -> None:
-        """Count a door request started in an ASGI task instead of the fast lane."""
-        if self._lane is not None:
-            self._lane.tally.inc(self._lane.bypassed[reason])
+    @property
+    def default_headers(self) -> list[tuple[bytes, bytes]]:
+        return self.server_state.default_headers
 
-    def _release(self) -> None:
-        """Hand a held door request to an ordinary task (shutdown: it is answered there)."""
-        if self._held is not None:
-            cycle = self._held[0]
-            self._held = None
-            self._bypassed("shutdown")
-            super()._start_asgi_task(cycle, functools.partial(self._guarded, cycle, self.app))
+    def write_now(self, data: bytes) -> None:
+        self._out.write_now(data)
 
-    def _answer_now(self, cycle: RequestResponseCycle, door: Door, params: dict[str, str]
-                    ) -> None:
-        """Run a held door request whose body is in, with the others that came in during
-        this event-loop step (``_Tick``)."""
-        assert self._doors is not None
-        if self._shared is None:
-            scope: Any = cycle.scope
-            self.deliver(cycle, self._doors.answer_now(door, params, scope, bytes(cycle.body)))
-            return
-        if self._shared.tick is None:
-            self._shared.tick = _Tick(self.loop, self._doors)
-        self._shared.tick.add(self, cycle, door, params)
-
-    def deliver(self, cycle: RequestResponseCycle,
-                now: Reply | Callable[[Any], Awaitable[None]]) -> None:
-        """Write a door's reply now, or continue the request in a task when it has to
-        wait."""
-        lane = self._lane
-        if not isinstance(now, Reply):
-            if lane is not None:
-                lane.tally.inc(lane.continued)
-            finish = now
-
-            async def app(_scope: Scope, _receive: ASGIReceiveCallable,
-                          send: ASGISendCallable) -> None:
-                await finish(send)
-
-            super()._start_asgi_task(cycle, functools.partial(self._guarded, cycle, app))
-            return
-        if lane is not None:
-            lane.tally.inc(lane.answered)
-        cycle.response_started = cycle.response_complete = True
-        self._out.write_now(_http_response(now, self.server_state.default_headers,
-                                           cycle.keep_alive))
-        if not cycle.keep_alive:
-            self.transport.close()
-        cycle.on_response()
+    def close_transport(self) -> None:
+        self.transport.close()
 
     async def _guarded(
         self,
@@ -450,82 +397,19 @@ class GatewayHttpProtocol(HttpToolsProtocol):
             task = asyncio.current_task()
             if task is not None:
                 task.uncancel()
-            await _send_unavailable(scope, send)
+            await self._unavailable(scope, send)
         except ClientDisconnect:
             if not self._timed_out:
                 raise
 
-
-_FAST_BODY_BYTES = 16_384
-
-
-def _doors_of(app: Any) -> Doors | None:
-    """The gateway app's doors, under whatever middleware uvicorn wrapped it in."""
-    for _ in range(8):
-        doors = getattr(app, "doors", None)
-        if isinstance(doors, Doors):
-            return doors
-        app = getattr(app, "app", None)
-        if app is None:
-            return None
-    return None
-
-
-def _small_body(cycle: RequestResponseCycle) -> bool:
-    """Will the whole body be in without the app reading it (none, or a declared length of at
-    most ``_FAST_BODY_BYTES``), with no ``100 Continue`` owed first?"""
-    if cycle.waiting_for_100_continue:
-        return False
-    for name, value in cycle.scope["headers"]:
-        if name == b"content-length":
-            if not (0 < len(value) <= 6 and value.isdigit() and int(value) <= _FAST_BODY_BYTES):
-                return False
-        elif name == b"transfer-encoding":
-            return False
-    return True
-
-
-def _http_response(reply: Reply, default_headers: list[tuple[bytes, bytes]],
-                   keep_alive: bool) -> bytes:
-    """``reply`` as HTTP/1.1 bytes, with uvicorn's default headers (server, date)."""
-    head = [STATUS_LINE[reply.status]]
-    for name, value in default_headers:
-        head += [name, b": ", value, b"\r\n"]
-    head += [b"content-type: ", reply.content_type, b"\r\ncontent-length: ",
-             str(len(reply.body)).encode(), b"\r\n"]
-    for name, value in reply.headers:
-        head += [name, b": ", value, b"\r\n"]
-    if not keep_alive:
-        head.append(b"connection: close\r\n")
-    head += [b"\r\n", reply.body]
-    return b"".join(head)
-
-
-def _error_body(scope: Scope, code: str, message: str) -> bytes:
-    """The gateway's error body: ``{"error": "…"}`` under ``/v2``, else code and message."""
-    path = scope.get("path")
-    if isinstance(path, str) and path.startswith("/v2"):
-        return orjson.dumps({"error": message})
-    return orjson.dumps({"error": {"code": code, "message": message}})
-
-
-async def _send_unavailable(scope: Scope, send: ASGISendCallable) -> None:
-    body = _error_body(scope, "shutting_down",
-                       "the server is shutting down and could not finish this request")
-    await send({"type": "http.response.start", "status": 503, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-        (b"retry-after", b"1"), (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body, "more_body": False})
-
-
-def _raw_response(status: int, message: str, state: ServerState) -> bytes:
-    body = orjson.dumps({"error": {"code": "request_timeout", "message": message}})
-    head = [STATUS_LINE[status]]
-    for name, value in state.default_headers:
-        head += [name, b": ", value, b"\r\n"]
-    head += [b"content-type: application/json\r\ncontent-length: ", str(len(body)).encode(),
-             b"\r\nconnection: close\r\n\r\n", body]
-    return b"".join(head)
+    async def _unavailable(self, scope: Scope, send: ASGISendCallable) -> None:
+        """Answer 503 ``shutting_down`` the way of the request's protocol, and close."""
+        render = self._doors.renderer(cast(Any, scope)) if self._doors is not None \
+            else error_reply
+        reply = render(Unavailable("the server is shutting down and could not finish this "
+                                   "request", code="shutting_down"))
+        reply.headers.append((b"connection", b"close"))
+        await send_reply(cast(Any, send), reply)
 
 
 class GatewayServer(uvicorn.Server):
@@ -605,67 +489,6 @@ class GatewayServer(uvicorn.Server):
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout_s):
                 await self.server_state.all_closed.wait()
-
-
-class _Tick:
-    """Door requests whose body came in during one event-loop step, answered together at its
-    end (``Doors.answer_many``): under load every ready connection has a request, and the
-    misses of one model are computed in one call rather than one call each."""
-
-    __slots__ = ("_doors", "_items", "_loop")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, doors: Doors) -> None:
-        self._loop = loop
-        self._doors = doors
-        self._items: list[tuple[GatewayHttpProtocol, RequestResponseCycle, Door,
-                                dict[str, str], bytes]] = []
-
-    def add(self, protocol: GatewayHttpProtocol, cycle: RequestResponseCycle, door: Door,
-            params: dict[str, str]) -> None:
-        if not self._items:
-            self._loop.call_soon(self._flush)
-        self._items.append((protocol, cycle, door, params, bytes(cycle.body)))
-
-    def _flush(self) -> None:
-        items, self._items = self._items, []
-        try:
-            answers: list[Any] = self._doors.answer_many(
-                [(door, params, cast(Any, cycle.scope), body)
-                 for _, cycle, door, params, body in items])
-        except Exception as exc:  # a fault of the gateway's own: every request still answered
-            log.error("Exception in ASGI application\n", exc_info=exc)
-            answers = [Reply(500, b"Internal Server Error",
-                             content_type=b"text/plain; charset=utf-8")] * len(items)
-        for (protocol, cycle, *_), now in zip(items, answers, strict=True):
-            protocol.deliver(cycle, now)
-
-
-class _Lane:
-    """The fast lane's counters (``Metrics.fast_lane``, ``Metrics.fast_lane_bypassed``),
-    counted through the app's per-loop tally: a dict increment per request."""
-
-    __slots__ = ("answered", "bypassed", "continued", "tally")
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.tally = metrics.tally
-        self.answered = metrics.fast_lane.labels("answered")
-        self.continued = metrics.fast_lane.labels("continued")
-        self.bypassed = {reason: metrics.fast_lane_bypassed.labels(reason)
-                         for reason in ("body", "pipelined", "shutdown")}
-
-    @staticmethod
-    def of(app_state: dict[str, Any], shared: GatewayServerState | None) -> _Lane | None:
-        """The counters of the app whose lifespan state is ``app_state`` (None without its
-        gateway), made once per server."""
-        if shared is not None and shared.lane is not None:
-            return shared.lane
-        metrics = getattr(app_state.get("gateway"), "metrics", None)
-        if not isinstance(metrics, Metrics):
-            return None
-        lane = _Lane(metrics)
-        if shared is not None:
-            shared.lane = lane
-        return lane
 
 
 class _GatewayProcess(Process):

@@ -1,6 +1,9 @@
 """Test support: an instrumented estimator wrapper, an in-process client, event waits.
 
-Real processes (gateways, redis-server) come from ``bench.procs``."""
+The in-process client speaks HTTP/1.1 to the gateway's own uvicorn protocol
+(``GatewayHttpProtocol``) over an in-memory transport: requests take the path a served request
+takes, the fast lane included. Real processes (gateways, redis-server) come from
+``bench.procs``."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
 
+import h11
 import httpx
 import joblib
 import numpy as np
@@ -18,7 +22,9 @@ from fastapi import FastAPI
 
 from bench.procs import gateway_process
 from gateway import Settings, create_app
+from gateway.core.pipeline import Answer, Pending
 from gateway.runtime import Gateway
+from gateway.server import GatewayConfig, GatewayHttpProtocol, GatewayServerState
 from model_store import ModelStore
 
 POISON = -999.0  # a row whose first feature is this makes the Probe raise
@@ -91,13 +97,129 @@ async def serve_with_state(app: FastAPI) -> AsyncIterator[tuple[httpx.AsyncClien
     """``serve``, also yielding the lifespan's ``Gateway``."""
     async with app.router.lifespan_context(app) as state:
         assert state is not None
-
-        async def asgi(scope: dict[str, Any], receive: Any, send: Any) -> None:
-            await app(dict(scope, state=dict(state)), receive, send)
-
-        transport = httpx.ASGITransport(app=asgi)
+        transport = ProtocolTransport(app, dict(state))
         async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
             yield client, state["gateway"]
+
+
+class _Wire(asyncio.Transport):
+    """The server side of an in-memory connection: what the protocol writes is kept."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = bytearray()
+        self.wrote = asyncio.Event()
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.sent += data
+        self.wrote.set()
+
+    def close(self) -> None:
+        self.closed = True
+        self.wrote.set()
+
+    def abort(self) -> None:
+        self.close()
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 40000), "sockname": ("127.0.0.1", 8000)}.get(
+            name, default)
+
+
+class _Traced(GatewayHttpProtocol):
+    """The gateway's protocol, keeping the ASGI tasks it starts (to await their end)."""
+
+    def start_task(self, cycle: Any, app: Any) -> None:
+        before = set(self.tasks)
+        super().start_task(cycle, app)
+        self.started: set[asyncio.Task[None]] = getattr(self, "started", set())
+        self.started |= self.tasks - before
+
+
+class ProtocolTransport(httpx.AsyncBaseTransport):
+    """httpx requests served by the gateway's uvicorn protocol in this event loop, one
+    connection per request, over ``_Wire``; ``app_state`` is the lifespan's state."""
+
+    def __init__(self, app: Any, app_state: dict[str, Any]) -> None:
+        self._config = GatewayConfig(app, http=_Traced, ws="none",
+                                     access_log=False, lifespan="off")
+        self._config.load()
+        self._state = GatewayServerState()
+        self._app_state = app_state
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        chunked = request.headers.get("transfer-encoding", "").lower() == "chunked"
+        client = h11.Connection(h11.CLIENT)
+        client.send(h11.Request(method=request.method, target=b"/", headers=[(b"host", b"gw")]))
+        # The request as written, even where it breaks HTTP (h11 would refuse to send it).
+        head = b"".join([request.method.encode(), b" ", request.url.raw_path, b" HTTP/1.1\r\n",
+                         *(k + b": " + v + b"\r\n" for k, v in request.headers.raw), b"\r\n"])
+        wire = _Wire()
+        protocol = _Traced(self._config, self._state, self._app_state)
+        protocol.connection_made(wire)
+        try:
+            protocol.data_received(head)
+            async for chunk in request.stream:  # type: ignore[union-attr]
+                if wire.sent or wire.closed:
+                    break  # answered before the whole body was sent: stop, as a client does
+                if chunk:
+                    protocol.data_received(b"%x\r\n%s\r\n" % (len(chunk), chunk) if chunked
+                                           else chunk)
+                    await asyncio.sleep(0)  # the app reads what has arrived
+            else:
+                if chunked:
+                    protocol.data_received(b"0\r\n\r\n")
+            response: h11.Response | None = None
+            chunks: list[bytes] = []
+            async with asyncio.timeout(60):
+                while True:
+                    event = client.next_event()
+                    if event is h11.NEED_DATA:
+                        if wire.sent:
+                            client.receive_data(bytes(wire.sent))
+                            wire.sent.clear()
+                        elif wire.closed:
+                            client.receive_data(b"")
+                        else:
+                            wire.wrote.clear()
+                            await wire.wrote.wait()
+                    elif isinstance(event, h11.Response):
+                        response = event
+                    elif isinstance(event, h11.Data):
+                        chunks.append(bytes(event.data))
+                    elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
+                        break
+                started = getattr(protocol, "started", set())
+                if started:  # let the app finish after its last send (closing its files)
+                    await asyncio.wait(started)
+        finally:
+            protocol.connection_lost(None)
+        assert response is not None, "the connection closed before a response"
+        return httpx.Response(response.status_code, headers=list(response.headers),
+                              content=b"".join(chunks), request=request)
+
+
+async def ask(gw: Gateway, rows: np.ndarray, *, model: str = "iris",
+              outputs: frozenset[Any] = frozenset({"label"}), timeout_s: float = 30.0) -> Answer:
+    """The gateway's answer for ``rows`` (2-D) of ``model``, as a door gets it: ``begin``,
+    then ``finish`` if it has to wait. Cancelling it is a caller that leaves."""
+    (begun,) = gw.begin([(gw.runtime(model), rows, outputs)])
+    if isinstance(begun, Exception):
+        raise begun
+    if type(begun) is Answer:
+        return begun
+    assert type(begun) is Pending
+    return await gw.finish(begun, timeout_s)
 
 
 @asynccontextmanager

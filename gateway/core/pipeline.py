@@ -1,14 +1,16 @@
 """The one prediction path, on whole blocks of rows: keys -> L1 -> L2 -> single-flight ->
 micro-batcher -> model.
 
-``Pipeline.infer`` answers a matrix of validated rows for one model version with one encoded
-JSON value per row and output, computing only the rows no tier holds, each at most once at a
-time, in as few model calls as the load allows. A request's missing rows travel as one block:
-keys already in flight are joined, the rest are owned by one computation that submits them to
-the batcher as one entry and stores the results in L1 before its keys are freed (Redis is
-written in the background). Whether a block's misses are looked up in Redis is ``Sharing``'s
-decision (a call dearer than a Redis round trip). Misses that skip Redis, of a model measured to
-answer in microseconds, are answered by one inline call on the spot, which costs less than the
+``Pipeline.begin`` takes the requests that arrived together (one, or all those of one
+event-loop step) and answers what needs no waiting; ``Pipeline.finish`` completes the rest.
+Together they answer a matrix of validated rows for one model version with one encoded JSON
+value per row and output, computing only the rows no tier holds, each at most once at a time,
+in as few model calls as the load allows. A request's missing rows travel as one block: keys
+already in flight are joined, the rest are owned by one computation that submits them to the
+batcher as one entry and stores the results in L1 before its keys are freed (Redis is written
+in the background). Whether a block's misses are looked up in Redis is ``Sharing``'s decision
+(a call dearer than a Redis round trip). Misses that skip Redis, of a model measured to answer
+in microseconds, are answered by one inline call on the spot, which costs less than the
 coordination it replaces; misses looked up in Redis always take the single-flight (other
 requests ran during the lookup). With a ``Remote``, the computation of a block that consults
 Redis first coordinates its keys with the other replicas (cross-replica single-flight,
@@ -122,40 +124,48 @@ class Pipeline:
         """Requests waiting on an in-flight computation now (0 without coalescing)."""
         return self._flights.waiting() if self._flights is not None else 0
 
-    async def infer(
-        self, runner: ModelRunner, rows: np.ndarray, outputs: frozenset[Output],
-        timeout_s: float,
-    ) -> Answer:
-        """``outputs`` for ``rows`` (float64, validated), in row order: ``begin``, then
-        ``finish`` if anything is left to wait for.
+    def begin(self, requests: list[tuple[ModelRunner, np.ndarray, frozenset[Output]]]
+              ) -> list[Answer | Pending | GatewayError]:
+        """Everything about the requests' rows (float64, validated) that needs no waiting:
+        keys, L1, and the inline call of a model measured to answer in microseconds. One
+        result per request, in order: its answer if that was all; else what ``finish`` needs
+        to complete it (await ``finish`` for it, or drop it: nothing is registered anywhere
+        until ``finish`` runs); or the InvalidInput of a value beyond float32 range (tree models
+        compare in float32), returned rather than raised.
 
-        Rows held by L1 are answered without awaiting anything; what remains runs under the
-        ``timeout_s`` deadline.
-
-        Raises:
-            InvalidInput: a value beyond float32 range (tree models compare in float32).
-            DeadlineExceeded: no complete answer within ``timeout_s``.
-            Overloaded: the model's queue has no room now.
-            TooManyRows: more uncached rows than the queue may ever hold (413).
-            Unavailable: shutting down.
-            ModelFailed: the model raised for one of the rows.
-        Cancelling it (deadline, client gone) drops its rows that nobody else waits for.
+        The requests are those that arrived together (one event-loop step, or one request):
+        the rows they miss of one model version and unit go to the model in one inline call,
+        each distinct key once (with batching off, one call per request, and a row an earlier
+        request of the step computed is taken from L1).
         """
-        begun = self.begin(runner, rows, outputs)
-        if type(begun) is Answer:
-            return begun
-        return await self.finish(begun, timeout_s)  # type: ignore[arg-type]
+        out: list[Answer | Pending | GatewayError] = []
+        inline: dict[tuple[int, Unit], tuple[ModelRunner, list[_Block]]] = {}
+        for runner, rows, outputs in requests:
+            try:
+                blocks = self._look_up(runner, rows, outputs)
+            except GatewayError as exc:
+                out.append(exc)
+                continue
+            if not any(b.missing for b in blocks):
+                out.append(_answer(blocks))
+                continue
+            out.append(Pending(runner, blocks, self._l1.writes if self._l1 is not None else 0))
+            for b in blocks:
+                if b.missing and not b.use_l2:
+                    inline.setdefault((id(runner), b.unit), (runner, []))[1].append(b)
+        if not inline:
+            return out
+        for runner, blocks in inline.values():
+            self._answer_inline(runner, blocks)
+        for i, result in enumerate(out):
+            if type(result) is Pending and not any(b.missing for b in result.blocks):
+                out[i] = _answer(result.blocks)
+        return out
 
-    def begin(self, runner: ModelRunner, rows: np.ndarray, outputs: frozenset[Output], *,
-              _inline: bool = True) -> Answer | Pending:
-        """Everything about ``rows`` that needs no waiting: keys, L1, and the inline call of a
-        model measured to answer in microseconds. The answer if that was all; else what
-        ``finish`` needs to complete it (await ``finish`` for it, or drop it: nothing is
-        registered anywhere until ``finish`` runs).
-
-        Raises:
-            InvalidInput: a value beyond float32 range (tree models compare in float32).
-        """
+    def _look_up(self, runner: ModelRunner, rows: np.ndarray, outputs: frozenset[Output]
+                 ) -> list[_Block]:
+        """One request's blocks (one per unit), looked up in L1; whether each is looked up in
+        Redis is decided. Raises InvalidInput (out of float32 range)."""
         rows = canonical_rows(rows)
         units = runner.units(outputs)
         keys: list[str] | None = None
@@ -165,56 +175,14 @@ class Pipeline:
             value = self._l1.get(keys[0])
             if value is not None:
                 self._tally.inc(self._l1_hit)
-                return _answer([_Block(unit, rows, keys, [value], ["l1"], [], False)])
+                return [_Block(unit, rows, keys, [value], ["l1"], [], False)]
             self._tally.inc(self._l1_miss)
         if _out_of_range(rows):  # (a cached row passed this before)
             raise InvalidInput(f"feature values must be within ±{_FLOAT32_MAX:.7g} (float32 "
                                "range, in which tree models compare)", code="out_of_range")
         if keys is not None:  # looked up above: the one unit's row missed L1
-            blocks = [self._start(runner, units[0], rows, keys=keys, looked_up=True,
-                                  inline=_inline)]
-        else:
-            blocks = [self._start(runner, unit, rows, inline=_inline) for unit in units]
-        if not any(b.missing for b in blocks):
-            return _answer(blocks)
-        return Pending(runner, blocks, self._l1.writes if self._l1 is not None else 0)
-
-    def begin_many(self, requests: list[tuple[ModelRunner, np.ndarray, frozenset[Output]]]
-                   ) -> list[Answer | Pending | GatewayError]:
-        """``begin`` for several requests at once (those that arrived in one event-loop
-        step): the rows they miss of one model version and unit, computed inline, go to the
-        model in one call (each distinct key once) rather than one call per request. One
-        result per request, in order; an InvalidInput is returned, not raised."""
-        out: list[Answer | Pending | GatewayError] = []
-        groups: dict[tuple[int, Unit], list[_Block]] = {}
-        for runner, rows, outputs in requests:
-            try:
-                begun = self.begin(runner, rows, outputs, _inline=False)
-            except GatewayError as exc:
-                out.append(exc)
-                continue
-            out.append(begun)
-            if type(begun) is Pending:
-                for b in begun.blocks:
-                    if b.missing and not b.use_l2:
-                        groups.setdefault((id(runner), b.unit), []).append(b)
-        if not groups:
-            return out
-        runners = {id(r): r for r, _, _ in requests}
-        for (rid, _unit), blocks in groups.items():
-            runner = runners[rid]
-            if len(blocks) == 1 or runner.batcher is None:  # batching off: a call per block
-                for block in blocks:
-                    if block is not blocks[0] and self._flights is not None:
-                        self._joined_in_step(runner, block)  # rows an earlier block computed
-                    if block.missing:
-                        self._answer_inline(runner, block)
-            else:
-                self._answer_inline_many(runner, blocks)
-        for i, result in enumerate(out):
-            if type(result) is Pending and not any(b.missing for b in result.blocks):
-                out[i] = _answer(result.blocks)
-        return out
+            return [self._start(runner, units[0], rows, keys=keys)]
+        return [self._start(runner, unit, rows) for unit in units]
 
     def _joined_in_step(self, runner: ModelRunner, block: _Block) -> None:
         """Take the block's missing rows that another request of this step has computed
@@ -234,9 +202,26 @@ class Pipeline:
                 len(block.missing) - len(still))
             block.missing = still
 
-    def _answer_inline_many(self, runner: ModelRunner, blocks: list[_Block]) -> None:
-        """``_answer_inline`` for several blocks of one unit with one model call (with
-        coalescing on, each distinct key once); blocks left missing take the slower path."""
+    def _answer_inline(self, runner: ModelRunner, blocks: list[_Block]) -> None:
+        """Answer the blocks' missing rows (one unit of ``runner``) by inline calls when those
+        are measured to be tiny: one call for them all (with batching off, one call per block),
+        each distinct key once with coalescing on. Nothing else runs meanwhile, so the values
+        are in L1 before any other request looks: single-flight and batching would be pure
+        overhead here. A block with a row being computed already, or whose call was not made
+        or failed, is left missing: it takes the single-flight and batcher path (which also
+        isolates a row the model refuses)."""
+        if runner.batcher is not None:
+            self._inline_call(runner, blocks)
+            return
+        for n, block in enumerate(blocks):
+            if n and self._flights is not None:
+                self._joined_in_step(runner, block)  # rows an earlier block computed
+            if block.missing:
+                self._inline_call(runner, [block])
+
+    def _inline_call(self, runner: ModelRunner, blocks: list[_Block]) -> None:
+        """One inline call (in pieces of at most ``max_batch_size`` rows) for the blocks'
+        missing rows; see ``_answer_inline``."""
         flights = self._flights
         busy = flights if flights is not None and len(flights) else None
         at_key: dict[str, int] = {}  # key -> its row in the call (coalescing)
@@ -259,15 +244,16 @@ class Pipeline:
             return
         computed: list[bytes | None] = []
         step = runner.max_batch_size
-        rows = np.stack(parts)
-        for start in range(0, len(rows), step):  # calls of at most max_batch_size rows
+        rows = blocks[0].rows if len(blocks) == 1 and len(parts) == len(blocks[0].rows) \
+            else np.stack(parts)
+        for start in range(0, len(rows), step):
             got = runner.try_inline(blocks[0].unit, rows[start:start + step])
             computed += got if got is not None else [None] * len(rows[start:start + step])
         failed = {id(b) for b, _, at in where if computed[at] is None}
         stored: dict[str, bytes] = {}
         for block, i, at in where:
             if id(block) in failed:
-                continue  # the slower path isolates the row the model refused
+                continue
             value = computed[at]
             assert value is not None
             block.values[i] = value
@@ -280,7 +266,16 @@ class Pipeline:
 
     async def finish(self, pending: Pending, timeout_s: float) -> Answer:
         """Complete what ``begin`` left: L2, then the model, under the ``timeout_s``
-        deadline. Raises as ``infer`` does."""
+        deadline.
+
+        Raises:
+            DeadlineExceeded: no complete answer within ``timeout_s``.
+            Overloaded: the model's queue has no room now.
+            TooManyRows: more uncached rows than the queue may ever hold (413).
+            Unavailable: shutting down.
+            ModelFailed: the model raised for one of the rows.
+        Cancelling it (deadline, client gone) drops its rows that nobody else waits for.
+        """
         runner, blocks = pending.runner, pending.blocks
         waiting = [b for b in blocks if b.missing]
         if len(waiting) > 1 or (self._l1 is not None and self._l1.writes != pending.l1_writes):
@@ -297,11 +292,11 @@ class Pipeline:
         return _answer(blocks)
 
     def _start(self, runner: ModelRunner, unit: Unit, rows: np.ndarray, *,
-               keys: list[str] | None = None, looked_up: bool = False,
-               inline: bool = True) -> _Block:
-        """Keys, L1 (unless ``looked_up`` already), and (if ``inline``) the inline attempt:
-        everything that needs no waiting."""
+               keys: list[str] | None = None) -> _Block:
+        """A block for ``rows``: keys, L1 (unless ``keys`` are given: looked up already), and
+        whether its misses are looked up in Redis."""
         n = len(rows)
+        looked_up = keys is not None
         if keys is None and (self._l1 is not None or self._flights is not None):
             keys = row_keys(self._head(runner, unit), rows)
         block = _Block(unit, rows, keys, [None] * n, ["miss"] * n, list(range(n)), False)
@@ -310,9 +305,6 @@ class Pipeline:
         if self._l2 is not None and keys is not None and block.missing:
             sharing = self._sharing
             block.use_l2 = sharing is None or sharing.consult(runner, len(block.missing))
-        use_l2 = block.use_l2
-        if inline and block.missing and not use_l2:
-            self._answer_inline(runner, block)
         return block
 
     def _head(self, runner: ModelRunner, unit: Unit) -> str:
@@ -346,27 +338,6 @@ class Pipeline:
         if hits:
             self._tally.inc(self._l1_hit, hits)
         block.missing = missing
-
-    def _answer_inline(self, runner: ModelRunner, block: _Block) -> bool:
-        """Answer the missing rows with one inline call when that call is measured to be tiny
-        and none of them is being computed already. Nothing else runs meanwhile, so the values
-        are in L1 before any other request looks: single-flight and batching would be pure
-        overhead here. False: take the single-flight and batcher path."""
-        missing = block.missing
-        keys = block.keys
-        if keys is not None and self._flights is not None and len(self._flights) and any(
-                keys[i] in self._flights for i in missing):
-            return False  # join the computation already under way instead
-        sub = block.rows if len(missing) == len(block.rows) else block.rows[missing]
-        computed = runner.try_inline(block.unit, sub)
-        if computed is None:
-            return False
-        for i, value in zip(missing, computed, strict=True):
-            block.values[i] = value
-        if keys is not None:
-            self._put_many(block, [keys[i] for i in missing], computed, runner.cache_ttl_s)
-        block.missing = []
-        return True
 
     async def _fill(self, runner: ModelRunner, block: _Block) -> None:
         """L2, then the model, for the block's missing rows."""

@@ -6,13 +6,15 @@ are answered here, ahead of FastAPI's middleware, routing and telemetry layers, 
 than a whole cached answer. A door is a protocol adapter: ``prepare`` decodes a request into a
 ``Job`` (model version, rows, outputs wanted, deadline), ``encode`` turns the pipeline's answer
 into a ``Reply``, ``render_error`` renders a ``GatewayError`` the protocol's way. ``Doors``
-matches the request, runs one ``Gateway.begin``/``Pipeline.finish`` underneath, counts and
-times the request like every other route, and answers 405 for a door's path with another method.
-Anything else goes on to FastAPI.
+matches the request, runs it through the one collaborator underneath (``Gateway.begin``, then
+``Gateway.finish`` if it has to wait), counts and times it like every other route, and answers
+405 for a door's path with another method. Anything else goes on to FastAPI; its errors are
+rendered the way of the protocol whose path it is (``Doors.renderer``).
 
-``Doors.answer_now`` runs a door as far as it goes without waiting; the server calls it as soon
-as a request's body is in (``gateway.server``), so an answer held by L1, or computed inline by a
-model measured to take microseconds, is written without an ASGI task at all.
+``Doors.answer`` runs the requests that arrived together as far as they go without waiting:
+the server's fast lane (``gateway.lane``) calls it at the end of each event-loop step, so an
+answer held by L1, or computed inline by a model measured to take microseconds, is written
+without an ASGI task at all; ``Doors.serve`` is the same path for a request in an ASGI task.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 import numpy as np
 import orjson
 from prometheus_client import Counter
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from gateway import logs
@@ -36,8 +39,9 @@ from gateway.errors import BodyTooLarge, GatewayError, InvalidInput, MethodNotAl
 from gateway.metrics import Metrics
 from gateway.runtime import Gateway
 
-__all__ = ["ClientGone", "Decoded", "Door", "Doors", "Encode", "HttpRequest", "Job", "Prepare",
-           "Reply", "error_reply", "timeout_s"]
+__all__ = ["ClientGone", "Decoded", "Door", "Doors", "Encode", "Finish", "HttpRequest", "Job",
+           "Prepare", "Renderer", "Reply", "as_response", "error_reply", "send_reply",
+           "timeout_s"]
 
 log = logging.getLogger("gateway.doors")
 
@@ -63,6 +67,13 @@ def error_reply(exc: GatewayError) -> Reply:
     """The gateway's own error answer: ``{"error": {"code", "message"}}``."""
     return Reply(exc.status, orjson.dumps(error_body(exc)),
                  [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()])
+
+
+def as_response(reply: Reply) -> Response:
+    """``reply`` as a Starlette response (for the routes FastAPI answers)."""
+    return Response(reply.body, reply.status,
+                    headers={k.decode("latin-1"): v.decode("latin-1") for k, v in reply.headers},
+                    media_type=reply.content_type.decode("latin-1"))
 
 
 class ClientGone(Exception):
@@ -211,12 +222,21 @@ class Door:
         return params
 
 
-class Doors:
-    """The inference doors, answered as plain ASGI; see the module docstring."""
+Finish = Callable[[Send], Awaitable[None]]
 
-    def __init__(self, doors: list[Door], *, metrics: Metrics) -> None:
+
+class Doors:
+    """The inference doors, answered as plain ASGI; see the module docstring.
+
+    ``spaces`` maps a path prefix to the renderer of the protocol that owns the paths under it
+    (``/v2``: the Open Inference Protocol), for errors of requests no door matches.
+    """
+
+    def __init__(self, doors: list[Door], *, metrics: Metrics,
+                 spaces: dict[str, Renderer] | None = None) -> None:
         self._doors = doors
         self._metrics = metrics
+        self._spaces = spaces or {}
         self._prefixes = tuple({"/" + d.template.split("/")[1] for d in doors})
         self._static: dict[tuple[str, str], Door] = {
             (d.method, d.template): d for d in doors if "{" not in d.template}
@@ -226,9 +246,9 @@ class Doors:
         # set is small in practice; bounded all the same.
         self._matched: dict[tuple[str, str], Any] = {}
 
-    def match(self, scope: Scope) -> tuple[Door | None, dict[str, str], list[str]] | None:
-        """The door for this request (or None with the allowed methods, for 405), or None
-        when no door has this path."""
+    def match(self, scope: Scope) -> tuple[Door | None, dict[str, str], list[Door]] | None:
+        """The door for this request (or None with the doors of this path, which take other
+        methods: 405), or None when no door has this path."""
         if scope["type"] != "http":
             return None
         path: str = scope["path"]
@@ -247,20 +267,40 @@ class Doors:
         return found or None
 
     def _match(self, method: str, path: str
-               ) -> tuple[Door | None, dict[str, str], list[str]] | tuple[()]:
-        allowed: list[str] = []
+               ) -> tuple[Door | None, dict[str, str], list[Door]] | tuple[()]:
+        others: list[Door] = []
         for door in self._doors:
             params = door.match(path)
             if params is None:
                 continue
             if door.method == method:
                 return door, params, []
-            allowed.append(door.method)
-        return (None, {}, allowed) if allowed else ()
+            others.append(door)
+        return (None, {}, others) if others else ()
 
-    async def answer(self, door: Door, params: dict[str, str], scope: Scope, receive: Receive,
-                     send: Send) -> None:
-        """Run ``door`` for this request and send its reply; counts and times it."""
+    def renderer(self, scope: Scope) -> Renderer:
+        """How an error of this request is rendered: by its door's protocol (the door of its
+        path, whatever the method), by the protocol owning its path space, else the gateway's
+        own shape (``error_reply``)."""
+        found = self.match(scope) if scope["type"] == "http" else None
+        if found is not None:
+            door = found[0] or found[2][0]
+            return door.render_error
+        path: str = scope.get("path", "")
+        for prefix, render in self._spaces.items():
+            if path == prefix or path.startswith(prefix + "/"):
+                return render
+        return error_reply
+
+    async def serve(self, found: tuple[Door | None, dict[str, str], list[Door]], scope: Scope,
+                    receive: Receive, send: Send) -> None:
+        """ASGI: answer a request ``match`` found a door's path for: 405 for a method no
+        door of the path takes; else read its body (bounded), ``answer`` it, send the reply.
+        Counted and timed."""
+        door, params, others = found
+        if door is None:
+            await send_reply(send, self._not_allowed(others, scope))
+            return
         body = b""
         if door.reads_body:
             gw: Gateway = scope["state"]["gateway"]
@@ -270,29 +310,24 @@ class Doors:
                 self._count(door.template, 499)
                 return
             except GatewayError as exc:
-                await _send(send, self._rejected(door, scope, exc))
+                await send_reply(send, self._rejected(door, scope, exc))
                 return
-        now = self.answer_now(door, params, scope, body)
+        now = self.answer([(door, params, scope, body)])[0]
         if type(now) is Reply:
-            await _send(send, now)
+            await send_reply(send, now)
         else:
             await now(send)  # type: ignore[operator]
 
-    def answer_now(self, door: Door, params: dict[str, str], scope: Scope, body: bytes
-                   ) -> Reply | Callable[[Send], Awaitable[None]]:
-        """Run ``door`` on a request whose whole ``body`` is read, as far as it goes without
-        waiting: the reply (counted and timed) if that is all, else the coroutine function
-        that finishes it and sends the reply through an ASGI ``send``. Never raises for the
-        request's own faults (they are replies); a fault of the gateway's own is logged and
-        answered 500."""
-        return self.answer_many([(door, params, scope, body)])[0]
-
-    def answer_many(self, requests: list[tuple[Door, dict[str, str], Scope, bytes]]
-                    ) -> list[Reply | Callable[[Send], Awaitable[None]]]:
-        """``answer_now`` for requests that arrived together: their rows go through one
-        ``Gateway.begin_many``, so the misses of one model share one inline call."""
+    def answer(self, requests: list[tuple[Door, dict[str, str], Scope, bytes]]
+               ) -> list[Reply | Finish]:
+        """Run each request's door on its whole body, as far as it goes without waiting:
+        per request, its reply (counted and timed) if that is all, else the coroutine function
+        that finishes it and sends the reply through an ASGI ``send``. The requests are those
+        that arrived together: their rows go through one ``Gateway.begin``, so the misses of
+        one model share one inline call. Never raises for a request's own faults (they are
+        replies); a fault of the gateway's own is logged and answered 500."""
         n = len(requests)
-        out: list[Reply | Callable[[Send], Awaitable[None]] | None] = [None] * n
+        out: list[Reply | Finish | None] = [None] * n
         exchanges = [_Exchange(self, door, scope) for door, _, scope, _ in requests]
         jobs: list[Job | None] = [None] * n
         for k, (door, params, scope, body) in enumerate(requests):
@@ -313,8 +348,8 @@ class Doors:
             gw = exchanges[todo[0]].gw
             begun: list[Answer | Pending | Exception]
             try:
-                begun = list(gw.begin_many([(j.rt, j.rows, j.outputs)
-                                            for j in (jobs[k] for k in todo) if j is not None]))
+                begun = list(gw.begin([(j.rt, j.rows, j.outputs)
+                                       for j in (jobs[k] for k in todo) if j is not None]))
             except Exception as exc:
                 begun = [exc] * len(todo)
             for k, result in zip(todo, begun, strict=True):
@@ -335,8 +370,7 @@ class Doors:
         return out  # type: ignore[return-value]  # every position is filled above
 
     @staticmethod
-    def _finisher(ex: _Exchange, job: Job, begun: Pending
-                  ) -> Callable[[Send], Awaitable[None]]:
+    def _finisher(ex: _Exchange, job: Job, begun: Pending) -> Finish:
         """The coroutine function that completes a request ``begin`` left pending."""
 
         async def finish(send: Send) -> None:
@@ -344,11 +378,11 @@ class Doors:
             reply: Reply | None = None
             try:
                 try:
-                    reply = ex.done(ex.door.encode(
-                        job, await ex.gw.pipeline.finish(begun, job.timeout_s)))
+                    reply = ex.done(ex.door.encode(job, await ex.gw.finish(begun,
+                                                                           job.timeout_s)))
                 except GatewayError as exc:
                     reply = ex.failed(exc)
-                await _send(send, reply)
+                await send_reply(send, reply)
             finally:
                 if reply is None:  # cancelled: counted as failed
                     ex.done(None)
@@ -365,13 +399,13 @@ class Doors:
         finally:
             exchange.leave()
 
-    async def not_allowed(self, allowed: list[str], scope: Scope, send: Send,
-                          render: Renderer) -> None:
-        reply = render(MethodNotAllowed(f"method {scope['method']} not allowed here "
-                                        f"(allowed: {', '.join(sorted(set(allowed)))})"))
-        reply.headers.append((b"allow", ", ".join(sorted(set(allowed))).encode()))
-        await _send(send, reply)
+    def _not_allowed(self, others: list[Door], scope: Scope) -> Reply:
+        allowed = ", ".join(sorted({d.method for d in others}))
+        reply = others[0].render_error(MethodNotAllowed(
+            f"method {scope['method']} not allowed here (allowed: {allowed})"))
+        reply.headers.append((b"allow", allowed.encode()))
         self._count("other", 405)
+        return reply
 
     def _count(self, route: str, status: int) -> None:
         counter = self._counters.get((route, status))
@@ -440,7 +474,8 @@ class _Exchange:
         return reply  # type: ignore[return-value]
 
 
-async def _send(send: Send, reply: Reply) -> None:
+async def send_reply(send: Send, reply: Reply) -> None:
+    """Send ``reply`` through an ASGI ``send``."""
     headers = [(b"content-type", reply.content_type),
                (b"content-length", str(len(reply.body)).encode()), *reply.headers]
     await send({"type": "http.response.start", "status": reply.status, "headers": headers})

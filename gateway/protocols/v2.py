@@ -10,7 +10,6 @@ for an unknown model or version, 413 for an oversized body, 503 when not ready o
 from __future__ import annotations
 
 import hmac
-from collections.abc import Mapping
 from typing import Any
 from weakref import WeakKeyDictionary
 
@@ -29,6 +28,7 @@ from gateway.protocols.http import (
     Job,
     Prepare,
     Reply,
+    as_response,
     timeout_s,
 )
 from gateway.protocols.v2_codec import (
@@ -39,7 +39,9 @@ from gateway.protocols.v2_codec import (
 from gateway.responses import json_response
 from gateway.runtime import Gateway, gateway_of
 
-__all__ = ["doors", "http_error", "openapi_paths", "render_error", "v2_router"]
+__all__ = ["PREFIX", "doors", "openapi_paths", "render_error", "v2_router"]
+
+PREFIX = "/v2"  # the paths this protocol owns
 
 SERVER_NAME = "inference-gateway"
 SERVER_VERSION = "0.1.0"
@@ -54,18 +56,9 @@ def render_error(exc: GatewayError) -> Reply:
                  [(k.lower().encode(), v.encode()) for k, v in exc.headers.items()])
 
 
-def http_error(status: int, message: str, headers: Mapping[str, str] | None) -> Response:
-    """A routing error (unknown path, wrong method, bad path parameter) the protocol's way."""
-    return Response(orjson.dumps({"error": message}), _V2_STATUS.get(status, status),
-                    headers=headers, media_type="application/json")
-
-
 def _error(gw: Gateway, exc: GatewayError) -> Response:
     gw.count_rejection(exc)
-    reply = render_error(exc)
-    return Response(reply.body, reply.status, headers={k.decode(): v.decode()
-                                                        for k, v in reply.headers},
-                    media_type="application/json")
+    return as_response(render_error(exc))
 
 
 def label_datatype(rt: ModelRunner) -> str:
@@ -268,7 +261,7 @@ async def _change(gw: Gateway, request: Request, op: str, name: str) -> Response
 
 def v2_router() -> APIRouter:
     """The ``/v2`` health and metadata routes, to include in the app."""
-    r = APIRouter(prefix="/v2", tags=["Open Inference Protocol (V2)"])
+    r = APIRouter(prefix=PREFIX, tags=["Open Inference Protocol (V2)"])
     r.add_api_route("", server_metadata, methods=["GET"])
     r.add_api_route("/", server_metadata, methods=["GET"], include_in_schema=False)
     r.add_api_route("/health/live", live, methods=["GET"])

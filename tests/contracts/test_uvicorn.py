@@ -1,7 +1,8 @@
-"""What ``gateway/server.py`` (and ``gateway/workers.py``) rely on inside uvicorn: the
-httptools protocol and its request cycle (the slow-client limits and the doors' fast lane), the
-server (signals, shutdown), the worker supervisor. ``FENCE`` is the table (see ``fence.py``);
-the tests below it run uvicorn's code for the behaviours a digest alone does not show."""
+"""What ``gateway/server.py``, ``gateway/lane.py`` (and ``gateway/workers.py``) rely on inside
+uvicorn: the httptools protocol and its request cycle (the slow-client limits and the doors' fast
+lane), the server (signals, shutdown), the worker supervisor. ``FENCE`` is the table (see
+``fence.py``); the tests below it run uvicorn's code for the behaviours a digest alone does not
+show."""
 
 from __future__ import annotations
 
@@ -45,30 +46,29 @@ FENCE = Fence("uvicorn", "0.55.0", "tests/contracts/test_uvicorn.py", (
         "server:GatewayHttpProtocol.on_headers_complete",
         "server:GatewayHttpProtocol._start_asgi_task"),
     pin(HT, "HttpToolsProtocol._start_asgi_task", "8d0189e65525",
-        "server:GatewayHttpProtocol._start_asgi_task", "server:GatewayHttpProtocol._release",
-        "server:GatewayHttpProtocol.deliver"),
+        "server:GatewayHttpProtocol._start_asgi_task", "server:GatewayHttpProtocol.start_task",
+        "lane:FastLane.release", "lane:FastLane._deliver"),
     pin(HT, "HttpToolsProtocol.on_body", "dba9c32aeba3",  # the body gathers in cycle.body
-        "server:GatewayHttpProtocol._answer_now", "server:_Tick.add"),
+        "server:GatewayHttpProtocol.on_message_complete", "lane:FastLane._queue"),
     pin(HT, "HttpToolsProtocol.on_message_complete", "1fbad42dc31f",
         "server:GatewayHttpProtocol.on_message_complete"),
     pin(HT, "HttpToolsProtocol.on_response_complete", "64e254f28e38",  # starts the pipelined
-        "server:GatewayHttpProtocol.on_response_complete", "server:GatewayHttpProtocol.deliver"),
+        "server:GatewayHttpProtocol.on_response_complete", "lane:FastLane._deliver"),
     pin(HT, "HttpToolsProtocol.shutdown", "d7351fa33f00",
         "server:GatewayHttpProtocol.shutdown", "server:GatewayServer.shutdown"),
     # The request cycle: the fast lane writes its response as send would, and marks it done.
     pin(HT, "RequestResponseCycle.__init__", "4d2f220910c3",
-        "server:GatewayHttpProtocol.deliver", "server:GatewayHttpProtocol._close",
-        "server:_small_body"),
+        "lane:FastLane._deliver", "server:GatewayHttpProtocol._close", "lane:_small_body"),
     pin(HT, "RequestResponseCycle.send", "abdd8601b326",
-        "server:_http_response", "server:GatewayHttpProtocol.deliver", "server:_OneWrite"),
+        "lane:http_response", "lane:FastLane._deliver", "server:_OneWrite"),
     pin(HT, "RequestResponseCycle.run_asgi", "0f33f2449a44",  # its 500 and log line
-        "server:GatewayHttpProtocol._guarded", "server:_Tick._flush"),
-    pin(HT, "STATUS_LINE", None, "server:_http_response", "server:_raw_response"),
+        "server:GatewayHttpProtocol._guarded", "lane:FastLane._answer_step"),
+    pin(HT, "STATUS_LINE", None, "lane:http_response"),
     pin("uvicorn.protocols.http.flow_control", "HIGH_WATER_LIMIT", None,
-        "server:_FAST_BODY_BYTES"),
+        "lane:FAST_BODY_BYTES"),
     # The server: signals, shutdown (replaced), protocol construction.
     pin(SV, "ServerState.__init__", "8daf3a9b4e4e",
-        "server:GatewayServerState.__init__", "server:_raw_response"),
+        "server:GatewayServerState.__init__", "server:GatewayHttpProtocol.default_headers"),
     pin(SV, "Server.__init__", "c150b55284f7", "server:GatewayServer.__init__"),
     pin(SV, "Server.startup", "2aa1d70a244b",  # protocol keywords, self.servers, started
         "server:GatewayHttpProtocol.__init__", "server:GatewayServer.shutdown"),
@@ -81,7 +81,7 @@ FENCE = Fence("uvicorn", "0.55.0", "tests/contracts/test_uvicorn.py", (
     pin(SV, "Server.handle_exit", "553276efa26e",  # appends to _captured_signals
         "server:GatewayServer.capture_signals"),
     pin("uvicorn.lifespan.on", "LifespanOn.__init__", "6acdad3ec7ab",  # state: the app state
-        "server:GatewayServer.shutdown", "server:_Lane.of"),
+        "server:GatewayServer.shutdown", "lane:FastLane.of"),
     # The supervisor: GatewaySupervisor's four methods are uvicorn's, with another Process.
     pin(MP, "Process.__init__", "a8c85f799aae", "server:_GatewayProcess.server"),
     pin(MP, "Process.server", "0bc0d378bdef", "server:_GatewayProcess.server"),
@@ -99,8 +99,8 @@ FENCE = Fence("uvicorn", "0.55.0", "tests/contracts/test_uvicorn.py", (
     # Names imported from uvicorn's internal modules.
     pin(TY, "ASGI3Application", None, "server:GatewayHttpProtocol._start_asgi_task"),
     pin(TY, "ASGIReceiveCallable", None, "server:GatewayHttpProtocol._guarded"),
-    pin(TY, "ASGISendCallable", None, "server:GatewayHttpProtocol.deliver"),
-    pin(TY, "Scope", None, "server:_error_body"),
+    pin(TY, "ASGISendCallable", None, "lane:FastLane._deliver"),
+    pin(TY, "Scope", None, "lane:FastLane._deliver", "server:GatewayHttpProtocol._unavailable"),
     pin("uvicorn.config", "STARTUP_FAILURE", None,
         "server:run", "server:GatewaySupervisor.keep_subprocess_alive"),
 ))
@@ -262,10 +262,10 @@ def test_status_lines_are_what_the_fast_lane_writes() -> None:
 def test_a_held_body_never_pauses_reading() -> None:
     """A request held by the fast lane is read by no ASGI ``receive``, which is what resumes
     reading: its body must stay under the size at which uvicorn pauses reading (else re-check
-    ``_FAST_BODY_BYTES`` and ``GatewayHttpProtocol._start_asgi_task`` in gateway/server.py)."""
-    from gateway.server import _FAST_BODY_BYTES
+    ``FAST_BODY_BYTES`` and ``FastLane.take`` in gateway/lane.py)."""
+    from gateway.lane import FAST_BODY_BYTES
 
-    assert _FAST_BODY_BYTES < flow_control.HIGH_WATER_LIMIT
+    assert FAST_BODY_BYTES < flow_control.HIGH_WATER_LIMIT
 
 
 def test_a_config_takes_the_gateway_protocol_class_and_no_websockets() -> None:
@@ -292,8 +292,9 @@ def test_a_signal_is_recorded_for_re_raising_at_exit() -> None:
 
 def test_the_lifespan_state_is_what_protocols_get_as_app_state() -> None:
     """``GatewayServer.shutdown`` finds the gateway (to drain it) in ``lifespan.state``, and
-    ``_Lane.of`` finds its metrics in a protocol's ``app_state``: the same dict, the state the
-    app's lifespan yielded (re-check both in gateway/server.py if this fails)."""
+    ``FastLane.of`` finds its metrics in a protocol's ``app_state``: the same dict, the state the
+    app's lifespan yielded (re-check ``GatewayServer.shutdown`` in gateway/server.py and
+    ``FastLane.of`` in gateway/lane.py if this fails)."""
     config = _config()
     lifespan = config.lifespan_class(config)
     assert lifespan.state == {}

@@ -28,6 +28,7 @@ from gateway.runtime import Gateway
 from gateway.settings import Settings
 from model_store import ModelStore
 from tests.hardening.procs import metric
+from tests.support import ask
 
 pytestmark = [pytest.mark.anyio, pytest.mark.e2e, pytest.mark.slow]
 
@@ -69,10 +70,6 @@ async def replicas(store: Path, **settings: Any) -> AsyncIterator[tuple[Gateway,
         yield pair[0], pair[1]
 
 
-async def ask(gw: Gateway, row: np.ndarray) -> Answer:
-    return await gw.infer(gw.runtime("iris"), row, LABEL, 30.0)
-
-
 async def warm(a: Gateway, b: Gateway, *, shared: bool) -> None:
     """50 new rows asked of A, then of B until B finds them in Redis (where it is shared)."""
     rows = [_new_row() for _ in range(50)]
@@ -92,8 +89,8 @@ async def warm(a: Gateway, b: Gateway, *, shared: bool) -> None:
 
 async def tight(targets: list[Gateway], row: np.ndarray) -> list[Answer]:
     """Every request begun in one event-loop step, as the HTTP fast lane does, then finished."""
-    begun = [gw.begin_many([(gw.runtime("iris"), row, LABEL)
-                            for _ in range(BURST // len(targets))]) for gw in targets]
+    begun = [gw.begin([(gw.runtime("iris"), row, LABEL)
+                       for _ in range(BURST // len(targets))]) for gw in targets]
     out: list[Answer] = []
     waits = []
     for gw, results in zip(targets, begun, strict=True):
@@ -102,7 +99,7 @@ async def tight(targets: list[Gateway], row: np.ndarray) -> list[Answer]:
                 out.append(r)
             else:
                 assert type(r) is Pending, r
-                waits.append(gw.pipeline.finish(r, 30.0))
+                waits.append(gw.finish(r, 30.0))
     out += await asyncio.gather(*waits)
     return out
 

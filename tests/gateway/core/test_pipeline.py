@@ -1,4 +1,5 @@
-"""Single-flight and micro-batching through the HTTP path (in-process), on the real forest."""
+"""Single-flight and micro-batching through the HTTP path (in-process), on the real forest;
+callers that leave, through the path a door takes (``tests.support.ask``)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from tests.support import POISON, probed_app, wait_for, wait_thread_event
+from gateway.core.pipeline import Answer
+from tests.support import POISON, ask, probed_app, wait_for, wait_thread_event
 
 pytestmark = pytest.mark.anyio
 
@@ -44,17 +46,18 @@ async def test_200_identical_new_rows_make_one_model_call(session_store: Path) -
 
 
 async def test_first_caller_cancelled_others_still_answered(session_store: Path) -> None:
-    async with probed_app(session_store) as (client, probe, gw):
+    row = np.array([[6.3, 3.3, 6.0, 2.5]])
+    async with probed_app(session_store) as (_client, probe, gw):
         probe.gate.clear()
-        first = asyncio.create_task(client.get(q([6.3, 3.3, 6.0, 2.5])))
+        first = asyncio.create_task(ask(gw, row))
         await wait_thread_event(probe.entered)
-        others = [asyncio.create_task(client.get(q([6.3, 3.3, 6.0, 2.5]))) for _ in range(199)]
+        others = [asyncio.create_task(ask(gw, row)) for _ in range(199)]
         await wait_for(lambda: gw.pipeline.waiting() == 200)
         first.cancel()
         await wait_for(lambda: gw.pipeline.waiting() == 199)
         probe.gate.set()
-        responses = await asyncio.gather(*others)
-        assert [r.json() for r in responses] == [{"prediction": "virginica"}] * 199
+        answers = await asyncio.gather(*others)
+        assert [a.values["label"] for a in answers] == [[b'"virginica"']] * 199
         assert probe.calls == 1
         with pytest.raises(asyncio.CancelledError):
             await first
@@ -139,9 +142,9 @@ async def test_caller_cancelled_while_batch_runs_others_complete(
 ) -> None:
     async with probed_app(session_store) as (client, probe, gw):
         probe.permits = threading.Semaphore(0)  # each model call waits for one release()
-        running = asyncio.create_task(client.get(q(random_rows[0])))
+        running = asyncio.create_task(ask(gw, random_rows[0:1]))
         await wait_thread_event(probe.entered)
-        batch = [asyncio.create_task(client.get(q(r))) for r in random_rows[1:6]]
+        batch = [asyncio.create_task(ask(gw, random_rows[i:i + 1])) for i in range(1, 6)]
         rt = gw.runtime("iris")
         await wait_for(lambda: rt.batcher is not None and rt.batcher.queued_rows == 5)
         probe.entered.clear()
@@ -152,7 +155,7 @@ async def test_caller_cancelled_while_batch_runs_others_complete(
         probe.permits.release()
         done = await asyncio.gather(running, *batch, return_exceptions=True)
         assert isinstance(done[3], asyncio.CancelledError)
-        assert [r.status_code for i, r in enumerate(done) if i != 3] == [200] * 5
+        assert all(type(a) is Answer for i, a in enumerate(done) if i != 3), done
         # and the next caller of the cancelled row still gets a correct answer (computed
         # again: the row's only caller had left, so its flight was abandoned)
         probe.permits = None
@@ -183,7 +186,7 @@ async def test_shutdown_drains_then_fails_leftovers_with_503(session_store: Path
         queued = asyncio.create_task(client.get(q(random_rows[1])))
         rt = gw.runtime("iris")
         await wait_for(lambda: rt.batcher is not None and rt.batcher.queued_rows == 1)
-        closing = asyncio.create_task(gw.aclose())
+        closing = asyncio.create_task(gw.drain())  # as the server's shutdown does first
         r = await queued  # not dispatched within the grace period
         assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
         assert (await client.get("/readyz")).status_code == 503
@@ -247,7 +250,7 @@ async def test_the_misses_of_one_step_respect_the_switches(
                                     "headers": [], "state": {"gateway": gw},
                                     "query_string": q(random_rows[i % 12]).split("?")[1].encode()},
                      b"") for i in range(16)]
-        replies = doors.answer_many(requests)
+        replies = doors.answer(requests)
         assert [r.status for r in replies] == [200] * 16
         assert loader.latest().batch_sizes == calls
 
@@ -277,14 +280,14 @@ async def test_requests_of_one_step_share_one_inline_call(session_store: Path,
             return door, params, scope, b""
 
         rows = [random_rows[i % 12] for i in range(16)]  # 12 distinct rows, 4 asked twice
-        replies = doors.answer_many([request(r) for r in rows])
+        replies = doors.answer([request(r) for r in rows])
         assert probe.batch_sizes == [12]
         expected = iris_estimator.predict(np.array(rows))
         assert [json.loads(r.body)["prediction"] for r in replies] == expected.tolist()
 
         calls = probe.calls
         poisoned = [random_rows[20], [POISON, 1, 1, 1], random_rows[21]]
-        replies = doors.answer_many([request(r) for r in poisoned])
+        replies = doors.answer([request(r) for r in poisoned])
         assert all(callable(r) for r in replies)  # the one call failed: each goes its way
         sent: list[list[dict[str, Any]]] = [[] for _ in replies]
 
