@@ -199,7 +199,7 @@ class ProtocolTransport(httpx.AsyncBaseTransport):
                         chunks.append(bytes(event.data))
                     elif isinstance(event, h11.EndOfMessage | h11.ConnectionClosed):
                         break
-                started = getattr(protocol, "started", set())
+                started: set[asyncio.Task[None]] = getattr(protocol, "started", set())
                 if started:  # let the app finish after its last send (closing its files)
                     await asyncio.wait(started)
         finally:
