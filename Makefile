@@ -9,10 +9,16 @@ MODELS  ?= models
 
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
+# `make run` serves from an environment of its own with the runtime dependencies only.
+RUN_VENV  ?= .venv-run
+RUN_BIN   := $(RUN_VENV)/bin
+RUN_STAMP := $(RUN_VENV)/.installed
 
-.PHONY: install lock run test test-fast lint bench bench-replicas models clean
+.PHONY: install install-runtime lock run test test-fast lint bench bench-replicas models clean
 
 install: $(STAMP)
+
+install-runtime: $(RUN_STAMP)
 
 # The environment is requirements/dev.lock: every distribution at its pinned version, checked
 # against its hashes, nothing resolved here. Then the project itself, editable, built by the
@@ -22,6 +28,13 @@ $(STAMP): requirements/dev.lock pyproject.toml
 	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r requirements/dev.lock
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
+
+# The same from requirements/runtime.lock: what the image installs, without tests, bench or lint.
+$(RUN_STAMP): requirements/runtime.lock pyproject.toml
+	@test -x $(RUN_BIN)/python || $(PYTHON) -m venv $(RUN_VENV)
+	$(RUN_BIN)/python -m pip install --quiet --require-hashes --no-deps -r requirements/runtime.lock
+	$(RUN_BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
+	@touch $(RUN_STAMP)
 
 # Both locks from pyproject.toml, for CPython 3.11 on Linux x86_64, with hashes; pins already in
 # a lock stay unless LOCK_ARGS says otherwise (--upgrade, or --upgrade-package NAME).
@@ -43,8 +56,9 @@ lock: install
 models: install
 	$(BIN)/python -m model_store --root $(MODELS) train-demo --if-empty
 
-run: models
-	GATEWAY_MODEL_ROOT=$(MODELS) $(BIN)/python -m gateway --host $(HOST) --port $(PORT) --workers $(WORKERS)
+run: install-runtime
+	$(RUN_BIN)/python -m model_store --root $(MODELS) train-demo --if-empty
+	GATEWAY_MODEL_ROOT=$(MODELS) $(RUN_BIN)/python -m gateway --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
 test: install
 	@scripts/ensure-tools.sh redis-server wrk nginx
@@ -69,4 +83,4 @@ lint: install
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(RUN_VENV) build *.egg-info

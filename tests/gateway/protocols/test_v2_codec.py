@@ -134,3 +134,102 @@ def test_encode_numeric_labels_and_binary_probabilities() -> None:
     assert label["data"] == [0, 2] and label["datatype"] == "INT64"
     assert proba["parameters"]["binary_data_size"] == 32
     assert np.frombuffer(body[header_len:], "<f8").tolist() == [0.5, 0.5, 0.0, 1.0]
+
+
+def _one(tensor: dict, **extra) -> bytes:
+    return orjson.dumps({"inputs": [{"name": "i", "shape": [1, 4], "datatype": "FP64",
+                                     **tensor}], **extra})
+
+
+def _per_feature(*tensors: tuple[str, list[int], list[float]]) -> bytes:
+    return orjson.dumps({"inputs": [{"name": n, "shape": s, "datatype": "FP64", "data": d}
+                                    for n, s, d in tensors]})
+
+
+_ROW = {"data": [5.1, 3.5, 1.4, 0.2]}
+_FEATURES = ", ".join(IRIS_FEATURES)
+_TYPES = "UINT8, UINT16, UINT32, UINT64, INT8, INT16, INT32, INT64, FP16, FP32, FP64"
+_COLUMNS = [(f, [1], [1.0]) for f in IRIS_FEATURES]
+_EMPTY_BINARY = _one({"shape": [0, 4], "parameters": {"binary_data_size": 0}})
+# (body, Inference-Header-Content-Length, the message), in the order the decoder checks.
+MESSAGES = [
+    (b"{}", "5", "Inference-Header-Content-Length '5' does not fit a body of 2 bytes"),
+    (b"{}", "0" * 18 + "2",
+     "Inference-Header-Content-Length '0000000000000000002' does not fit a body of 2 bytes"),
+    (b"[]", None, "inference request must be a JSON object"),
+    (b'{"inputs": []}', None, "'inputs' must be a non-empty list"),
+    (b'{"inputs": [{"shape": [1, 4]}]}', None, "each input must be an object with a 'name'"),
+    (_one({"shape": [1.0, 4]}), None, "input 'i': 'shape' must be a list of integers"),
+    (_one({"shape": [-1, 4]}), None, "input 'i': negative dimension in shape [-1, 4]"),
+    (_one({"datatype": "BYTES"}), None,
+     f"input 'i': datatype BYTES is not numeric; this model takes numbers ({_TYPES})"),
+    (_one({"datatype": []}), None, f"input 'i': datatype must be a string (one of {_TYPES})"),
+    (_one({"datatype": {"a": 1}}), None,
+     f"input 'i': datatype must be a string (one of {_TYPES})"),
+    (_one({"datatype": "FP128"}), None,
+     f"input 'i': datatype 'FP128' not supported (use one of {_TYPES})"),
+    (_one({"shape": [1, 2, 2]}), None,
+     "input 'i': shape [1, 2, 2] must be [n, 4] or [n, 1] with n <= 1024"),
+    (_one({"shape": [1, 5000]}), None, "input 'i': shape [1, 5000] holds more than 1024 rows"),
+    (_one({"parameters": 5, **_ROW}), None, "input 'i': 'parameters' must be an object"),
+    (_one({"parameters": {"binary_data_size": True}}), None,
+     "input 'i': binary_data_size must be a non-negative integer"),
+    (_one({"parameters": {"binary_data_size": 8}}), None,
+     "input 'i': binary_data_size 8 does not match shape [1, 4] of FP64 (32 bytes)"),
+    (_one({"parameters": {"binary_data_size": 32}}), None,
+     "input 'i': body ends 32 bytes short of its binary data"),
+    (_one({"parameters": {"binary_data_size": 0}, "shape": [0, 4], **_ROW}), None,
+     "input 'i': both 'data' and binary_data_size given"),
+    (_one({}), None, "input 'i': no 'data' and no binary_data_size"),
+    (_one({"data": 5}), None, "input 'i': 'data' must be a list"),
+    (_one({"data": [[[[[[5.1, 3.5, 1.4, 0.2]]]]]]}), None,
+     "input 'i': 'data' is nested too deeply"),
+    (_one({"data": [1, 2, 3]}), None, "input 'i': shape holds 4 values, 'data' has 3"),
+    (_one({"data": [1, "2", None, 4]}), None, "input 'i': FP64 'data' holds '2', not a number"),
+    (_one({"datatype": "INT32", "data": [1, 2, 3.0, True]}), None,
+     "input 'i': INT32 'data' holds 3.0, not an integer"),
+    (_one({"datatype": "INT8", "data": [1, 2, 300, 4]}), None,
+     "input 'i': a value is out of INT8 range"),
+    (_EMPTY_BINARY + b"xx", str(len(_EMPTY_BINARY)),
+     "2 bytes after the last input's binary data"),
+    (_one({"shape": [1, 3], "data": [1, 2, 3]}), None,
+     f"input 'i': shape [1, 3] must be [n, 4] ({_FEATURES})"),
+    (_per_feature(*_COLUMNS, ("x", [1], [1.0])), None,
+     f"input 'x' is not a feature of this model ({_FEATURES})"),
+    (_per_feature(*_COLUMNS, _COLUMNS[0]), None, "input 'sepal_length' given twice"),
+    (_per_feature(*_COLUMNS[:3], ("petal_width", [1, 2], [1.0, 2.0])), None,
+     "input 'petal_width': shape [1, 2] must be [n] or [n, 1]"),
+    (_per_feature(*_COLUMNS[:3]), None, "missing feature input(s): petal_width"),
+    (_per_feature(*_COLUMNS[:3], ("petal_width", [2], [1.0, 2.0])), None,
+     "feature inputs differ in length: [1, 2]"),
+    (_one({"shape": [0, 4], "data": []}), None, "at least one row is required"),
+    (_one({"datatype": "FP32", "data": [1, 1e39, 3, 4]}), None,
+     "row 0, feature 'sepal_width': inf is not a finite number"),
+    (_one(_ROW, parameters=[1]), None, "'parameters' must be an object"),
+    (_one(_ROW, outputs={}), None, "'outputs' must be a list"),
+    (_one(_ROW, outputs=[{"name": 1}]), None,
+     "each requested output must be an object with a 'name'"),
+    (_one(_ROW, outputs=[{"name": "label", "parameters": {"binary_data": 1}}]), None,
+     "output 'label': binary_data must be true or false"),
+    (_one(_ROW, id=5), None, "'id' must be a string"),
+    (_one(_ROW, parameters={"timeout": 1.5}), None,
+     "parameters.timeout must be a positive integer (microseconds)"),
+    # several faults: the first step's, then the first check's within it
+    (_one({"datatype": "FP32", "data": [1, 1e39, 3, 4]}, outputs=5, id=5), None,
+     "row 0, feature 'sepal_width': inf is not a finite number"),
+    (_one(_ROW, outputs=5, id=5, parameters={"timeout": 0}), None, "'outputs' must be a list"),
+]
+
+
+@pytest.mark.parametrize(("body", "header_len", "message"), MESSAGES,
+                         ids=[m[2][:50] for m in MESSAGES])
+def test_each_refusal_names_its_fault(body: bytes, header_len: str | None,
+                                      message: str) -> None:
+    with pytest.raises(InvalidInput) as refused:
+        decode(body, header_len)
+    assert (refused.value.message, refused.value.code) == (message, "bad_request")
+
+
+def test_data_nested_four_deep_is_read_row_major() -> None:
+    req = decode(_one({"shape": [2, 4], "data": [[[[[1, 2], [3, 4]]]], [[5, [6, [7, 8]]]]]}))
+    assert req.rows.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
