@@ -14,7 +14,7 @@ RUN_VENV  ?= .venv-run
 RUN_BIN   := $(RUN_VENV)/bin
 RUN_STAMP := $(RUN_VENV)/.installed
 
-.PHONY: install install-runtime lock run test test-fast lint bench bench-replicas models clean
+.PHONY: install install-runtime lock proto run test test-fast lint bench bench-replicas models clean
 
 install: $(STAMP)
 
@@ -52,6 +52,18 @@ BUILD_REQUIRES = $(BIN)/python -c 'import tomllib; \
 lock: install
 	$(BUILD_REQUIRES) | $(UV_COMPILE) pyproject.toml - --extra dev -o requirements/dev.lock
 	$(BUILD_REQUIRES) | $(UV_COMPILE) pyproject.toml - -c requirements/dev.lock -o requirements/runtime.lock
+
+# The Open Inference Protocol's gRPC stubs (messages, their type stubs, the service), generated
+# from gateway/protocols/proto/grpc_service.proto by the locked grpcio-tools and committed.
+# The messages go to a descriptor pool of their own (POOL), not protobuf's default one: other
+# modules of package `inference` (tritonclient.grpc's) can then be imported in the same process.
+PROTO_DIR := gateway/protocols/proto
+proto: install
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
+		$(PROTO_DIR)/grpc_service.proto
+	sed -i 's/^DESCRIPTOR = _descriptor_pool.Default()\.AddSerializedFile(/POOL = _descriptor_pool.DescriptorPool()\nDESCRIPTOR = POOL.AddSerializedFile(/' \
+		$(PROTO_DIR)/grpc_service_pb2.py
+	grep -q '^POOL = ' $(PROTO_DIR)/grpc_service_pb2.py
 
 models: install
 	$(BIN)/python -m model_store --root $(MODELS) train-demo --if-empty

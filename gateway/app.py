@@ -178,6 +178,19 @@ def _add_docs(app: FastAPI) -> None:
     app.add_api_route("/redoc", redoc, methods=["GET"], include_in_schema=False)
 
 
+async def _start_grpc(gw: Gateway, settings: Settings, metrics: Metrics) -> Any:
+    """The gRPC service (``gateway.protocols.grpc_v2``, imported only when it is on), started
+    in this event loop, with the connection cap of the HTTP server."""
+    from gateway.protocols.grpc_v2 import GrpcServer
+    from gateway.server import default_connection_limit
+
+    assert settings.grpc_port is not None
+    server = GrpcServer(gw, metrics, host=settings.grpc_host, port=settings.grpc_port,
+                        max_connections=settings.limit_concurrency or default_connection_limit())
+    await server.start()
+    return server
+
+
 class GatewayApp(FastAPI):
     """FastAPI, except that the inference doors are answered ahead of it (see
     ``gateway.protocols.http``)."""
@@ -211,11 +224,16 @@ def create_app(settings: Settings | None = None, *, store: ModelStore | None = N
             hup = True
         except (NotImplementedError, RuntimeError, ValueError):  # not the main thread
             hup = False
+        state: dict[str, Any] = {"gateway": gw}
         try:
-            yield {"gateway": gw}
+            if settings.grpc_port is not None:
+                state["grpc"] = await _start_grpc(gw, settings, app_metrics)
+            yield state
         finally:
             if hup:
                 loop.remove_signal_handler(signal.SIGHUP)
+            if "grpc" in state:  # after the drain: calls still running get the grace period
+                await state["grpc"].stop(settings.shutdown_grace_s)
             await gw.aclose()
             unwatch_gc()
 

@@ -85,7 +85,15 @@ class Metrics:
             "gateway_request_seconds", "HTTP request latency.", ["route"],
             buckets=_LATENCY_BUCKETS, registry=r,
         )
-        self.fast_lane = Counter(  # counted through the tally (gateway.server)
+        self.grpc_requests = Counter(  # counted through the tally (gateway.protocols.grpc_v2)
+            "gateway_grpc_requests", "gRPC calls by method and status code.",
+            ["method", "code"], registry=r,
+        )
+        self.grpc_request_seconds = Histogram(
+            "gateway_grpc_request_seconds", "gRPC call latency.", ["method"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.fast_lane = Counter(  # counted through the tally (gateway.lane)
             "gateway_fast_lane_requests", "Door requests taken by the HTTP fast lane, by how "
             "they were answered (answered: written at once, no task; continued: in a task, "
             "having to wait).", ["how"], registry=r,
@@ -98,8 +106,8 @@ class Metrics:
         )
         self._in_flight = 0
         in_flight = Gauge(  # workers: sum over live workers (sampled, see the module doc)
-            "gateway_requests_in_flight", "HTTP requests being answered now.", registry=r,
-            multiprocess_mode="livesum",
+            "gateway_requests_in_flight", "HTTP requests and gRPC calls being answered now.",
+            registry=r, multiprocess_mode="livesum",
         )
         self._sampler: _Sampler | None = None
         if self.multiprocess:

@@ -6,8 +6,9 @@ with a shutdown that answers every request.
 **Shutdown** (SIGTERM or SIGINT), in named phases within one grace period,
 ``GATEWAY_SHUTDOWN_GRACE_S``, shared by the server and the batchers:
 
-1. *stop intake*: the listening sockets close; idle connections close, busy ones will close
-   after their response; the app's ``Gateway`` stops taking requests (503 ``shutting_down``);
+1. *stop intake*: the listening sockets close (the gRPC door's too: new calls fail
+   ``UNAVAILABLE``); idle connections close, busy ones will close after their response; the
+   app's ``Gateway`` stops taking requests (503 ``shutting_down``);
 2. *drain*: queued and running rows get what is left of the grace period to finish
    (``Gateway.drain``); rows that cannot finish fail with 503;
 3. *finish responses*: requests still running (waiting on Redis, a thread without batching)
@@ -448,13 +449,20 @@ class GatewayServer(uvicorn.Server):
             sock.close()
         for connection in list(self.server_state.connections):
             connection.shutdown()
-        gateway = getattr(self.lifespan, "state", {}).get("gateway")
+        state = getattr(self.lifespan, "state", {})
+        grpc = state.get("grpc")  # the gRPC door: new calls refused, running ones get the grace
+        grpc_stopped = asyncio.ensure_future(grpc.stop(self.grace_s)) if grpc else None
+        gateway = state.get("gateway")
         # 2. Drain the batchers (the gateway refuses new requests from here on).
         if gateway is not None and not self.force_exit:
             await gateway.drain(max(0.0, deadline - loop.time()))
         # 3. Let running requests finish within the grace period (and those the drain has just
         #    answered write their answer).
         await self._wait_for_requests(max(deadline, loop.time() + _SETTLE_S))
+        if grpc_stopped is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(max(0.0, deadline - loop.time()) + _SETTLE_S):
+                    await asyncio.shield(grpc_stopped)
         # 4. Fail what is left with 503.
         await self._fail_leftovers()
         await self._wait_for_connections(_CANCEL_WAIT_S)

@@ -157,6 +157,16 @@ class Settings(BaseSettings):
     Redis, models and logs, so the process never runs out of descriptors (which would drop
     every waiting connection, good or bad)."""
 
+    grpc_port: int | None = Field(None, ge=0, le=65535)
+    """Port of the Open Inference Protocol's gRPC service (``inference.GRPCInferenceService``,
+    with ``grpc.health.v1`` and reflection), served by the same process and event loop as
+    REST and through the same pipeline. Unset (the default): no gRPC listener. 0: a port the
+    kernel picks (logged; for tests). With ``--workers N`` the workers share the port."""
+
+    grpc_host: str = "127.0.0.1"
+    """Address the gRPC service listens on (``0.0.0.0`` or ``[::]`` for every interface, as
+    in a container)."""
+
     redis_connect_timeout_ms: int = Field(1000, ge=1)
     """Bound on opening one Redis connection (TCP, TLS, ``AUTH``), apart from
     ``redis_timeout_ms``: a connection is opened in the background and kept for later calls

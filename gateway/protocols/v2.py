@@ -39,7 +39,8 @@ from gateway.protocols.v2_codec import (
 from gateway.responses import json_response
 from gateway.runtime import Gateway, gateway_of
 
-__all__ = ["PREFIX", "doors", "openapi_paths", "render_error", "v2_router"]
+__all__ = ["PREFIX", "doors", "label_datatype", "openapi_paths", "outputs_of", "render_error",
+           "v2_router"]
 
 PREFIX = "/v2"  # the paths this protocol owns
 
@@ -73,7 +74,8 @@ def label_datatype(rt: ModelRunner) -> str:
     return "BYTES"
 
 
-def _outputs(rt: ModelRunner) -> list[tuple[str, str, list[int]]]:
+def outputs_of(rt: ModelRunner) -> list[tuple[str, str, list[int]]]:
+    """A version's outputs: (name, datatype, shape) each."""
     m = rt.manifest
     if m.task == "regression":
         return [("prediction", "FP64", [-1])]
@@ -93,7 +95,7 @@ def _described(rt: ModelRunner) -> tuple[_Outputs, dict[bool, tuple[OutputSpec, 
     them, JSON or binary), computed once per loaded version."""
     found = _DESCRIBED.get(rt)
     if found is None:
-        available = {n: (d, s) for n, d, s in _outputs(rt)}
+        available = {n: (d, s) for n, d, s in outputs_of(rt)}
         every = {b: tuple(OutputSpec(n, b) for n in available) for b in (False, True)}
         found = _DESCRIBED[rt] = (available, every)
     return found
@@ -188,7 +190,7 @@ async def model_metadata(name: str, request: Request, version: str | None = None
         "versions": versions,
         "platform": m.family,
         "inputs": [{"name": "input", "datatype": "FP64", "shape": [-1, len(m.features)]}],
-        "outputs": [{"name": n, "datatype": d, "shape": s} for n, d, s in _outputs(rt)],
+        "outputs": [{"name": n, "datatype": d, "shape": s} for n, d, s in outputs_of(rt)],
         "parameters": {"version": str(m.version), "sha256": m.sha256, "task": m.task,
                        "features": list(m.features), "classes": list(m.classes),
                        "backends": rt.backends, "settings": rt.settings,
