@@ -85,7 +85,7 @@ bench: models
 	@scripts/ensure-tools.sh redis-server wrk
 	$(BIN)/python -m bench --model-root $(MODELS) $(BENCH_ARGS)
 
-# The nginx hop's cost: one gateway direct vs nginx + 1 vs nginx + 2 gateways, same wrk load.
+# Workers or replicas: 1 worker, 2 workers, nginx + 1 and nginx + 2 gateways, same wrk loads.
 bench-replicas: install
 	@scripts/ensure-tools.sh wrk nginx
 	$(BIN)/python -m bench.replicas $(BENCH_ARGS)

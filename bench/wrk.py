@@ -1,5 +1,7 @@
 """Closed-loop load with wrk: run a generated Lua script, parse its ``BENCH_JSON`` line, and
-measure the CPU wrk itself used (its rusage, read when it is reaped)."""
+measure the CPU wrk itself used (its rusage, read when it is reaped). ``cpus`` pins wrk to
+those cores (its affinity is set before it starts), so that the load generator and the server
+under test need not share a core."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -52,16 +55,21 @@ def parse_output(stdout: str) -> WrkResult:
 
 
 def run_wrk(
-    url: str, script: str, *, duration_s: float, connections: int, timeout_s: float = 10.0
+    url: str, script: str, *, duration_s: float, connections: int, timeout_s: float = 10.0,
+    threads: int | None = None, cpus: Collection[int] | None = None,
 ) -> WrkResult:
-    """Run wrk against ``url`` (loopback) for ``duration_s`` with ``connections``.
+    """Run wrk against ``url`` (loopback) for ``duration_s`` with ``connections`` and
+    ``threads`` (default ``threads_for(connections)``), on the cores ``cpus`` if given (else
+    wherever the scheduler puts it).
 
-    Raises RuntimeError when wrk is missing or fails.
+    Raises RuntimeError when wrk is missing or fails, ValueError for cores this machine
+    lacks.
     """
     exe = shutil.which("wrk")
     if exe is None:
         raise RuntimeError("wrk not found: install it (apt-get install wrk) or run `make bench`")
-    threads = threads_for(connections)
+    threads = threads or threads_for(connections)
+    pin = _pinning(cpus)
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "scenario.lua"
         path.write_text(script)
@@ -70,7 +78,7 @@ def run_wrk(
             proc = subprocess.Popen(
                 [exe, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration_s))}s",
                  f"--timeout={timeout_s:g}s", "-s", str(path), url],
-                stdout=out, stderr=err)
+                stdout=out, stderr=err, preexec_fn=pin)
         guard = threading.Timer(duration_s + timeout_s + 30, proc.kill)
         guard.start()
         try:
@@ -89,3 +97,17 @@ def run_wrk(
 def threads_for(connections: int) -> int:
     """wrk threads for ``connections``: two, or one for a single connection."""
     return max(1, min(2, connections))
+
+
+def _pinning(cpus: Collection[int] | None) -> Callable[[], None] | None:
+    """A ``preexec_fn`` setting the child's CPU affinity to ``cpus``, checked here first."""
+    if cpus is None:
+        return None
+    wanted = set(cpus)
+    cores = set(range(os.cpu_count() or 1))
+    if not wanted or not wanted <= cores:
+        raise ValueError(f"cpus {sorted(wanted)} not among this machine's cores {sorted(cores)}")
+
+    def pin() -> None:
+        os.sched_setaffinity(0, wanted)
+    return pin

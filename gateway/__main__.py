@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                         f"than one, /metrics reports the server's totals (multiprocess files "
                         f"in a directory of the server's own under ${MULTIPROC_ENV} or the "
                         f"temp dir, removed on exit)")
+    p.add_argument("--timeout-worker-healthcheck", type=_positive_int, default=5, metavar="S",
+                   help="with --workers above 1: a worker whose event loop sends no heartbeat "
+                        "for S seconds is killed and replaced (default: %(default)s)")
     http = p.add_argument_group("HTTP connections")
     http.add_argument("--timeout-keep-alive", type=_positive_int, default=KEEP_ALIVE_S,
                       metavar="S", help="close an idle connection after S seconds; keep it "
@@ -173,15 +176,26 @@ def main(argv: list[str] | None = None) -> None:
         os.environ[MULTIPROC_ENV] = str(directory)  # read by each worker as it starts
         try:
             if args.workers == 1:
-                raise SystemExit(run(APP, settings=settings, **options))
-            config = gateway_config(settings, APP, workers=args.workers, **options)
-            logs.configure(settings.log_format, args.log_level)  # the supervisor's lines too
-            serve_workers(config, directory)
+                status = run(APP, settings=settings, **options)
+            else:
+                status = _supervised(args, settings, options, directory)
         finally:
             if parent is None:
                 del os.environ[MULTIPROC_ENV]
             else:
                 os.environ[MULTIPROC_ENV] = parent
+    raise SystemExit(status)
+
+
+def _supervised(args: argparse.Namespace, settings: Settings, options: dict[str, Any],
+                directory: Path) -> int:
+    """``--workers N`` (N > 1): the gateway's supervisor (``gateway.supervisor``) and its exit
+    status, metrics in ``directory``."""
+    config = gateway_config(settings, APP, workers=args.workers,
+                            timeout_worker_healthcheck=args.timeout_worker_healthcheck,
+                            **options)
+    logs.configure(settings.log_format, args.log_level)  # the supervisor's lines too
+    return serve_workers(config, directory)
 
 
 if __name__ == "__main__":

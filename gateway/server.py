@@ -18,8 +18,8 @@ with a shutdown that answers every request.
 5. *close*: the app's lifespan shutdown (caches, connection pools).
 
 A shutdown by signal then exits with status 0 (uvicorn re-raises the signal, which would end
-the process with 128 + signal). With ``workers > 1`` uvicorn's supervisor runs one such server
-per worker process.
+the process with 128 + signal). With ``--workers N`` the gateway's own supervisor
+(``gateway.supervisor``) runs one such server per worker process.
 
 **Slow clients** (``GatewayHttpProtocol``): request headers must arrive within
 ``GATEWAY_HEADER_TIMEOUT_S`` of the connection (or of the request's first byte on a kept-alive
@@ -33,8 +33,8 @@ request, new requests get 503.
 **Doors without a task.** Door requests with a small body are answered inside the protocol,
 without an ASGI task: the fast lane, ``gateway.lane``.
 
-The protocol, server and supervisor extend uvicorn's own classes at the points its code offers
-(parser callbacks, ``_start_asgi_task``, ``shutdown``, the worker process factory); the tests
+The protocol and server extend uvicorn's own classes at the points its code offers (parser
+callbacks, ``_start_asgi_task``, ``shutdown``); the tests
 in ``tests/hardening`` hold them to the behaviour above against real processes, and
 ``tests/contracts/test_uvicorn.py`` fails, naming what to re-check here, when uvicorn's code
 at those points changes.
@@ -60,7 +60,6 @@ from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallab
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
-from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from gateway.errors import HttpError, Unavailable
 from gateway.lane import FastLane, Held, doors_of, http_response
@@ -71,7 +70,6 @@ __all__ = [
     "GatewayConfig",
     "GatewayHttpProtocol",
     "GatewayServer",
-    "GatewaySupervisor",
     "default_connection_limit",
     "gateway_config",
     "run",
@@ -499,71 +497,6 @@ class GatewayServer(uvicorn.Server):
                 await self.server_state.all_closed.wait()
 
 
-class _GatewayProcess(Process):
-    """uvicorn's worker process, running a ``GatewayServer``."""
-
-    @property
-    def server(self) -> uvicorn.Server:
-        if self._server is None:
-            self._server = GatewayServer(config=self.config)
-        return self._server
-
-
-class GatewaySupervisor(Multiprocess):
-    """uvicorn's supervisor of ``workers`` processes, each running a ``GatewayServer``.
-
-    uvicorn creates its worker processes in these four places; each is uvicorn's own code with
-    ``_GatewayProcess`` in place of ``Process``."""
-
-    def _spawn(self) -> _GatewayProcess:
-        process = _GatewayProcess(self.config, self.sockets)
-        process.start()
-        return process
-
-    def init_processes(self) -> None:
-        for _ in range(self.processes_num):
-            self.processes.append(self._spawn())
-
-    def keep_subprocess_alive(self) -> None:
-        if self.should_exit.is_set():
-            return
-        for idx, process in enumerate(self.processes):
-            if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
-                continue
-            process.kill()
-            process.join()
-            if process.exitcode == STARTUP_FAILURE:
-                log.error("Child process [%s] failed to start, stopping the parent process.",
-                          process.pid)
-                self.should_exit.set()
-                return
-            if self.should_exit.is_set():
-                return
-            log.info("Child process [%s] died", process.pid)
-            self.processes[idx] = self._spawn()
-
-    def restart_all(self) -> None:
-        for idx, old in enumerate(self.processes):
-            if self.should_exit.is_set():
-                return
-            new = self._spawn()
-            if not new.wait_until_ready(self.config.timeout_worker_healthcheck, self.should_exit):
-                new.kill()
-                new.join()
-                if not self.should_exit.is_set():
-                    log.error("New child process [%s] was not ready in time; keeping worker "
-                              "[%s] and aborting the restart.", new.pid, old.pid)
-                return
-            old.terminate()
-            old.join()
-            self.processes[idx] = new
-
-    def handle_ttin(self) -> None:
-        log.info("Received SIGTTIN, increasing the number of processes.")
-        self.processes_num += 1
-        self.processes.append(self._spawn())
-
-
 def gateway_config(settings: Settings, app: str = "gateway.app:from_env",
                    **config: Any) -> GatewayConfig:
     """The uvicorn configuration ``run`` serves with: ``config`` (``host``, ``port``,
@@ -587,14 +520,11 @@ def gateway_config(settings: Settings, app: str = "gateway.app:from_env",
 
 def run(app: str = "gateway.app:from_env", *, settings: Settings | None = None,
         **config: Any) -> int:
-    """Serve ``app`` (an import string of an app factory) until SIGTERM or SIGINT; return the
-    process exit status (0 after a clean shutdown, 3 when startup failed). ``settings``
-    defaults to the environment's; ``config`` as for ``gateway_config``."""
+    """Serve ``app`` (an import string of an app factory) in this process until SIGTERM or
+    SIGINT; return the process exit status (0 after a clean shutdown, 3 when startup failed).
+    ``settings`` defaults to the environment's; ``config`` as for ``gateway_config``. (Several
+    worker processes: ``gateway.workers.serve_workers``.)"""
     cfg = gateway_config(settings or Settings(), app, **config)
-    if cfg.workers > 1:
-        sock = cfg.bind_socket()
-        GatewaySupervisor(cfg, sockets=[sock]).run()
-        return 0
     server = GatewayServer(cfg)
     try:
         server.run()

@@ -1,17 +1,19 @@
-"""Several uvicorn workers on one socket, with metrics that are the server's.
+"""Several gateway workers on one socket, with metrics that are the server's.
 
 ``metrics_dir(parent)`` gives one server a directory of its own for prometheus-client's
 multiprocess files (see ``gateway.metrics``): created at start, removed at exit, and held by a
 lock while the server runs, so that a later server removes what a killed one left behind; files
-never pile up across restarts. ``serve_workers(config)`` runs uvicorn's worker supervisor (which
-replaces a worker that dies), and also tells prometheus-client when a worker is gone, so that
-live gauges (in-flight requests, queued rows) stop counting it while its counters still add to
-the server's totals.
+never pile up across restarts. ``serve_workers(config, metrics)`` binds the socket and runs the
+gateway's supervisor (``gateway.supervisor``: replaces a worker that dies or whose event loop is
+stuck, forwards signals), and tells prometheus-client when a worker is gone, so that live gauges
+(in-flight requests, queued rows) stop counting it while its counters still add to the server's
+totals.
 """
 
 from __future__ import annotations
 
 import fcntl
+import functools
 import logging
 import os
 import shutil
@@ -19,12 +21,11 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from socket import socket
 
 from prometheus_client.multiprocess import mark_process_dead
-from uvicorn import Config
 
-from gateway.server import GatewaySupervisor
+from gateway.server import GatewayConfig
+from gateway.supervisor import supervise
 
 __all__ = ["metrics_dir", "serve_workers"]
 
@@ -70,44 +71,24 @@ def _sweep(parent: Path) -> None:
         _log.info("Removed metric files of a server that is gone: %s", path)
 
 
-class _Supervisor(GatewaySupervisor):
-    """The gateway's worker supervisor, also marking each worker that leaves dead for
-    prometheus-client."""
+def serve_workers(config: GatewayConfig, metrics: Path) -> int:
+    """Bind ``config``'s socket and serve it with ``config.workers`` workers until SIGINT or
+    SIGTERM; the exit status (``gateway.supervisor.supervise``). Each worker that ends is
+    marked dead in the metric files in ``metrics``.
 
-    def __init__(self, config: Config, sockets: list[socket], metrics: Path) -> None:
-        super().__init__(config, sockets)
-        self._metrics = metrics
-        self._pids: set[int] = set()
-
-    def init_processes(self) -> None:
-        super().init_processes()
-        self._reap()
-
-    def keep_subprocess_alive(self) -> None:
-        super().keep_subprocess_alive()
-        self._reap()
-
-    def handle_signals(self) -> None:
-        super().handle_signals()
-        self._reap()
-
-    def _reap(self) -> None:
-        live = {p.pid for p in self.processes if p.pid is not None}
-        for pid in sorted(self._pids - live):
-            mark_process_dead(pid, str(self._metrics))  # type: ignore[no-untyped-call]
-            _log.info("Worker [%d] gone: its live gauges left the metrics", pid)
-        self._pids = live
-
-
-def serve_workers(config: Config, metrics: Path) -> None:
-    """Bind ``config``'s socket and run ``config.workers`` workers until SIGINT/SIGTERM.
-
-    Exits the process (uvicorn's status 1) when the socket cannot be bound.
+    Exits the process (uvicorn's status 3) when the socket cannot be bound.
     """
     sock = config.bind_socket()
     try:
-        _Supervisor(config, [sock], metrics).run()
+        return supervise(config, sock, on_exit=functools.partial(_gone, metrics))
     finally:
         sock.close()
         if config.uds and os.path.exists(config.uds):
             os.remove(config.uds)
+
+
+def _gone(metrics: Path, pid: int) -> None:
+    """Worker ``pid`` has ended: its live gauges leave the server's metrics; its counters
+    stay."""
+    mark_process_dead(pid, str(metrics))  # type: ignore[no-untyped-call]
+    _log.info("Worker [%d] gone: its live gauges left the metrics", pid)

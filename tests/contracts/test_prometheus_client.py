@@ -30,7 +30,7 @@ FENCE = Fence("prometheus-client", "0.26.0", "tests/contracts/test_prometheus_cl
     pin("prometheus_client.multiprocess", "MultiProcessCollector", None,
         "metrics:Metrics.__init__", signature="registry, path"),
     pin("prometheus_client.multiprocess", "mark_process_dead", None,
-        "workers:_Supervisor._reap", signature="pid, path"),
+        "workers:_gone", signature="pid, path"),
     pin("prometheus_client.exposition", "CONTENT_TYPE_PLAIN_0_0_4", None, "metrics:CONTENT_TYPE"),
 ))
 

@@ -1,8 +1,7 @@
-"""What ``gateway/server.py``, ``gateway/lane.py`` (and ``gateway/workers.py``) rely on inside
+"""What ``gateway/server.py``, ``gateway/lane.py`` and ``gateway/supervisor.py`` rely on inside
 uvicorn: the httptools protocol and its request cycle (the slow-client limits and the doors' fast
-lane), the server (signals, shutdown), the worker supervisor. ``FENCE`` is the table (see
-``fence.py``); the tests below it run uvicorn's code for the behaviours a digest alone does not
-show."""
+lane), the server (signals, shutdown). ``FENCE`` is the table (see ``fence.py``); the tests below
+it run uvicorn's code for the behaviours a digest alone does not show."""
 
 from __future__ import annotations
 
@@ -21,13 +20,11 @@ from uvicorn.protocols.http.httptools_impl import (
     RequestResponseCycle,
 )
 from uvicorn.server import ServerState
-from uvicorn.supervisors.multiprocess import Multiprocess
 
 from tests.contracts.fence import Fence, check, pin, report
 
 HT = "uvicorn.protocols.http.httptools_impl"
 SV = "uvicorn.server"
-MP = "uvicorn.supervisors.multiprocess"
 TY = "uvicorn._types"
 
 FENCE = Fence("uvicorn", "0.55.0", "tests/contracts/test_uvicorn.py", (
@@ -82,27 +79,14 @@ FENCE = Fence("uvicorn", "0.55.0", "tests/contracts/test_uvicorn.py", (
         "server:GatewayServer.capture_signals"),
     pin("uvicorn.lifespan.on", "LifespanOn.__init__", "6acdad3ec7ab",  # state: the app state
         "server:GatewayServer.shutdown", "lane:FastLane.of"),
-    # The supervisor: GatewaySupervisor's four methods are uvicorn's, with another Process.
-    pin(MP, "Process.__init__", "a8c85f799aae", "server:_GatewayProcess.server"),
-    pin(MP, "Process.server", "0bc0d378bdef", "server:_GatewayProcess.server"),
-    pin(MP, "Multiprocess.__init__", "5e0f105cb4a3",
-        "server:GatewaySupervisor", "workers:_Supervisor.__init__"),
-    pin(MP, "Multiprocess.init_processes", "6c69f2a36bf5",
-        "server:GatewaySupervisor.init_processes", "workers:_Supervisor.init_processes"),
-    pin(MP, "Multiprocess.keep_subprocess_alive", "3ba4980aa33b",
-        "server:GatewaySupervisor.keep_subprocess_alive",
-        "workers:_Supervisor.keep_subprocess_alive"),
-    pin(MP, "Multiprocess.restart_all", "438dec6d95be", "server:GatewaySupervisor.restart_all"),
-    pin(MP, "Multiprocess.handle_ttin", "ebfc0650752a", "server:GatewaySupervisor.handle_ttin"),
-    pin(MP, "Multiprocess.handle_signals", "69be08d4fd9b",  # handle_<signal> by name
-        "workers:_Supervisor.handle_signals", "server:GatewaySupervisor.handle_ttin"),
     # Names imported from uvicorn's internal modules.
     pin(TY, "ASGI3Application", None, "server:GatewayHttpProtocol._start_asgi_task"),
     pin(TY, "ASGIReceiveCallable", None, "server:GatewayHttpProtocol._guarded"),
     pin(TY, "ASGISendCallable", None, "lane:FastLane._deliver"),
     pin(TY, "Scope", None, "lane:FastLane._deliver", "server:GatewayHttpProtocol._unavailable"),
     pin("uvicorn.config", "STARTUP_FAILURE", None,
-        "server:run", "server:GatewaySupervisor.keep_subprocess_alive"),
+        "server:run", "supervisor:_work",
+        "supervisor:_Supervisor._ended"),
 ))
 
 
@@ -299,18 +283,6 @@ def test_the_lifespan_state_is_what_protocols_get_as_app_state() -> None:
     lifespan = config.lifespan_class(config)
     assert lifespan.state == {}
     assert "app_state=self.lifespan.state" in inspect.getsource(uvicorn.Server.startup)
-
-
-def test_the_supervisor_creates_worker_processes_only_where_ours_overrides() -> None:
-    """GatewaySupervisor puts its own Process in every place uvicorn creates one; a new place
-    would start workers without the gateway's server (re-check GatewaySupervisor in
-    gateway/server.py)."""
-    from gateway.server import GatewaySupervisor
-
-    creating = {name for name, f in vars(Multiprocess).items()
-                if inspect.isfunction(f) and "Process(" in inspect.getsource(f)}
-    assert creating == {"init_processes", "keep_subprocess_alive", "restart_all", "handle_ttin"}
-    assert all(name in vars(GatewaySupervisor) for name in creating)
 
 
 def test_uvicorn_logs_where_the_gateway_routes_logs() -> None:

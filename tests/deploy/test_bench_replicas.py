@@ -1,8 +1,10 @@
-"""``bench.replicas``: config rendering, a clear error without nginx, and one short real run."""
+"""``bench.replicas``: config rendering, a clear error without nginx, the core sets, and one
+short real run of the four configurations."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -45,20 +47,38 @@ def test_missing_nginx_is_a_clear_error(monkeypatch: pytest.MonkeyPatch) -> None
         replicas.nginx_binary()
 
 
+def test_core_sets() -> None:
+    cores = os.cpu_count() or 1
+    assert replicas.parse_cpus("0") == {0} and replicas.parse_cpus("all") is None
+    if cores >= 2:
+        assert replicas.parse_cpus("0-1") == replicas.parse_cpus("1,0") == {0, 1}
+    for bad in (str(cores), "x", "", "1-"):
+        with pytest.raises(ValueError):
+            replicas.parse_cpus(bad)
+    assert replicas._server_cpus(None, {0}) == (set(range(1, cores)) or None)
+    assert replicas._server_cpus("all", {0}) is None
+    assert replicas._server_cpus(None, None) is None  # wrk anywhere: the servers too
+
+
 @pytest.mark.e2e
 @pytest.mark.slow
-def test_a_short_run_measures_the_three_configurations(nginx: str, tmp_path: Path,
-                                                       session_store: Path) -> None:
+def test_a_short_run_measures_the_four_configurations(nginx: str, tmp_path: Path,
+                                                      session_store: Path) -> None:
     out = tmp_path / "result.json"
     proc = subprocess.run(
         [sys.executable, "-m", "bench.replicas", "--model-root", str(session_store),
          "--duration", "1", "--repetitions", "1", "--connections", "4", "--json", str(out)],
-        capture_output=True, text=True, timeout=110, check=False)
+        capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(out.read_text())
-    assert set(result["runs"]) == {"direct", "nginx+1", "nginx+2"}
+    assert set(result["runs"]) == {"1 worker", "2 workers", "nginx+1", "nginx+2"}
+    assert result["wrk_cpus"] == [0]
     for name, (run,) in result["runs"].items():
-        assert run["errors"] == 0 and run["rps"] > 0, name
-        assert (run["nginx_cpu_us_per_request"] > 0) == (name != "direct")
+        assert run["errors"] == 0 and run["hot_rps"] > 0 and run["unique_rps"] > 0, name
+        assert run["hot_gateway_cpu_us_per_request"] > 0, name
+        assert (run["hot_nginx_cpu_us_per_request"] > 0) == name.startswith("nginx"), name
+    assert set(result["ratios"]) == {"2 workers / 1 worker", "nginx+2 / 1 worker"}
+    assert all(len(v) == 1 for by_load in result["ratios"].values() for v in by_load.values())
     assert len(result["hop_us_p50"]) == 1
+    assert "2 workers / 1 worker, throughput ratio per repetition" in proc.stdout
     assert "nginx hop, added p50 latency at 1 connection" in proc.stdout

@@ -87,22 +87,29 @@ def test_several_workers_share_a_metrics_dir_of_the_servers_own(
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     seen: list[tuple[uvicorn.Config, Path]] = []
 
-    def serve_workers(config: uvicorn.Config, directory: Path) -> None:
+    def serve_workers(config: uvicorn.Config, directory: Path) -> int:
         assert directory.is_dir()
         assert os.environ[MULTIPROC_ENV] == str(directory)  # inherited by the workers
         seen.append((config, directory))
+        return len(seen) + 1  # the supervisor's exit status
 
     monkeypatch.setattr(cli, "serve_workers", serve_workers)
-    cli.main(["--workers", "3", "--port", "9001"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--workers", "3", "--port", "9001", "--timeout-worker-healthcheck", "2"])
+    assert exit_.value.code == 2
     ((config, directory),) = seen
     assert directory.parent == tmp_path
     assert (config.workers, config.port, config.timeout_keep_alive) == (3, 9001, cli.KEEP_ALIVE_S)
+    assert config.timeout_worker_healthcheck == 2
     assert not directory.exists() and MULTIPROC_ENV not in os.environ
 
     parent = tmp_path / "given"  # a directory set by the user is the parent of the server's
     parent.mkdir()
     monkeypatch.setenv(MULTIPROC_ENV, str(parent))
-    cli.main(["--workers", "2"])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--workers", "2"])
+    assert exit_.value.code == 3
+    assert seen[1][0].timeout_worker_healthcheck == 5  # uvicorn's default
     assert seen[1][1].parent == parent and os.environ[MULTIPROC_ENV] == str(parent)
     assert list(parent.iterdir()) == []
 
@@ -119,6 +126,8 @@ def test_bad_options_exit_with_a_clear_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     assert "--workers: expected an integer >= 1, got 0" in _refused(capsys, ["--workers", "0"])
+    assert "--timeout-worker-healthcheck: expected an integer >= 1, got 0" in _refused(
+        capsys, ["--workers", "2", "--timeout-worker-healthcheck", "0"])
     missing = tmp_path / "missing" / "gateway.sock"
     err = _refused(capsys, ["--uds", str(missing)])
     assert f"--uds: cannot create a socket at {missing}: No such file or directory" in err
