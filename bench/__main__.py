@@ -1,7 +1,13 @@
 """``python -m bench``: load-test gateway configurations side by side and write a report.
 
 By default it starts everything itself (a redis-server, one gateway per configuration, the
-bare ceiling endpoint) on free loopback ports, and stops it all at the end. Closed-loop
+bare ceiling endpoint, and with ``--mlserver`` an MLServer on the same model files) on free
+loopback ports, and stops it all at the end. Beside every figure stands the model's own
+limit: its served backend's rows/s in-process on 64-row calls (``bench.limit``).
+
+The heavy workload: ``--model lgbm-heavy`` or ``--model xgb-heavy`` (500 trees of depth 8
+on 100 features, trained from a fixed seed into ``--model-root`` when missing, see
+``bench.heavy``) with ``--scenarios heavy``. Closed-loop
 load comes from wrk; ``--open-loop RATES`` adds fixed-rate runs and ``--sweep`` replaces the
 closed loop by latency-against-load curves, both from ``bench.loadgen``.
 """
@@ -23,10 +29,19 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from bench.report import aggregate, columns, table_cells, write_report, write_sweep_report
+from bench.mlserver import RUNTIMES
+from bench.report import (
+    aggregate,
+    columns,
+    limit_of,
+    table_cells,
+    write_report,
+    write_sweep_report,
+)
 from bench.runner import Bench, Options, run_bench
 from bench.scenarios import CEILING, CONFIGS, DEFAULT_CONFIGS, DEFAULT_SCENARIOS, GROUPS, SCENARIOS
 from bench.sweep import LADDER
+from model_store import ModelStore
 
 
 def _csv(choices: Mapping[str, object], groups: Mapping[str, tuple[str, ...]] | None = None
@@ -54,6 +69,17 @@ def _rates(text: str) -> tuple[float, ...]:
     if not rates or any(r <= 0 for r in rates):
         raise argparse.ArgumentTypeError(f"positive rates, got {text!r}")
     return rates
+
+
+def _batch(text: str) -> tuple[int, float]:
+    try:
+        size, ms = text.split(",")
+        out = int(size), float(ms) / 1000
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"SIZE,MS, got {text!r}") from None
+    if out[0] < 1 or out[1] < 0:
+        raise argparse.ArgumentTypeError(f"a size >= 1 and a time >= 0, got {text!r}")
+    return out
 
 
 def parser() -> argparse.ArgumentParser:
@@ -104,12 +130,27 @@ def parser() -> argparse.ArgumentParser:
                    help="also measure another server (any Open Inference Protocol server, or "
                         "a gateway) on the scenarios whose door it answers")
     p.add_argument("--baseline-model", help="the model's name on the baseline (--model)")
+    p.add_argument("--mlserver", action="store_true",
+                   help="start MLServer (its xgboost or lightgbm runtime, adaptive batching "
+                        "on) serving the model's own file from --model-root, and measure it "
+                        "as the baseline; it is installed once into a virtualenv of its own "
+                        "from bench/mlserver.lock")
+    p.add_argument("--mlserver-venv", type=Path, default=None,
+                   help="MLServer's virtualenv (default: ~/.cache/inference-gateway/"
+                        "mlserver-<lock digest>)")
+    p.add_argument("--mlserver-batch", type=_batch, default=(64, 0.002),
+                   metavar="SIZE,MS",
+                   help="MLServer's max_batch_size and max_batch_time in ms (64,2)")
+    p.add_argument("--open-loop-at", type=_rates, default=(), metavar="FRACTIONS",
+                   help="also measure each scenario at these fractions of the req/s the "
+                        "target reached in its closed loop (0.5: half of its capacity)")
     p.add_argument("--v2-input", default="input", help="V2 requests: input tensor name")
     p.add_argument("--v2-datatype", choices=("FP64", "FP32"), default="FP64",
                    help="V2 requests: tensor datatype")
     p.add_argument("--model-root", type=Path, default=Path("models"))
     p.add_argument("--model", default="iris",
-                   help="model every request asks (iris; heavy: the 300-tree, 20-feature demo)")
+                   help="model every request asks (iris; heavy: the 300-tree, 20-feature "
+                        "demo; lgbm-heavy, xgb-heavy: the heavy workload's boosters)")
     p.add_argument("--workers", type=int, default=1, help="uvicorn workers per gateway")
     p.add_argument("--out", type=Path, default=Path("bench/results"))
     p.add_argument("--publish", type=Path, metavar="DIR",
@@ -138,6 +179,8 @@ def _options(args: argparse.Namespace) -> Options:
         refine=args.refine, open_connections=args.open_connections,
         min_requests=args.min_requests,
         max_lateness_ms=args.max_lateness_ms, max_lateness_share=args.max_lateness_share,
+        open_loop_at=args.open_loop_at, mlserver=args.mlserver,
+        mlserver_venv=args.mlserver_venv, mlserver_batch=args.mlserver_batch,
     )
 
 
@@ -168,7 +211,22 @@ def _meta(opts: Options, bench: Bench, stamp: str, argv: list[str]) -> dict[str,
         },
         "p99_bound_ms": opts.p99_bound_ms,
         "skipped": bench.skipped,
+        "model": opts.model,
+        "model_limit": [lim.to_json() for lim in bench.limits],
+        "baseline": _baseline(opts),
     }
+
+
+def _baseline(opts: Options) -> str | None:
+    if opts.mlserver:
+        size, wait_s = opts.mlserver_batch
+        store = ModelStore(opts.model_root)
+        family = store.manifest(opts.model, store.latest(opts.model)).family
+        return (f"MLServer 1.7.1 (bench/mlserver.lock) with {RUNTIMES.get(family, family)} "
+                f"on the same model file, adaptive batching (max_batch_size {size}, "
+                f"max_batch_time {wait_s * 1000:g} ms), one parallel inference worker, the "
+                "library's default threads")
+    return opts.baseline_url
 
 
 _PUBLISHED = ("report.md", "throughput.png", "latency.png", "sweep.md", "sweep.png")
@@ -214,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
         console.print(report.read_text().split("## Every step", 1)[0])
     else:
         write_report(out_dir, bench.runs, meta, bench.open_runs)
-        rows = aggregate(bench.runs)
+        rows = aggregate(bench.runs, limit_of(meta))
         cols = columns(rows)
         table = Table(title=f"bench {stamp}")
         for col in cols:

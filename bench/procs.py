@@ -1,5 +1,6 @@
 """The processes the bench and the tests start: gateways (``python -m gateway``), any ASGI app
-under uvicorn, a restartable redis-server and a Redis Cluster, each on a free loopback port.
+under uvicorn, MLServer, a restartable redis-server and a Redis Cluster, each on a free loopback
+port.
 
 Every process is waited for on its own output (uvicorn's startup and listening lines,
 redis-server's "Ready to accept connections"), never by sleeping or polling, and is signalled
@@ -8,6 +9,7 @@ and reaped by its own PID when its context ends.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import resource
@@ -29,12 +31,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 __all__ = [
     "GatewayProcess", "Process", "RedisCluster", "RedisServer", "free_port", "gateway_process",
-    "gateways", "redis_cluster", "redis_server", "uvicorn_app",
+    "gateways", "mlserver_process", "redis_cluster", "redis_server", "uvicorn_app",
 ]
 
 _STARTED = "Application startup complete"  # one per worker, once its lifespan has started
 _LISTENING = "Uvicorn running on"  # one process: logged once bound, after its startup
 _REDIS_READY = "Ready to accept connections"
+_MLSERVER_LOADED = "Loaded model '{}' successfully"  # MLServer 1.7: once in the inference
+# worker, then once in the main process when the model is ready there
 
 
 def free_port() -> int:
@@ -271,6 +275,33 @@ def uvicorn_app(app: str) -> Iterator[GatewayProcess]:
             "--http", "httptools", "--log-level", "info", "--no-access-log"]
     with _serving([(argv, port)], {}) as (server,):
         yield server
+
+
+@contextmanager
+def mlserver_process(executable: Path, repository: Path, models: Sequence[str], *,
+                     timeout_s: float = 120) -> Iterator[GatewayProcess]:
+    """``mlserver start`` on the model directories in ``repository`` (its ``settings.json`` is
+    written here: loopback only, free HTTP, gRPC and metrics ports, no access log, one parallel
+    inference worker); yielded once its HTTP server listens and it has logged each of
+    ``models`` loaded; SIGTERM at the end."""
+    port = free_port()
+    (repository / "settings.json").write_text(json.dumps({
+        "host": "127.0.0.1", "http_port": port, "grpc_port": free_port(),
+        "metrics_port": free_port(), "debug": False, "parallel_workers": 1,
+        "metrics_dir": str(repository / ".metrics"),
+        "environments_dir": str(repository / ".envs"),
+    }))
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = Process([str(executable), "start", str(repository)], env=env,
+                      stdout=subprocess.STDOUT)
+    try:
+        process.wait_for(f"{_LISTENING} http://127.0.0.1:{port}", timeout_s=timeout_s)
+        for name in models:
+            process.wait_for(re.escape(_MLSERVER_LOADED.format(name)), count=2,
+                             timeout_s=timeout_s)
+        yield GatewayProcess(process, port)
+    finally:
+        process.stop(signal.SIGTERM, timeout_s=30)
 
 
 # -- redis-server -----------------------------------------------------------------------------

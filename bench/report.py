@@ -3,7 +3,9 @@ and the report files: JSON, Markdown and PNG plots.
 
 Every table puts ratios first (to the bare ceiling endpoint, to ``naive``, to the baseline)
 and absolute figures second; every figure is a median over the repetitions, with its
-minimum and maximum.
+minimum and maximum. When the run measured the model's own limit (``bench.limit``, in
+``meta["model_limit"]``), it heads the report, and every throughput stands beside it as rows/s
+over the limit's rows/s, every latency at a fixed rate as a multiple of its 64-row call.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.limit import Limit
 from bench.machine import summary
 from bench.runner import CEILING, OpenRun, Run
 from bench.sweep import Step, Sweep
 
 __all__ = ["Check", "OpenRow", "Row", "aggregate", "aggregate_open", "checks", "columns",
-           "open_markdown", "ratio_tables", "sweep_markdown", "table_cells", "to_markdown",
-           "write_report", "write_sweep_report"]
+           "heavy_checks", "limit_of", "open_markdown", "ratio_tables", "sweep_markdown",
+           "table_cells", "to_markdown", "write_report", "write_sweep_report"]
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,13 @@ class Row:
     server_cores: float | None = None  # median CPU seconds of the server per second
     threads: int = 0
     connections: int = 0
+    rows_per_request: int = 1
+    vs_limit: float | None = None  # rows/s over the model's own limit (its median)
+    vs_limit_spread: tuple[float, float] | None = None
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.rps * self.rows_per_request
 
 
 def _median(values: Iterable[float]) -> float:
@@ -74,9 +84,11 @@ def _cores(pairs: Iterable[tuple[float | None, float]]) -> float | None:
     return _median(shares) if shares else None
 
 
-def aggregate(runs: Sequence[Run]) -> list[Row]:
+def aggregate(runs: Sequence[Run], limit: Limit | None = None) -> list[Row]:
     """One row per (config, scenario), in first-seen order, with ratios to ``naive`` and to
-    ``baseline`` (same scenario) and to the ceiling (the bare endpoint under the hot load)."""
+    ``baseline`` (same scenario), to the ceiling (the bare endpoint under the hot load) and,
+    given the model's own ``limit``, rows/s over its rows/s (not for the ceiling, which runs
+    no model, nor for a burst)."""
     groups: dict[tuple[str, str], list[Run]] = defaultdict(list)
     for r in runs:
         groups[(r.config, r.scenario)].append(r)
@@ -102,6 +114,7 @@ def aggregate(runs: Sequence[Run]) -> list[Row]:
             generator_cores=_cores((r.generator_cpu_s, r.seconds) for r in rs),
             server_cores=_cores((r.server_cpu_s, r.seconds) for r in rs),
             threads=rs[0].threads, connections=rs[0].connections,
+            rows_per_request=rs[0].rows,
         )
     ceiling = rows.get((CEILING, "hot"))
     out = []
@@ -117,8 +130,24 @@ def aggregate(runs: Sequence[Run]) -> list[Row]:
             **_ratio("vs_naive", row, naive),
             **_ratio("vs_ceiling", row, top),
             **_ratio("vs_baseline", row, base),
+            **_vs_limit(row, None if config == CEILING or scenario == "burst" else limit),
         }))
     return out
+
+
+def _vs_limit(row: Row, limit: Limit | None) -> dict[str, Any]:
+    if limit is None:
+        return {}
+    per = row.rows_per_request
+    return {"vs_limit": row.rps * per / limit.rows_per_s,
+            "vs_limit_spread": (row.rps_min * per / limit.rows_per_s,
+                                row.rps_max * per / limit.rows_per_s)}
+
+
+def limit_of(meta: dict[str, Any]) -> Limit | None:
+    """The model's own limit a run measured before its servers started, if any."""
+    limits = meta.get("model_limit") or []
+    return Limit.from_json(limits[0]) if limits else None
 
 
 def _ratio(name: str, row: Row, ref: Row | None) -> dict[str, Any]:
@@ -185,6 +214,49 @@ def checks(rows: Sequence[Row]) -> list[Check]:
     return out
 
 
+def heavy_checks(rows: Sequence[Row], open_rows: Sequence[OpenRow], limit: Limit | None,
+                 config: str = "compiled") -> list[Check]:
+    """The heavy workload's goals (issue 22), judged on this run for the gateway
+    configuration ``config`` (the gateway's defaults: every mechanism on, the store's chosen
+    backend) against the baseline and the model's own ``limit``."""
+    by = {(r.config, r.scenario): r for r in rows}
+    out = []
+    one, base = by.get((config, "v2-json-unique")), by.get(("baseline", "v2-json-unique"))
+    if one and base and base.rps:
+        ratio = one.rows_per_s / base.rows_per_s
+        out.append(Check("v2-json-unique: gateway rows/s vs the baseline's", ">= 5x",
+                         f"{ratio:.2f}x ({one.rows_per_s:,.0f} vs {base.rows_per_s:,.0f})",
+                         ratio >= 5))
+    if one and one.p99_ms is not None:
+        out.append(Check("v2-json-unique: gateway p99 (closed loop)", "<= 20 ms",
+                         f"{one.p99_ms:.1f} ms", one.p99_ms <= 20))
+    if limit is not None:
+        for scenario in ("v2-json-32-unique", "multirow"):
+            r = by.get((config, scenario))
+            if r and r.vs_limit is not None:
+                out.append(Check(f"{scenario}: gateway rows/s vs the model's own limit",
+                                 ">= 0.6x", f"{r.vs_limit:.2f}x ({r.rows_per_s:,.0f} vs "
+                                 f"{limit.rows_per_s:,.0f})", r.vs_limit >= 0.6))
+    b = by.get((config, "burst"))
+    if b and b.model_calls is not None:
+        out.append(Check("burst: model calls for N identical new rows", "== 1",
+                         f"{b.model_calls:g}", b.model_calls == 1))
+    if limit is not None:
+        for o in open_rows:
+            closed = by.get((o.config, o.scenario))
+            if o.config != config or closed is None or not closed.rps:
+                continue
+            share = o.rate / closed.rps
+            if not 0.4 <= share <= 0.6:
+                continue
+            bound = 5 * limit.call_us / 1000
+            out.append(Check(f"{o.scenario}: p99 at {share:.0%} of capacity "
+                             f"({o.rate:,.0f}/s) vs 5x the 64-row call",
+                             f"<= {bound:.1f} ms",
+                             _bounded(o.valid, f"{o.p99_ms:.1f} ms"), o.p99_ms <= bound))
+    return out
+
+
 def _f(v: float | None, fmt: str) -> str:
     return "-" if v is None else format(v, fmt)
 
@@ -210,6 +282,8 @@ _RATIOS = (
      "settings"),
     ("vs_naive", "x naive", "req/s over naive's in the same scenario"),
     ("vs_baseline", "x baseline", "req/s over the baseline server's in the same scenario"),
+    ("vs_limit", "x model limit", "rows/s over the model's own limit (its served backend "
+     "in-process on 64-row calls, same threads)"),
 )
 
 
@@ -234,11 +308,18 @@ def ratio_tables(rows: Sequence[Row]) -> list[str]:
 
 
 def columns(rows: Sequence[Row]) -> tuple[str, ...]:
-    """The table's columns: ratios first (x baseline only when a baseline was measured)."""
+    """The table's columns: ratios first (x baseline only when a baseline was measured, x
+    model limit and rows/s only when the model's own limit was)."""
     cols = ["config", "scenario", "x ceiling", "x naive"]
     if any(r.vs_baseline is not None for r in rows):
         cols.append("x baseline")
-    return (*cols, "req/s (min-max)", "p50 ms (min-max)", "p99 ms (min-max)", "errors",
+    limit = any(r.vs_limit is not None for r in rows)
+    if limit:
+        cols.append("x model limit")
+    cols.append("req/s (min-max)")
+    if limit:
+        cols.append("rows/s")
+    return (*cols, "p50 ms (min-max)", "p99 ms (min-max)", "errors",
             "wrk CPU", "server CPU", "model calls", "rows/call", "hit ratio")
 
 
@@ -247,7 +328,9 @@ def table_cells(r: Row, cols: Sequence[str]) -> list[str]:
         "config": r.config, "scenario": r.scenario,
         "x ceiling": _ratio_cell(r, "vs_ceiling"), "x naive": _ratio_cell(r, "vs_naive"),
         "x baseline": _ratio_cell(r, "vs_baseline"),
+        "x model limit": _ratio_cell(r, "vs_limit"),
         "req/s (min-max)": _spread(r.rps, r.rps_min, r.rps_max, ",.0f"),
+        "rows/s": _f(r.rows_per_s, ",.0f"),
         "p50 ms (min-max)": _spread(r.p50_ms, r.p50_min, r.p50_max, ".2f"),
         "p99 ms (min-max)": _spread(r.p99_ms, r.p99_min, r.p99_max, ".2f"),
         "errors": str(r.errors),
@@ -273,6 +356,17 @@ def _header(title: str, meta: dict[str, Any]) -> list[str]:
                   + (f", {after[0]:g} at the end" if after else "")
                   + "; other processes may share it, so figures are indicative. Python "
                   f"{machine.get('python', '?')}, {machine.get('os', '?')}.", ""]
+    limits = [Limit.from_json(x) for x in meta.get("model_limit") or []]
+    if limits:
+        lines += ["**The model's own limit** (its served backend called in-process on "
+                  f"{limits[0].rows}-row blocks of the bench's rows, no HTTP; median of "
+                  f"{limits[0].repeats} rounds of {limits[0].calls} calls, min..max): "
+                  + limits[0].sentence() + "."
+                  + ("" if len(limits) < 2 else
+                     f" Measured again after the servers stopped: {limits[1].rows_per_s:,.0f}"
+                     f" rows/s, {limits[1].call_us / 1000:.2f} ms a call."), ""]
+    if meta.get("baseline"):
+        lines += [f"Baseline: {meta['baseline']}.", ""]
     return lines
 
 
@@ -323,7 +417,9 @@ def _stats(values: list[float]) -> tuple[float, float, float]:
 
 
 def open_markdown(rows: Sequence[OpenRow], meta: dict[str, Any]) -> list[str]:
-    """The open-loop section: latency at fixed arrival rates, invalid runs marked."""
+    """The open-loop section: latency at fixed arrival rates, invalid runs marked; with the
+    model's own limit, each p99 as a multiple of its 64-row call."""
+    limit = limit_of(meta)
     gen = meta.get("open_loop_generator", {})
     lines = ["## Open loop (fixed arrival rate)", "",
              _generator_sentence(gen), "",
@@ -331,11 +427,13 @@ def open_markdown(rows: Sequence[OpenRow], meta: dict[str, Any]) -> list[str]:
              "are over those only. When none was, the latencies are upper bounds of the "
              "server's (`<=`): the generator's lateness is in them.", ""]
     cols = ("config", "scenario", "rate/s", "valid", "p50 ms (min-max)", "p99 ms (min-max)",
+            *(("p99 / model call",) if limit else ()),
             "not 2xx", "lateness p99 ms", "generator CPU", "server CPU")
     lines += _table(cols, ([
         r.config, r.scenario, f"{r.rate:,.0f}", f"{r.valid}/{r.reps}",
         _bounded(r.valid, _spread(r.p50_ms, r.p50_min, r.p50_max, ".2f")),
-        _bounded(r.valid, _spread(r.p99_ms, r.p99_min, r.p99_max, ".2f")), str(r.bad),
+        _bounded(r.valid, _spread(r.p99_ms, r.p99_min, r.p99_max, ".2f")),
+        *((f"{r.p99_ms * 1000 / limit.call_us:.1f}x",) if limit else ()), str(r.bad),
         f"{r.lateness_p99_ms:.2f}", f"{r.generator_cpu:.0%}", _f(r.server_cores, ".2f"),
     ] for r in rows))
     return lines
@@ -474,9 +572,10 @@ def write_report(out_dir: Path, runs: Sequence[Run], meta: dict[str, Any],
     from bench import plots
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = aggregate(runs)
-    check_list = checks(rows)
+    limit = limit_of(meta)
+    rows = aggregate(runs, limit)
     open_rows = aggregate_open(open_runs)
+    check_list = checks(rows) + heavy_checks(rows, open_rows, limit)
     (out_dir / "results.json").write_text(json.dumps({
         "meta": meta,
         "rows": [asdict(r) for r in rows],

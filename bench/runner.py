@@ -9,6 +9,10 @@ a running ``--url``, a ``--baseline-url``):
 
 Every wrk run records wrk's own CPU time; every generator run its lateness and CPU; every run
 of a process the bench started, that process's CPU time.
+
+Beside them, the model's own limit (``bench.limit``): the served backend's rows per second
+in-process on 64-row calls, measured before the servers start and again after they stop.
+``--mlserver`` starts MLServer on the same model files (``bench.mlserver``) as the baseline.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import statistics
 import subprocess
 import sys
 import threading
@@ -28,8 +33,11 @@ import httpx
 
 from bench import clients, lua
 from bench.doors import Load
+from bench.heavy import HEAVY, ensure_heavy
+from bench.limit import Limit, measure
 from bench.loadgen import Result
 from bench.machine import describe, process_cpu_s
+from bench.mlserver import baseline as mlserver_baseline
 from bench.procs import GatewayProcess, RedisServer, gateway_process, redis_server, uvicorn_app
 from bench.scenarios import CEILING, CONFIGS, SCENARIOS, Scenario
 from bench.scrape import Counters, scrape
@@ -71,6 +79,11 @@ class Options:
     max_lateness_ms: float = 1.0
     max_lateness_share: float = 0.1
     drain_s: float = 1.0
+    # fixed-rate runs at these fractions of the target's closed-loop req/s in the scenario
+    open_loop_at: tuple[float, ...] = ()
+    mlserver: bool = False  # start MLServer on the model's files as the baseline
+    mlserver_venv: Path | None = None  # its virtualenv (default: bench.mlserver's)
+    mlserver_batch: tuple[int, float] = (64, 0.002)  # max_batch_size, max_batch_time (s)
 
 
 @dataclass
@@ -89,6 +102,7 @@ class Run:
     server_cpu_s: float | None = None  # the measured server's CPU seconds (if started here)
     threads: int = 0  # wrk threads
     connections: int = 0
+    rows: int = 1  # rows per request
 
     @property
     def rps(self) -> float:
@@ -98,7 +112,7 @@ class Run:
         return {
             "config": self.config, "scenario": self.scenario, "rep": self.rep,
             "requests": self.requests, "seconds": self.seconds, "rps": self.rps,
-            "errors": self.errors,
+            "rows_per_request": self.rows, "errors": self.errors,
             "latency_us": {f"{k:g}": v for k, v in self.latency_us.items()},
             "generator": {"engine": "wrk", "threads": self.threads,
                           "connections": self.connections, "cpu_s": self.generator_cpu_s},
@@ -160,7 +174,10 @@ class _Salts:
 
 def ensure_model(root: Path, model: str) -> tuple[str, ...]:
     """The features of ``model`` in the store at ``root``; the demo models (``iris``,
-    ``heavy``) are trained, compiled and registered when missing."""
+    ``heavy``) and the heavy boosters (``bench.heavy.HEAVY``) are trained, registered (and
+    compiled or verified) when missing."""
+    if model in HEAVY:
+        return ensure_heavy(root, model)
     store = ModelStore(root)
     if not store.models().get(model):
         if model == "iris":
@@ -196,6 +213,7 @@ class Bench:
         self.redis: RedisServer | None = None
         self.machine = describe()
         self.machine_after: dict[str, Any] = {}
+        self.limits: list[Limit] = []  # the model's own limit: before the servers, after
 
     def load(self, sc: Scenario, model: str, salt: int) -> Load:
         return Load(door=sc.door, keys=sc.keys, features=self.features, rows=sc.rows,
@@ -229,7 +247,8 @@ class Bench:
                     self._restart_redis()
                 run = Run(target.name, sc.name, rep, result.requests, result.duration_s,
                           result.errors, result.latency_us, generator_cpu_s=result.cpu_s,
-                          threads=result.threads, connections=result.connections)
+                          threads=result.threads, connections=result.connections,
+                          rows=sc.rows)
             run.server_cpu_s = _delta(cpu0, _cpu(target))
             after = scrape(url) if target.metrics else None
             if before is not None and after is not None:
@@ -291,6 +310,21 @@ class Bench:
                 self.fixed_rate(target, sc, rate, rep, duration_s=self._window(rate),
                                 warmup_s=self.opts.warmup_s)
 
+    def open_loop_at(self, target: Target, sc: Scenario) -> None:
+        """Fixed-rate runs at fractions of the req/s the target reached in the closed loop of
+        this scenario (``open_loop_at``: 0.5 is half of its capacity)."""
+        done = [r.rps for r in self.runs if (r.config, r.scenario) == (target.name, sc.name)]
+        if not done or not self.opts.open_loop_at:
+            return
+        capacity = statistics.median(done)
+        for fraction in self.opts.open_loop_at:
+            rate = max(1.0, round(capacity * fraction))
+            for rep in range(self.opts.repetitions):
+                self.progress(f"{target.name} · {sc.name} · {fraction:g} of capacity "
+                              f"({rate:g}/s) · run {rep + 1}/{self.opts.repetitions}")
+                self.fixed_rate(target, sc, rate, rep, duration_s=self._window(rate),
+                                warmup_s=self.opts.warmup_s)
+
     def sweep(self, target: Target, sc: Scenario) -> None:
         opts = self.opts
 
@@ -325,6 +359,7 @@ class Bench:
             self.scenario(target, sc)
             if sc.open_loop:
                 self.open_loop(target, sc)
+                self.open_loop_at(target, sc)
 
     def _answers(self, target: Target, sc: Scenario) -> bool:
         status = clients.probe(target.url, self.load(replace(sc, keys="hot"), target.model, 0))
@@ -356,12 +391,18 @@ def _service_target(name: str, svc: GatewayProcess, model: str, *, metrics: bool
 
 
 def run_bench(opts: Options, progress: Callable[[str], None]) -> Bench:
-    """Measure the ceiling, every configuration (or ``opts.url``), and the baseline."""
+    """Measure the model's own limit, the ceiling, every configuration (or ``opts.url``), the
+    baseline, and the model's own limit again."""
     if opts.url is not None:
         features = features_at(opts.url.rstrip("/"), opts.model)
     else:
+        progress(f"{opts.model} · preparing (a heavy model is trained once)")
         features = ensure_model(opts.model_root, opts.model)
     bench = Bench(opts, progress, features)
+    own_limit = opts.url is None or opts.mlserver
+    if own_limit:
+        progress(f"{opts.model} · the model's own limit")
+        bench.limits.append(measure(opts.model_root, opts.model))
     configs = [c for c in opts.configs if c != CEILING]
     with contextlib.ExitStack() as stack:
         if CEILING in opts.configs or not opts.sweep:
@@ -382,9 +423,19 @@ def run_bench(opts: Options, progress: Callable[[str], None]) -> Bench:
                 progress(f"{config} · starting")
                 for svc in _gateway(opts, config, bench.redis):
                     bench.target(_service_target(config, svc, opts.model, metrics=True))
-        if opts.baseline_url is not None:
+        if opts.mlserver:
+            progress("mlserver · starting (installed once into its own virtualenv)")
+            size, wait_s = opts.mlserver_batch
+            with mlserver_baseline(opts.model_root, [opts.model], venv=opts.mlserver_venv,
+                                   max_batch_size=size, max_batch_time_s=wait_s) as svc:
+                bench.target(_service_target("baseline", svc, opts.model, metrics=False),
+                             probe=True)
+        elif opts.baseline_url is not None:
             bench.target(Target("baseline", opts.baseline_url.rstrip("/"), None, False,
                                 opts.baseline_model or opts.model), probe=True)
+    if own_limit:
+        progress(f"{opts.model} · the model's own limit, again")
+        bench.limits.append(measure(opts.model_root, opts.model))
     bench.machine_after = describe()
     return bench
 

@@ -88,4 +88,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "default": DEFAULT_SCENARIOS,
     "doors": ("multirow", *(s for s in SCENARIOS if s.startswith(("v1-", "v2-")))),
     "all": tuple(SCENARIOS),
+    # The heavy workload (``--model lgbm-heavy`` or ``xgb-heavy``): the four mechanisms' loads,
+    # and one and 32 new rows per V2 JSON request, the door a baseline server answers too.
+    "heavy": ("unique", "zipf", "multirow", "burst", "v2-json-unique", "v2-json-32-unique"),
 }

@@ -57,6 +57,9 @@ def test_quick_bench_writes_a_sane_report(tmp_path: Path, session_store: Path) -
         assert run["latency_us"].get("100", 1) > 0  # measured maximum, never 0
     report = (run_dir / "report.md").read_text()
     assert "## Goals" in report and "Machine: " in report and "-t2 -c16" in report
+    before, after = data["meta"]["model_limit"]  # the model's own limit, beside the figures
+    assert before["model"] == after["model"] == "iris" and before["rows_per_s"] > 0
+    assert "**The model's own limit**" in report and "x model limit" in report
 
 
 def test_sweep_writes_its_curve_and_publishes(tmp_path: Path, session_store: Path) -> None:
@@ -107,3 +110,14 @@ def test_groups_expand_and_names_are_checked() -> None:
         parser().parse_args(["--scenarios", "nope"])
     with pytest.raises(SystemExit):
         parser().parse_args(["--sweep-rates", "100,-5"])
+
+
+def test_the_heavy_workload_is_one_command() -> None:
+    args = parser().parse_args(["--model", "lgbm-heavy", "--scenarios", "heavy", "--mlserver",
+                                "--mlserver-batch", "32,5", "--open-loop-at", "0.5"])
+    assert args.scenarios == ("unique", "zipf", "multirow", "burst", "v2-json-unique",
+                              "v2-json-32-unique")
+    assert args.mlserver and args.mlserver_batch == (32, 0.005)
+    assert args.open_loop_at == (0.5,)
+    with pytest.raises(SystemExit):
+        parser().parse_args(["--mlserver-batch", "64"])
