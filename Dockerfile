@@ -2,7 +2,13 @@
 # The gateway: the runtime dependencies exactly as requirements/runtime.lock pins them (hashes
 # checked; no dev or bench extras) in a venv at /opt/venv, then the project with `pip install .
 # --no-deps`, run as an unprivileged user. The model store is a volume at /models; settings are
-# GATEWAY_* environment variables.
+# GATEWAY_* environment variables. Ports: 8000 (HTTP) and 8001 (gRPC, when GATEWAY_GRPC_PORT=8001
+# and GATEWAY_GRPC_HOST=0.0.0.0 turn it on: off by default, as in the gateway).
+#
+# The booster families (XGBoost, LightGBM, their compiled candidates) are served by whatever the
+# lock pins: the image carries the system library they need (libgomp1, LightGBM's OpenMP
+# runtime) either way, and the Python packages once runtime.lock includes the extras xgboost,
+# lightgbm and compile.
 #
 #   docker build -t inference-gateway:0.1.0 .    python:3.11-slim, packages from the index
 #   scripts/image.sh                             a Debian 12 base made with debootstrap and a
@@ -24,14 +30,16 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
-# Debian's python3 is whatever bookworm ships: its version is the release's, not pinned here.
+# Debian's packages are whatever bookworm ships: their versions are the release's, not pinned
+# here. libgomp1: LightGBM loads the system's OpenMP runtime (libgomp.so.1).
 # hadolint ignore=DL3008
-RUN if ! command -v python3 >/dev/null 2>&1; then \
-        apt-get update \
-        && apt-get install -y --no-install-recommends python3 python3-venv \
-        && apt-get clean \
-        && rm -rf /var/lib/apt/lists/*; \
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libgomp1 \
+ && if ! command -v python3 >/dev/null 2>&1; then \
+        apt-get install -y --no-install-recommends python3 python3-venv; \
     fi \
+ && apt-get clean \
+ && rm -rf /var/lib/apt/lists/* \
  && groupadd --system --gid 10001 gateway \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin gateway \
@@ -59,7 +67,7 @@ RUN pip install . --no-deps --no-build-isolation --no-index \
 WORKDIR /
 USER 10001:10001
 ENV GATEWAY_MODEL_ROOT=/models
-EXPOSE 8000
+EXPOSE 8000 8001
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/readyz', timeout=2)"]
 CMD ["python", "-m", "gateway", "--host", "0.0.0.0", "--port", "8000"]

@@ -40,9 +40,10 @@ $(RUN_STAMP): requirements/runtime.lock pyproject.toml
 # a lock stay unless LOCK_ARGS says otherwise (--upgrade, or --upgrade-package NAME).
 # uv (`uv pip compile`) rather than pip-tools: it resolves for a target Python and platform, not
 # for the interpreter it runs on, without building or installing anything, and in seconds.
-# dev.lock: the package with its dev extra (tests, bench, lint, uv). runtime.lock: its runtime
-# dependencies only (the image), constrained by dev.lock so both pin the same versions. Both
-# also lock [build-system] requires, as make install and the image build the project with them.
+# dev.lock: the package with its dev extra (tests, bench, lint, uv). runtime.lock: what serving
+# needs (the image, make run): the runtime dependencies and the booster extras, constrained by
+# dev.lock so both pin the same versions. Both also lock [build-system] requires, as make install
+# and the image build the project with them.
 UV_COMPILE     = $(BIN)/uv pip compile --quiet --generate-hashes --no-strip-markers \
                  --python-version 3.11 --python-platform x86_64-unknown-linux-gnu \
                  --custom-compile-command 'make lock' $(LOCK_ARGS)
@@ -51,7 +52,8 @@ BUILD_REQUIRES = $(BIN)/python -c 'import tomllib; \
 
 lock: install
 	$(BUILD_REQUIRES) | $(UV_COMPILE) pyproject.toml - --extra dev -o requirements/dev.lock
-	$(BUILD_REQUIRES) | $(UV_COMPILE) pyproject.toml - -c requirements/dev.lock -o requirements/runtime.lock
+	$(BUILD_REQUIRES) | $(UV_COMPILE) pyproject.toml - --extra xgboost --extra lightgbm --extra compile \
+		-c requirements/dev.lock -o requirements/runtime.lock
 
 # The Open Inference Protocol's gRPC stubs (messages, their type stubs, the service), generated
 # from gateway/protocols/proto/grpc_service.proto by the locked grpcio-tools and committed.

@@ -1,10 +1,12 @@
-"""Deployment test helpers: the nginx config grammar, metric totals, bounded HTTP load."""
+"""Deployment test helpers: the nginx config grammar, the gRPC fronts rendered for a test, metric
+totals, bounded HTTP load."""
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Awaitable, Callable
+import socket
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +72,40 @@ def parse_nginx(text: str) -> Conf:
         return out
 
     return Conf(block(False))
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` different loopback ports nothing listens on now (``free_port`` twice may
+    return one port twice: each socket is closed before the next bind)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+GRPC_LISTEN = "    listen 8081 http2;"
+
+
+def render_grpc(conf: Path, *, listen: str, upstreams: Sequence[str]) -> str:
+    """A shipped gRPC front (``deploy/nginx/*-grpc.conf``) with its listen address and the
+    ``server`` lines of ``upstream gateway_grpc`` replaced (each with the first one's
+    parameters); every other line as shipped. It goes in the same http context as the REST
+    front rendered by ``bench.replicas.render_site``, whose map and log format it uses."""
+    text = conf.read_text()
+    assert text.count(GRPC_LISTEN) == 1, f"{conf}: expected {GRPC_LISTEN!r} once"
+    text = text.replace(GRPC_LISTEN, f"    listen {listen} http2;")
+    block = re.search(r"upstream gateway_grpc \{\n(.*?)\n\}", text, re.S)
+    assert block, f"{conf}: no 'upstream gateway_grpc' block"
+    lines = block.group(1).splitlines()
+    servers = [m for line in lines if (m := re.match(r"\s*server\s+\S+(.*);$", line))]
+    assert servers, f"{conf}: no server line in 'upstream gateway_grpc'"
+    body = [f"    server {u}{servers[0].group(1)};" for u in upstreams]
+    body += [line for line in lines if not re.match(r"\s*server\s", line)]
+    return text[:block.start(1)] + "\n".join(body) + text[block.end(1):]
 
 
 def nginx_size(value: str) -> int:

@@ -30,10 +30,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import httpx
 import numpy as np
 import pytest
+import tritonclient.grpc as tc
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -114,6 +117,7 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Models:
 class Container:
     name: str
     url: str
+    grpc: str | None = None  # host:port of its gRPC service, when turned on
 
     def state(self, field: str) -> str:
         return podman("inspect", "--format", f"{{{{.State.{field}}}}}", self.name).stdout.strip()
@@ -145,18 +149,23 @@ def container(image: str, models: Path, env: Mapping[str, str] = {}) -> Iterator
     name = f"gateway-test-{os.getpid()}-{secrets.token_hex(3)}"
     argv = ["run", "--detach", "--name", name, *ULIMITS, "--volume", f"{models}:/models:ro",
             "--publish", "127.0.0.1::8000"]
+    grpc_on = env.get("GATEWAY_GRPC_PORT") == "8001"
+    if grpc_on:
+        argv += ["--publish", "127.0.0.1::8001"]
     for key, value in env.items():
         argv += ["--env", f"{key}={value}"]
     try:
         podman(*argv, image)
         host, _, port = podman("port", name, "8000/tcp").stdout.strip().rpartition(":")
-        yield Container(name, f"http://{host}:{port}")
+        grpc_address = podman("port", name, "8001/tcp").stdout.strip() if grpc_on else None
+        yield Container(name, f"http://{host}:{port}", grpc_address)
     finally:
         podman("rm", "--force", "--time", "0", name, check=False)
 
 
 def test_the_image_serves_the_models_as_its_non_root_user(image: str, models: Models) -> None:
-    with container(image, models.root) as c:
+    grpc_on = {"GATEWAY_GRPC_PORT": "8001", "GATEWAY_GRPC_HOST": "0.0.0.0"}  # as compose.yaml
+    with container(image, models.root, grpc_on) as c:
         start = time.monotonic()
         c.wait_ready()
         print(f"ready {time.monotonic() - start:.1f} s after podman run")
@@ -177,6 +186,21 @@ def test_the_image_serves_the_models_as_its_non_root_user(image: str, models: Mo
         # The image's HEALTHCHECK made it into the image, and passes on a ready gateway.
         health = podman("healthcheck", "run", c.name, check=False)
         assert health.returncode == 0, health.stdout + health.stderr
+
+        # gRPC, published from the container: the health service and the stock client.
+        assert c.grpc is not None
+        with grpc.insecure_channel(c.grpc) as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                              timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        client = tc.InferenceServerClient(c.grpc)
+        try:
+            inp = tc.InferInput("input", list(rows.shape), "FP64")
+            inp.set_data_from_numpy(rows)
+            labels = client.infer("iris", [inp]).as_numpy("label")
+            assert [b.decode() for b in labels] == expected
+        finally:
+            client.close()
 
 
 async def _requests_then_sigterm(c: Container, models: Models) -> tuple[list[Any], list[Any]]:
@@ -309,11 +333,12 @@ def test_compose_serves_through_nginx_from_replicas_sharing_redis(
                              "nginx": {"image": _stand_in("nginx", tmp_path)}}}
     (tmp_path / "override.yaml").write_text(yaml.safe_dump(override))
     project = f"gateway-test-{os.getpid()}-{secrets.token_hex(3)}"
-    port = free_port()
+    port, grpc_port = free_port(), free_port()
     compose = [sys.executable, "-m", "podman_compose", "--project-name", project,
                "--podman-args", " ".join(PODMAN[1:]), "--podman-run-args", " ".join(ULIMITS),
                "--file", str(ROOT / "compose.yaml"), "--file", str(tmp_path / "override.yaml")]
-    env = {**os.environ, "PYTHONPATH": str(podman_compose), "NGINX_PORT": str(port)}
+    env = {**os.environ, "PYTHONPATH": str(podman_compose), "NGINX_PORT": str(port),
+           "NGINX_GRPC_PORT": str(grpc_port)}
     try:
         start = time.monotonic()
         up = subprocess.run([*compose, "up", "--detach", "--no-build"], env=env, timeout=300,
@@ -349,6 +374,18 @@ def test_compose_serves_through_nginx_from_replicas_sharing_redis(
                     break
             assert tiers[0] == "miss" and tiers[-1] == "l2", tiers
             assert client.get("/metrics").status_code == 404  # not public behind nginx
+        # gRPC through nginx's h2c front: the health service, the stock client.
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(),
+                                                              timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        triton = tc.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+        try:
+            inp = tc.InferInput("input", list(rows.shape), "FP64")
+            inp.set_data_from_numpy(rows)
+            assert [b.decode() for b in triton.infer("iris", [inp]).as_numpy("label")] == expected
+        finally:
+            triton.close()
         upstreams = set(re.findall(r"upstream=(\S+)", podman("logs", nginx).stdout))
         assert len(upstreams) >= 2, upstreams
     finally:

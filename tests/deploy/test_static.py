@@ -31,6 +31,7 @@ from tests.deploy.support import (
     ROOT,
     Conf,
     Directive,
+    nginx_seconds,
     nginx_size,
     parse_nginx,
 )
@@ -138,18 +139,31 @@ def test_compose_wiring_matches_the_gateway_nginx_and_image() -> None:
     assert str(port) in gw["expose"]
     check = gw["healthcheck"]["test"]
     assert check[0] == "CMD" and "/readyz" in check[-1] and port_of(check[-1]) == port
-    assert check[1:] == json.loads(instruction("HEALTHCHECK")[0].split("CMD", 1)[1])
+    image_check = json.loads(instruction("HEALTHCHECK")[0].split("CMD", 1)[1])
+    assert check[1:-1] == image_check[:-1]  # the image's check, then the gRPC health service
+    assert check[-1].startswith(image_check[-1] + "; ")
+
+    env = gw["environment"]
+    grpc_port = int(env["GATEWAY_GRPC_PORT"])
+    assert env["GATEWAY_GRPC_HOST"] == "0.0.0.0" and str(grpc_port) in gw["expose"]
+    assert f"'127.0.0.1:{grpc_port}'" in check[-1] and "HealthStub" in check[-1]
 
     site = parse_nginx((NGINX_DIR / "gateway.conf").read_text())
     (server_line,) = upstream(site).find("server")
     assert server_line.args[0] == f"gateway:{port}"  # the service name, its port
     listen = int(public_server(site).one("listen").args[0])
-    (published,) = ngx["ports"]  # the host's port is NGINX_PORT, by default nginx's own
+    published, published_grpc = ngx["ports"]  # the host's ports: NGINX_PORT, NGINX_GRPC_PORT
     assert re.fullmatch(rf"\$\{{NGINX_PORT:-{listen}\}}:{listen}", published), published
-    assert ngx["volumes"] == ["./deploy/nginx/gateway.conf:/etc/nginx/conf.d/default.conf:ro"]
+    assert ngx["volumes"] == ["./deploy/nginx/gateway.conf:/etc/nginx/conf.d/default.conf:ro",
+                              "./deploy/nginx/gateway-grpc.conf:/etc/nginx/conf.d/grpc.conf:ro"]
     assert port_of(ngx["healthcheck"]["test"][-1]) == listen
+    grpc_site = parse_nginx((NGINX_DIR / "gateway-grpc.conf").read_text())
+    (grpc_server_line,) = grpc_upstream(grpc_site).find("server")
+    assert grpc_server_line.args[0] == f"gateway:{grpc_port}"
+    grpc_listen = int(grpc_public_server(grpc_site).one("listen").args[0])
+    # the host's port is the gateway's own gRPC port (Triton's and KServe's 8001)
+    assert published_grpc == f"${{NGINX_GRPC_PORT:-{grpc_port}}}:{grpc_listen}", published_grpc
 
-    env = gw["environment"]
     assert re.fullmatch(r"redis://redis:6379/\d+", env["GATEWAY_REDIS_URL"])
     assert redis_svc["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
     assert gw["depends_on"] == {"redis": {"condition": "service_healthy"},
@@ -193,7 +207,8 @@ def test_dockerfile_builds_a_slim_non_root_runtime_image() -> None:
     cmd = json.loads(instruction("CMD")[0])
     assert cmd[:3] == ["python", "-m", "gateway"] and option(cmd, "--host") == "0.0.0.0"
     port = int(option(cmd, "--port"))
-    assert instruction("EXPOSE") == [str(port)]
+    assert instruction("EXPOSE") == [f"{port} 8001"]  # HTTP; gRPC once GATEWAY_GRPC_PORT=8001
+    assert "apt-get install -y --no-install-recommends libgomp1" in runs  # LightGBM's OpenMP
     (health,) = instruction("HEALTHCHECK")
     assert "/readyz" in health and port_of(health) == port
     assert "GATEWAY_MODEL_ROOT=/models" in instruction("ENV") and "mkdir /models" in runs
@@ -230,15 +245,23 @@ def _healthchecks() -> list[list[str]]:
 
 @pytest.mark.e2e
 def test_the_image_healthcheck_passes_on_a_ready_gateway_only(session_store: Path) -> None:
-    closed = free_port()
-    with gateway_process({"GATEWAY_MODEL_ROOT": str(session_store)}) as gw:
+    closed, grpc_port = free_port(), free_port()
+    env = {"GATEWAY_MODEL_ROOT": str(session_store), "GATEWAY_GRPC_PORT": str(grpc_port)}
+
+    def passes(argv: list[str], http: int | None, grpc: int) -> bool:
+        run = [a.replace(":8000/", f":{http}/").replace(":8001'", f":{grpc}'") for a in argv]
+        return subprocess.run([sys.executable, *run[1:]], capture_output=True,
+                              timeout=30).returncode == 0
+
+    with gateway_process(env) as gw:
+        gw.process.wait_for(rf"gRPC \(Open Inference Protocol\) on 127\.0\.0\.1:{grpc_port}")
         for argv in _healthchecks():
             assert argv[0] == "python"
-            run = [sys.executable, *argv[1:]]
-            ready = [a.replace(":8000/", f":{gw.port}/") for a in run]
-            assert subprocess.run(ready, capture_output=True, timeout=30).returncode == 0
-            down = [a.replace(":8000/", f":{closed}/") for a in run]
-            assert subprocess.run(down, capture_output=True, timeout=30).returncode != 0
+            assert passes(argv, gw.port, grpc_port)
+            assert not passes(argv, closed, grpc_port)
+        # compose's check asks the gRPC door too
+        docker, composed = _healthchecks()
+        assert passes(docker, gw.port, closed) and not passes(composed, gw.port, closed)
 
 
 # -- nginx -----------------------------------------------------------------------------------
@@ -250,6 +273,16 @@ def upstream(conf: Conf) -> Directive:
 
 def public_server(conf: Conf) -> Directive:
     return conf.find("server")[0]
+
+
+def grpc_upstream(conf: Conf) -> Directive:
+    (found,) = [d for d in conf.find("upstream") if d.args == ["gateway_grpc"]]
+    return found
+
+
+def grpc_public_server(conf: Conf) -> Directive:
+    (found,) = conf.find("server")
+    return found
 
 
 def location(server: Directive, *args: str) -> Directive:
@@ -275,6 +308,54 @@ def test_nginx_front_matches_the_gateway(name: str) -> None:
     assert int(upstream(conf).one("keepalive").args[0]) > 0
     logged = " ".join(conf.find("log_format")[0].args)
     assert "request_id=$gateway_request_id" in logged and "$upstream_addr" in logged
+
+
+@pytest.mark.parametrize("name", ["gateway-grpc.conf", "sidecar-grpc.conf"])
+def test_nginx_grpc_front_matches_the_gateway(name: str) -> None:
+    conf = parse_nginx((NGINX_DIR / name).read_text())
+    # Only the gRPC front: the map and log format are the REST front's, in the same context.
+    assert [d.name for d in conf.directives] == ["upstream", "server"]
+    server = grpc_public_server(conf)
+    listen = server.one("listen")
+    assert listen.args[1:] == ["http2"]  # h2c: nginx 1.22 has no `http2 on;` (1.25.1)
+    settings = Settings()
+    # The gateway's limit decides: nginx's admits a message of GATEWAY_MAX_BODY_BYTES framed
+    # (5 bytes more), and not much more.
+    body = nginx_size(server.one("client_max_body_size").args[0])
+    assert settings.max_body_bytes + 5 <= body <= 2 * settings.max_body_bytes
+    proxy = location(server, "/")
+    assert proxy.one("grpc_pass").args == ["grpc://gateway_grpc"]
+    headers = {d.args[0]: d.args[1] for d in proxy.find("grpc_set_header")}
+    assert headers["X-Request-Id"] == "$gateway_request_id"
+    assert nginx_seconds(proxy.one("grpc_read_timeout").args[0]) >= (
+        settings.request_timeout_ms / 1000)
+    assert set(proxy.one("grpc_next_upstream").args) >= {"error", "timeout"}
+    assert int(proxy.one("grpc_next_upstream_tries").args[0]) > 1
+    assert proxy.one("grpc_next_upstream_timeout").args[0] != "0"
+    assert int(grpc_upstream(conf).one("keepalive").args[0]) > 0
+    # Errors nginx answers itself: a gRPC status (Trailers-Only, HTTP 200), not a page.
+    statuses = {"413": "8", "502": "14", "504": "4"}  # RESOURCE_EXHAUSTED, UNAVAILABLE, ...
+    pages = {d.args[0]: d.args[-1] for d in server.find("error_page")}
+    assert set(pages) == set(statuses) and all(d.args[1] == "=" for d in
+                                               server.find("error_page"))
+    errors = location(server, "^~", "/_grpc_error/")
+    assert errors.one("default_type").args == ["application/grpc"]
+    for code, grpc_status in statuses.items():
+        answer = location(errors, "=", pages[code])
+        added = {d.args[0]: d.args[1] for d in answer.find("add_header")}
+        assert added["grpc-status"] == grpc_status and added["grpc-message"]
+        assert added["X-Request-Id"] == "$gateway_request_id"
+        assert answer.one("return").args == ["200"]
+
+
+def test_the_sidecar_grpc_front_is_the_same_on_the_pods_loopback() -> None:
+    replicas = parse_nginx((NGINX_DIR / "gateway-grpc.conf").read_text())
+    sidecar = parse_nginx((NGINX_DIR / "sidecar-grpc.conf").read_text())
+    assert grpc_public_server(sidecar) == grpc_public_server(replicas)
+    assert ([d for d in grpc_upstream(sidecar).block or [] if d.name != "server"]
+            == [d for d in grpc_upstream(replicas).block or [] if d.name != "server"])
+    (server,) = grpc_upstream(sidecar).find("server")
+    assert server.args[0].startswith("127.0.0.1:")
 
 
 def test_the_sidecar_is_the_same_front_on_a_unix_socket() -> None:
@@ -323,7 +404,8 @@ def test_the_pod_wires_nginx_to_the_gateway_over_a_shared_socket() -> None:
     containers = {c["name"]: c for c in spec["containers"]}
     gw, ngx = containers["gateway"], containers["nginx"]
 
-    assert kind("ConfigMap")["data"]["default.conf"] == (NGINX_DIR / "sidecar.conf").read_text()
+    assert kind("ConfigMap")["data"] == {"default.conf": (NGINX_DIR / "sidecar.conf").read_text(),
+                                         "grpc.conf": (NGINX_DIR / "sidecar-grpc.conf").read_text()}
     sidecar = parse_nginx((NGINX_DIR / "sidecar.conf").read_text())
     socket_path = option(gw["command"], "--uds")
     assert upstream(sidecar).one("server").args[0] == f"unix:{socket_path}"
@@ -339,7 +421,20 @@ def test_the_pod_wires_nginx_to_the_gateway_over_a_shared_socket() -> None:
     assert ports["metrics"] == int(sidecar.find("server")[1].one("listen").args[0])
     assert pod["metadata"]["annotations"]["prometheus.io/port"] == str(ports["metrics"])
     service = kind("Service")
-    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http"]  # metrics stay private
+    # metrics stay private
+    assert [p["targetPort"] for p in service["spec"]["ports"]] == ["http", "grpc"]
+    (grpc_service,) = [p for p in service["spec"]["ports"] if p["name"] == "grpc"]
+    assert grpc_service["appProtocol"] == "kubernetes.io/h2c"
+
+    # gRPC: nginx's h2c front, to the gateway's port on the pod's loopback; the pod is ready
+    # only while the kubelet's grpc.health.v1 Check through it answers SERVING.
+    sidecar_grpc = parse_nginx((NGINX_DIR / "sidecar-grpc.conf").read_text())
+    assert ports["grpc"] == int(grpc_public_server(sidecar_grpc).one("listen").args[0])
+    grpc_env = {e["name"]: e.get("value") for e in gw["env"]}
+    assert grpc_upstream(sidecar_grpc).one("server").args[0] == (
+        f"{grpc_env['GATEWAY_GRPC_HOST']}:{grpc_env['GATEWAY_GRPC_PORT']}")
+    assert grpc_env["GATEWAY_GRPC_HOST"] == "127.0.0.1"  # through the sidecar only
+    assert ngx["readinessProbe"]["grpc"] == {"port": ports["grpc"]}  # service "": the server
 
     assert gw["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": ports["http"]}
     assert gw["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": ports["http"]}
