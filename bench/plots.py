@@ -95,8 +95,9 @@ def sweep(path: Path, sweeps: Sequence[Sweep]) -> bool:
 
 def throughput_figure(rows: Sequence[Row], meta: dict[str, Any]) -> Any:
     """Bars of req/s per scenario (log scale), one colour per configuration, min-max
-    whiskers; None when there is nothing to draw. Scenarios only the ceiling ran (its
-    reference for a door) are left to the table."""
+    whiskers (none for one repetition); a configuration that did not measure a scenario the
+    others did is marked "not measured" in its place. None when there is nothing to draw.
+    Scenarios only the ceiling ran (its reference for a door) are left to the table."""
     scenarios = [s for s in dict.fromkeys(r.scenario for r in rows if r.config != CEILING)
                  if s != "burst"]
     if not scenarios:
@@ -105,6 +106,8 @@ def throughput_figure(rows: Sequence[Row], meta: dict[str, Any]) -> Any:
     configs = list(dict.fromkeys(r.config for r in rows if r.scenario in scenarios))
     colour = colours(configs)
     by = {(r.config, r.scenario): r for r in rows}
+    reps = meta.get("repetitions")
+    spread = reps != 1
     fig, ax = plt.subplots(figsize=(max(7.0, 1.3 * len(scenarios) * max(1, len(configs) / 4)),
                                     4.5))
     width = 0.8 / max(1, len(configs))
@@ -114,20 +117,26 @@ def throughput_figure(rows: Sequence[Row], meta: dict[str, Any]) -> Any:
         for j, sc in enumerate(scenarios):
             r = by.get((config, sc))
             if r is None or r.rps <= 0:
+                if config == CEILING:  # it measures the hot load of each door only
+                    continue
+                ax.text(j + i * width, 0.02, "not measured", transform=ax.get_xaxis_transform(),
+                        rotation=90, ha="center", va="bottom", fontsize=6,
+                        color=colour[config])
                 continue
             xs.append(j + i * width)
             ys.append(r.rps)
             lo.append(r.rps - r.rps_min)
             hi.append(r.rps_max - r.rps)
-        handles.append(ax.bar(xs, ys, width, yerr=[lo, hi], color=colour[config], capsize=2,
-                              error_kw={"elinewidth": 0.8}))
+        handles.append(ax.bar(xs, ys, width, yerr=[lo, hi] if spread else None,
+                              color=colour[config], capsize=2, error_kw={"elinewidth": 0.8}))
     ax.set_xticks([j + width * (len(configs) - 1) / 2 for j in range(len(scenarios))],
                   scenarios, rotation=30 if len(scenarios) > 5 else 0, ha="right"
                   if len(scenarios) > 5 else "center")
     ax.set_yscale("log")
     _plain(ax.yaxis, ",.0f")
     ax.set_xlabel("scenario")
-    ax.set_ylabel(f"requests/s (median of {meta.get('repetitions', '?')}, whiskers min-max)")
+    ax.set_ylabel(f"requests/s (median of {reps}, whiskers min-max)" if spread
+                  else "requests/s (one run)")
     ax.set_title("Throughput per configuration (closed loop, wrk)")
     ax.grid(axis="y", alpha=0.3, which="both")
     _legend(fig, handles, configs)
@@ -145,7 +154,8 @@ def _x(p: float) -> float:
 
 def latency_figure(runs: Sequence[Run]) -> Any:
     """Latency (ms, log) by percentile (50 to 99.9, then the measured maximum), one panel
-    per closed-loop scenario: median over repetitions, band min-max; None when no run
+    per closed-loop scenario: median over repetitions, band min-max (none for one run); a
+    panel names the configurations that did not measure its scenario. None when no run
     measured latency. Scenarios only the ceiling ran are left out."""
     scenarios = list(dict.fromkeys(r.scenario for r in runs
                                    if r.latency_us and r.config != CEILING))
@@ -158,18 +168,24 @@ def latency_figure(runs: Sequence[Run]) -> Any:
     nrows = math.ceil(len(scenarios) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 3.2 * nrows), squeeze=False)
     handles: dict[str, Any] = {}
+    spread = False
     for ax, sc in zip(axes.flat, scenarios, strict=False):
+        missing = []
         for config in configs:
             rs = [r for r in runs if r.config == config and r.scenario == sc and r.latency_us]
             if not rs:
+                if config != CEILING:
+                    missing.append(config)
                 continue
             ps = sorted(p for p in rs[0].latency_us if 50.0 <= p < 100.0)
             xs = [_x(p) for p in ps]
             values = [[r.latency_us[p] / 1000 for r in rs if p in r.latency_us] for p in ps]
             med = [statistics.median(v) for v in values]
             (line,) = ax.plot(xs, med, color=colour[config], lw=1.4)
-            ax.fill_between(xs, [min(v) for v in values], [max(v) for v in values],
-                            color=colour[config], alpha=0.15, lw=0)
+            if len(rs) > 1:
+                spread = True
+                ax.fill_between(xs, [min(v) for v in values], [max(v) for v in values],
+                                color=colour[config], alpha=0.15, lw=0)
             maxima = [r.latency_us[100.0] / 1000 for r in rs if r.latency_us.get(100.0)]
             if maxima:  # only a measured maximum (older wrk scripts reported 0)
                 ax.plot([xs[-1], _MAX_X], [med[-1], statistics.median(maxima)], ls=":",
@@ -184,11 +200,15 @@ def latency_figure(runs: Sequence[Run]) -> Any:
         ax.set_ylabel("latency (ms)")
         ax.set_title(_title(sc), fontsize="medium")
         ax.grid(alpha=0.3, which="both")
+        if missing:
+            ax.text(0.02, 0.98, "not measured: " + ", ".join(missing), transform=ax.transAxes,
+                    ha="left", va="top", fontsize=6)
     for ax in list(axes.flat)[len(scenarios):]:
         ax.set_visible(False)
     _legend(fig, list(handles.values()), list(handles))
     fig.suptitle("Latency by percentile (closed loop, wrk; median of repetitions, "
-                 "band min-max)")
+                 "band min-max)" if spread else "Latency by percentile (closed loop, wrk; "
+                 "one run)")
     fig.tight_layout()
     return fig
 

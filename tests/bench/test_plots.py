@@ -121,3 +121,29 @@ def test_sweep_curves_mark_the_knee_in_the_configuration_colour(tmp_path: Path) 
     assert len(hollow) == 2 * 3 and all(line.get_xdata()[0] == 100 for line in hollow)
     assert plots.sweep(tmp_path / "s.png", sweeps)
     assert not plots.sweep(tmp_path / "none.png", [])
+
+
+def _texts(fig: Any) -> list[str]:
+    return [t.get_text() for ax in fig.axes for t in ax.texts]
+
+
+def test_one_repetition_draws_no_spread_and_says_so() -> None:
+    runs = [r for r in _runs(True) if r.rep == 0]
+    fig = plots.throughput_figure(aggregate(runs), {"repetitions": 1})
+    ax = fig.axes[0]
+    assert ax.get_ylabel() == "requests/s (one run)"
+    assert not [c for c in ax.containers if getattr(c, "has_yerr", False)]
+    fig = plots.latency_figure(runs)
+    assert "one run" in fig._suptitle.get_text()
+    assert not [c for ax in fig.axes for c in ax.collections]  # no min-max bands
+    fig = plots.latency_figure(_runs(True))
+    assert "band min-max" in fig._suptitle.get_text()
+    assert [c for ax in fig.axes for c in ax.collections]
+
+
+def test_a_scenario_a_configuration_did_not_measure_is_marked() -> None:
+    runs = _runs(True)
+    fig = plots.throughput_figure(aggregate(runs), {"repetitions": 2})
+    assert _texts(fig).count("not measured") == 2  # lowload: naive and full
+    fig = plots.latency_figure(runs)
+    assert "not measured: naive, full" in _texts(fig)
