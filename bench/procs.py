@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import resource
 import shutil
@@ -41,11 +42,33 @@ _MLSERVER_LOADED = "Loaded model '{}' successfully"  # MLServer 1.7: once in the
 # worker, then once in the main process when the model is ready there
 
 
+PORTS_ENV = "BENCH_PORTS"  # e.g. 20000-20999: where free_port picks (default: the kernel)
+
+
 def free_port() -> int:
-    """A loopback TCP port nothing listens on now (the kernel's pick)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A loopback TCP port nothing listens on now: the kernel's pick, or one of the range
+    ``$BENCH_PORTS`` (``LOW-HIGH``, inclusive) for a machine where only those may be used.
+
+    Raises ValueError for a malformed range, OSError when no port of it is free.
+    """
+    span = os.environ.get(PORTS_ENV)
+    if not span:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return int(s.getsockname()[1])
+    low, sep, high = span.partition("-")
+    if not (sep and low.isdigit() and high.isdigit() and 0 < int(low) <= int(high) < 65536):
+        raise ValueError(f"{PORTS_ENV}={span!r}: expected LOW-HIGH, e.g. 20000-20999")
+    ports = list(range(int(low), int(high) + 1))
+    start = random.randrange(len(ports))  # concurrent pickers rarely collide
+    for port in ports[start:] + ports[:start]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError(f"{PORTS_ENV}={span}: no free port in the range")
 
 
 class Process:

@@ -1,0 +1,40 @@
+"""``bench.procs.free_port``: the kernel's pick, or a port of ``$BENCH_PORTS``."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from bench.procs import PORTS_ENV, free_port
+
+
+def test_a_port_from_the_range_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        taken = held.getsockname()[1]
+        monkeypatch.setenv(PORTS_ENV, f"{taken}-{taken + 1}")
+        if taken + 1 < 65536:
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", taken + 1))
+                except OSError:
+                    pytest.skip("the neighbouring port is in use")
+            assert {free_port() for _ in range(20)} == {taken + 1}  # never the taken one
+        monkeypatch.setenv(PORTS_ENV, f"{taken}-{taken}")
+        with pytest.raises(OSError, match="no free port"):
+            free_port()
+
+
+@pytest.mark.parametrize("span", ["20000", "9-x", "30000-20000", "0-10", "1-70000"])
+def test_a_malformed_range_is_refused(monkeypatch: pytest.MonkeyPatch, span: str) -> None:
+    monkeypatch.setenv(PORTS_ENV, span)
+    with pytest.raises(ValueError, match="expected LOW-HIGH"):
+        free_port()
+
+
+def test_without_a_range_the_kernel_picks(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(PORTS_ENV, raising=False)
+    port = free_port()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # it was free
