@@ -22,11 +22,23 @@ from model_store.boosters import BoosterError
 from model_store.compiled import CompileError
 from model_store.demo import IRIS_FEATURES, iris_data, train_heavy, train_iris
 from model_store.settings import ModelSettings
-from model_store.store import Manifest, ModelStore, ModelStoreError, describe_estimator
+from model_store.store import (
+    COMPILE_TIMEOUT_S,
+    Manifest,
+    ModelStore,
+    ModelStoreError,
+    describe_estimator,
+)
 
-_BACKENDS = ("auto", "sklearn", "onnx")
-_BACKEND_HELP = ("auto: also compile to ONNX, served for each output that verifies (default); "
-                 "sklearn: the estimator only; onnx: fail unless it converts")
+_BACKENDS = ("auto", "sklearn", "library", "onnx", "treelite")
+_BACKEND_HELP = ("auto (default): a scikit-learn estimator also compiled to ONNX, served for "
+                 "each output that verifies; an XGBoost or LightGBM model's candidates (ONNX, "
+                 "Treelite compiled with the machine's C compiler) built, verified and "
+                 "measured, each output served by the fastest that verifies it, else the "
+                 "library. sklearn: the estimator's (the library's) own predict only. library: "
+                 "a booster's verified inplace_predict/predict, no compiled candidate. onnx, "
+                 "treelite (boosters): fail unless it converts; served for each output that "
+                 "verifies")
 
 
 class InputError(Exception):
@@ -53,6 +65,10 @@ def _add_tolerances(p: argparse.ArgumentParser) -> None:
                    help="largest difference of a regression value accepted from the compiled "
                         "model, relative to the largest value's magnitude (at least 1; "
                         "default 1e-5)")
+    p.add_argument("--compile-timeout-s", type=float, default=COMPILE_TIMEOUT_S,
+                   help="longest time building one compiled candidate of an XGBoost or "
+                        "LightGBM model may take, seconds; past it the candidate is refused "
+                        f"(default {COMPILE_TIMEOUT_S:g})")
 
 
 def _add_settings(p: argparse.ArgumentParser) -> None:
@@ -128,9 +144,11 @@ def _parser() -> argparse.ArgumentParser:
     _add_settings(reg)
 
     comp = sub.add_parser("compile", parents=[common],
-                          help="compile an existing version to ONNX and verify it",
-                          description="Compile a registered version to ONNX, verify it per "
-                                      "output and record the result in its manifest.")
+                          help="compile an existing version and verify it",
+                          description="Compile a registered version (a scikit-learn estimator "
+                                      "to ONNX; an XGBoost or LightGBM model's candidates, "
+                                      "measured and chosen again), verify it per output and "
+                                      "record the result in its manifest.")
     comp.add_argument("name", help="model name")
     comp.add_argument("version", type=int, help="version number")
     _add_tolerances(comp)
@@ -182,6 +200,12 @@ def _booster_backend(m: Manifest) -> str:
     parts.append(f"backend={record['via']}")
     parts += [_check(m, output, check, "verified" if check["verified"] else "not verified")
               for output, check in record["checks"].items()]
+    if m.choice:
+        measured = m.choice.get("measured", {})
+        parts.append("served=" + ",".join(f"{o}:{b}" for o, b in m.choice["outputs"].items()))
+        parts += [f"{b}={t['1']['median_us']:.0f}/{t['64']['median_us']:.0f}us"
+                  for b, t in measured.items()]
+        parts += [f"refused={c}({why})" for c, why in m.choice.get("refused", {}).items()]
     return " ".join(parts)
 
 
@@ -212,13 +236,14 @@ def read_estimator(path: Path) -> Any:
 
 
 def read_booster(path: Path, fmt: boosters.Format) -> boosters.BoosterInfo:
-    """What a native booster file is, checked as ``register`` will. Raises InputError."""
+    """What a native booster file is, checked without loading it (``register`` then loads it
+    in a child process first). Raises InputError."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     try:
-        return boosters.read_native(data, fmt)[1]
+        return boosters.inspect_native(data, fmt)
     except BoosterError as exc:
         raise InputError(f"{path}: {exc}") from exc
 
@@ -330,17 +355,21 @@ def _run(args: argparse.Namespace, store: ModelStore) -> int:
             fitted = info.feature_names or tuple(f"f{i}" for i in range(info.n_features))
             _check_counts(args.path, names, info.n_features, classes, info.n_classes)
         rows = read_rows(args.train_rows, names or fitted) if args.train_rows else None
-        _report(store.register(
-            model, args.name, version=args.version, features=names, classes=classes,
-            format=fmt if fmt != "joblib" else None, backend=args.backend, train_rows=rows,
-            proba_atol=args.proba_atol, value_rtol=args.value_rtol,
-            settings=_settings_given(args),
-        ), store)
+        try:
+            registered = store.register(
+                model, args.name, version=args.version, features=names, classes=classes,
+                format=fmt if fmt != "joblib" else None, backend=args.backend, train_rows=rows,
+                proba_atol=args.proba_atol, value_rtol=args.value_rtol,
+                settings=_settings_given(args), compile_timeout_s=args.compile_timeout_s)
+        except BoosterError as exc:  # the library refused the file, or crashed on it
+            raise InputError(f"{args.path}: {exc}") from exc
+        _report(registered, store)
     elif args.command == "compile":
         features = store.manifest(args.name, args.version).features
         rows = read_rows(args.train_rows, features) if args.train_rows else None
         _report(store.compile(args.name, args.version, train_rows=rows,
-                              proba_atol=args.proba_atol, value_rtol=args.value_rtol),
+                              proba_atol=args.proba_atol, value_rtol=args.value_rtol,
+                              compile_timeout_s=args.compile_timeout_s),
                 store, "compiled")
     elif args.command == "configure":
         given = _settings_given(args)

@@ -9,11 +9,15 @@ A model *family* is a loader plus the backend that serves it:
   ``LGBMClassifier``/``LGBMRegressor``;
 * ``sklearn``: anything else with ``predict`` (``model_store.store`` and ``compiled``).
 
-**Native files** are read here before the library sees them: the JSON or UBJSON document, or
-the text model's header and every tree block, must be complete and consistent (array lengths,
-child and feature indices), because xgboost 3.2 and lightgbm 4.7 crash the process on a
-truncated file instead of raising. Only then does the library load the very bytes whose sha256
-the manifest records. What the model is comes from the file: its objective gives the task
+**Native files** are read here before the library sees them (``inspect_native``): the JSON or
+UBJSON document, or the text model's header and every tree block, must be complete and
+consistent (array lengths, child and feature indices), because xgboost 3.2 and lightgbm 4.7
+crash the process on a truncated file instead of raising. That refuses truncated and
+inconsistent files, not every corruption (in a fuzz run, 9 of 1,200 damaged files still crashed
+a library), so a file from outside is then loaded and predicted with in a child process
+(``probe_native``, run by ``model_store.store`` through ``model_store.child``): a crash there
+refuses the file. Only then does this process load the very bytes whose sha256 the manifest
+records. What the model is comes from the file: its objective gives the task
 (``binary:logistic``/``binary``: two classes, default labels 0 and 1; ``multi:softprob``,
 ``multi:softmax``/``multiclass``: ``num_class`` classes, default labels 0..k-1; XGBoost's
 ``reg:*`` and ``count:poisson``, LightGBM's regression objectives: values), its feature count
@@ -22,7 +26,9 @@ and names (XGBoost ``feature_names``; LightGBM ``feature_name()``, whose automat
 ``binary:hinge``, ``multiclassova`` whose probabilities do not sum to 1, custom ones),
 multi-output models and XGBoost categorical features are refused with the reason.
 
-**BoosterModel** is the backend that serves a family: one library call per model call
+**BoosterModel** is the backend that serves a family (``BoosterAnswers`` shapes its answers,
+and those of the compiled candidates in ``model_store.booster_compiled``): one library call
+per model call
 (XGBoost ``inplace_predict``, LightGBM ``Booster.predict`` on the float64 rows), the
 probabilities built as the scikit-learn wrapper builds them (binary: ``[1 - p, p]`` in the
 library's dtype; ``multi:softmax``: softmax of the margins) and labels as
@@ -59,6 +65,7 @@ __all__ = [
     "FAMILIES",
     "FORMATS",
     "NATIVE",
+    "BoosterAnswers",
     "BoosterError",
     "BoosterInfo",
     "BoosterModel",
@@ -69,8 +76,10 @@ __all__ = [
     "describe",
     "family_of",
     "format_of",
+    "inspect_native",
     "library_version",
     "native_bytes",
+    "probe_native",
     "read_native",
     "set_threads",
     "wrapped_booster",
@@ -163,6 +172,8 @@ class BoosterInfo:
     feature_names: tuple[str, ...] | None  # None: none (LightGBM's Column_<i> count as none)
     splits: list[tuple[np.ndarray, np.ndarray]] = dataclasses.field(repr=False)
     """(feature index, threshold) arrays of the numeric splits of each tree."""
+    categorical: bool = False
+    """Has categorical splits (LightGBM), which generated rows do not exercise."""
 
     def default_classes(self) -> tuple[int, ...]:
         """The labels a native booster answers with unless named: 0..k-1."""
@@ -234,17 +245,40 @@ def describe(booster: Any, family: Family) -> BoosterInfo:
     return _lightgbm_info(header, trees)
 
 
+def inspect_native(data: bytes, fmt: Format) -> BoosterInfo:
+    """What ``data`` is as a model file of ``fmt``, checked as the module docstring says,
+    without loading it with its library (nothing here can crash the process).
+
+    Raises:
+        BoosterError: not a model file of that format, damaged, or not served.
+    """
+    if fmt in ("json", "ubj"):
+        return _xgboost_info(_json_doc(data) if fmt == "json" else _ubj_doc(data))
+    if fmt == "txt":
+        header, trees = _lightgbm_text(_text(data))
+        return _lightgbm_info(header, trees)
+    raise BoosterError(f"{fmt} is not a native booster format")
+
+
+def _text(data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BoosterError("not a LightGBM text model (not UTF-8 text)") from None
+
+
 def read_native(data: bytes, fmt: Format) -> tuple[Any, BoosterInfo]:
-    """Check ``data`` as a model file of ``fmt`` (see the module docstring), then load it
-    with its library. Returns the booster and what it is.
+    """Check ``data`` as a model file of ``fmt`` (``inspect_native``), then load it with its
+    library. Returns the booster and what it is. A file from outside is loaded in a child
+    process first (``probe``): the checks refuse truncated and inconsistent files, not every
+    corruption that crashes the library.
 
     Raises:
         BoosterError: not a model file of that format, damaged, not served, or the installed
             library cannot load it (the message says which).
     """
+    info = inspect_native(data, fmt)
     if fmt in ("json", "ubj"):
-        doc = _json_doc(data) if fmt == "json" else _ubj_doc(data)
-        info = _xgboost_info(doc)
         xgb = _xgboost()
         try:
             booster = xgb.Booster()
@@ -257,15 +291,9 @@ def read_native(data: bytes, fmt: Format) -> tuple[Any, BoosterInfo]:
                                f"features, the file says {info.n_features}")
         return booster, info
     if fmt == "txt":
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            raise BoosterError("not a LightGBM text model (not UTF-8 text)") from None
-        header, trees = _lightgbm_text(text)
-        info = _lightgbm_info(header, trees)
         lgb = _lightgbm()
         try:
-            booster = lgb.Booster(model_str=text)
+            booster = lgb.Booster(model_str=_text(data))
         except lgb.basic.LightGBMError as exc:
             raise BoosterError(f"lightgbm {lgb.__version__} cannot load it: "
                                f"{_library_error(exc)}") from exc
@@ -654,67 +682,37 @@ def _lightgbm_info(header: dict[str, str], trees: list[dict[str, str]]) -> Boost
                            f"{n_features} features)")
     generated = names == tuple(f"Column_{i}" for i in range(n_features))
     splits = []
+    categorical = False
     for tree in trees:
         if int(tree["num_leaves"]) < 2:
             continue
         features = np.array(tree["split_feature"].split(), dtype=np.int64)
         thresholds = np.array(tree["threshold"].split(), dtype=np.float64)
         numeric = (np.array(tree["decision_type"].split(), dtype=np.int64) & 1) == 0
+        categorical = categorical or not bool(np.all(numeric))
         splits.append((features[numeric], thresholds[numeric]))
     return BoosterInfo("lightgbm", " ".join(words), task, n_features, n_classes,
-                       None if generated else names, splits)
+                       None if generated else names, splits, categorical)
 
 
 # -- serving ---------------------------------------------------------------------------------------
-class BoosterModel:
-    """A booster's answers in the scikit-learn wrappers' shapes: see the module docstring.
+class BoosterAnswers:
+    """Labels and probabilities in the scikit-learn wrappers' shapes, from a booster's *raw*
+    output: what the library's predict returns (binary: P(class 1); multi-class:
+    probabilities, or margins for ``multi:softmax``; regression: values). Subclasses give
+    ``_raw``: the library itself (``BoosterModel``), or a compiled candidate
+    (``model_store.booster_compiled``), so every backend's answers are shaped by this one
+    code."""
 
-    ``reference`` runs the library's own predict instead of the fast path (XGBoost: a
-    ``DMatrix`` and ``Booster.predict``; LightGBM: ``Booster.predict`` with its default
-    threads): what a native booster is verified against, and what
-    ``GATEWAY_BACKEND=estimator`` serves. Thread-safe once built (XGBoost's
-    ``inplace_predict`` and LightGBM's ``predict`` are).
-    """
-
-    def __init__(self, booster: Any, info: BoosterInfo, classes: Iterable[Any] | None, *,
-                 threads: int = DEFAULT_THREADS,
-                 iteration_range: tuple[int, int] = (0, 0), reference: bool = False) -> None:
-        if threads < 1:
-            raise ValueError(f"threads must be >= 1, got {threads}")
+    def __init__(self, info: BoosterInfo, classes: Iterable[Any] | None) -> None:
         self.family = info.family
         self.info = info
-        self.threads = threads
-        self.reference = reference
-        self._booster = booster
-        self._range = iteration_range
         self._classes = None if classes is None else np.asarray(list(classes))
         self._softmax = info.objective == "multi:softmax"
         self._binary = info.task == "classification" and info.n_classes == 2
-        if self.family == "xgboost":
-            self._xgb = _xgboost()
-            if not reference:
-                booster.set_param({"nthread": threads})
-        else:
-            self._predict_kwargs: dict[str, Any] = {} if reference else {"num_threads": threads}
-
-    @property
-    def via(self) -> str:
-        """The library call, for the manifest."""
-        if self.family == "xgboost":
-            return "Booster.predict(DMatrix)" if self.reference else "Booster.inplace_predict"
-        return "Booster.predict"
 
     def _raw(self, rows: np.ndarray) -> np.ndarray:
-        b = self._booster
-        if self.family == "xgboost":
-            if self.reference:
-                dm = self._xgb.DMatrix(rows, feature_names=b.feature_names)
-                out = b.predict(dm, output_margin=self._softmax, iteration_range=self._range)
-            else:
-                out = b.inplace_predict(rows, predict_type="margin" if self._softmax else "value",
-                                        iteration_range=self._range, validate_features=False)
-            return np.asarray(out)
-        return np.asarray(b.predict(rows, **self._predict_kwargs))
+        raise NotImplementedError
 
     def _proba_of(self, raw: np.ndarray) -> np.ndarray:
         if self._softmax:  # scipy.special.softmax, as XGBClassifier.predict_proba calls it
@@ -743,6 +741,74 @@ class BoosterModel:
         if proba is None:
             raise BoosterError("a regressor has no probabilities")
         return proba
+
+
+class BoosterModel(BoosterAnswers):
+    """The library's own answers in the scikit-learn wrappers' shapes: see the module docstring.
+
+    ``reference`` runs the library's own predict instead of the fast path (XGBoost: a
+    ``DMatrix`` and ``Booster.predict``; LightGBM: ``Booster.predict`` with its default
+    threads): what a native booster is verified against, and what
+    ``GATEWAY_BACKEND=estimator`` serves. Thread-safe once built (XGBoost's
+    ``inplace_predict`` and LightGBM's ``predict`` are).
+    """
+
+    def __init__(self, booster: Any, info: BoosterInfo, classes: Iterable[Any] | None, *,
+                 threads: int = DEFAULT_THREADS,
+                 iteration_range: tuple[int, int] = (0, 0), reference: bool = False) -> None:
+        if threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
+        super().__init__(info, classes)
+        self.threads = threads
+        self.reference = reference
+        self.booster = booster
+        self.iteration_range = iteration_range
+        if self.family == "xgboost":
+            self._xgb = _xgboost()
+            if not reference:
+                booster.set_param({"nthread": threads})
+        else:
+            self._predict_kwargs: dict[str, Any] = {} if reference else {"num_threads": threads}
+
+    @property
+    def via(self) -> str:
+        """The library call, for the manifest."""
+        if self.family == "xgboost":
+            return "Booster.predict(DMatrix)" if self.reference else "Booster.inplace_predict"
+        return "Booster.predict"
+
+    def _raw(self, rows: np.ndarray) -> np.ndarray:
+        b = self.booster
+        if self.family == "xgboost":
+            if self.reference:
+                dm = self._xgb.DMatrix(rows, feature_names=b.feature_names)
+                out = b.predict(dm, output_margin=self._softmax,
+                                iteration_range=self.iteration_range)
+            else:
+                out = b.inplace_predict(rows, predict_type="margin" if self._softmax else "value",
+                                        iteration_range=self.iteration_range,
+                                        validate_features=False)
+            return np.asarray(out)
+        return np.asarray(b.predict(rows, **self._predict_kwargs))
+
+
+def probe_native(path: str, format: str, rows: int = 2_000) -> dict[str, Any]:
+    """A child process's task (``model_store.child``): load the booster file at ``path`` as
+    ``format`` with its library and predict ``rows`` rows spanning its split thresholds through
+    each library call the store makes, so that a file that crashes the library crashes the
+    child, not the caller. Returns what the file is (``n_features``, ``n_classes``,
+    ``objective``). Raises BoosterError."""
+    from model_store.compiled import verification_rows
+
+    if format not in NATIVE:
+        raise BoosterError(f"{format} is not a native booster format")
+    booster, info = read_native(Path(path).read_bytes(), format)  # type: ignore[arg-type]
+    x = verification_rows(None, info.n_features, generated=rows, splits=info.splits)
+    classes = info.default_classes() or None
+    for reference in (True, False):
+        BoosterModel(booster, info, classes, reference=reference).run(x)
+    return {"n_features": info.n_features, "n_classes": info.n_classes,
+            "objective": info.objective}
 
 
 class NativeEstimator:

@@ -3,10 +3,14 @@
 Layout: ``<root>/<name>/<version>/`` holds the artifact and the manifest ``model.json``. The
 artifact is ``model.joblib`` (a pickled estimator: scikit-learn, or an XGBoost or LightGBM
 wrapper) or a native booster file (``booster.json``, ``booster.ubj``, ``booster.txt``; see
-``model_store.boosters``), which is loaded without unpickling. Versions are positive integers;
-``latest`` is the highest. Loading checks the artifact's sha256 against the manifest *before*
-unpickling or loading it, then checks that what was loaded is a model that fits the manifest,
-so a tampered, mismatched or foreign artifact is never served. Error messages name the model,
+``model_store.boosters``), which is loaded without unpickling. Beside it, the compiled model
+that serves some output: ``model.onnx`` (scikit-learn), or an XGBoost or LightGBM model's
+chosen candidate, ``compiled-<sha256 prefix>.onnx`` or ``.so`` (a TL2cgen shared library; see
+``model_store.booster_compiled``), each recorded with its sha256 and checked before it loads.
+Versions are positive integers; ``latest`` is the highest. Loading checks the artifact's
+sha256 against the manifest *before* unpickling or loading it, then checks that what was loaded
+is a model that fits the manifest, so a tampered, mismatched or foreign artifact is never
+served. Error messages name the model,
 the version and the reason, never a file path (they reach ``/readyz``).
 """
 
@@ -24,6 +28,7 @@ import platform
 import re
 import secrets
 import shutil
+import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,7 +40,7 @@ import joblib
 import numpy as np
 import sklearn
 
-from model_store import boosters
+from model_store import booster_compiled, boosters, child
 from model_store.boosters import (
     ARTIFACTS,
     FAMILIES,
@@ -52,6 +57,7 @@ from model_store.compiled import (
     CompileError,
     Expected,
     OnnxModel,
+    Runs,
     compile_estimator,
     compiled_library_versions,
     labels_from_proba,
@@ -111,7 +117,9 @@ class Manifest:
     """What verification found per backend: ``{"onnx": {"artifact", "sha256", "input",
     "round_input", "checks": {output: {...}}, "tried": {...}, ...}}`` or ``{"onnx": {"error":
     "<why it could not be compiled>"}}``; ``{"sklearn": {"checks": {"label": {"from_proba":
-    bool, "rows": n}}}}`` for the estimator itself."""
+    bool, "rows": n}}}}`` for the estimator itself. A booster model: ``{family: {"reference",
+    "via", "checks"}}`` (its fast path), and per candidate tried (``onnx``, ``treelite``) its
+    ``checks``, build record and, when chosen, ``artifact`` and ``sha256``; or its ``error``."""
     settings: ModelSettings = dataclasses.field(default_factory=ModelSettings)
     """Serving settings of this version (only the fields set; the rest are global)."""
     family: Family = "sklearn"
@@ -121,6 +129,11 @@ class Manifest:
     (XGBoost) or ``txt`` (LightGBM)."""
     objective: str = ""
     """A booster's objective as its library names it (empty for scikit-learn)."""
+    choice: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """An XGBoost or LightGBM model's served backend per output, and why: ``{"outputs":
+    {output: backend}, "rule", "threads", "measured": {backend: {"1"|"64": {"median_us",
+    "min_us", "max_us"}}}, "refused": {candidate: reason}}`` (``model_store.booster_compiled``);
+    empty when no candidate was tried."""
 
     @property
     def digest(self) -> str:
@@ -137,6 +150,8 @@ class Manifest:
         }
         if self.objective:
             data["objective"] = self.objective
+        if self.choice:
+            data["choice"] = self.choice
         if self.settings:
             data["settings"] = self.settings.to_json()
         return data
@@ -164,12 +179,19 @@ class Manifest:
             family=family,
             format=fmt,
             objective=str(data.get("objective", "")),
+            choice=dict(data.get("choice") or {}),
         )
 
     def verified(self, backend: str, output: str) -> bool:
         """Was ``backend`` verified against the estimator for ``output``?"""
         checks = self.backends.get(backend, {}).get("checks", {})
         return bool(checks.get(output, {}).get("verified", False))
+
+    def chosen(self, output: str) -> str | None:
+        """The compiled candidate chosen to serve ``output`` of a booster model (``onnx``,
+        ``treelite``), or None (the model's own library)."""
+        name = self.choice.get("outputs", {}).get(output)
+        return None if name in (None, self.family) else str(name)
 
     def from_proba(self, backend: str) -> bool:
         """Do ``classes[argmax]`` of ``backend``'s probabilities equal the estimator's labels on
@@ -178,20 +200,23 @@ class Manifest:
         return checks.get("label", {}).get("from_proba") is True
 
 
-Backend = Literal["sklearn", "onnx", "xgboost", "lightgbm"]
-"""Who answers an output: ``onnx`` (the compiled model), else the model's own family."""
+Backend = Literal["sklearn", "onnx", "treelite", "xgboost", "lightgbm"]
+"""Who answers an output: ``onnx`` or ``treelite`` (a compiled model), else the model's own
+family."""
 
 
 @dataclass(frozen=True, slots=True)
 class LoadedModel:
     """A verified manifest with its estimator (and compiled model, if any), ready to predict.
 
-    Each output is served by the compiled model only where the manifest records that it was
-    verified for that output; ``prefer_compiled=False`` forces the model's own family. Within
-    the family, a verified fast path answers where there is one: ``forest`` (scikit-learn
-    forests' probabilities) or ``booster`` (XGBoost and LightGBM: one library call); without
-    them (``dataclasses.replace(model, forest=None, booster=None)``) the estimator's own
-    methods answer. Rows are float64, columns in ``manifest.features`` order.
+    Each output is served by a compiled model only where the manifest records that it was
+    verified for that output (scikit-learn: ``onnx``) or chosen for it (XGBoost and LightGBM:
+    ``onnx`` or ``treelite``, in ``chosen``, loaded and verified again);
+    ``prefer_compiled=False`` forces the model's own family. Within the family, a verified
+    fast path answers where there is one: ``forest`` (scikit-learn forests' probabilities) or
+    ``booster`` (XGBoost and LightGBM: one library call); without them
+    (``dataclasses.replace(model, forest=None, booster=None)``) the estimator's own methods
+    answer. Rows are float64, columns in ``manifest.features`` order.
     """
 
     manifest: Manifest
@@ -199,6 +224,9 @@ class LoadedModel:
     compiled: OnnxModel | None = None
     forest: ForestProba | None = None  # the estimator's probabilities, its overhead spared
     booster: BoosterModel | None = None  # an XGBoost or LightGBM model's verified fast path
+    chosen: Mapping[str, Runs] = dataclasses.field(default_factory=dict)
+    """A booster model's compiled candidates that serve an output, by name (``onnx``,
+    ``treelite``)."""
     _classes: np.ndarray = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -218,21 +246,40 @@ class LoadedModel:
     def has_proba(self) -> bool:
         return self.manifest.task == "classification" and hasattr(self.estimator, "predict_proba")
 
+    @property
+    def threads(self) -> int | None:
+        """Threads inside one call of an XGBoost or LightGBM model (its ``threads`` setting,
+        else 1); None for other families."""
+        if self.manifest.family == "sklearn":
+            return None
+        return self.manifest.settings.threads or boosters.DEFAULT_THREADS
+
     def backend(self, output: str, *, prefer_compiled: bool = True) -> Backend:
         """Which backend answers ``output`` (``label`` or ``probabilities``)."""
-        if prefer_compiled and self.compiled is not None and self.manifest.verified("onnx", output):
-            return "onnx"
+        if prefer_compiled:
+            if self.compiled is not None and self.manifest.verified("onnx", output):
+                return "onnx"
+            chosen = self.manifest.chosen(output)
+            if chosen in self.chosen:
+                return chosen  # type: ignore[return-value]
         return self.manifest.family
 
     def backends(self, *, prefer_compiled: bool = True) -> dict[str, Backend]:
         outputs = ["label", "probabilities"] if self.has_proba else ["label"]
         return {o: self.backend(o, prefer_compiled=prefer_compiled) for o in outputs}
 
+    def _compiled(self, backend: Backend) -> Runs | None:
+        """The compiled model answering as ``backend``, if it is one."""
+        runs = self.chosen.get(backend)
+        if runs is None and backend == "onnx":
+            return self.compiled
+        return runs
+
     def predict(self, rows: np.ndarray, *, prefer_compiled: bool = True) -> list[Any]:
         """Labels (or values) for ``rows`` as plain Python objects, in row order."""
-        if self.compiled is not None and self.backend("label", prefer_compiled=prefer_compiled) \
-                == "onnx":
-            values = self.compiled.predict(rows)
+        compiled = self._compiled(self.backend("label", prefer_compiled=prefer_compiled))
+        if compiled is not None:
+            values = compiled.run(rows)[0]
         elif self.booster is not None:
             values = self.booster.predict(rows)
         elif self.forest is not None:  # what the forest's own predict does with them
@@ -250,8 +297,13 @@ class LoadedModel:
         return out
 
     def _proba(self, rows: np.ndarray, backend: Backend) -> np.ndarray:
-        if backend == "onnx" and self.compiled is not None:
-            return self.compiled.predict_proba(rows)
+        compiled = self._compiled(backend)
+        if compiled is not None:
+            proba = compiled.run(rows)[1]
+            if proba is None:
+                raise CompileError(f"{_where(self.name, self.version)}: the compiled model "
+                                   "has no probabilities output")
+            return proba
         if self.booster is not None:
             return self.booster.predict_proba(rows)
         if self.forest is not None:
@@ -260,13 +312,15 @@ class LoadedModel:
 
     def both_in_one_call(self, *, prefer_compiled: bool = True) -> bool:
         """Does ``predict_both`` answer with one model call? Yes when both outputs come from the
-        compiled model (one run gives both), or when the probabilities' backend was verified to
-        give the estimator's labels as ``classes[argmax]`` on every verification row."""
+        same compiled model (one run gives both), or when the probabilities' backend was
+        verified to give the estimator's labels as ``classes[argmax]`` on every verification
+        row."""
         if not self.has_proba:
             return False
         label = self.backend("label", prefer_compiled=prefer_compiled)
         proba = self.backend("probabilities", prefer_compiled=prefer_compiled)
-        return (label == proba == "onnx") or self.manifest.from_proba(proba)
+        return (label == proba and self._compiled(label) is not None) or \
+            self.manifest.from_proba(proba)
 
     def predict_both(self, rows: np.ndarray, *, prefer_compiled: bool = True
                      ) -> tuple[list[Any], list[list[float]]]:
@@ -274,8 +328,9 @@ class LoadedModel:
         ``predict`` and ``predict_proba``, with one model call where ``both_in_one_call``."""
         label = self.backend("label", prefer_compiled=prefer_compiled)
         proba_backend = self.backend("probabilities", prefer_compiled=prefer_compiled)
-        if label == proba_backend == "onnx" and self.compiled is not None:
-            labels, proba = self.compiled.run(rows)
+        compiled = self._compiled(label)
+        if label == proba_backend and compiled is not None:
+            labels, proba = compiled.run(rows)
             if proba is None:
                 raise CompileError(f"{_where(self.name, self.version)}: the compiled model "
                                    "has no probabilities output")
@@ -445,9 +500,11 @@ def _classes(given: Sequence[Any] | None, own: tuple[Any, ...], what: str) -> tu
 
 
 def _prepare(model: Any, fmt: Format | None, features: Sequence[str] | None,
-             classes: Sequence[Any] | None, threads: int) -> _Prepared:
-    """What ``register`` stores for ``model`` (see there). Raises ValueError (BoosterError
-    for a booster that is not usable), OSError."""
+             classes: Sequence[Any] | None, threads: int, *, probe: bool = True) -> _Prepared:
+    """What ``register`` stores for ``model`` (see there). A booster file (a path) is
+    checked, then, with ``probe``, loaded and predicted with in a child process before this
+    process loads it (``_probe``). Raises ValueError (BoosterError for a booster that is not
+    usable), OSError."""
     data: bytes | None = None
     if isinstance(model, str | os.PathLike):
         path = Path(model)
@@ -456,6 +513,8 @@ def _prepare(model: Any, fmt: Format | None, features: Sequence[str] | None,
             raise ValueError(f"{path}: not a native booster file (.json, .ubj, .txt); "
                              "register the estimator it holds")
         data = path.read_bytes()
+        if probe:
+            _probe(data, fmt)
     else:
         native = boosters.native_bytes(model)
         if native is not None:
@@ -499,11 +558,40 @@ def _prepare(model: Any, fmt: Format | None, features: Sequence[str] | None,
                      _classes(classes, est_classes, "estimator"), task, served, info, fast)
 
 
+BackendChoice = Literal["auto", "sklearn", "library", "onnx", "treelite"]
+"""What ``register`` tries: see there."""
+COMPILE_TIMEOUT_S = 600.0
+"""How long building one compiled candidate of a booster model may take (the C compiler on a
+large model takes minutes)."""
+PROBE_TIMEOUT_S = 300.0
+"""How long a child process may take to load a booster file and predict with it."""
+PROBE_TASK = "model_store.boosters:probe_native"
+"""What the child process runs on a booster file before this process loads it."""
+
+
+def _probe(data: bytes, fmt: Format) -> None:
+    """``boosters.probe_native`` on ``data`` in a child process (``model_store.child``), after
+    the checks that need no library: a file that crashes the library (9 of 1,200 fuzzed files
+    got past the checks and did) crashes the child, and is refused. Raises BoosterError."""
+    info = boosters.inspect_native(data, fmt)
+    with tempfile.TemporaryDirectory(prefix="model-store-probe-") as tmp:
+        path = Path(tmp) / ARTIFACTS[fmt]
+        path.write_bytes(data)
+        try:
+            child.run(PROBE_TASK, {"path": str(path), "format": fmt}, timeout_s=PROBE_TIMEOUT_S)
+        except child.ChildFailed as exc:
+            if exc.crashed or exc.timed_out:
+                raise BoosterError(f"{info.family} {exc} loading it or predicting with it"
+                                   ) from exc
+            raise BoosterError(str(exc)) from exc
+
+
 def _verify_booster(manifest: Manifest, prepared: _Prepared, rows: np.ndarray | None,
-                    proba_atol: float, value_rtol: float, *, fast: bool) -> Manifest:
+                    proba_atol: float, value_rtol: float, *, fast: bool
+                    ) -> tuple[Manifest, Expected]:
     """Check the model on the verification rows (its thresholds, ``rows``) and, with
     ``fast``, its booster path against the library's own predict; record both under
-    ``backends[family]``."""
+    ``backends[family]``. Returns the manifest and the library's own answers."""
     assert prepared.info is not None and prepared.fast is not None
     n_features = len(manifest.features)
     expected = Expected.of(prepared.served, verification_rows(
@@ -528,7 +616,56 @@ def _verify_booster(manifest: Manifest, prepared: _Prepared, rows: np.ndarray | 
         record["checks"] = {"label": {"rows": len(expected.rows), "from_proba": own}}
     backends = {k: v for k, v in manifest.backends.items() if k != manifest.family}
     backends[manifest.family] = record
-    return dataclasses.replace(manifest, backends=backends)
+    return dataclasses.replace(manifest, backends=backends), expected
+
+
+def _compile_booster(vdir: Path, manifest: Manifest, prepared: _Prepared, expected: Expected,
+                     *, candidates: tuple[booster_compiled.Candidate, ...], required: bool,
+                     proba_atol: float, value_rtol: float, timeout_s: float) -> Manifest:
+    """Build, verify, measure and choose the compiled candidates of a booster model
+    (``model_store.booster_compiled``); write the chosen ones' artifacts into ``vdir`` and
+    return ``manifest`` with every candidate's record and the choice. Raises CompileError
+    when ``required`` and the candidate cannot be built."""
+    assert prepared.info is not None and prepared.fast is not None
+    fast = prepared.fast
+    if prepared.data is not None:
+        native, fmt = prepared.data, prepared.format
+    else:
+        found = boosters.native_bytes(fast.booster)
+        assert found is not None
+        native, fmt = found
+    library_call: Callable[[np.ndarray], Any] = fast.run
+    if not _booster_verified(manifest):  # the library's own predict serves
+        served = prepared.served
+        library_call = (served.predict if prepared.task == "regression"
+                        else lambda x: (served.predict(x), served.predict_proba(x)))
+    try:
+        outcome = booster_compiled.compile_booster(
+            fast.booster, prepared.info, prepared.classes or None, native, fmt, expected,
+            library=manifest.family, library_call=library_call, candidates=candidates,
+            required=required, threads=fast.threads, iteration_range=fast.iteration_range,
+            proba_atol=proba_atol, value_rtol=value_rtol, timeout_s=timeout_s)
+    except booster_compiled.BuildError as exc:
+        raise CompileError(f"{candidates[0]}: {exc}") from exc
+    where = _where(manifest.name, manifest.version)
+    for candidate, reason in outcome.choice["refused"].items():
+        log.warning("%s: %s refused: %s", where, candidate, reason)
+    for name, data in outcome.files.items():
+        (vdir / name).write_bytes(data)
+    backends = {k: v for k, v in manifest.backends.items()
+                if k not in booster_compiled.CANDIDATES}
+    backends.update(outcome.backends)
+    return dataclasses.replace(manifest, backends=backends, choice=outcome.choice)
+
+
+def _remove_unreferenced(vdir: Path, manifest: Manifest) -> None:
+    """Compiled artifacts of earlier choices that the manifest no longer names (a gateway
+    that loaded one keeps it: a library stays mapped, a session in memory)."""
+    kept = {b.get("artifact") for b in manifest.backends.values() if isinstance(b, dict)}
+    for path in vdir.glob("compiled-*"):
+        if path.name not in kept:
+            with contextlib.suppress(OSError):
+                path.unlink()
 
 
 def _reference_name(prepared: _Prepared) -> str:
@@ -691,7 +828,10 @@ class ModelStore:
         _check_estimator(manifest, estimator)
         drop_fitted_feature_names(estimator)
         if manifest.family != "sklearn":
-            return LoadedModel(manifest, estimator, booster=_wrapper_booster(manifest, estimator))
+            fast = _wrapper_booster(manifest, estimator)
+            chosen = self._load_chosen(manifest, estimator, lambda: boosters.describe(
+                boosters.wrapped_booster(estimator, manifest.family), manifest.family))
+            return LoadedModel(manifest, estimator, booster=fast, chosen=chosen)
         return LoadedModel(manifest, estimator, self._load_compiled(manifest, estimator),
                            _fast_forest(estimator, len(manifest.features)))
 
@@ -727,7 +867,62 @@ class ModelStore:
         estimator = NativeEstimator(booster, info, classes, threads=threads)
         fast = (BoosterModel(booster, info, classes, threads=threads)
                 if _booster_verified(manifest) else None)
-        return LoadedModel(manifest, estimator, booster=fast)
+        return LoadedModel(manifest, estimator, booster=fast,
+                           chosen=self._load_chosen(manifest, estimator, lambda: info))
+
+    def _load_chosen(self, manifest: Manifest, estimator: Any,
+                     info_of: Callable[[], BoosterInfo]) -> dict[str, Runs]:
+        """The compiled candidates the manifest chose for some output of a booster model:
+        each artifact's sha256 checked before it is loaded (ArtifactRejected otherwise), then
+        verified again against ``estimator`` (the library's own predict) on 2,000 rows over
+        the model's thresholds, with the tolerances recorded at registration. One that does
+        not load or verify here (another machine, another library build) is left out with a
+        warning: the library serves its outputs."""
+        names = sorted({c for o in ("label", "probabilities")
+                        if (c := manifest.chosen(o)) is not None})
+        if not names:
+            return {}
+        where = _where(manifest.name, manifest.version)
+        vdir = self.root / manifest.name / str(manifest.version)
+        info = info_of()
+        classes = manifest.classes or None
+        rows = verification_rows(None, info.n_features, generated=2_000, splits=info.splits)
+        expected = Expected.of(estimator, rows)
+        out: dict[str, Runs] = {}
+        for name in names:
+            record = manifest.backends.get(name, {})
+            artifact, digest = record.get("artifact"), record.get("sha256")
+            if not artifact or not digest:
+                raise ArtifactRejected(f"{where}: {name} is chosen but has no recorded artifact")
+            try:
+                data = (vdir / str(artifact)).read_bytes()
+            except OSError as exc:
+                raise ArtifactRejected(f"{where}: compiled artifact {artifact} unreadable: "
+                                       f"{exc.strerror}") from exc
+            if hashlib.sha256(data).hexdigest() != digest:
+                raise ArtifactRejected(f"{where}: {artifact}: sha256 mismatch with the "
+                                       "manifest; refusing to load")
+            try:
+                model = booster_compiled.load_candidate(
+                    name, data, info, classes,
+                    threads=manifest.settings.threads or boosters.DEFAULT_THREADS)
+            except booster_compiled.BuildError as exc:
+                log.warning("%s: %s not loaded, %s serves: %s", where, name, manifest.family,
+                            exc)
+                continue
+            checks = record.get("checks", {})
+            found = booster_compiled.verify(
+                expected, model, name,
+                float(checks.get("probabilities", {}).get("atol", 1e-6)),
+                float(checks.get("label", {}).get("rtol", 1e-5)))
+            failed = [c.reason for o, c in found.items()
+                      if manifest.chosen(o) == name and not c.verified]
+            if failed:
+                log.warning("%s: %s not verified again, %s serves: %s", where, name,
+                            manifest.family, "; ".join(failed))
+                continue
+            out[name] = model
+        return out
 
     def _load_compiled(self, manifest: Manifest, estimator: Any) -> OnnxModel | None:
         """The verified compiled model, if the manifest has one; its sha256 is checked before
@@ -769,11 +964,12 @@ class ModelStore:
         features: Sequence[str] | None = None,
         classes: Sequence[Any] | None = None,
         format: Format | None = None,
-        backend: Literal["auto", "sklearn", "onnx"] = "auto",
+        backend: BackendChoice = "auto",
         train_rows: np.ndarray | None = None,
         proba_atol: float = 1e-6,
         value_rtol: float = 1e-5,
         settings: ModelSettings | Mapping[str, Any] | None = None,
+        compile_timeout_s: float = COMPILE_TIMEOUT_S,
     ) -> Manifest:
         """Store a model as a new version and return its manifest.
 
@@ -792,15 +988,25 @@ class ModelStore:
         plus generated ones): for a classifier, whether its labels are
         ``classes[argmax(predict_proba)]`` (recorded for one-call answers). ``backend``
         ``auto`` also compiles a scikit-learn estimator (see ``compile``), falling back to
-        sklearn with a logged reason when it cannot be converted, and verifies an XGBoost or
-        LightGBM model's booster path against the library's own predict; ``onnx`` requires
-        the conversion; ``sklearn`` keeps the estimator's own methods only.
+        sklearn with a logged reason when it cannot be converted; for an XGBoost or LightGBM
+        model it verifies the booster path against the library's own predict, then builds,
+        verifies and measures the compiled candidates (ONNX, Treelite; each build within
+        ``compile_timeout_s``) and serves each output by the fastest that verifies it
+        (``model_store.booster_compiled``); a candidate that fails is recorded as refused,
+        with its reason. ``onnx`` (``treelite``: boosters only) requires that conversion and
+        serves it for each output it verifies; ``library`` stops at the booster path (no
+        compiled candidate; for scikit-learn, the same as ``sklearn``); ``sklearn`` keeps the
+        estimator's (the library's) own methods only. A booster file is loaded and predicted
+        with in a child process before this one loads it, so a file that crashes the library
+        is refused.
 
         Raises:
             ValueError: bad name, version taken or not positive, not a fitted estimator or
-                not a usable booster file (``BoosterError``), feature names or classes that
-                disagree with the model, training rows of the wrong shape, bad settings.
-            CompileError: ``backend="onnx"`` and the model cannot be converted.
+                not a usable booster file (``BoosterError``; a crash of the library on it
+                too), feature names or classes that disagree with the model, training rows of
+                the wrong shape, bad settings, ``treelite`` for a scikit-learn model.
+            CompileError: ``backend`` ``onnx`` or ``treelite`` and the model cannot be
+                converted.
             OSError: the booster file cannot be read.
         """
         if not _NAME.match(name):
@@ -818,8 +1024,8 @@ class ModelStore:
                             model_settings.threads or boosters.DEFAULT_THREADS)
         if prepared.family == "sklearn" and model_settings.threads is not None:
             raise ValueError("threads: a setting of XGBoost and LightGBM models only")
-        if prepared.family != "sklearn" and backend == "onnx":
-            raise CompileError(f"{prepared.family} models are not compiled to ONNX yet")
+        if prepared.family == "sklearn" and backend == "treelite":
+            raise ValueError("treelite: a backend of XGBoost and LightGBM models only")
         rows = _check_rows(train_rows, len(prepared.features))
 
         model_dir = self.root / name
@@ -849,11 +1055,19 @@ class ModelStore:
             if prepared.family == "sklearn":
                 manifest = _verify_into(tmp, manifest, prepared.served, rows, proba_atol,
                                         value_rtol,
-                                        compile_to=None if backend == "sklearn" else "onnx",
+                                        compile_to=None if backend in ("sklearn", "library")
+                                        else "onnx",
                                         required=backend == "onnx")
             else:
-                manifest = _verify_booster(manifest, prepared, rows, proba_atol, value_rtol,
-                                           fast=backend != "sklearn")
+                manifest, expected = _verify_booster(manifest, prepared, rows, proba_atol,
+                                                     value_rtol, fast=backend != "sklearn")
+                candidates = {"auto": booster_compiled.CANDIDATES, "onnx": ("onnx",),
+                              "treelite": ("treelite",)}.get(backend, ())
+                if candidates:
+                    manifest = _compile_booster(
+                        tmp, manifest, prepared, expected, candidates=candidates,
+                        required=backend != "auto", proba_atol=proba_atol,
+                        value_rtol=value_rtol, timeout_s=compile_timeout_s)
             _write_manifest(tmp, manifest)
             os.rename(tmp, model_dir / str(version))
         except BaseException:
@@ -871,27 +1085,52 @@ class ModelStore:
         train_rows: np.ndarray | None = None,
         proba_atol: float = 1e-6,
         value_rtol: float = 1e-5,
+        compile_timeout_s: float = COMPILE_TIMEOUT_S,
     ) -> Manifest:
-        """Compile an existing version to ONNX, verify it per output, record the result in
-        its manifest (replaced atomically) and return the new manifest.
+        """Compile an existing version, verify it per output, record the result in its
+        manifest (replaced atomically) and return the new manifest: a scikit-learn estimator
+        to ONNX; an XGBoost or LightGBM model's candidates built, verified, measured and chosen
+        again as ``register`` does with ``backend="auto"`` (new artifacts get new names; those
+        the new manifest no longer names are removed once it is in place).
 
         Raises:
             ModelNotFound, ArtifactRejected: as ``load_sync``.
             ValueError: training rows of the wrong shape.
-            CompileError: the estimator cannot be converted (the manifest records why), or
-                is an XGBoost or LightGBM model (not compiled yet).
+            CompileError: the estimator cannot be converted (the manifest records why).
         """
-        family = self.manifest(name, version).family
-        if family != "sklearn":
-            raise CompileError(f"{family} models are not compiled to ONNX yet")
         loaded = self.load_sync(name, version)
         vdir = self.root / name / str(version)
         rows = _check_rows(train_rows, len(loaded.manifest.features))
+        if loaded.manifest.family != "sklearn":
+            return self._compile_booster(loaded, vdir, rows, proba_atol, value_rtol,
+                                         compile_timeout_s)
         manifest = _verify_into(vdir, loaded.manifest, loaded.estimator, rows, proba_atol,
                                 value_rtol, compile_to="onnx", required=False)
         _write_manifest(vdir, manifest)
         if "error" in manifest.backends.get("onnx", {}):
             raise CompileError(manifest.backends["onnx"]["error"])
+        return manifest
+
+    def _compile_booster(self, loaded: LoadedModel, vdir: Path, rows: np.ndarray | None,
+                         proba_atol: float, value_rtol: float, timeout_s: float) -> Manifest:
+        m = loaded.manifest
+        threads = loaded.threads or boosters.DEFAULT_THREADS
+        source: Any = loaded.estimator
+        if m.format != "joblib":  # the registered file, checked (sha256) as load_sync did
+            source = vdir / m.artifact
+            if sha256_file(source) != m.sha256:
+                raise ArtifactRejected(f"{_where(m.name, m.version)}: {m.artifact}: sha256 "
+                                       "mismatch with the manifest; refusing to load")
+        prepared = _prepare(source, m.format if m.format != "joblib" else None, m.features,
+                            m.classes or None, threads, probe=False)
+        manifest, expected = _verify_booster(m, prepared, rows, proba_atol, value_rtol,
+                                             fast=True)
+        manifest = _compile_booster(vdir, manifest, prepared, expected,
+                                    candidates=booster_compiled.CANDIDATES, required=False,
+                                    proba_atol=proba_atol, value_rtol=value_rtol,
+                                    timeout_s=timeout_s)
+        _write_manifest(vdir, manifest)
+        _remove_unreferenced(vdir, manifest)
         return manifest
 
     def configure(

@@ -259,7 +259,10 @@ class ModelRunner:
             "infer_concurrency": concurrency, "cache_ttl_s": cache_ttl_s,
             "execution": placement, "batching": batching,
         }
-        """The settings in force for this version (global ones, overridden by its own)."""
+        """The settings in force for this version (global ones, overridden by its own); an
+        XGBoost or LightGBM model's ``threads`` too."""
+        if model.threads is not None:
+            self.settings["threads"] = model.threads
         self.manifest = model.manifest
         self.max_batch_size = max_batch_size
         self.prefer_compiled = prefer_compiled

@@ -66,3 +66,66 @@ async def test_tiny_model_answers_misses_inline_without_the_batcher(
     inline = [line for line in metrics.splitlines()
               if line.startswith('gateway_model_exec_total{model="iris",place="inline"')]
     assert inline and float(inline[0].rsplit(" ", 1)[1]) >= 30
+
+
+@pytest.mark.e2e  # registering a booster file and compiling it start child processes
+async def test_a_booster_served_by_a_compiled_candidate_answers_as_its_library(
+        tmp_path: Path) -> None:
+    import lightgbm as lgb
+    import xgboost as xgb
+
+    from model_store import ModelStore
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 6))
+    signal = x[:, 0] - x[:, 1] + 0.3 * rng.normal(size=600)
+    text, js = tmp_path / "binary.txt", tmp_path / "regression.json"
+    lgb.train({"objective": "binary", "num_leaves": 8, "verbose": -1},
+              lgb.Dataset(x, label=(signal > 0).astype(int)), 20).save_model(str(text))
+    xgb.train({"objective": "reg:squarederror", "max_depth": 3},
+              xgb.DMatrix(x, label=3 * signal), 20).save_model(str(js))
+    root = tmp_path / "models"
+    store = ModelStore(root)
+    # Asked for by name, each serves what it verifies, whatever the clock says.
+    store.register(text, "lgb", backend="treelite", settings={"threads": 1})
+    store.register(js, "xgb", backend="onnx")
+    rows = rng.normal(scale=1.5, size=(300, 6))
+    proba = lgb.Booster(model_file=str(text)).predict(rows)
+    want = {"lgb": ((proba > 0.5).astype(int).tolist(), np.vstack((1 - proba, proba)).T),
+            "xgb": (xgb.Booster(model_file=str(js)).predict(xgb.DMatrix(rows)), None)}
+    served = {}
+    for backend in ("auto", "sklearn"):
+        app = create_app(Settings(model_root=root, backend=backend, cache="off"))
+        async with serve(app) as client:
+            for name, (labels, probabilities) in want.items():
+                r = await client.post(f"/v1/models/{name}/predict", json={
+                    "instances": rows.tolist(), "probabilities": probabilities is not None})
+                assert r.status_code == 200, r.text
+                got = r.json()
+                if probabilities is None:  # within the tolerance the manifest states
+                    rtol = store.manifest(name, 1).backends["onnx"]["checks"]["label"]["rtol"]
+                    scale = max(1.0, float(np.max(np.abs(labels))))
+                    assert np.max(np.abs(np.asarray(got["predictions"]) - labels)) <= \
+                        rtol * scale
+                else:
+                    assert got["predictions"] == labels
+                    assert np.max(np.abs(np.asarray(got["probabilities"]) - probabilities)) \
+                        <= 1e-6
+            models = {m["name"]: m["versions"][0]
+                      for m in (await client.get("/v1/models")).json()["models"]}
+            meta = (await client.get("/v2/models/lgb")).json()
+        served[backend] = ({n: v["backends"] for n, v in models.items()},
+                           meta["parameters"]["backends"])
+        assert models["lgb"]["settings"]["threads"] == 1  # a booster's threads are shown
+        assert models["xgb"]["settings"]["threads"] == 1
+    assert served["auto"] == ({"lgb": {"label": "treelite", "probabilities": "treelite"},
+                               "xgb": {"label": "onnx"}},
+                              {"label": "treelite", "probabilities": "treelite"})
+    assert served["sklearn"][0] == {"lgb": {"label": "lightgbm", "probabilities": "lightgbm"},
+                                    "xgb": {"label": "xgboost"}}
+
+
+async def test_a_scikit_learn_model_has_no_threads_setting(compiled_store: Path) -> None:
+    async with serve(create_app(Settings(model_root=compiled_store, cache="off"))) as client:
+        models = (await client.get("/v1/models")).json()["models"]
+    assert "threads" not in models[0]["versions"][0]["settings"]

@@ -1,6 +1,8 @@
 """XGBoost and LightGBM models through every door of the in-process gateway: the same answers
 as the library's own predict, with a scikit-learn model's semantics (labels, probabilities per
-class summing to 1, regression values)."""
+class summing to 1, regression values). Served by the library's own fast path here
+(``backend="library"``); a compiled candidate through the gateway is in ``test_backends.py``.
+Registering a booster file loads it in a child process first, hence ``e2e``."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from gateway import Settings, create_app
 from model_store import ModelStore
 from tests.support import serve
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.e2e]
 
 N_FEATURES = 10
 NAMES = [f"c{i}" for i in range(N_FEATURES)]
@@ -45,7 +47,7 @@ def booster_store(tmp_path_factory: pytest.TempPathFactory
                                     feature_names=NAMES), 20)
     path = root.parent / "multi.ubj"
     booster.save_model(str(path))
-    store.register(path, "xgb", classes=CLASSES)
+    store.register(path, "xgb", classes=CLASSES, backend="library")
 
     def xgb_own(rows: np.ndarray) -> Answers:
         mine = xgb.Booster(model_file=str(path))
@@ -56,7 +58,7 @@ def booster_store(tmp_path_factory: pytest.TempPathFactory
         x, (signal > 0).astype(int))
     pickled = root.parent / "binary.joblib"
     joblib.dump(wrapper, pickled)
-    store.register(joblib.load(pickled), "lgb", features=NAMES)
+    store.register(joblib.load(pickled), "lgb", features=NAMES, backend="library")
 
     def lgb_own(rows: np.ndarray) -> Answers:
         return wrapper.predict(rows).tolist(), wrapper.predict_proba(rows)
@@ -65,7 +67,7 @@ def booster_store(tmp_path_factory: pytest.TempPathFactory
                           lgb.Dataset(x, label=3 * signal), 20)
     text = root.parent / "regression.txt"
     regressor.save_model(str(text))
-    store.register(text, "lgbreg", features=NAMES)
+    store.register(text, "lgbreg", features=NAMES, backend="library")
 
     def reg_own(rows: np.ndarray) -> Answers:
         return lgb.Booster(model_file=str(text)).predict(rows).tolist(), None

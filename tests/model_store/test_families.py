@@ -1,5 +1,9 @@
 """XGBoost and LightGBM models in the store: every family x format x task registered, loaded
-and answering as the library itself does; threads; bad input refused at the door."""
+and answering as the library itself does (its own fast path here; the compiled candidates in
+``test_booster_compiled.py``); threads; bad input refused at the door.
+
+Registering a booster *file* loads it in a child process first (``model_store.child``), so the
+tests that do are ``e2e``."""
 
 from __future__ import annotations
 
@@ -9,7 +13,6 @@ import subprocess
 import sys
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,117 +26,22 @@ from model_store import ArtifactRejected, ModelStore
 from model_store import boosters as fam
 from model_store.__main__ import main as cli
 from model_store.boosters import BoosterError
+from tests.model_store.booster_cases import N_FEATURES, TASKS, TREES, Case
+from tests.model_store.booster_cases import case_keys as _cases
+from tests.model_store.booster_cases import data as _data
+from tests.model_store.booster_cases import rows as _rows
 
-N_FEATURES = 10
-TREES = 20
-TASKS = ("binary", "multiclass", "regression")
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def _data(task: str, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(600, N_FEATURES))
-    signal = x[:, 0] + 0.5 * x[:, 1] - x[:, 2] + 0.3 * rng.normal(size=len(x))
-    if task == "binary":
-        return x, (signal > 0).astype(int)
-    if task == "multiclass":
-        return x, np.digitize(signal, [-0.7, 0.7])
-    return x, 3.0 * signal + x[:, 3] ** 2
-
-
-def _wrapper(family: str, task: str, **kw: Any) -> Any:
-    x, y = _data(task)
-    if family == "xgboost":
-        cls = xgb.XGBRegressor if task == "regression" else xgb.XGBClassifier
-        return cls(n_estimators=TREES, max_depth=3, n_jobs=1, **kw).fit(x, y)
-    cls = lgb.LGBMRegressor if task == "regression" else lgb.LGBMClassifier
-    return cls(n_estimators=TREES, num_leaves=8, n_jobs=1, verbose=-1, **kw).fit(x, y)
-
-
-@dataclass
-class Case:
-    """A model as a user hands it over, and the library's own answers to compare with."""
-
-    family: str
-    fmt: str
-    task: str
-    model: Any  # what register takes: a wrapper, or a native file's path
-    labels: Callable[[np.ndarray], np.ndarray]
-    proba: Callable[[np.ndarray], np.ndarray] | None
-    thresholds: list[tuple[np.ndarray, np.ndarray]]
-
-
-def _native_answers(family: str, task: str, path: Path) -> tuple[Any, Any]:
-    """The library's own predict on a file it loads itself (not through the store)."""
-    if family == "xgboost":
-        booster = xgb.Booster(model_file=str(path))
-
-        def raw(x: np.ndarray) -> np.ndarray:
-            return np.asarray(booster.predict(xgb.DMatrix(x)))
-    else:
-        booster = lgb.Booster(model_file=str(path))
-
-        def raw(x: np.ndarray) -> np.ndarray:
-            return np.asarray(booster.predict(x))
-    if task == "regression":
-        return raw, None
-
-    def proba(x: np.ndarray) -> np.ndarray:
-        p = raw(x)
-        return np.vstack((1 - p, p)).T if p.ndim == 1 else p
-
-    return (lambda x: np.argmax(proba(x), axis=1)), proba
-
-
-def _cases() -> list[tuple[str, str, str]]:
-    out = []
-    for task in TASKS:
-        out += [("xgboost", f, task) for f in ("joblib", "json", "ubj")]
-        out += [("lightgbm", f, task) for f in ("joblib", "txt")]
-    return out
-
-
-@pytest.fixture(scope="module")
-def cases(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str, str], Case]:
-    files = tmp_path_factory.mktemp("boosters")
-    out = {}
-    for family, fmt, task in _cases():
-        wrapper = _wrapper(family, task)
-        booster = wrapper.get_booster() if family == "xgboost" else wrapper.booster_
-        thresholds = fam.describe(booster, family).splits  # type: ignore[arg-type]
-        if fmt == "joblib":
-            path = files / f"{family}-{task}.joblib"
-            joblib.dump(wrapper, path)
-            proba = None if task == "regression" else wrapper.predict_proba
-            out[family, fmt, task] = Case(family, fmt, task, wrapper, wrapper.predict, proba,
-                                          thresholds)
-            continue
-        path = files / f"{family}-{task}.{fmt}"
-        booster.save_model(str(path))
-        labels, proba = _native_answers(family, task, path)
-        out[family, fmt, task] = Case(family, fmt, task, path, labels, proba, thresholds)
-    return out
-
-
-def _rows(case: Case, n: int = 2_000, seed: int = 3) -> np.ndarray:
-    """``n`` generated rows, a third of their values on a split threshold of the model."""
-    rng = np.random.default_rng(seed)
-    rows = rng.normal(scale=1.5, size=(n, N_FEATURES))
-    for features, values in case.thresholds:
-        if len(features):
-            pick = rng.integers(len(features), size=n // 3 // len(case.thresholds) + 1)
-            where = rng.integers(n, size=len(pick))
-            rows[where, features[pick]] = values[pick]
-    return rows
-
-
+@pytest.mark.e2e
 @pytest.mark.parametrize(("family", "fmt", "task"), _cases())
 def test_registered_model_answers_as_the_library(
         cases: dict[tuple[str, str, str], Case], tmp_path: Path, family: str, fmt: str,
         task: str) -> None:
     case = cases[family, fmt, task]
     store = ModelStore(tmp_path)
-    m = store.register(case.model, "m")
+    m = store.register(case.model, "m", backend="library")
     assert (m.family, m.format, m.task) == (family, fmt,
                                            "regression" if task == "regression"
                                            else "classification")
@@ -146,6 +54,7 @@ def test_registered_model_answers_as_the_library(
     assert set(record["checks"]) == ({"label"} if task == "regression"
                                      else {"label", "probabilities"})
     assert all(c["verified"] for c in record["checks"].values()), record
+    assert not m.choice and not set(m.backends) & {"onnx", "treelite"}  # none tried
 
     model = store.load_sync("m", 1)
     assert model.booster is not None and model.booster.threads == 1
@@ -170,6 +79,7 @@ def test_registered_model_answers_as_the_library(
     assert labels == got.tolist() and np.array_equal(np.asarray(both), proba)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("family", ["xgboost", "lightgbm"])
 def test_estimator_mode_serves_the_same_answers_without_the_booster_path(
         cases: dict[tuple[str, str, str], Case], tmp_path: Path, family: str) -> None:
@@ -178,7 +88,7 @@ def test_estimator_mode_serves_the_same_answers_without_the_booster_path(
     store = ModelStore(tmp_path)
     for fmt in ("joblib", "ubj" if family == "xgboost" else "txt"):
         case = cases[family, fmt, "multiclass"]
-        m = store.register(case.model, fmt)
+        m = store.register(case.model, fmt, backend="library")
         fast = store.load_sync(fmt, m.version)
         plain = dataclasses.replace(fast, booster=None)  # what GATEWAY_BACKEND=estimator does
         rows = _rows(case, 500)
@@ -188,13 +98,15 @@ def test_estimator_mode_serves_the_same_answers_without_the_booster_path(
         assert plain.both_in_one_call()
 
 
+@pytest.mark.e2e
 def test_native_classes_features_and_objectives(tmp_path: Path) -> None:
     store = ModelStore(tmp_path)
     x, y = _data("multiclass")
     names = [f"c{i}" for i in range(N_FEATURES)]
     booster = xgb.train({"objective": "multi:softmax", "num_class": 3, "max_depth": 3},
                         xgb.DMatrix(x, label=y, feature_names=names), TREES)
-    m = store.register(booster, "soft", classes=["low", "mid", "high"])  # a Booster object
+    m = store.register(booster, "soft", classes=["low", "mid", "high"],  # a Booster object
+                       backend="library")
     assert (m.format, m.objective, m.features) == ("ubj", "multi:softmax", tuple(names))
     assert m.classes == ("low", "mid", "high")
     model = store.load_sync("soft", 1)
@@ -211,13 +123,13 @@ def test_native_classes_features_and_objectives(tmp_path: Path) -> None:
                     lgb.Dataset(*_data("regression")), TREES)
     path = tmp_path / "reg.txt"
     reg.save_model(str(path))
-    m = store.register(path, "reg", features=names)
+    m = store.register(path, "reg", features=names, backend="library")
     assert m.features == tuple(names) and m.classes == () and m.objective == "regression"
     with pytest.raises(ValueError, match="classes given for a regressor"):
         store.register(path, "reg", classes=["a"])
     named = lgb.LGBMClassifier(n_estimators=TREES, verbose=-1).fit(
         *_data("binary"), feature_name=names)
-    m = store.register(named, "named")  # fitted with names: they are the features
+    m = store.register(named, "named", backend="library")  # fitted with names: the features
     assert m.features == tuple(names)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no "X does not have valid feature names" per call
@@ -225,6 +137,8 @@ def test_native_classes_features_and_objectives(tmp_path: Path) -> None:
         plain.predict(_data("binary")[0][:5])  # else re-check LGBMModel._fitted_with_feature_names
 
 
+@pytest.mark.e2e
+@pytest.mark.slow
 def test_early_stopped_wrappers_serve_their_best_iteration(tmp_path: Path) -> None:
     x, y = _data("binary")
     xw = xgb.XGBClassifier(n_estimators=200, max_depth=3, early_stopping_rounds=2,
@@ -237,24 +151,34 @@ def test_early_stopped_wrappers_serve_their_best_iteration(tmp_path: Path) -> No
     store = ModelStore(tmp_path)
     rows = np.random.default_rng(5).normal(scale=1.5, size=(2_000, N_FEATURES))
     for name, wrapper in (("x", xw), ("l", lw)):
-        store.register(wrapper, name)
-        model = store.load_sync(name, 1)
-        assert model.booster is not None
-        assert model.predict(rows) == wrapper.predict(rows).tolist()
-        assert np.array_equal(np.asarray(model.predict_proba(rows)), wrapper.predict_proba(rows))
+        for backend in ("library", "onnx", "treelite"):  # the compiled ones: the same trees
+            m = store.register(wrapper, f"{name}-{backend}", backend=backend)  # type: ignore[arg-type]
+            model = store.load_sync(m.name, 1)
+            assert model.booster is not None
+            served = set(model.backends().values())
+            assert served <= {backend, m.family}, m.choice
+            assert model.predict(rows) == wrapper.predict(rows).tolist(), backend
+            atol = m.backends[m.family]["checks"]["probabilities"]["atol"]
+            proba = np.asarray(model.predict_proba(rows))
+            if served == {m.family}:
+                assert np.array_equal(proba, wrapper.predict_proba(rows))
+            else:
+                assert np.max(np.abs(proba - wrapper.predict_proba(rows))) <= atol
 
 
 def _xgb_threads(booster: Any) -> int:
     return int(json.loads(booster.save_config())["learner"]["generic_param"]["nthread"])
 
 
+@pytest.mark.e2e
 def test_threads_setting_reaches_the_library(
         cases: dict[tuple[str, str, str], Case], tmp_path: Path) -> None:
     store = ModelStore(tmp_path)
-    store.register(cases["xgboost", "ubj", "binary"].model, "x")
-    store.register(cases["xgboost", "joblib", "binary"].model, "xw")
-    store.register(cases["lightgbm", "txt", "binary"].model, "l", settings={"threads": 2})
-    store.register(cases["lightgbm", "joblib", "binary"].model, "lw")
+    store.register(cases["xgboost", "ubj", "binary"].model, "x", backend="library")
+    store.register(cases["xgboost", "joblib", "binary"].model, "xw", backend="library")
+    store.register(cases["lightgbm", "txt", "binary"].model, "l", settings={"threads": 2},
+                   backend="library")
+    store.register(cases["lightgbm", "joblib", "binary"].model, "lw", backend="library")
     x = store.load_sync("x", 1)
     assert x.booster is not None and x.booster.threads == 1
     assert _xgb_threads(x.estimator.booster) == 1
@@ -280,10 +204,11 @@ def test_threads_setting_reaches_the_library(
         store.configure("x", 1, {"threads": 65})
 
 
+@pytest.mark.e2e
 def test_a_tampered_or_mismatched_native_artifact_is_refused(
         cases: dict[tuple[str, str, str], Case], tmp_path: Path) -> None:
     store = ModelStore(tmp_path)
-    store.register(cases["lightgbm", "txt", "binary"].model, "l")
+    store.register(cases["lightgbm", "txt", "binary"].model, "l", backend="library")
     artifact = tmp_path / "l" / "1" / "booster.txt"
     original = artifact.read_bytes()
     artifact.write_bytes(original.replace(b"shrinkage=1", b"shrinkage=2", 1))
@@ -300,29 +225,26 @@ def test_a_tampered_or_mismatched_native_artifact_is_refused(
         store.load_sync("l", 1)
 
 
-def test_no_onnx_for_boosters_yet(cases: dict[tuple[str, str, str], Case],
-                                  tmp_path: Path) -> None:
-    from model_store.compiled import CompileError
-
+@pytest.mark.e2e
+def test_backend_sklearn_serves_the_library_own_predict(
+        cases: dict[tuple[str, str, str], Case], tmp_path: Path) -> None:
     store = ModelStore(tmp_path)
-    with pytest.raises(CompileError, match="not compiled to ONNX yet"):
-        store.register(cases["xgboost", "json", "binary"].model, "x", backend="onnx")
-    assert store.models() == {} and list(tmp_path.iterdir()) == []
     m = store.register(cases["xgboost", "json", "binary"].model, "x", backend="sklearn")
     assert "via" not in m.backends["xgboost"]  # the library's own predict serves
-    assert store.load_sync("x", 1).booster is None
-    with pytest.raises(CompileError, match="not compiled to ONNX yet"):
-        store.compile("x", 1)
+    assert not m.choice
+    loaded = store.load_sync("x", 1)
+    assert loaded.booster is None and loaded.chosen == {}
 
 
 # -- the command line: registration and bad input ------------------------------------------------
+@pytest.mark.e2e
 def test_cli_registers_native_files_and_wrappers(
         cases: dict[tuple[str, str, str], Case], tmp_path: Path,
         capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "store"
     ubj = cases["xgboost", "ubj", "multiclass"].model
     assert cli(["register", str(ubj), "--name", "x", "--classes", "a,b,c", "--threads", "2",
-                "--root", str(root)]) == 0
+                "--backend", "library", "--root", str(root)]) == 0
     out = capsys.readouterr().out
     assert "family=xgboost format=ubj objective=multi:softprob" in out
     assert "backend=Booster.inplace_predict label=verified(mismatches=0" in out
@@ -330,11 +252,12 @@ def test_cli_registers_native_files_and_wrappers(
     assert m.classes == ("a", "b", "c") and m.settings.threads == 2
     wrapper = tmp_path / "w.joblib"
     joblib.dump(cases["lightgbm", "joblib", "regression"].model, wrapper)
-    assert cli(["register", str(wrapper), "--name", "w", "--root", str(root)]) == 0
+    assert cli(["register", str(wrapper), "--name", "w", "--backend", "library",
+                "--root", str(root)]) == 0
     txt = tmp_path / "model.bin"
     txt.write_bytes(cases["lightgbm", "txt", "binary"].model.read_bytes())
     assert cli(["register", str(txt), "--format", "txt", "--name", "t", "--classes", "0,1",
-                "--root", str(root)]) == 0
+                "--backend", "library", "--root", str(root)]) == 0
     assert ModelStore(root).manifest("t", 1).classes == (0, 1)
     capsys.readouterr()
     assert cli(["list", "--root", str(root)]) == 0
@@ -348,7 +271,7 @@ def _xgb_json(case: Case, change: Callable[[dict[str, Any]], None]) -> bytes:
     return json.dumps(doc).encode()
 
 
-BAD_FILES: list[tuple[str, str, Callable[[dict[tuple[str, str, str], Case]], bytes], str]] = [
+BAD_FILES: list[Any] = [
     # not a model of the kind its suffix (or --format) names
     ("not-xgboost.json", "", lambda c: b'{"a": 1}', "not an XGBoost JSON model"),
     ("lightgbm-as.json", "", lambda c: c["lightgbm", "txt", "binary"].model.read_bytes(),
@@ -372,12 +295,16 @@ BAD_FILES: list[tuple[str, str, Callable[[dict[tuple[str, str, str], Case]], byt
     ("bad-child.json", "", lambda c: _xgb_json(c["xgboost", "json", "binary"], lambda d: d[
         "learner"]["gradient_booster"]["model"]["trees"][0]["left_children"].__setitem__(
         0, 99)), "damaged XGBoost model (tree 0: child or feature index out of range)"),
-    # complete, but the installed library cannot load it
-    ("future.json", "", lambda c: _xgb_json(c["xgboost", "json", "regression"], lambda d: d[
-        "learner"]["objective"].update(name="reg:future")),
-     f"xgboost {xgb.__version__} cannot load it: Unknown objective function: `reg:future`"),
-    ("sigmoid.txt", "", lambda c: c["lightgbm", "txt", "binary"].model.read_bytes().replace(
-        b"sigmoid:1", b"sigmoid:-1"), f"lightgbm {lgb.__version__} cannot load it: "),
+    # complete, but the installed library cannot load it (found in the child process)
+    pytest.param("future.json", "", lambda c: _xgb_json(c["xgboost", "json", "regression"],
+                                                        lambda d: d["learner"]["objective"]
+                                                        .update(name="reg:future")),
+                 f"xgboost {xgb.__version__} cannot load it: Unknown objective function: "
+                 "`reg:future`", marks=pytest.mark.e2e, id="future.json"),
+    pytest.param("sigmoid.txt", "", lambda c: c["lightgbm", "txt", "binary"].model.read_bytes()
+                 .replace(b"sigmoid:1", b"sigmoid:-1"),
+                 f"lightgbm {lgb.__version__} cannot load it: ", marks=pytest.mark.e2e,
+                 id="sigmoid.txt"),
 ]
 
 
@@ -386,8 +313,8 @@ def _truncated(path: Path) -> bytes:
     return data[:data.index(b"\nTree=2\n") + 40]
 
 
-@pytest.mark.parametrize(("name", "fmt", "content", "reason"), BAD_FILES,
-                         ids=[b[0] for b in BAD_FILES])
+@pytest.mark.parametrize(("name", "fmt", "content", "reason"), [
+    b if hasattr(b, "marks") else pytest.param(*b, id=b[0]) for b in BAD_FILES])
 def test_a_bad_booster_file_is_one_line_exit_2_and_nothing_written(
         cases: dict[tuple[str, str, str], Case], tmp_path: Path,
         capsys: pytest.CaptureFixture[str], name: str, fmt: str,
@@ -481,10 +408,12 @@ def test_neither_library_is_imported_with_the_gateway_or_the_store() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
-def test_the_extras_are_locked_for_dev_and_not_for_the_runtime() -> None:
+def test_the_extras_are_locked_for_dev_and_for_serving() -> None:
     def pins(name: str) -> set[str]:
         text = (ROOT / "requirements" / name).read_text()
         return {line.split("==")[0] for line in text.splitlines() if "==" in line}
 
-    assert {"xgboost-cpu", "lightgbm"} <= pins("dev.lock")
-    assert not {"xgboost", "xgboost-cpu", "lightgbm"} & pins("runtime.lock")
+    extras = {"xgboost-cpu", "lightgbm", "treelite", "tl2cgen", "onnxmltools"}
+    assert extras <= pins("dev.lock")
+    assert extras <= pins("runtime.lock")  # the image serves boosters and their compiled C
+    assert "xgboost" not in pins("runtime.lock")  # the CPU build only
