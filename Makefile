@@ -75,7 +75,7 @@ run: install-runtime
 	GATEWAY_MODEL_ROOT=$(MODELS) $(RUN_BIN)/python -m gateway --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
 test: install
-	@scripts/ensure-tools.sh redis-server wrk nginx
+	@scripts/ensure-tools.sh redis-server wrk nginx cc
 	$(BIN)/python -m pytest
 
 # The suite less what starts processes or takes long (e2e and slow tests).
