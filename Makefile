@@ -68,10 +68,10 @@ proto: install
 	grep -q '^POOL = ' $(PROTO_DIR)/grpc_service_pb2.py
 
 models: install
-	$(BIN)/python -m model_store --root $(MODELS) train-demo --if-empty
+	$(BIN)/python -m model_store --root $(MODELS) train-demo --if-absent
 
 run: install-runtime
-	$(RUN_BIN)/python -m model_store --root $(MODELS) train-demo --if-empty
+	$(RUN_BIN)/python -m model_store --root $(MODELS) train-demo --if-absent
 	GATEWAY_MODEL_ROOT=$(MODELS) $(RUN_BIN)/python -m gateway --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
 test: install

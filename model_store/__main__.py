@@ -109,8 +109,9 @@ def _parser() -> argparse.ArgumentParser:
                                       "register it as the next version.")
     demo.add_argument("--name", default=None,
                       help="model name (default: iris, or heavy with --heavy)")
-    demo.add_argument("--if-empty", action="store_true",
-                      help="do nothing when the model already has a version")
+    demo.add_argument("--if-absent", "--if-empty", dest="if_absent", action="store_true",
+                      help="do nothing when the model (--name) already has a version, "
+                           "whatever else the store holds (--if-empty: the former name)")
     demo.add_argument("--heavy", action="store_true",
                       help="the heavier demo: a 300-tree forest on 20 synthetic features")
     demo.add_argument("--backend", choices=_BACKENDS, default="auto", help=_BACKEND_HELP)
@@ -227,12 +228,34 @@ def read_estimator(path: Path) -> Any:
         raise InputError(f"{path}: cannot read: {exc.strerror or exc}") from exc
     except (pickle.UnpicklingError, EOFError, ImportError, AttributeError, ValueError,
             TypeError, KeyError, IndexError) as exc:
-        raise InputError(f"{path}: not a joblib file of an estimator "
-                         f"({type(exc).__name__})") from exc
+        raise InputError(f"{path}: not a joblib file of an estimator{_what_it_is(path)}"
+                         ) from exc
     if not callable(getattr(estimator, "predict", None)):
         raise InputError(f"{path}: holds an object of type {type(estimator).__name__}, not an "
                          "estimator (no predict method)")
     return estimator
+
+
+def _what_it_is(path: Path) -> str:
+    """A hint at what a file that is not a joblib pickle holds instead ("" if unclear)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return ""
+    if not head:
+        return " (the file is empty)"
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return ""
+    if text.lstrip().startswith(("{", "[")):
+        return (" (it is JSON: an XGBoost model saved by Booster.save_model is registered "
+                "with --format json)")
+    if "," in text.splitlines()[0]:
+        return (" (it is comma-separated text: rows to verify with go in --train-rows; the "
+                "model is the joblib file of the fitted estimator)")
+    return " (it is text)"
 
 
 def read_booster(path: Path, fmt: boosters.Format) -> boosters.BoosterInfo:
@@ -322,7 +345,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace, store: ModelStore) -> int:
     if args.command == "train-demo":
         name = args.name or ("heavy" if args.heavy else "iris")
-        if args.if_empty and store.models().get(name):
+        if args.if_absent and store.models().get(name):
             print(f"{name}: already registered, versions {store.models()[name]}")
             return 0
         rows: np.ndarray | None

@@ -21,8 +21,14 @@ from model_store.demo import IRIS_FEATURES, iris_data
 def test_cli_train_register_list(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     root = tmp_path / "store"
     assert cli(["--root", str(root), "train-demo"]) == 0
-    assert cli(["train-demo", "--root", str(root), "--if-empty"]) == 0
+    assert cli(["train-demo", "--root", str(root), "--if-absent"]) == 0
+    assert cli(["train-demo", "--root", str(root), "--if-empty"]) == 0  # the former name
     assert ModelStore(root).models() == {"iris": [1]}
+    # another model in the store: iris is still absent from a new one, and trained there
+    other = tmp_path / "other"
+    assert cli(["--root", str(other), "train-demo", "--name", "first"]) == 0
+    assert cli(["--root", str(other), "train-demo", "--if-absent"]) == 0
+    assert ModelStore(other).models() == {"first": [1], "iris": [1]}
     x, y = iris_data()
     pkl = tmp_path / "lr.joblib"
     joblib.dump(LogisticRegression(max_iter=500).fit(x, y), pkl)
@@ -57,8 +63,12 @@ def test_every_command_and_option_has_help() -> None:
 
 
 @pytest.mark.parametrize(("content", "message"), [
-    (b"not a pickle\n", "not a joblib file of an estimator ("),
-    (b"", "not a joblib file of an estimator ("),
+    (b"not a pickle\n", "not a joblib file of an estimator (it is text)"),
+    (b"", "not a joblib file of an estimator (the file is empty)"),
+    (b"a,b,c,d\n5.1,3.5,1.4,0.2\n", "not a joblib file of an estimator (it is comma-separated "
+                                     "text: rows to verify with go in --train-rows"),
+    (b'{"learner": {}}', "not a joblib file of an estimator (it is JSON: an XGBoost model "
+                         "saved by Booster.save_model is registered with --format json)"),
     (42, "holds an object of type int, not an estimator (no predict method)"),
     (StandardScaler().fit(iris_data()[0]), "holds an object of type StandardScaler, not an "
                                            "estimator (no predict method)"),
