@@ -190,6 +190,8 @@ def _check(m: Manifest, output: str, check: dict[str, Any], verdict: str) -> str
     """One output's verification, as ``list`` shows it."""
     detail = (f"mismatches={check['mismatches']}" if output == "label" and m.classes
               else f"max_diff={check['max_abs_diff']:.2g}")
+    if output == "label" and m.task == "regression":
+        output = "prediction"  # a regressor's value, named as the doors name it
     return f"{output}={verdict}({detail} on {check['rows']} rows)"
 
 

@@ -176,3 +176,18 @@ def test_list_says_when_there_is_no_store_or_no_model(
     assert cli(["--root", str(tmp_path), "list"]) == 0
     out = capsys.readouterr()
     assert out.out == "" and out.err == f"{tmp_path}: no models\n"
+
+
+def test_a_regressors_output_is_listed_as_its_prediction(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from sklearn.linear_model import LinearRegression
+
+    x = iris_data()[0]
+    path = tmp_path / "reg.joblib"
+    joblib.dump(LinearRegression().fit(x[:, :3], x[:, 3]), path)
+    root = str(tmp_path / "m")
+    assert cli(["register", str(path), "--name", "width", "--root", root, "--features",
+                ",".join(IRIS_FEATURES[:3])]) == 0
+    assert cli(["list", "--root", root]) == 0
+    out = capsys.readouterr().out
+    assert "prediction=" in out and "label=" not in out
