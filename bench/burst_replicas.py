@@ -93,7 +93,7 @@ def _deployment(store: Path, replicas: int, remote: str) -> Iterator[list[Gatewa
     with ExitStack() as stack:
         redis = stack.enter_context(redis_server())
         env = {"GATEWAY_MODEL_ROOT": str(store), "GATEWAY_REDIS_URL": redis.url,
-               "GATEWAY_BACKEND": "sklearn", "GATEWAY_COALESCE_REMOTE": remote,
+               "GATEWAY_BACKEND": "library", "GATEWAY_COALESCE_REMOTE": remote,
                "GATEWAY_MODEL_POLL_S": "0"}
         yield [stack.enter_context(gateway_process(env)) for _ in range(replicas)]
 

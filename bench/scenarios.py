@@ -12,13 +12,13 @@ __all__ = ["CEILING", "CONFIGS", "DEFAULT_CONFIGS", "DEFAULT_SCENARIOS", "GROUPS
 CEILING = "ceiling"
 
 
-def _config(cache: str, coalesce: str, batch: str, backend: str = "sklearn",
+def _config(cache: str, coalesce: str, batch: str, backend: str = "library",
             execution: str = "auto") -> dict[str, str]:
     return {"GATEWAY_CACHE": cache, "GATEWAY_COALESCE": coalesce, "GATEWAY_BATCH": batch,
             "GATEWAY_BACKEND": backend, "GATEWAY_EXECUTION": execution}
 
 
-# Gateway settings per configuration. The mechanism comparisons run on the sklearn backend;
+# Gateway settings per configuration. The mechanism comparisons run on the library backend;
 # "naive" is the common tutorial's service: the estimator's own predict, one worker-thread call
 # per row. "compiled" is "full" on the verified ONNX backend. Model calls are placed inline or
 # in the thread by measurement, except in "naive".

@@ -88,11 +88,13 @@ class Settings(BaseSettings):
     batch: Switch = "on"
     """``off`` disables micro-batching: one ``predict`` thread call per row."""
 
-    backend: Literal["auto", "sklearn", "estimator"] = "auto"
-    """``auto`` serves each output from the compiled (ONNX) model where the store verified it;
-    ``sklearn`` always uses scikit-learn (a forest through its verified fast path);
-    ``estimator`` calls the estimator's own methods and nothing else, as a plain scikit-learn
-    service does (for comparisons)."""
+    backend: Literal["auto", "library", "estimator", "sklearn"] = "auto"
+    """What serves a model: ``auto``, for each output, the compiled backend the store chose and
+    verified for it (ONNX, Treelite), else the model's library; ``library`` always the model's
+    own library (scikit-learn, XGBoost, LightGBM) through its verified fast path; ``estimator``
+    the estimator's own methods and nothing else, as a plain service does (for comparisons).
+    ``sklearn`` is the former name of ``library``. (The store's ``--backend`` says what is
+    built and verified at registration; this says what of it serves.)"""
 
     execution: Literal["auto", "inline", "thread"] = "auto"
     """Where model calls run: ``auto`` inline on the event loop when measured to be tiny,

@@ -30,14 +30,20 @@ from model_store.store import (
     describe_estimator,
 )
 
-_BACKENDS = ("auto", "sklearn", "library", "onnx", "treelite")
-_BACKEND_HELP = ("auto (default): a scikit-learn estimator also compiled to ONNX, served for "
-                 "each output that verifies; an XGBoost or LightGBM model's candidates (ONNX, "
-                 "Treelite compiled with the machine's C compiler) built, verified and "
-                 "measured, each output served by the fastest that verifies it, else the "
-                 "library. sklearn: the estimator's (the library's) own predict only. library: "
-                 "a booster's verified inplace_predict/predict, no compiled candidate. onnx, "
-                 "treelite (boosters): fail unless it converts; served for each output that "
+_BACKENDS = ("auto", "library", "onnx", "treelite")
+
+
+def _backend(text: str) -> str:
+    """A ``--backend`` value; ``sklearn`` is the former name of ``library``."""
+    return "library" if text == "sklearn" else text
+_BACKEND_HELP = ("what is built and verified at registration (GATEWAY_BACKEND says what of it "
+                 "serves). auto (default): a scikit-learn estimator also compiled to ONNX, "
+                 "served for each output that verifies; an XGBoost or LightGBM model's "
+                 "candidates (ONNX, Treelite compiled with the machine's C compiler) built, "
+                 "verified and measured, each output served by the fastest that verifies it, "
+                 "else the library. library: the model's own library only (a booster's "
+                 "verified inplace_predict/predict), no compiled candidate (sklearn: its former "
+                 "name). onnx, treelite: fail unless it converts; served for each output that "
                  "verifies")
 
 
@@ -114,7 +120,8 @@ def _parser() -> argparse.ArgumentParser:
                            "whatever else the store holds (--if-empty: the former name)")
     demo.add_argument("--heavy", action="store_true",
                       help="the heavier demo: a 300-tree forest on 20 synthetic features")
-    demo.add_argument("--backend", choices=_BACKENDS, default="auto", help=_BACKEND_HELP)
+    demo.add_argument("--backend", type=_backend, choices=_BACKENDS, default="auto",
+                      help=_BACKEND_HELP)
 
     reg = sub.add_parser("register", parents=[common],
                          help="register a fitted estimator (joblib) or a booster file",
@@ -140,7 +147,8 @@ def _parser() -> argparse.ArgumentParser:
     reg.add_argument("--features", default=None,
                      help="comma-separated feature names in column order (default: the names "
                           "the estimator was fitted with, else f0..fN; must agree with them)")
-    reg.add_argument("--backend", choices=_BACKENDS, default="auto", help=_BACKEND_HELP)
+    reg.add_argument("--backend", type=_backend, choices=_BACKENDS, default="auto",
+                      help=_BACKEND_HELP)
     _add_tolerances(reg)
     _add_settings(reg)
 

@@ -191,3 +191,13 @@ def test_a_regressors_output_is_listed_as_its_prediction(
     assert cli(["list", "--root", root]) == 0
     out = capsys.readouterr().out
     assert "prediction=" in out and "label=" not in out
+
+
+def test_backend_names_match_the_gateways() -> None:
+    parse = _parser().parse_args
+    for name in ("auto", "library", "onnx", "treelite"):
+        assert parse(["register", "m.joblib", "--name", "m", "--backend", name]).backend == name
+    assert parse(["register", "m.joblib", "--name", "m", "--backend", "sklearn"]).backend == \
+        "library"  # the former name
+    from gateway.settings import Settings
+    assert Settings(backend="library").backend == "library"
