@@ -9,18 +9,27 @@ import pytest
 from bench.procs import PORTS_ENV, free_port
 
 
-def test_a_port_from_the_range_given(monkeypatch: pytest.MonkeyPatch) -> None:
-    with socket.socket() as held:
+def _two_adjacent() -> tuple[socket.socket, int]:
+    """A bound socket on port p, with p + 1 free now."""
+    for _ in range(100):
+        held = socket.socket()
         held.bind(("127.0.0.1", 0))
-        taken = held.getsockname()[1]
+        port = held.getsockname()[1]
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port + 1))
+            except OSError:
+                held.close()
+                continue
+        return held, port
+    raise AssertionError("no two adjacent free ports")
+
+
+def test_a_port_from_the_range_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    held, taken = _two_adjacent()
+    with held:
         monkeypatch.setenv(PORTS_ENV, f"{taken}-{taken + 1}")
-        if taken + 1 < 65536:
-            with socket.socket() as probe:
-                try:
-                    probe.bind(("127.0.0.1", taken + 1))
-                except OSError:
-                    pytest.skip("the neighbouring port is in use")
-            assert {free_port() for _ in range(20)} == {taken + 1}  # never the taken one
+        assert {free_port() for _ in range(20)} == {taken + 1}  # never the taken one
         monkeypatch.setenv(PORTS_ENV, f"{taken}-{taken}")
         with pytest.raises(OSError, match="no free port"):
             free_port()
