@@ -5,6 +5,7 @@ never ``UNKNOWN``/``INTERNAL``, the process alive, its RSS flat."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -112,8 +113,11 @@ def test_metadata_readiness_and_repository(served: tuple[GatewayProcess, str]) -
 
 @pytest.mark.slow
 def test_fuzzed_malformed_and_oversized_messages(served: tuple[GatewayProcess, str]) -> None:
-    """10,000 generated messages (plausible to hostile, some cut, flipped or junk), then
-    oversized ones: each answered with a status a client can act on; RSS flat."""
+    """``GRPC_FUZZ_EXAMPLES`` (2,000 in the suite; 10,000 for the issue's measurement)
+    generated messages (plausible to hostile, some cut, flipped or junk), then oversized ones:
+    each answered with a status a client can act on; RSS printed at a fifth, the whole run
+    and the end."""
+    examples = int(os.environ.get("GRPC_FUZZ_EXAMPLES", "2000"))
     gw, address = served
     channel = grpc.insecure_channel(address)
     infer = channel.unary_unary(INFER)
@@ -129,25 +133,25 @@ def test_fuzzed_malformed_and_oversized_messages(served: tuple[GatewayProcess, s
             return code
         return grpc.StatusCode.OK
 
-    @settings(max_examples=10_000, deadline=None, database=None,
+    @settings(max_examples=examples, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     @given(infer_messages())
     def check(message: bytes) -> None:
         code = status(message)
         seen[code] = seen.get(code, 0) + 1
-        if sum(seen.values()) in (2_000, 10_000):
+        if sum(seen.values()) in (examples // 5, examples):
             rss.append(rss_kib(gw.process.pid))
 
     check()
-    assert sum(seen.values()) >= 10_000, seen
+    assert sum(seen.values()) >= examples, seen
     for size in (MAX_BODY + 1, 4 * MAX_BODY):
         req = service_pb2.ModelInferRequest(model_name="iris")
         req.raw_input_contents.append(b"\0" * size)
         assert status(req.SerializeToString()) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert status(b"\x0a\xff\xff\xff\xff\x0f") == grpc.StatusCode.INVALID_ARGUMENT
     rss.append(rss_kib(gw.process.pid))
-    print(f"fuzz statuses: { {c.name: n for c, n in seen.items()} }; RSS KiB at 2k, 10k, "
-          f"end: {rss}")
+    print(f"fuzz statuses: { {c.name: n for c, n in seen.items()} }; RSS KiB at "
+          f"{examples // 5}, {examples}, end: {rss}")
     assert rss[-1] - rss[0] < 8 * 1024, rss  # flat: under 8 MiB over the last 8,000 calls
     channel.close()
     assert gw.proc.poll() is None
