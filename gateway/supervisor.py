@@ -19,7 +19,8 @@ prometheus-client's ``mark_process_dead``. Except a worker that failed to start 
 then the other workers are stopped as on SIGTERM and ``supervise`` returns 3, never looping.
 
 **Health check.** Once its server has started, each worker's event loop sends one byte on a
-socket pair every ``config.timeout_worker_healthcheck / 4`` seconds. A worker from which
+socket pair at once and then every ``config.timeout_worker_healthcheck / 4`` seconds; the
+first is logged ("Worker [pid] is serving"). A worker from which
 nothing has come for ``config.timeout_worker_healthcheck`` seconds (its loop is stuck in a
 blocking call, or the process is stopped) is killed (SIGKILL), then replaced as above; so is a
 worker whose server has stopped by itself but whose process is still there ``grace + 10 s``
@@ -157,7 +158,10 @@ class _Supervisor:
             if not self.stopping:
                 self._expect(w, self.stop_s, "still running %.0f s after its server stopped")
             return
-        w.started = True
+        if not w.started:
+            w.started = True
+            log.info("Worker [%d] is serving: its heartbeat is checked from now on",
+                     w.process.pid)
         if not self.stopping:
             self._expect(w, self.timeout_s, "sent no heartbeat for %.1f s (its event loop is "
                                             "stuck)")
@@ -312,14 +316,15 @@ async def _heartbeat(server: GatewayServer, beat: socket.socket, period_s: float
     shut the server down when the supervisor is gone."""
     beat.setblocking(False)
     while True:
-        await asyncio.sleep(period_s)
-        if not server.started:
+        if not server.started:  # the first beat as soon as it has: checked from then on
+            await asyncio.sleep(min(period_s, 0.05))
             continue
         try:
             beat.send(b".")
         except BlockingIOError:  # the supervisor has not read the earlier ones yet
-            continue
+            pass
         except OSError:  # the pair is closed: the supervisor is gone
             log.warning("The supervisor is gone: shutting down")
             server.should_exit = True
             return
+        await asyncio.sleep(period_s)

@@ -202,6 +202,7 @@ def test_a_stuck_worker_is_killed_and_replaced(session_store: Path) -> None:
     env = {"GATEWAY_MODEL_ROOT": str(session_store)}
     with gateway_process(env, workers=2, args=["--timeout-worker-healthcheck", "1"]) as gw:
         stuck, other = worker_pids(gw)
+        gw.process.wait_for(rf"Worker \[{stuck}\] is serving")  # its heartbeat is checked
         os.kill(stuck, signal.SIGSTOP)
         gw.process.wait_for(rf"Worker \[{stuck}\] sent no heartbeat for [\d.]+ s")
         gw.process.wait_for(rf"Worker \[{stuck}\] ended with signal SIGKILL: starting another")
