@@ -23,16 +23,11 @@ from pathlib import Path
 from bench import lua
 from bench.doors import Load
 from bench.procs import gateways
+from bench.runner import features_at
 from bench.scenarios import CONFIGS, SCENARIOS, Scenario
 from bench.wrk import run_wrk
-from model_store import ModelStore
 
 __all__ = ["main"]
-
-
-def _features(root: Path, model: str) -> tuple[str, ...]:
-    store = ModelStore(root)
-    return tuple(store.manifest(model, store.latest(model)).features)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -52,7 +47,6 @@ def main(argv: list[str] | None = None) -> None:
     for name in names:
         if name not in SCENARIOS or SCENARIOS[name].engine != "wrk":
             p.error(f"--scenarios: {name!r} is not a closed-loop scenario")
-    features = _features(args.model_root, args.model)
     base = {"GATEWAY_MODEL_ROOT": str(args.model_root.resolve()), "GATEWAY_MODEL_POLL_S": "0",
             "PYTHONSAFEPATH": "1", **CONFIGS[args.config]}
     salt = 1000
@@ -61,6 +55,7 @@ def main(argv: list[str] | None = None) -> None:
         for side, tree in (("A", args.a), ("B", args.b)):
             (gw,) = stack.enter_context(gateways(1, {**base, "PYTHONPATH": str(tree.resolve())}))
             sides[side] = gw.url
+        features = features_at(sides["A"], args.model)
         print(f"A: {args.a}  B: {args.b}  config {args.config}, {args.repetitions} x "
               f"{args.duration:g} s, {args.connections} connections")
         print(f"{'scenario':<10} {'A req/s median [range]':>30} {'B req/s median [range]':>30}"

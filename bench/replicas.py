@@ -46,12 +46,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from bench.doors import Keys, Load
 from bench.lua import script
 from bench.machine import describe, process_cpu_s, summary
 from bench.procs import Process, free_port, gateway_process, gateways
+from bench.runner import features_at
 from bench.wrk import WrkResult, run_wrk
 
 __all__ = ["DEPLOY_DIR", "Nginx", "main", "nginx_binary", "nginx_process", "render_site"]
@@ -209,13 +208,6 @@ def _demo_store(root: Path) -> None:
                               train_rows=iris_data()[0])
 
 
-def _features(url: str) -> tuple[str, ...]:
-    with httpx.Client(base_url=url, timeout=10) as client:
-        models = client.get("/v1/models").json()["models"]
-    default = os.environ.get("GATEWAY_DEFAULT_MODEL", "iris")
-    return tuple(next(m for m in models if m["name"] == default)["features"])
-
-
 def _spread(values: Sequence[float], digits: int = 1) -> str:
     return (f"{statistics.median(values):,.{digits}f} "
             f"({min(values):,.{digits}f}-{max(values):,.{digits}f})")
@@ -282,7 +274,7 @@ def run(model_root: Path | None, *, duration_s: int, connections: int, repetitio
             "nginx+2": _Target(fronts["nginx+2"].url, fronts["nginx+2"].workers,
                                [g1.process.pid, g2.process.pid]),
         }
-        features = _features(g1.url)
+        features = features_at(g1.url, os.environ.get("GATEWAY_DEFAULT_MODEL", "iris"))
         threads = len(wrk_cpus) if wrk_cpus else None
 
         def wrk(target: _Target, keys: Keys, conns: int, seconds: float) -> WrkResult:
