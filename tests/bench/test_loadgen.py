@@ -52,21 +52,6 @@ def test_a_fixed_rate_run_sends_its_schedule_and_judges_its_own_lateness(
     assert r.cpu_share > 0
 
 
-@pytest.mark.e2e
-def test_sub_millisecond_p50_at_a_rate_the_ceiling_holds(ceiling: GatewayProcess) -> None:
-    # The median is what this asks: the median request is sent on time and answered within
-    # a millisecond of its due time (the tail may belong to other processes on the machine).
-    results = []
-    for _ in range(3):
-        r = _loadgen(ceiling.url, 500, 1.0)
-        results.append(r)
-        if r.latency_us[50.0] < 1000:
-            break
-    assert r.bad == 0
-    assert r.lateness_us[50.0] < 200, [x.lateness_us for x in results]
-    assert r.latency_us[50.0] < 1000, [x.latency_us[50.0] for x in results]
-
-
 def _run(url: str, rate: float, n: int, **kw: Any) -> Result:
     settings = Settings(url=url, rate=rate, duration_s=n / rate, **kw)
     load = Load("get", "unique", FEATURES, salt=1)
