@@ -41,7 +41,7 @@ $(RUN_STAMP): requirements/runtime.lock pyproject.toml
 # uv (`uv pip compile`) rather than pip-tools: it resolves for a target Python and platform, not
 # for the interpreter it runs on, without building or installing anything, and in seconds.
 # dev.lock: the package with its dev extra (tests, bench, lint, uv). runtime.lock: what serving
-# needs (the image, make run): the runtime dependencies and the booster extras, constrained by
+# needs (the image, make run): the runtime dependencies, the booster and tracing extras, constrained by
 # dev.lock so both pin the same versions. Both also lock [build-system] requires, as make install
 # and the image build the project with them.
 UV_COMPILE     = $(BIN)/uv pip compile --quiet --generate-hashes --no-strip-markers \
@@ -52,7 +52,7 @@ BUILD_REQUIRES = $(BIN)/python -c 'import tomllib; \
 
 lock: install
 	$(BUILD_REQUIRES) | $(UV_COMPILE) pyproject.toml - --extra dev -o requirements/dev.lock
-	$(BUILD_REQUIRES) | $(UV_COMPILE) pyproject.toml - --extra xgboost --extra lightgbm --extra compile \
+	$(BUILD_REQUIRES) | $(UV_COMPILE) pyproject.toml - --extra xgboost --extra lightgbm --extra compile --extra tracing \
 		-c requirements/dev.lock -o requirements/runtime.lock
 
 # The Open Inference Protocol's gRPC stubs (messages, their type stubs, the service), generated
@@ -75,7 +75,7 @@ run: install-runtime
 	GATEWAY_MODEL_ROOT=$(MODELS) $(RUN_BIN)/python -m gateway --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
 test: install
-	@scripts/ensure-tools.sh redis-server wrk nginx cc
+	@scripts/ensure-tools.sh redis-server wrk nginx cc h2load
 	$(BIN)/python -m pytest
 
 # The suite less what starts processes or takes long (e2e and slow tests).
@@ -84,7 +84,7 @@ test-fast: install
 
 # Side-by-side load test of the gateway configurations; BENCH_ARGS=--quick for a short run.
 bench: models
-	@scripts/ensure-tools.sh redis-server wrk
+	@scripts/ensure-tools.sh redis-server wrk h2load
 	$(BIN)/python -m bench --model-root $(MODELS) $(BENCH_ARGS)
 
 # Workers or replicas: 1 worker, 2 workers, nginx + 1 and nginx + 2 gateways, same wrk loads.

@@ -10,6 +10,11 @@ on 100 features, trained from a fixed seed into ``--model-root`` when missing, s
 ``bench.heavy``) with ``--scenarios heavy``. Closed-loop
 load comes from wrk; ``--open-loop RATES`` adds fixed-rate runs and ``--sweep`` replaces the
 closed loop by latency-against-load curves, both from ``bench.loadgen``.
+
+The gRPC door: ``--scenarios grpc`` (REST's hot row, then gRPC ``ModelInfer`` with the hot row
+from h2load, one and 32 new rows per call from ``bench.grpc_load``), ``--connections`` x
+``--grpc-streams`` calls at once; the baseline's gRPC service is ``--grpc-baseline`` or, with
+``--mlserver``, MLServer's own.
 """
 
 from __future__ import annotations
@@ -130,6 +135,13 @@ def parser() -> argparse.ArgumentParser:
                    help="also measure another server (any Open Inference Protocol server, or "
                         "a gateway) on the scenarios whose door it answers")
     p.add_argument("--baseline-model", help="the model's name on the baseline (--model)")
+    p.add_argument("--grpc-baseline", metavar="HOST:PORT",
+                   help="also measure any Open Inference Protocol gRPC server on the gRPC "
+                        "scenarios (with --baseline-url: the same server's REST)")
+    p.add_argument("--grpc-address", metavar="HOST:PORT",
+                   help="the gRPC service of the --url gateway (its GATEWAY_GRPC_PORT)")
+    p.add_argument("--grpc-streams", type=int, default=8,
+                   help="gRPC scenarios: concurrent calls per connection (8)")
     p.add_argument("--mlserver", action="store_true",
                    help="start MLServer (its xgboost or lightgbm runtime, adaptive batching "
                         "on) serving the model's own file from --model-root, and measure it "
@@ -181,16 +193,18 @@ def _options(args: argparse.Namespace) -> Options:
         max_lateness_ms=args.max_lateness_ms, max_lateness_share=args.max_lateness_share,
         open_loop_at=args.open_loop_at, mlserver=args.mlserver,
         mlserver_venv=args.mlserver_venv, mlserver_batch=args.mlserver_batch,
+        grpc_address=args.grpc_address, grpc_baseline=args.grpc_baseline,
+        grpc_streams=args.grpc_streams,
     )
 
 
-def _wrk_version() -> str:
-    exe = shutil.which("wrk")
+def _version(tool: str, flag: str) -> str:
+    exe = shutil.which(tool)
     if exe is None:
-        return "wrk"
-    out = subprocess.run([exe, "-v"], capture_output=True, text=True, check=False)
-    m = re.search(r"wrk \S*?(\d+\.\d+(?:\.\d+)?)", out.stdout + out.stderr)
-    return f"wrk {m.group(1)}" if m else "wrk"
+        return tool
+    out = subprocess.run([exe, flag], capture_output=True, text=True, check=False)
+    m = re.search(r"\S*?(\d+\.\d+(?:\.\d+)?)", out.stdout + out.stderr)
+    return f"{tool} {m.group(1)}" if m else tool
 
 
 def _meta(opts: Options, bench: Bench, stamp: str, argv: list[str]) -> dict[str, Any]:
@@ -201,7 +215,10 @@ def _meta(opts: Options, bench: Bench, stamp: str, argv: list[str]) -> dict[str,
         "repetitions": opts.repetitions, "connections": opts.connections,
         "configs": list(opts.configs), "scenarios": list(opts.scenarios),
         "machine": bench.machine, "machine_after": bench.machine_after,
-        "wrk_version": _wrk_version(),
+        "wrk_version": _version("wrk", "-v"),
+        **({"h2load_version": _version("h2load", "--version")}
+           if any(SCENARIOS[s].grpc for s in opts.scenarios) else {}),
+        "grpc_streams": opts.grpc_streams,
         "open_loop_generator": {
             "connections": opts.open_connections, "max_connections": 512,
             "min_requests": opts.min_requests,
@@ -225,8 +242,9 @@ def _baseline(opts: Options) -> str | None:
         return (f"MLServer 1.7.1 (bench/mlserver.lock) with {RUNTIMES.get(family, family)} "
                 f"on the same model file, adaptive batching (max_batch_size {size}, "
                 f"max_batch_time {wait_s * 1000:g} ms), one parallel inference worker, the "
-                "library's default threads")
-    return opts.baseline_url
+                "library's default threads; REST and gRPC")
+    return ", ".join(x for x in (opts.baseline_url, opts.grpc_baseline and
+                                 f"gRPC {opts.grpc_baseline}") if x) or None
 
 
 _PUBLISHED = ("report.md", "throughput.png", "latency.png", "sweep.md", "sweep.png")

@@ -51,7 +51,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-__all__ = ["LATENCY_PERCENTILES", "Result", "Settings", "main", "run"]
+__all__ = ["LATENCY_PERCENTILES", "Result", "Settings", "Waker", "add_generator_options",
+           "lateness_bound_us", "main", "run"]
 
 LATENCY_PERCENTILES = (1.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 75.0, 80.0, 85.0,
                        90.0, 95.0, 97.5, 99.0, 99.5, 99.9, 100.0)
@@ -129,9 +130,8 @@ class Result:
 
     @property
     def lateness_bound_us(self) -> float:
-        """The run's p99 lateness bound: the absolute one or the share of p99 latency."""
-        return max(self.max_lateness_ms * 1000,
-                   self.max_lateness_share * self.latency_us[99.0])
+        return lateness_bound_us(self.max_lateness_ms, self.max_lateness_share,
+                                 self.latency_us[99.0])
 
     @property
     def valid(self) -> bool:
@@ -171,6 +171,22 @@ class Result:
         return cls(**kw)
 
 
+def lateness_bound_us(max_ms: float, share: float, p99_latency_us: float) -> float:
+    """A generator's p99 lateness bound (µs): ``max_ms``, or ``share`` of the run's p99
+    latency, whichever is larger; a run late by more is invalid."""
+    return max(max_ms * 1000, share * p99_latency_us)
+
+
+def add_generator_options(p: argparse.ArgumentParser) -> None:
+    """``--max-lateness-ms``, ``--max-lateness-share`` (see ``lateness_bound_us``) and
+    ``--json``, as every generator of the bench takes them."""
+    p.add_argument("--max-lateness-ms", type=float, default=1.0,
+                   help="p99 lateness bound, or --max-lateness-share of the p99 latency, "
+                        "whichever is larger; above it the run is invalid (1.0)")
+    p.add_argument("--max-lateness-share", type=float, default=0.1)
+    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+
+
 def _key(p: float) -> str:
     return f"{p:g}"
 
@@ -185,7 +201,7 @@ class _Itimerspec(ctypes.Structure):
     _fields_ = [("it_interval", _Timespec), ("it_value", _Timespec)]
 
 
-class _Waker:
+class Waker:
     """Calls ``callback`` at an absolute ``time.perf_counter()`` time.
 
     On Linux a ``timerfd`` on CLOCK_MONOTONIC (the clock of ``perf_counter``), watched by the
@@ -345,7 +361,7 @@ class _Generator:
         self.drained: asyncio.Future[None] = loop.create_future()
         self.ready: asyncio.Future[None] = loop.create_future()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.waker = _Waker(loop, self.tick)
+        self.waker = Waker(loop, self.tick)
 
     # connections -------------------------------------------------------------------------
     def open(self) -> None:
@@ -593,13 +609,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--v2-datatype", choices=("FP64", "FP32"), default="FP64")
     p.add_argument("--connections", type=int, default=8, help="opened before the run (8)")
     p.add_argument("--max-connections", type=int, default=512)
-    p.add_argument("--max-lateness-ms", type=float, default=1.0,
-                   help="p99 lateness bound, or --max-lateness-share of the p99 latency, "
-                        "whichever is larger; above it the run is invalid (1.0)")
-    p.add_argument("--max-lateness-share", type=float, default=0.1)
     p.add_argument("--drain", type=float, default=2.0,
                    help="seconds to wait for answers after the last due time (2)")
-    p.add_argument("--json", action="store_true", help="print the result as one JSON object")
+    add_generator_options(p)
     return p
 
 

@@ -32,7 +32,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 __all__ = [
     "GatewayProcess", "Process", "RedisCluster", "RedisServer", "free_port", "gateway_process",
-    "gateways", "mlserver_process", "redis_cluster", "redis_server", "uvicorn_app",
+    "gateways", "measured_run", "mlserver_process", "redis_cluster", "redis_server",
+    "uvicorn_app",
 ]
 
 _STARTED = "Application startup complete"  # one per worker, once its lifespan has started
@@ -43,6 +44,22 @@ _MLSERVER_LOADED = "Loaded model '{}' successfully"  # MLServer 1.7: once in the
 
 
 PORTS_ENV = "BENCH_PORTS"  # e.g. 20000-20999: where free_port picks (default: the kernel)
+
+
+def measured_run(argv: Sequence[str], *, stdout: IO[bytes], stderr: IO[bytes] | int,
+                 kill_after_s: float, preexec_fn: Callable[[], None] | None = None
+                 ) -> tuple[int, resource.struct_rusage]:
+    """Run a load generator to its end (killed past ``kill_after_s``): its exit code and its
+    own rusage (reaped here with ``os.wait4``, so its CPU is the child's alone)."""
+    proc = subprocess.Popen(list(argv), stdout=stdout, stderr=stderr, preexec_fn=preexec_fn)
+    guard = threading.Timer(kill_after_s, proc.kill)
+    guard.start()
+    try:
+        _pid, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        guard.cancel()
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage
 
 
 def free_port() -> int:

@@ -149,7 +149,7 @@ class Nginx:
         needle = f"request_id={request_id}"
         while True:
             for line in self.access_log.read_text().splitlines():
-                if line.endswith(needle):
+                if needle in line.split(" "):
                     return line
             if time.monotonic() > deadline:
                 raise RuntimeError(f"no access log line for request {request_id}")

@@ -6,6 +6,9 @@ and absolute figures second; every figure is a median over the repetitions, with
 minimum and maximum. When the run measured the model's own limit (``bench.limit``, in
 ``meta["model_limit"]``), it heads the report, and every throughput stands beside it as rows/s
 over the limit's rows/s, every latency at a fixed rate as a multiple of its 64-row call.
+
+A run recorded as invalid (a gRPC run with an error: ``Run.invalid``) is no throughput: the
+figures of a row come from its valid repetitions only, and a row with none shows why instead.
 """
 
 from __future__ import annotations
@@ -24,8 +27,8 @@ from bench.runner import CEILING, OpenRun, Run
 from bench.sweep import Step, Sweep
 
 __all__ = ["Check", "OpenRow", "Row", "aggregate", "aggregate_open", "checks", "columns",
-           "heavy_checks", "limit_of", "open_markdown", "ratio_tables", "sweep_markdown",
-           "table_cells", "to_markdown", "write_report", "write_sweep_report"]
+           "grpc_checks", "heavy_checks", "limit_of", "open_markdown", "ratio_tables",
+           "sweep_markdown", "table_cells", "to_markdown", "write_report", "write_sweep_report"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +65,11 @@ class Row:
     rows_per_request: int = 1
     vs_limit: float | None = None  # rows/s over the model's own limit (its median)
     vs_limit_spread: tuple[float, float] | None = None
+    invalid: int = 0  # repetitions left out: not a throughput (see Run.invalid)
+    why_invalid: str | None = None  # the first one's reason
+    generator: str = "wrk"
+    streams: int = 1
+    lateness_p99_ms: float | None = None  # the worst valid repetition's (grpc_load)
 
     @property
     def rows_per_s(self) -> float:
@@ -93,7 +101,12 @@ def aggregate(runs: Sequence[Run], limit: Limit | None = None) -> list[Row]:
     for r in runs:
         groups[(r.config, r.scenario)].append(r)
     rows: dict[tuple[str, str], Row] = {}
-    for (config, scenario), rs in groups.items():
+    for (config, scenario), every in groups.items():
+        left_out = [r for r in every if r.invalid is not None]
+        rs = [r for r in every if r.invalid is None]
+        if not rs:
+            rows[(config, scenario)] = _invalid_row(every)
+            continue
         counted = [r.counters for r in rs if r.counters is not None]
         calls = _median(c.model_calls for c in counted) if counted else None
         total_calls = sum(c.model_calls for c in counted)
@@ -114,7 +127,11 @@ def aggregate(runs: Sequence[Run], limit: Limit | None = None) -> list[Row]:
             generator_cores=_cores((r.generator_cpu_s, r.seconds) for r in rs),
             server_cores=_cores((r.server_cpu_s, r.seconds) for r in rs),
             threads=rs[0].threads, connections=rs[0].connections,
-            rows_per_request=rs[0].rows,
+            rows_per_request=rs[0].rows, invalid=len(left_out),
+            why_invalid=left_out[0].invalid if left_out else None,
+            generator=rs[0].generator, streams=rs[0].streams,
+            lateness_p99_ms=max((r.lateness_p99_us / 1000 for r in rs
+                                 if r.lateness_p99_us is not None), default=None),
         )
     ceiling = rows.get((CEILING, "hot"))
     out = []
@@ -135,8 +152,19 @@ def aggregate(runs: Sequence[Run], limit: Limit | None = None) -> list[Row]:
     return out
 
 
+def _invalid_row(runs: Sequence[Run]) -> Row:
+    """A row of runs none of which is a throughput: no figures, the first reason."""
+    r = runs[0]
+    return Row(config=r.config, scenario=r.scenario, reps=len(runs), rps=0.0, rps_min=0.0,
+               rps_max=0.0, p50_ms=None, p90_ms=None, p99_ms=None,
+               errors=sum(x.errors for x in runs), model_calls=None, rows_per_call=None,
+               hit_ratio=None, threads=r.threads, connections=r.connections,
+               rows_per_request=r.rows, invalid=len(runs), why_invalid=r.invalid,
+               generator=r.generator, streams=r.streams)
+
+
 def _vs_limit(row: Row, limit: Limit | None) -> dict[str, Any]:
-    if limit is None:
+    if limit is None or not row.rps:
         return {}
     per = row.rows_per_request
     return {"vs_limit": row.rps * per / limit.rows_per_s,
@@ -151,7 +179,7 @@ def limit_of(meta: dict[str, Any]) -> Limit | None:
 
 
 def _ratio(name: str, row: Row, ref: Row | None) -> dict[str, Any]:
-    if ref is None or not ref.rps:
+    if ref is None or not ref.rps or not row.rps:
         return {name: None, f"{name}_spread": None}
     return {name: row.rps / ref.rps,
             f"{name}_spread": (row.rps_min / ref.rps, row.rps_max / ref.rps)}
@@ -211,6 +239,29 @@ def checks(rows: Sequence[Row]) -> list[Check]:
     if down:
         out.append(Check("redis-down: errors while Redis is killed", "== 0",
                          str(down.errors), down.errors == 0))
+    return out
+
+
+def grpc_checks(rows: Sequence[Row], config: str) -> list[Check]:
+    """The gRPC door's goals for the gateway configuration ``config``: the hot row at least
+    10x the baseline's gRPC and 0.3x the gateway's own REST ``GET /predict`` hot row; one new
+    row per call at least 10x the baseline's. A goal whose rows are missing or invalid is not
+    judged."""
+    by = {(r.config, r.scenario): r for r in rows if r.rps}
+    out = []
+    for scenario, ref_key, target in (("grpc-hot", ("baseline", "grpc-hot"), 10.0),
+                                      ("grpc-hot", (config, "hot"), 0.3),
+                                      ("grpc-unique", ("baseline", "grpc-unique"), 10.0)):
+        ours, ref = by.get((config, scenario)), by.get(ref_key)
+        if ours is None or ref is None:
+            continue
+        ratio = ours.rps / ref.rps
+        what = ("the baseline's gRPC" if ref_key[0] == "baseline"
+                else "its own REST GET /predict hot")
+        out.append(Check(f"{scenario}: {config} vs {what}", f">= {target:g}x",
+                         f"{ratio:.2f}x ({ours.rps:,.0f} vs {ref.rps:,.0f} req/s; "
+                         f"{ours.rps_min / ref.rps:.2f}..{ours.rps_max / ref.rps:.2f})",
+                         ratio >= target))
     return out
 
 
@@ -319,8 +370,10 @@ def columns(rows: Sequence[Row]) -> tuple[str, ...]:
     cols.append("req/s (min-max)")
     if limit:
         cols.append("rows/s")
+    many = len({r.generator for r in rows}) > 1
     return (*cols, "p50 ms (min-max)", "p99 ms (min-max)", "errors",
-            "wrk CPU", "server CPU", "model calls", "rows/call", "hit ratio")
+            *(("generator",) if many else ()),
+            "generator CPU", "server CPU", "model calls", "rows/call", "hit ratio")
 
 
 def table_cells(r: Row, cols: Sequence[str]) -> list[str]:
@@ -329,12 +382,15 @@ def table_cells(r: Row, cols: Sequence[str]) -> list[str]:
         "x ceiling": _ratio_cell(r, "vs_ceiling"), "x naive": _ratio_cell(r, "vs_naive"),
         "x baseline": _ratio_cell(r, "vs_baseline"),
         "x model limit": _ratio_cell(r, "vs_limit"),
-        "req/s (min-max)": _spread(r.rps, r.rps_min, r.rps_max, ",.0f"),
+        "req/s (min-max)": (_spread(r.rps, r.rps_min, r.rps_max, ",.0f") if r.rps
+                            else f"invalid: {r.why_invalid}"),
         "rows/s": _f(r.rows_per_s, ",.0f"),
         "p50 ms (min-max)": _spread(r.p50_ms, r.p50_min, r.p50_max, ".2f"),
         "p99 ms (min-max)": _spread(r.p99_ms, r.p99_min, r.p99_max, ".2f"),
-        "errors": str(r.errors),
-        "wrk CPU": _f(r.generator_cores, ".2f"), "server CPU": _f(r.server_cores, ".2f"),
+        "errors": str(r.errors) + (f" ({r.invalid} invalid)" if r.invalid else ""),
+        "generator CPU": _f(r.generator_cores, ".2f"), "server CPU": _f(r.server_cores, ".2f"),
+        "generator": r.generator + (f" x{r.streams}" if r.streams > 1 else "")
+        + ("" if r.lateness_p99_ms is None else f", late p99 {r.lateness_p99_ms:.2f} ms"),
         "model calls": _f(r.model_calls, ",.0f"), "rows/call": _f(r.rows_per_call, ".1f"),
         "hit ratio": _f(r.hit_ratio, ".3f"),
     }
@@ -466,9 +522,11 @@ def to_markdown(rows: Sequence[Row], check_list: Sequence[Check], meta: dict[str
               f"{meta['repetitions']} repetition(s): medians, with min-max over the "
               "repetitions. x ceiling: req/s over the bare endpoint's under the hot load "
               "(same wrk settings); x naive, x baseline: over that target's req/s in the "
-              "same scenario. wrk CPU and server CPU: CPU seconds per second of run "
+              "same scenario. Generator CPU and server CPU: CPU seconds per second of run "
               "(1.00 = one core busy; the machine has "
               f"{(meta.get('machine') or {}).get('cores', '?')}).", ""]
+    if any(r.generator != "wrk" for r in rows):
+        lines += [_grpc_sentence(meta, rows), ""]
     ratios = ratio_tables(rows)
     if ratios:
         lines += ["## Ratios", "", *ratios]
@@ -488,6 +546,20 @@ def to_markdown(rows: Sequence[Row], check_list: Sequence[Check], meta: dict[str
     if images:
         lines += [""] + [f"![{k}]({v})" for k, v in images.items()]
     return "\n".join(lines) + "\n"
+
+
+def _grpc_sentence(meta: dict[str, Any], rows: Sequence[Row]) -> str:
+    conns = max((r.connections for r in rows if r.generator != "wrk"), default=0)
+    return (f"gRPC (ModelInfer, raw FP64 tensors): {conns} connections x "
+            f"{meta.get('grpc_streams', '?')} streams; the hot row from "
+            f"{meta.get('h2load_version', 'h2load')} (one thread, a fixed number of requests "
+            "per run, sized from its warm-up), new rows from bench.grpc_load (grpc.aio, one "
+            "process; late p99: how late its event loop woke, the run invalid past max(1 ms, "
+            "10% of its p99 latency)). A run is invalid, and left out of the figures, when any "
+            "call failed: h2load's requests not all done with HTTP 2xx and an answer's worth "
+            "of DATA each, grpc_load's calls not all OK or a sampled answer malformed, or the "
+            "gateway's gateway_grpc_requests_total{method=\"ModelInfer\"} counting another "
+            "code or fewer OK calls than the generator saw answered.")
 
 
 def _bounded(valid: bool | int, text: str) -> str:
@@ -575,7 +647,10 @@ def write_report(out_dir: Path, runs: Sequence[Run], meta: dict[str, Any],
     limit = limit_of(meta)
     rows = aggregate(runs, limit)
     open_rows = aggregate_open(open_runs)
-    check_list = checks(rows) + heavy_checks(rows, open_rows, limit)
+    gateways = dict.fromkeys(r.config for r in rows if r.scenario == "grpc-hot"
+                             and r.config not in (CEILING, "baseline"))
+    check_list = checks(rows) + heavy_checks(rows, open_rows, limit) + [
+        c for config in gateways for c in grpc_checks(rows, config)]
     (out_dir / "results.json").write_text(json.dumps({
         "meta": meta,
         "rows": [asdict(r) for r in rows],

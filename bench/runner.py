@@ -7,6 +7,13 @@ a running ``--url``, a ``--baseline-url``):
 * open loop at fixed rates (``--open-loop RATES``, ``bench.loadgen``): latency at a load;
 * sweeps (``--sweep``): rising fixed rates until the p99 bound or errors (``bench.sweep``).
 
+The gRPC scenarios run in closed loop on a target's gRPC address (a gateway started here gets
+``GATEWAY_GRPC_PORT``; ``--grpc-address``, ``--grpc-baseline``, MLServer's own port): the hot
+row from h2load (``bench.h2load``), new rows from ``bench.grpc_load``. Each run is checked
+beyond its generator's word (``bench.grpc_runs``: a first call by a real client, the DATA bytes
+h2load got back, the gateway's own count of calls by status code); a run with an error is
+recorded as invalid, and is never a throughput.
+
 Every wrk run records wrk's own CPU time; every generator run its lateness and CPU; every run
 of a process the bench started, that process's CPU time.
 
@@ -31,14 +38,24 @@ from typing import Any
 
 import httpx
 
-from bench import clients, lua
+from bench import clients, grpc_runs, lua
 from bench.doors import Load
+from bench.grpc_load import Settings as GrpcSettings
+from bench.grpc_messages import INFER, Bodies, frame
+from bench.h2load import run_h2load
 from bench.heavy import HEAVY, ensure_heavy
 from bench.limit import Limit, measure
 from bench.loadgen import Result
 from bench.machine import describe, process_cpu_s
 from bench.mlserver import baseline as mlserver_baseline
-from bench.procs import GatewayProcess, RedisServer, gateway_process, redis_server, uvicorn_app
+from bench.procs import (
+    GatewayProcess,
+    RedisServer,
+    free_port,
+    gateway_process,
+    redis_server,
+    uvicorn_app,
+)
 from bench.scenarios import CEILING, CONFIGS, SCENARIOS, Scenario
 from bench.scrape import Counters, scrape
 from bench.sweep import LADDER, Step, Sweep, run_sweep
@@ -84,6 +101,9 @@ class Options:
     mlserver: bool = False  # start MLServer on the model's files as the baseline
     mlserver_venv: Path | None = None  # its virtualenv (default: bench.mlserver's)
     mlserver_batch: tuple[int, float] = (64, 0.002)  # max_batch_size, max_batch_time (s)
+    grpc_address: str | None = None  # the gRPC service (host:port) of the ``url`` gateway
+    grpc_baseline: str | None = None  # an Open Inference Protocol gRPC server (host:port)
+    grpc_streams: int = 8  # gRPC runs: concurrent calls per connection (of ``connections``)
 
 
 @dataclass
@@ -98,11 +118,15 @@ class Run:
     errors: int
     latency_us: dict[float, int] = field(default_factory=dict)
     counters: Counters | None = None
-    generator_cpu_s: float | None = None  # wrk's own CPU seconds
+    generator_cpu_s: float | None = None  # the generator's own CPU seconds
     server_cpu_s: float | None = None  # the measured server's CPU seconds (if started here)
-    threads: int = 0  # wrk threads
+    threads: int = 0  # generator threads
     connections: int = 0
     rows: int = 1  # rows per request
+    generator: str = "wrk"  # or "h2load", "grpc_load"
+    streams: int = 1  # concurrent requests per connection
+    lateness_p99_us: int | None = None  # the generator's own lateness (grpc_load)
+    invalid: str | None = None  # why this run is not a throughput (errors), or None
 
     @property
     def rps(self) -> float:
@@ -114,9 +138,11 @@ class Run:
             "requests": self.requests, "seconds": self.seconds, "rps": self.rps,
             "rows_per_request": self.rows, "errors": self.errors,
             "latency_us": {f"{k:g}": v for k, v in self.latency_us.items()},
-            "generator": {"engine": "wrk", "threads": self.threads,
-                          "connections": self.connections, "cpu_s": self.generator_cpu_s},
-            "server_cpu_s": self.server_cpu_s,
+            "generator": {"engine": self.generator, "threads": self.threads,
+                          "connections": self.connections, "streams": self.streams,
+                          "cpu_s": self.generator_cpu_s,
+                          "lateness_p99_us": self.lateness_p99_us},
+            "server_cpu_s": self.server_cpu_s, "invalid": self.invalid,
             "counters": None if self.counters is None else {
                 "model_calls": self.counters.model_calls,
                 "model_rows": self.counters.model_rows,
@@ -152,6 +178,7 @@ class Target:
     pid: int | None
     metrics: bool  # answers /metrics like the gateway
     model: str
+    grpc: str | None = None  # host:port of its Open Inference Protocol gRPC service
 
 
 class _Salts:
@@ -224,6 +251,9 @@ class Bench:
     # -- closed loop -----------------------------------------------------------------------
     def scenario(self, target: Target, sc: Scenario) -> None:
         opts = self.opts
+        if sc.grpc:
+            self.grpc_scenario(target, sc)
+            return
         conns = sc.connections or opts.connections
         url = target.url
         if sc.engine == "wrk" and opts.warmup_s > 0:
@@ -254,6 +284,65 @@ class Bench:
             if before is not None and after is not None:
                 run.counters = after - before
             self.runs.append(run)
+
+    def grpc_scenario(self, target: Target, sc: Scenario) -> None:
+        """Closed-loop gRPC runs of ``sc`` on ``target.grpc``: h2load posting one body, or
+        ``bench.grpc_load`` sending new rows; each run checked (see the module doc)."""
+        opts = self.opts
+        assert target.grpc is not None
+        first = grpc_runs.probe(target.grpc, self._bodies(sc, target, 0)[0], sc.rows)
+        if first.error is not None:
+            raise RuntimeError(f"{target.name}: {sc.name}: the first call {first.error}")
+        runs = opts.repetitions
+        streams = sc.streams or opts.grpc_streams
+        n = 0
+        if sc.engine == "h2load":  # the warm-up sets how many requests a run sends
+            self.progress(f"{target.name} · {sc.name} · warm-up")
+            warm = run_h2load(target.grpc, INFER, frame(self._bodies(sc, target, 0)[0]),
+                              duration_s=max(1.0, opts.warmup_s),
+                              connections=opts.connections, streams=streams)
+            n = max(opts.min_requests, round(warm.rps * opts.duration_s))
+        for rep in range(runs):
+            self.progress(f"{target.name} · {sc.name} · run {rep + 1}/{runs}")
+            before = scrape(target.url) if target.metrics else None
+            codes = grpc_runs.call_codes(target.url) if target.metrics else None
+            cpu0 = _cpu(target)
+            if sc.engine == "h2load":
+                h = run_h2load(target.grpc, INFER, frame(self._bodies(sc, target, 0)[0]),
+                               requests=n, connections=opts.connections,
+                               streams=streams, answer_bytes=first.answer_bytes)
+                run = Run(target.name, sc.name, rep, h.done, h.duration_s, h.errors,
+                          h.latency_us, generator_cpu_s=h.cpu_s, threads=1,
+                          connections=h.connections, rows=sc.rows, generator="h2load",
+                          streams=h.streams, invalid=h.invalid)
+                answered = h.done if h.invalid is None else 0
+            else:
+                g = grpc_runs.generate(GrpcSettings(
+                    address=target.grpc, keys=sc.keys, model=target.model,
+                    n_features=len(self.features), rows=sc.rows, salt=self.salts.py(),
+                    input_name=opts.v2_input, datatype=opts.v2_datatype,
+                    duration_s=opts.duration_s, warmup_s=opts.warmup_s,
+                    connections=opts.connections, streams=streams,
+                    max_lateness_ms=opts.max_lateness_ms,
+                    max_lateness_share=opts.max_lateness_share))
+                run = Run(target.name, sc.name, rep, g.requests, g.seconds, g.errors,
+                          g.latency_us, generator_cpu_s=g.cpu_s, threads=1,
+                          connections=g.connections, rows=sc.rows, generator="grpc_load",
+                          streams=g.streams, lateness_p99_us=g.lateness_us[99.0],
+                          invalid=g.invalid)
+                answered = g.sent - sum(g.codes.values())
+            run.server_cpu_s = _delta(cpu0, _cpu(target))
+            after = scrape(target.url) if target.metrics else None
+            if before is not None and after is not None and codes is not None:
+                run.counters = after - before
+                verdict = grpc_runs.server_verdict(codes, grpc_runs.call_codes(target.url),
+                                                   answered)
+                run.invalid = run.invalid or verdict
+            self.runs.append(run)
+
+    def _bodies(self, sc: Scenario, target: Target, salt: int) -> Bodies:
+        return Bodies(sc.keys, target.model, len(self.features), rows=sc.rows, salt=salt,
+                      input_name=self.opts.v2_input, datatype=self.opts.v2_datatype)
 
     def _kill_redis_midway(self) -> threading.Thread:
         assert self.redis is not None
@@ -351,6 +440,10 @@ class Bench:
                 continue
             if self.opts.sweep and not sc.open_loop:
                 continue
+            if not (target.grpc if sc.grpc else target.url):
+                self.skipped.append(f"{target.name}: {sc.name} (no "
+                                    f"{'gRPC' if sc.grpc else 'HTTP'} address)")
+                continue
             if probe and not self._answers(target, sc):
                 continue
             if self.opts.sweep:
@@ -362,6 +455,12 @@ class Bench:
                 self.open_loop_at(target, sc)
 
     def _answers(self, target: Target, sc: Scenario) -> bool:
+        if sc.grpc:
+            assert target.grpc is not None
+            first = grpc_runs.probe(target.grpc, self._bodies(sc, target, 0)[0], sc.rows)
+            if first.error is not None:
+                self.skipped.append(f"{target.name}: {sc.name} (one call {first.error})")
+            return first.error is None
         status = clients.probe(target.url, self.load(replace(sc, keys="hot"), target.model, 0))
         if status != 200:
             self.skipped.append(f"{target.name}: {sc.name} (one request answered "
@@ -386,8 +485,9 @@ def _delta(before: float | None, after: float | None) -> float | None:
     return None if before is None or after is None else after - before
 
 
-def _service_target(name: str, svc: GatewayProcess, model: str, *, metrics: bool) -> Target:
-    return Target(name, svc.url, svc.process.pid, metrics, model)
+def _service_target(name: str, svc: GatewayProcess, model: str, *, metrics: bool,
+                    grpc: str | None = None) -> Target:
+    return Target(name, svc.url, svc.process.pid, metrics, model, grpc)
 
 
 def run_bench(opts: Options, progress: Callable[[str], None]) -> Bench:
@@ -414,25 +514,28 @@ def run_bench(opts: Options, progress: Callable[[str], None]) -> Bench:
                 else:
                     bench.ceiling(target)
         if opts.url is not None:
-            bench.target(Target("target", opts.url.rstrip("/"), None, True, opts.model))
+            bench.target(Target("target", opts.url.rstrip("/"), None, True, opts.model,
+                                opts.grpc_address))
         else:
             if any(CONFIGS[c].get("GATEWAY_CACHE") == "on" for c in configs):
                 progress("redis-server · starting")
                 bench.redis = stack.enter_context(redis_server())
             for config in configs:
                 progress(f"{config} · starting")
-                for svc in _gateway(opts, config, bench.redis):
-                    bench.target(_service_target(config, svc, opts.model, metrics=True))
+                for svc, grpc in _gateway(opts, config, bench.redis):
+                    bench.target(_service_target(config, svc, opts.model, metrics=True,
+                                                 grpc=grpc))
         if opts.mlserver:
             progress("mlserver · starting (installed once into its own virtualenv)")
             size, wait_s = opts.mlserver_batch
             with mlserver_baseline(opts.model_root, [opts.model], venv=opts.mlserver_venv,
                                    max_batch_size=size, max_batch_time_s=wait_s) as svc:
-                bench.target(_service_target("baseline", svc, opts.model, metrics=False),
-                             probe=True)
-        elif opts.baseline_url is not None:
-            bench.target(Target("baseline", opts.baseline_url.rstrip("/"), None, False,
-                                opts.baseline_model or opts.model), probe=True)
+                bench.target(_service_target("baseline", svc, opts.model, metrics=False,
+                                             grpc=svc.grpc), probe=True)
+        elif opts.baseline_url is not None or opts.grpc_baseline is not None:
+            url = (opts.baseline_url or "").rstrip("/")
+            bench.target(Target("baseline", url, None, False, opts.baseline_model or opts.model,
+                                opts.grpc_baseline), probe=True)
     if own_limit:
         progress(f"{opts.model} · the model's own limit, again")
         bench.limits.append(measure(opts.model_root, opts.model))
@@ -440,7 +543,10 @@ def run_bench(opts: Options, progress: Callable[[str], None]) -> Bench:
     return bench
 
 
-def _gateway(opts: Options, config: str, redis: RedisServer | None) -> Iterator[GatewayProcess]:
+def _gateway(opts: Options, config: str, redis: RedisServer | None
+             ) -> Iterator[tuple[GatewayProcess, str | None]]:
+    """The gateway of ``config``, and its gRPC address when a gRPC scenario is selected."""
+    grpc_port = free_port() if any(SCENARIOS[s].grpc for s in opts.scenarios) else None
     env = {
         "GATEWAY_MODEL_ROOT": str(opts.model_root),
         "GATEWAY_DEFAULT_MODEL": opts.model,
@@ -449,5 +555,7 @@ def _gateway(opts: Options, config: str, redis: RedisServer | None) -> Iterator[
     }
     if redis is not None and CONFIGS[config].get("GATEWAY_CACHE") == "on":
         env["GATEWAY_REDIS_URL"] = redis.url
+    if grpc_port is not None:
+        env["GATEWAY_GRPC_PORT"] = str(grpc_port)
     with gateway_process(env, workers=opts.workers) as svc:
-        yield svc
+        yield svc, None if grpc_port is None else f"127.0.0.1:{grpc_port}"

@@ -40,12 +40,19 @@ class Scenario:
 
     name: str
     description: str
-    engine: str  # "wrk" (closed loop; open loop by bench.loadgen) or "burst"
+    engine: str  # "wrk" (closed loop; open loop by bench.loadgen), "burst", or gRPC
+    # ModelInfer in closed loop: "h2load" (one fixed body) or "grpc" (bench.grpc_load)
     door: Door = "get"
     keys: Keys = "unique"
     rows: int = 1  # rows per request
     connections: int | None = None  # None: the --connections flag
+    streams: int | None = None  # gRPC calls at once per connection; None: --grpc-streams
     needs_redis_control: bool = False  # kills the bench's own redis-server mid-run
+
+    @property
+    def grpc(self) -> bool:
+        """Whether it calls the gRPC service (``keys`` hot or unique, ``rows`` per call)."""
+        return self.engine in ("h2load", "grpc")
 
     @property
     def open_loop(self) -> bool:
@@ -81,6 +88,14 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
     *_door("v1", "POST /v1"),
     *_door("v2-json", "V2 infer, JSON"),
     *_door("v2-bin", "V2 infer, binary tensor"),
+    Scenario("grpc-hot", "gRPC ModelInfer (h2load), one row, asked again and again", "h2load",
+             keys="hot"),
+    Scenario("grpc-unique", "gRPC ModelInfer, one new row per call", "grpc"),
+    # One call per connection, as REST's multirow keeps one request per connection: 64 calls
+    # of 32 rows are half of GATEWAY_MAX_QUEUE_ROWS (4096); 8 each would be 4x it, shed as
+    # overload by design.
+    Scenario("grpc-multirow", "gRPC ModelInfer, 32 new rows per call", "grpc", rows=32,
+             streams=1),
 )}
 DEFAULT_SCENARIOS = ("hot", "unique", "zipf", "multirow", "lowload", "burst", "redis-down")
 # Names that stand for several scenarios on the command line.
@@ -91,4 +106,6 @@ GROUPS: dict[str, tuple[str, ...]] = {
     # The heavy workload (``--model lgbm-heavy`` or ``xgb-heavy``): the four mechanisms' loads,
     # and one and 32 new rows per V2 JSON request, the door a baseline server answers too.
     "heavy": ("unique", "zipf", "multirow", "burst", "v2-json-unique", "v2-json-32-unique"),
+    # The gRPC door (raw FP64 tensors), beside REST's hot row for the ratio between them.
+    "grpc": ("hot", "grpc-hot", "grpc-unique", "grpc-multirow"),
 }

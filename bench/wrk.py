@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import tempfile
-import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
+
+from bench.procs import measured_run
 
 __all__ = ["WrkResult", "parse_output", "run_wrk"]
 
@@ -75,21 +75,14 @@ def run_wrk(
         path.write_text(script)
         out_path, err_path = Path(tmp) / "out", Path(tmp) / "err"
         with out_path.open("wb") as out, err_path.open("wb") as err:
-            proc = subprocess.Popen(
+            code, usage = measured_run(
                 [exe, f"-t{threads}", f"-c{connections}", f"-d{max(1, round(duration_s))}s",
                  f"--timeout={timeout_s:g}s", "-s", str(path), url],
-                stdout=out, stderr=err, preexec_fn=pin)
-        guard = threading.Timer(duration_s + timeout_s + 30, proc.kill)
-        guard.start()
-        try:
-            # Reap it ourselves: os.wait4 hands back the child's own rusage.
-            _pid, status, usage = os.wait4(proc.pid, 0)
-        finally:
-            guard.cancel()
-        proc.returncode = os.waitstatus_to_exitcode(status)
+                stdout=out, stderr=err, kill_after_s=duration_s + timeout_s + 30,
+                preexec_fn=pin)
         stdout, stderr = out_path.read_text(), err_path.read_text()
-    if proc.returncode != 0:
-        raise RuntimeError(f"wrk failed ({proc.returncode}): {stderr.strip()}")
+    if code != 0:
+        raise RuntimeError(f"wrk failed ({code}): {stderr.strip()}")
     return replace(parse_output(stdout), threads=threads, connections=connections,
                    cpu_s=usage.ru_utime + usage.ru_stime)
 

@@ -35,6 +35,7 @@ from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.breaker import CircuitBreaker
 from gateway.metrics import Metrics
+from gateway.tracing import Traced, current
 
 __all__ = ["INVALID", "L1Cache", "RedisCache"]
 
@@ -46,6 +47,9 @@ _FORMAT = b"\x01"  # the first byte of every stored value: format byte, tag, val
 _HEAD = len(_FORMAT) + _TAG_BYTES
 _PROBE_EVERY_S = 1.0
 _ROUND_TRIPS_KEPT = 16
+
+# A lookup waiting for this tick's MGET: its keys, its future, its sampled request (if any).
+_Lookup = tuple[Sequence[str], "asyncio.Future[list[bytes | None] | None]", Traced | None]
 
 INVALID = b""
 """What ``RedisCache.get_many`` returns for a value whose integrity tag does not verify."""
@@ -146,7 +150,7 @@ class RedisCache:
         self._ttl = ttl_s
         self._breaker = breaker
         self._metrics = metrics
-        self._pending: list[tuple[Sequence[str], asyncio.Future[list[bytes | None] | None]]] = []
+        self._pending: list[_Lookup] = []
         self._flush_scheduled = False
         self._reads: set[asyncio.Task[None]] = set()
         self._writes: deque[tuple[str, bytes, int]] = deque(maxlen=write_backlog)
@@ -268,7 +272,7 @@ class RedisCache:
         fut: asyncio.Future[list[bytes | None] | None] = (
             asyncio.get_running_loop().create_future()
         )
-        self._pending.append((keys, fut))
+        self._pending.append((keys, fut, current.get()))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
@@ -278,7 +282,7 @@ class RedisCache:
         self._flush_scheduled = False
         pending, self._pending = self._pending, []
         if not self._breaker.allow():
-            for _, fut in pending:
+            for _, fut, _ in pending:
                 if not fut.done():
                     fut.set_result(None)
             return
@@ -286,11 +290,13 @@ class RedisCache:
         self._reads.add(task)
         task.add_done_callback(self._reads.discard)
 
-    async def _mget(
-        self, pending: list[tuple[Sequence[str], asyncio.Future[list[bytes | None] | None]]]
-    ) -> None:
-        keys = [k for ks, _ in pending for k in ks]
+    async def _mget(self, pending: list[_Lookup]) -> None:
+        """One ``MGET`` for the lookups of a tick; with a ``redis MGET`` span linked to each
+        sampled request among them."""
+        keys = [k for ks, _, _ in pending for k in ks]
         values: list[bytes | None] | None = None
+        served = [t for _, _, t in pending if t is not None]
+        start = time.time_ns() if served else 0
         try:
             async with asyncio.timeout(self._timeout):
                 if self._cluster:  # one MGET per node holding some of the keys
@@ -304,12 +310,19 @@ class RedisCache:
             self._breaker.failure()
             raise
         finally:
-            start = 0
-            for ks, fut in pending:
-                end = start + len(ks)
+            at = 0
+            for ks, fut, _ in pending:
+                end = at + len(ks)
                 if not fut.done():
-                    fut.set_result(None if values is None else values[start:end])
-                start = end
+                    fut.set_result(None if values is None else values[at:end])
+                at = end
+            if served:
+                served[0].tracing.record(
+                    "redis MGET", start, time.time_ns(), parent=None,
+                    links=[t.context for t in served],
+                    attributes={"db.system.name": "redis", "db.operation.name": "MGET",
+                                "gateway.keys": len(keys), "gateway.requests": len(pending),
+                                "gateway.redis.answered": values is not None})
 
     def put(self, key: str, value: bytes, ttl_s: int | None = None) -> None:
         """Queue one write (``SET key value EX ttl``, the default TTL unless ``ttl_s``);

@@ -6,7 +6,8 @@ and carried by every log line written while the request is answered (a context v
 by ``RequestIdFilter``). Every line names its process (a worker, or the supervisor of
 ``--workers N``). With ``GATEWAY_LOG_FORMAT=json`` each line is one JSON object with
 ``time``, ``level``, ``logger``, ``pid``, ``message``, ``request_id`` and, for access lines,
-``method``, ``path``, ``status``, ``duration_ms``, ``cache``, ``model``, ``version``. The access log
+``method``, ``path``, ``status``, ``duration_ms``, ``cache``, ``model``, ``version``, and
+``trace_id`` for a request with a trace (``GATEWAY_TRACING``). The access log
 (``GATEWAY_ACCESS_LOG=on``) is off by default: it costs a log record per request.
 """
 
@@ -41,7 +42,8 @@ request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", d
 _VALID_ID = re.compile(rb"[A-Za-z0-9._:-]{1,128}")
 _PREFIX = os.urandom(4).hex()
 _COUNTER = itertools.count(1)
-_ACCESS_FIELDS = ("method", "path", "status", "duration_ms", "cache", "model", "version")
+_ACCESS_FIELDS = ("method", "path", "status", "duration_ms", "cache", "model", "version",
+                  "trace_id")
 
 
 def new_request_id() -> str:
@@ -57,12 +59,15 @@ def request_id_from(header: bytes | None) -> str:
 
 
 def access(method: str, path: str, status: int, seconds: float, *, cache: str | None = None,
-           model: str | None = None, version: str | None = None) -> None:
-    """One access-log line (call only when the access log is on)."""
-    ACCESS.info("%s %s %d %.2fms", method, path, status, seconds * 1e3, extra={
+           model: str | None = None, version: str | None = None,
+           trace_id: str | None = None) -> None:
+    """One access-log line (call only when the access log is on); ``trace_id``: the
+    request's trace, when it has one."""
+    fmt = "%s %s %d %.2fms" if trace_id is None else "%s %s %d %.2fms trace_id=" + trace_id
+    ACCESS.info(fmt, method, path, status, seconds * 1e3, extra={
         "method": method, "path": path, "status": status,
         "duration_ms": round(seconds * 1e3, 3), "cache": cache, "model": model,
-        "version": version})
+        "version": version, "trace_id": trace_id})
 
 
 class RequestIdFilter(logging.Filter):

@@ -15,8 +15,12 @@ that a Redis a few round trips away stays useful instead of being given up for g
   within the timeout either.)
 * **Warm connections first.** The first call opens ``warm_connections`` connections in the
   background; a call takes an open connection whenever one is free, and only opens a new one
-  when none is. TCP keepalive finds dead peers (``redis://``, ``rediss://``); a connection
-  that the server closed (a restart) is found closed when taken and reopened.
+  when none is. TCP keepalive finds dead peers (``redis://``, ``rediss://``).
+* **A lost connection drops the idle ones.** A call that fails because its connection was
+  closed (a Redis restart, a failover) disconnects every idle connection of the pool too: they
+  went to the same server, and each would otherwise fail one call of its own when next taken
+  (hiredis sees the close only on a read). The next calls open fresh connections, warmed again
+  in the background; a restarted Redis costs one failed call, not one per pooled connection.
 
 redis-py's own retries are off: the caller's circuit breaker decides when to try again.
 Close with ``await client.aclose()``, which also stops the background tasks.
@@ -42,7 +46,8 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.asyncio.retry import Retry
 from redis.backoff import DEFAULT_BASE, DEFAULT_CAP, ExponentialWithJitterBackoff, NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MaxConnectionsError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 __all__ = ["CLUSTER_SCHEMES", "BoundedRedis", "connect_redis", "connect_redis_cluster",
@@ -187,6 +192,7 @@ class BoundedRedis(aioredis.Redis):
         self._warm_target = warm_connections
         self._warming: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()  # calls and warm-up, until settled
+        self._dropping = False  # idle connections being dropped after a lost one
 
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         call = super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
@@ -226,8 +232,25 @@ class BoundedRedis(aioredis.Redis):
 
     def _settled(self, task: asyncio.Task[Any]) -> None:
         self._background.discard(task)
-        if not task.cancelled() and task.exception() is not None:  # retrieved: no warning
-            log.debug("redis call ended with %r", task.exception())
+        if task.cancelled():
+            return
+        exc = task.exception()  # retrieved: no warning
+        if exc is None:
+            return
+        log.debug("redis call ended with %r", exc)
+        if (isinstance(exc, RedisConnectionError) and not isinstance(exc, MaxConnectionsError)
+                and not self._dropping):
+            self._dropping = True
+            self._track(asyncio.get_running_loop().create_task(self._drop_idle()))
+
+    async def _drop_idle(self) -> None:
+        """Disconnect the pool's idle connections; the next call warms it up again."""
+        try:
+            await self.connection_pool.disconnect(inuse_connections=False)
+        finally:
+            self._dropping = False
+            if self._warming is not None and self._warming.done():
+                self._warming = None
 
     async def _warm_up(self) -> None:
         """Open ``warm_connections`` connections at once and put them in the pool."""

@@ -5,14 +5,16 @@ local single-flight merging the rest), for the misses that consult Redis (``gate
 those of models whose calls cost more than a Redis round trip).
 For a block of keys, one Lua script per Redis slot does, atomically per key:
 
-* the value is in Redis: take it (the script checks again after the caller's lookup);
+* the value is in Redis: take it (this is the block's Redis lookup: no ``MGET`` precedes it);
 * else ``SET {key}:l token NX PX lease``: this replica won the lease, it computes the key;
 * else the key is being computed elsewhere: register this replica's channel in ``{key}:w`` and
   wait.
 
 The holder renews its leases (every third of the lease) while the model runs, then one script
 stores the values (``SET EX``, sealed like every L2 value), frees the leases it still holds and
-``PUBLISH``-es ``key \\n value`` to each waiting replica's channel. Every process subscribes to
+``PUBLISH``-es ``key \\n traceparent \\n value`` to each waiting replica's channel (the
+traceparent of the holder's ``model call`` span when that call was traced, else empty: a
+waiter's ``lease wait`` span links to it). Every process subscribes to
 one channel of its own (one connection, not one per key). A waiter takes a published value only
 if its integrity tag (with ``GATEWAY_CACHE_SECRET``) verifies and the model accepts it as one of
 its answers (``ModelRunner.decode_value``). A waiter that hears nothing by the end of the lease
@@ -30,7 +32,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import secrets
+import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -42,12 +46,14 @@ from gateway.core.batcher import Failure
 from gateway.core.runner import ModelRunner, Unit
 from gateway.metrics import Metrics
 from gateway.redis_client import listen
+from gateway.tracing import current, remote_context, sink, traceparent_of
 
-__all__ = ["Remote"]
+__all__ = ["Lookup", "Remote"]
 
 log = logging.getLogger("gateway.remote")
 
 LocalCompute = Callable[[Unit, np.ndarray], Awaitable[list[bytes | Failure]]]
+_Announced = tuple[bytes, bytes]  # (traceparent of the holder's model call or b"", value)
 
 _LEASE_CALLS = 4.0  # lease = this many average calls (~2 x p99 for a steady model)
 _MAX_LEASE_S = 30.0
@@ -79,18 +85,20 @@ end
 return out
 """
 
-# Per key: ttl s, value ('' = none: the holder failed). Stores the value, frees the lease if
-# this process holds it, announces key, newline, value on the channel of each waiter.
+# Per key: ttl s, value ('' = none: the holder failed), the traceparent of the model call that
+# computed it ('' = none). Stores the value, frees the lease if this process holds it, announces
+# key, newline, traceparent, newline, value on the channel of each waiter.
 _FINISH = """
 for i = 1, #KEYS / 3 do
   local k = 3 * i - 2
-  local v = ARGV[2 * i + 1]
-  if v ~= '' then redis.call('SET', KEYS[k], v, 'EX', ARGV[2 * i]) end
+  local a = 3 * i - 1
+  local v = ARGV[a + 1]
+  if v ~= '' then redis.call('SET', KEYS[k], v, 'EX', ARGV[a]) end
   if redis.call('GET', KEYS[k + 1]) == ARGV[1] then redis.call('DEL', KEYS[k + 1]) end
   local ws = redis.call('SMEMBERS', KEYS[k + 2])
   if #ws > 0 then
     redis.call('DEL', KEYS[k + 2])
-    local msg = KEYS[k] .. '\\n' .. v
+    local msg = KEYS[k] .. '\\n' .. ARGV[a + 2] .. '\\n' .. v
     for _, w in ipairs(ws) do redis.call('PUBLISH', w, msg) end
   end
 end
@@ -115,6 +123,17 @@ def lease_key(key: str) -> str:
 
 def _waiters_key(key: str) -> str:
     return "{" + key + "}:w"
+
+
+@dataclass(slots=True)
+class Lookup:
+    """What a block's first script call found, as its Redis lookup: the positions answered by
+    a valid stored value (``stored``), how many stored values were not valid answers
+    (``invalid``: computed again), or that Redis was skipped, failed or late (``skipped``)."""
+
+    stored: list[int] = field(default_factory=list)
+    invalid: int = 0
+    skipped: bool = False
 
 
 class _Call:
@@ -155,7 +174,7 @@ class Remote:
         self._lease_min = lease_min_s
         self._slot_of = slot_of
         self.channel = f"{prefix}:replica:{secrets.token_hex(8)}"  # also this process's token
-        self._waiting: dict[str, list[asyncio.Future[bytes]]] = {}
+        self._waiting: dict[str, list[asyncio.Future[_Announced]]] = {}
         self._subscribed = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -193,22 +212,33 @@ class Remote:
 
     # -- the computation -----------------------------------------------------------------------
     async def compute(self, runner: ModelRunner, unit: Unit, keys: Sequence[str],
-                      rows: np.ndarray, local: LocalCompute) -> list[bytes | Failure]:
+                      rows: np.ndarray, local: LocalCompute, *,
+                      lookup: Lookup | None = None) -> list[bytes | Failure]:
         """Values for ``keys`` (rows ``rows``), computing with ``local`` only the keys whose
-        lease this replica won (or whose holder was lost), the others from the replicas that
-        compute them. Raises only what ``local`` raises."""
+        lease this replica won (or whose holder was lost), the others from Redis or from the
+        replicas that compute them. The first script call is also the block's Redis lookup
+        (a sampled request gets its ``redis lookup`` span), reported in ``lookup``. Raises only
+        what ``local`` raises."""
         model = runner.manifest.name
         n = len(keys)
         out: list[bytes | Failure | None] = [None] * n
         lease_ms = int(self.lease_s(runner) * 1000)
         pending = list(range(n))
         waited: set[int] = set()
+        first = True
         while pending:
             futures = self._expect([keys[p] for p in pending])
-            wait: list[tuple[int, asyncio.Future[bytes]]] = []
+            wait: list[tuple[int, asyncio.Future[_Announced]]] = []
             try:
+                trace = current.get() if first else None
+                start = time.time_ns() if trace is not None else 0
                 status = await self._call("acquire", [(keys[p], [lease_ms]) for p in pending])
                 if status is None:  # Redis skipped, failed or late: this block alone
+                    if first and lookup is not None:
+                        lookup.skipped = True
+                    if trace is not None:
+                        trace.child("redis lookup", start, {"gateway.rows": len(pending),
+                                                            "gateway.redis.skipped": True})
                     self._metrics.remote_fallbacks.labels(model).inc(len(pending))
                     await self._local(runner, unit, keys, rows, pending, out, local, [], 0)
                     break
@@ -216,19 +246,30 @@ class Remote:
                 unleased: list[int] = []  # a stored value that is not valid: recompute
                 longest = 0.0
                 coalesced = 0
+                hits = 0  # valid values Redis held (on the first call: the block's L2 hits)
                 for p, s, fut in zip(pending, status, futures, strict=True):
                     if isinstance(s, bytes):
                         value = self._accept(runner, unit, keys[p], s)
                         if value is None:
                             unleased.append(p)
+                            if first and lookup is not None:
+                                lookup.invalid += 1
                         else:
                             out[p] = value
-                            coalesced += 1
+                            hits += 1
+                            if not first:
+                                coalesced += 1
+                            elif lookup is not None:
+                                lookup.stored.append(p)
                     elif s == 0:
                         won.append(p)
                     else:
                         wait.append((p, fut))
                         longest = max(longest, int(s) / 1000)
+                if trace is not None:
+                    trace.child("redis lookup", start, {"gateway.rows": len(pending),
+                                                        "gateway.l2.hits": hits})
+                first = False
                 if coalesced:
                     self._metrics.remote_coalesced.labels(model).inc(coalesced)
                 if won:
@@ -261,15 +302,20 @@ class Remote:
         if leased:
             renew = asyncio.get_running_loop().create_task(
                 self._renew_loop([keys[p] for p in leased], lease_ms))
+        spans: list[Any] = []  # the traced model calls' contexts (tracing.sink)
+        to = sink.set(spans) if leased and current.get() is not None else None
         try:
             results = await local(unit, sub)
         except BaseException:
             if leased:  # free the leases: the waiters ask again and compute themselves
-                self._spawn(self._call("finish", [(keys[p], [ttl, b""]) for p in leased]))
+                self._spawn(self._call("finish", [(keys[p], [ttl, b"", b""]) for p in leased]))
             raise
         finally:
             if renew is not None:
                 renew.cancel()
+            if to is not None:
+                sink.reset(to)
+        parent = traceparent_of(spans[0]).encode() if spans else b""
         values: dict[int, bytes] = {}
         for p, value in zip(idx, results, strict=True):
             out[p] = value
@@ -278,7 +324,8 @@ class Remote:
         announced: set[int] = set()
         if leased:
             done = await self._call("finish", [
-                (keys[p], [ttl, self._cache.seal(keys[p], values[p]) if p in values else b""])
+                (keys[p], [ttl, self._cache.seal(keys[p], values[p]) if p in values else b"",
+                           parent])
                 for p in leased])
             if done is not None:
                 announced.update(leased)
@@ -292,19 +339,30 @@ class Remote:
             await self._call("renew", [(k, [lease_ms]) for k in keys])
 
     async def _await(self, runner: ModelRunner, unit: Unit, keys: Sequence[str],
-                     wait: list[tuple[int, asyncio.Future[bytes]]],
+                     wait: list[tuple[int, asyncio.Future[_Announced]]],
                      out: list[bytes | Failure | None], timeout_s: float) -> None:
-        """Values announced for ``wait`` within ``timeout_s``; the rest stay None."""
+        """Values announced for ``wait`` within ``timeout_s``; the rest stay None. A sampled
+        request gets a ``lease wait`` span, linked to the holders' ``model call`` spans."""
+        trace = current.get()
+        start = time.time_ns() if trace is not None else 0
         await asyncio.wait([f for _, f in wait], timeout=timeout_s)
         got = 0
+        parents: set[bytes] = set()
         for p, fut in wait:
             if fut.done() and not fut.cancelled():
-                value = self._accept(runner, unit, keys[p], fut.result())
+                parent, stored = fut.result()
+                value = self._accept(runner, unit, keys[p], stored)
                 if value is not None:
                     out[p] = value
                     got += 1
+                    if parent:
+                        parents.add(parent)
         if got:
             self._metrics.remote_coalesced.labels(runner.manifest.name).inc(got)
+        if trace is not None:
+            links = [c for c in map(remote_context, sorted(parents)) if c is not None]
+            trace.child("lease wait", start, {"gateway.rows": len(wait),
+                                              "gateway.rows.announced": got}, links)
 
     def _accept(self, runner: ModelRunner, unit: Unit, key: str, stored: bytes) -> bytes | None:
         """A value from another replica if it verifies and is one of the model's answers."""
@@ -316,17 +374,17 @@ class Remote:
         return runner.decode_value(unit, value)
 
     # -- waiting for announcements -------------------------------------------------------------
-    def _expect(self, keys: list[str]) -> list[asyncio.Future[bytes]]:
+    def _expect(self, keys: list[str]) -> list[asyncio.Future[_Announced]]:
         """A future per key, set by an announcement on this process's channel."""
         loop = asyncio.get_running_loop()
         futures = []
         for key in keys:
-            fut: asyncio.Future[bytes] = loop.create_future()
+            fut: asyncio.Future[_Announced] = loop.create_future()
             self._waiting.setdefault(key, []).append(fut)
             futures.append(fut)
         return futures
 
-    def _unexpect(self, keys: list[str], futures: list[asyncio.Future[bytes]]) -> None:
+    def _unexpect(self, keys: list[str], futures: list[asyncio.Future[_Announced]]) -> None:
         for key, fut in zip(keys, futures, strict=True):
             waiting = self._waiting.get(key)
             if waiting is not None:
@@ -337,12 +395,13 @@ class Remote:
                 fut.cancel()
 
     def _deliver(self, data: bytes) -> None:
-        key_bytes, sep, value = data.partition(b"\n")
-        if not sep:
+        key_bytes, sep, rest = data.partition(b"\n")
+        parent, sep2, value = rest.partition(b"\n")
+        if not sep or not sep2:
             return
         for fut in self._waiting.get(key_bytes.decode("utf-8", "replace"), ()):
             if not fut.done():
-                fut.set_result(value)
+                fut.set_result((parent, value))
 
     async def _listen(self) -> None:
         await listen(self._subscriber, self.channel, self._deliver, self._subscribed)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import anyio
 import numpy as np
 from redis.crc import key_slot
 from starlette.requests import Request
@@ -30,6 +31,7 @@ from gateway.redis_client import (
 from gateway.registry import ModelRegistry
 from gateway.remote import Remote
 from gateway.settings import Settings
+from gateway.tracing import Traced, Tracing
 from model_store import ModelStore
 
 __all__ = ["Gateway", "gateway_of"]
@@ -56,6 +58,7 @@ class Gateway:
     remote: Remote | None = None
     sharing: Sharing | None = None
     announcer: Announcer | None = None
+    tracing: Tracing | None = None  # None: tracing off (GATEWAY_TRACING)
 
     @property
     def models(self) -> dict[str, dict[int, ModelRunner]]:
@@ -116,8 +119,11 @@ class Gateway:
         if l2 is not None and settings.redis_url:
             announcer = Announcer(l2, _subscriber(settings, l2), prefix=settings.cache_prefix)
             announcer.start(registry.apply)
+        tracing = Tracing.open(settings) if settings.tracing == "on" else None
+        if tracing is not None:
+            log.info("tracing on: sample ratio %g, %s", tracing.ratio, tracing.target)
         gw = cls(settings, store, metrics, pipeline, l1, l2, registry, remote=remote,
-                 sharing=sharing, announcer=announcer)
+                 sharing=sharing, announcer=announcer, tracing=tracing)
         await registry.reload()
         if settings.model_poll_s > 0:
             registry.watch(settings.model_poll_s)
@@ -170,12 +176,12 @@ class Gateway:
             code="invalid_timeout",
         )
 
-    def begin(self, requests: list[tuple[ModelRunner, np.ndarray, frozenset[Output]]]
-              ) -> list[Answer | Pending | GatewayError]:
+    def begin(self, requests: list[tuple[ModelRunner, np.ndarray, frozenset[Output]]],
+              traces: list[Traced | None] | None = None) -> list[Answer | Pending | GatewayError]:
         """``Pipeline.begin`` for requests that arrived together: per request, its answer if it
         needs no waiting, else what ``finish`` completes, or its error (returned, not raised):
         Unavailable (shutting down), InvalidInput (probabilities of a model without them, a
-        value out of range)."""
+        value out of range). ``traces``: per request, its sampled trace (None: tracing off)."""
         refused: list[GatewayError | None] = []  # None: admitted
         admitted = []
         for rt, rows, outputs in requests:
@@ -189,8 +195,10 @@ class Gateway:
                 refused.append(None)
                 admitted.append((rt, rows, outputs))
         if len(admitted) == len(requests):
-            return self.pipeline.begin(admitted)
-        begun = iter(self.pipeline.begin(admitted))
+            return self.pipeline.begin(admitted, traces)
+        if traces is not None:
+            traces = [t for t, r in zip(traces, refused, strict=True) if r is None]
+        begun = iter(self.pipeline.begin(admitted, traces))
         return [next(begun) if r is None else r for r in refused]
 
     async def finish(self, pending: Pending, timeout_s: float) -> Answer:
@@ -272,6 +280,8 @@ class Gateway:
             await self.remote.aclose()
         if self.l2 is not None:
             await self.l2.aclose()
+        if self.tracing is not None:
+            await anyio.to_thread.run_sync(self.tracing.shutdown)
 
 
 def _subscriber(settings: Settings, l2: RedisCache) -> Callable[[], Any]:

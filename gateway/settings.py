@@ -135,6 +135,30 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     """``json``: one JSON object per log line, for log shippers."""
 
+    # -- traces ------------------------------------------------------------------------------
+    tracing: Switch = "off"
+    """``on`` records OpenTelemetry traces of the inference requests (``gateway.tracing``;
+    needs the ``tracing`` extra) and exports them over OTLP. Off: no span is ever created."""
+
+    tracing_endpoint: str | None = None
+    """Where spans are exported, as is: ``http://collector:4318/v1/traces`` (OTLP/HTTP) or
+    ``http://collector:4317`` (OTLP/gRPC; ``https://`` for TLS). Unset:
+    ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``, else ``OTEL_EXPORTER_OTLP_ENDPOINT``, else the local
+    collector's default port."""
+
+    tracing_protocol: Literal["http/protobuf", "grpc"] | None = None
+    """OTLP transport. Unset: ``OTEL_EXPORTER_OTLP_TRACES_PROTOCOL``, else
+    ``OTEL_EXPORTER_OTLP_PROTOCOL``, else ``http/protobuf``."""
+
+    tracing_sample_ratio: float | None = Field(None, ge=0, le=1)
+    """Share of the requests without a sampled or unsampled ``traceparent`` that start a
+    trace (a request with one follows its caller's decision). Unset:
+    ``OTEL_TRACES_SAMPLER_ARG``, else 1."""
+
+    tracing_service_name: str | None = None
+    """The ``service.name`` of the spans. Unset: ``OTEL_SERVICE_NAME``, else
+    ``inference-gateway``."""
+
     # -- input limits ------------------------------------------------------------------------
     max_rows: int = Field(1024, ge=1)
     """Most rows in one request."""

@@ -3,7 +3,7 @@
 # used here). As root, missing ones are installed with apt-get; otherwise we stop and say how.
 set -euo pipefail
 
-declare -A PACKAGE=([redis-server]=redis-server [nginx]=nginx [wrk]=wrk [cc]=gcc)
+declare -A PACKAGE=([redis-server]=redis-server [nginx]=nginx [wrk]=wrk [cc]=gcc [h2load]=nghttp2-client)
 
 missing=()
 for tool in "$@"; do

@@ -17,6 +17,10 @@ Each submitted block gets its own future, resolved exactly once: with one result
 before its block is dispatched is dropped from the queue; one cancelled while its batch runs is
 skipped at fan-out, never breaking it for the others. The batch function runs wherever the
 caller's ``run`` puts it (a worker thread, or inline when measured tiny).
+
+Traces (``gateway.tracing``): a block submitted for a sampled request gets a ``batch queue``
+span until its dispatch, and its batch's call runs with ``tracing.calls`` naming every sampled
+request it serves (the ``model call`` span links to each).
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 import numpy as np
+
+from gateway.tracing import Call, Traced, calls, current, sink
 
 R = TypeVar("R")
 
@@ -64,6 +70,9 @@ class _Entry(Generic[R]):
     rows: np.ndarray  # written once
     future: asyncio.Future[Sequence[R | Failure]]  # resolved exactly once
     queued: bool = True  # True until taken by a dispatch, by shutdown or by its caller leaving
+    trace: Traced | None = None  # the submitter's sampled request (written once)
+    queued_ns: int = 0  # when it was queued, if traced
+    sink: list[Any] | None = None  # where its call's span context goes (``tracing.sink``)
 
 
 class MicroBatcher(Generic[R]):
@@ -137,6 +146,11 @@ class MicroBatcher(Generic[R]):
         step = self._max_batch
         entries = [_Entry(unit, rows[i:i + step], loop.create_future())
                    for i in range(0, n, step)]
+        trace = current.get()
+        if trace is not None:
+            now, to = time.time_ns(), sink.get()
+            for e in entries:
+                e.trace, e.queued_ns, e.sink = trace, now, to
         self._queue.extend(entries)
         self.queued_rows += n
         self._wake.set()
@@ -202,6 +216,9 @@ class MicroBatcher(Generic[R]):
             if not entry.future.done():
                 batch.append(entry)
                 size += len(entry.rows)
+                if entry.trace is not None:
+                    entry.trace.child("batch queue", entry.queued_ns,
+                                      {"gateway.rows": len(entry.rows)})
         return batch
 
     async def _execute(self, batch: list[_Entry[R]]) -> None:
@@ -210,6 +227,9 @@ class MicroBatcher(Generic[R]):
             rows = batch[0].rows if len(batch) == 1 else np.concatenate([e.rows for e in batch])
             if self._on_batch is not None:
                 self._on_batch(len(rows))
+            served = [e.trace for e in batch if e.trace is not None]
+            if served:  # (this task's own context)
+                calls.set(Call(served, [e.sink for e in batch if e.sink is not None]))
             results = await self._run(self.call, batch[0].unit, rows)
             start = 0
             for entry in batch:

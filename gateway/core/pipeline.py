@@ -12,9 +12,11 @@ in the background). Whether a block's misses are looked up in Redis is ``Sharing
 (a call dearer than a Redis round trip). Misses that skip Redis, of a model measured to answer
 in microseconds, are answered by one inline call on the spot, which costs less than the
 coordination it replaces; misses looked up in Redis always take the single-flight (other
-requests ran during the lookup). With a ``Remote``, the computation of a block that consults
-Redis first coordinates its keys with the other replicas (cross-replica single-flight,
-``gateway.remote``), which then also stores them in Redis.
+requests ran during the lookup). With a ``Remote``, a block that consults Redis goes from L1
+straight to the single-flight, whose computation coordinates its keys with the other replicas
+(cross-replica single-flight, ``gateway.remote``): the lease script is its Redis lookup (one
+round trip rather than an ``MGET`` and then the script), and the coordination also stores the
+values in Redis.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import numpy as np
 
@@ -35,9 +37,8 @@ from gateway.core.sharing import Sharing
 from gateway.core.singleflight import SingleFlight
 from gateway.errors import DeadlineExceeded, GatewayError, InvalidInput
 from gateway.metrics import Metrics
-
-if TYPE_CHECKING:
-    from gateway.remote import Remote
+from gateway.remote import Lookup, Remote
+from gateway.tracing import Call, Traced, calls, current
 
 __all__ = ["Answer", "Pending", "Pipeline", "Source"]
 
@@ -84,6 +85,7 @@ class _Block:
     missing: list[int]
     use_l2: bool
     recheck: bool = False  # may a computation have stored some of its rows since the lookup?
+    trace: Traced | None = None  # the request's, when it is sampled
 
 
 class Pipeline:
@@ -124,8 +126,8 @@ class Pipeline:
         """Requests waiting on an in-flight computation now (0 without coalescing)."""
         return self._flights.waiting() if self._flights is not None else 0
 
-    def begin(self, requests: list[tuple[ModelRunner, np.ndarray, frozenset[Output]]]
-              ) -> list[Answer | Pending | GatewayError]:
+    def begin(self, requests: list[tuple[ModelRunner, np.ndarray, frozenset[Output]]],
+              traces: list[Traced | None] | None = None) -> list[Answer | Pending | GatewayError]:
         """Everything about the requests' rows (float64, validated) that needs no waiting:
         keys, L1, and the inline call of a model measured to answer in microseconds. One
         result per request, in order: its answer if that was all; else what ``finish`` needs
@@ -137,12 +139,18 @@ class Pipeline:
         the rows they miss of one model version and unit go to the model in one inline call,
         each distinct key once (with batching off, one call per request, and a row an earlier
         request of the step computed is taken from L1).
+
+        ``traces`` (tracing on): per request, its sampled trace or None; a sampled request that
+        misses gets an ``l1 lookup`` span, and the inline call a ``model call`` span linked to it.
         """
         out: list[Answer | Pending | GatewayError] = []
         inline: dict[tuple[int, Unit], tuple[ModelRunner, list[_Block]]] = {}
+        traced = None if traces is None else iter(traces)
         for runner, rows, outputs in requests:
+            trace = None if traced is None else next(traced)
             try:
-                blocks = self._look_up(runner, rows, outputs)
+                blocks = (self._look_up(runner, rows, outputs) if trace is None
+                          else self._traced_look_up(trace, runner, rows, outputs))
             except GatewayError as exc:
                 out.append(exc)
                 continue
@@ -161,6 +169,21 @@ class Pipeline:
             if type(result) is Pending and not any(b.missing for b in result.blocks):
                 out[i] = _answer(result.blocks)
         return out
+
+    def _traced_look_up(self, trace: Traced, runner: ModelRunner, rows: np.ndarray,
+                        outputs: frozenset[Output]) -> list[_Block]:
+        """``_look_up`` with its ``l1 lookup`` span when some row missed (a request L1 answers
+        whole needs none: its own span says where its rows came from); the blocks carry the
+        trace."""
+        start = time.time_ns()
+        blocks = self._look_up(runner, rows, outputs)
+        missed = sum(len(b.missing) for b in blocks)
+        if missed:
+            trace.child("l1 lookup", start, {"gateway.rows": len(rows),
+                                             "gateway.l1.hits": len(rows) - missed})
+        for b in blocks:
+            b.trace = trace
+        return blocks
 
     def _look_up(self, runner: ModelRunner, rows: np.ndarray, outputs: frozenset[Output]
                  ) -> list[_Block]:
@@ -246,9 +269,15 @@ class Pipeline:
         step = runner.max_batch_size
         rows = blocks[0].rows if len(blocks) == 1 and len(parts) == len(blocks[0].rows) \
             else np.stack(parts)
-        for start in range(0, len(rows), step):
-            got = runner.try_inline(blocks[0].unit, rows[start:start + step])
-            computed += got if got is not None else [None] * len(rows[start:start + step])
+        served = [b.trace for b in blocks if b.trace is not None]
+        traced = calls.set(Call(served, [])) if served else None
+        try:
+            for start in range(0, len(rows), step):
+                got = runner.try_inline(blocks[0].unit, rows[start:start + step])
+                computed += got if got is not None else [None] * len(rows[start:start + step])
+        finally:
+            if traced is not None:
+                calls.reset(traced)
         failed = {id(b) for b, _, at in where if computed[at] is None}
         stored: dict[str, bytes] = {}
         for block, i, at in where:
@@ -346,19 +375,25 @@ class Pipeline:
             # computation's L1 recheck, what they compute now is joined by the single-flight,
             # and other replicas are coordinated with; never an inline call of its own.
             block.recheck = True
-            await self._from_l2(runner, block)
-            if not block.missing:
-                return
+            if self._remote is None:  # else the lease script looks the values up itself
+                await self._from_l2(runner, block)
+                if not block.missing:
+                    return
         missing = block.missing
         keys = block.keys
         if self._flights is None or keys is None:
             computed = await self._compute(runner, block, missing)
         else:
+            trace = current.get()
+            start = time.time_ns() if trace is not None else 0
             computed, shared = await self._flights.do(
                 [keys[i] for i in missing],
                 lambda positions: self._compute(runner, block, [missing[p] for p in positions]))
             if shared:
                 self._metrics.coalesced.labels(runner.manifest.name).inc(shared)
+                if trace is not None:
+                    trace.child("singleflight wait", start, {
+                        "gateway.rows": len(missing), "gateway.rows.shared": shared})
         for i, value in zip(missing, computed, strict=True):
             if isinstance(value, Failure):
                 raise runner.failed(value)
@@ -384,8 +419,10 @@ class Pipeline:
             sub = block.rows if len(sel) == len(block.rows) else block.rows[sel]
             remote = self._remote if block.use_l2 and keys is not None else None
             if remote is not None and keys is not None:
+                lookup = Lookup()
                 results = await remote.compute(runner, block.unit, [keys[i] for i in sel], sub,
-                                               runner.compute)
+                                               runner.compute, lookup=lookup)
+                self._looked_up(runner, block, sel, lookup)
             else:
                 results = await runner.compute(block.unit, sub)
             done_keys: list[str] = []
@@ -415,9 +452,14 @@ class Pipeline:
         assert self._l2 is not None and block.keys is not None
         keys = block.keys
         missing = block.missing
+        trace = current.get()
+        start = time.time_ns() if trace is not None else 0
         raw = await self._l2.get_many([keys[i] for i in missing])
         if raw is None:
             self._tally.inc(self._l2_error, len(missing))
+            if trace is not None:
+                trace.child("redis lookup", start, {"gateway.rows": len(missing),
+                                                    "gateway.redis.skipped": True})
             return
         still = []
         invalid = 0
@@ -431,14 +473,33 @@ class Pipeline:
             block.sources[i] = "l2"
             if self._l1 is not None:
                 self._l1.put(keys[i], value)
+        self._count_l2(runner, len(missing), len(missing) - len(still), invalid)
+        block.missing = still
+        if trace is not None:
+            trace.child("redis lookup", start, {"gateway.rows": len(missing),
+                                                "gateway.l2.hits": len(missing) - len(still)})
+
+    def _looked_up(self, runner: ModelRunner, block: _Block, sel: list[int],
+                   lookup: Lookup) -> None:
+        """Count the Redis lookup a lease script made for rows ``sel`` of ``block``, as
+        ``_from_l2`` counts an ``MGET``."""
+        if lookup.skipped:
+            self._tally.inc(self._l2_error, len(sel))
+            return
+        for p in lookup.stored:
+            block.sources[sel[p]] = "l2"
+        self._count_l2(runner, len(sel), len(lookup.stored), lookup.invalid)
+
+    def _count_l2(self, runner: ModelRunner, rows: int, hits: int, invalid: int) -> None:
+        """Tally a Redis lookup of ``rows`` rows: ``hits`` valid values, ``invalid`` stored
+        values that are not valid answers, the rest misses."""
+        if hits:
+            self._tally.inc(self._l2_hit, hits)
         if invalid:
             self._invalid(runner, invalid)
-        misses = len(still) - invalid
+        misses = rows - hits - invalid
         if misses:
             self._tally.inc(self._l2_miss, misses)
-        if len(still) < len(missing):
-            self._tally.inc(self._l2_hit, len(missing) - len(still))
-        block.missing = still
 
     def _invalid(self, runner: ModelRunner, count: int) -> None:
         self._tally.inc(self._l2_invalid, count)

@@ -42,6 +42,7 @@ import orjson
 from gateway.core.batcher import BatcherClosed, BlockTooLarge, Failure, MicroBatcher, QueueFull
 from gateway.errors import GatewayError, ModelFailed, Overloaded, TooManyRows, Unavailable
 from gateway.metrics import Metrics
+from gateway.tracing import Attributes, model_call
 from model_store import LoadedModel
 
 __all__ = ["Executor", "ModelRunner", "Output", "Placement", "Unit"]
@@ -101,7 +102,9 @@ class Executor:
     """Runs ``fn(unit, rows)`` inline or in a worker thread; see the module docstring.
 
     ``on_call(inline, unit, rows, seconds)`` observes each call, failed ones too (metrics;
-    wall-clock seconds) on the event loop; it must not block.
+    wall-clock seconds) on the event loop; it must not block. A call serving sampled requests
+    (``gateway.tracing.model_call``) is recorded as a ``model call`` span with
+    ``describe(unit)`` among its attributes.
     """
 
     def __init__(
@@ -111,6 +114,7 @@ class Executor:
         placement: Placement = "auto",
         inline_max_s: float = 1e-3,
         on_call: Callable[[bool, Hashable, int, float], None] | None = None,
+        describe: Callable[[Hashable], Attributes] | None = None,
     ) -> None:
         if inline_max_s < 0:
             raise ValueError(f"inline_max_s must be >= 0, got {inline_max_s}")
@@ -118,6 +122,7 @@ class Executor:
         self._placement = placement
         self._inline_max = inline_max_s
         self._on_call = on_call
+        self._describe = describe
         self._calls = 0
         self._per_call_s = 0.0  # moving average of a call's wall-clock seconds
         # CPU seconds, as moving averages: of a call of one or two rows (the model's cost per
@@ -163,6 +168,8 @@ class Executor:
         """``fn(unit, rows)``, inline or in a worker thread. Raises what ``fn`` raises."""
         if self.inline_for(len(rows)):
             return self.run_inline(fn, unit, rows)
+        call = model_call()
+        start_ns = time.time_ns() if call is not None else 0
         took = [0.0, 0.0]
 
         def timed(u: Hashable, x: np.ndarray) -> R:  # the model's own time, without the hop
@@ -178,10 +185,14 @@ class Executor:
             return await anyio.to_thread.run_sync(timed, unit, rows, limiter=self._limiter)
         finally:
             self._observe(False, unit, len(rows), took[0], took[1])
+            if call is not None:
+                call.record(start_ns, self._span_attributes(unit, len(rows), "thread"))
 
     def run_inline(self, fn: Callable[[Hashable, np.ndarray], R], unit: Hashable,
                    rows: np.ndarray) -> R:
         """``fn(unit, rows)`` on the calling thread, measured. Raises what ``fn`` raises."""
+        call = model_call()
+        start_ns = time.time_ns() if call is not None else 0
         start, cpu, gc_s = time.perf_counter(), time.thread_time(), _gc_clock.seconds
         switches = _blocked_count()
         try:
@@ -191,6 +202,12 @@ class Executor:
             self._observe(True, unit, len(rows), time.perf_counter() - start - gc_s,
                           time.thread_time() - cpu - gc_s,
                           blocked=_blocked_count() != switches)
+            if call is not None:
+                call.record(start_ns, self._span_attributes(unit, len(rows), "inline"))
+
+    def _span_attributes(self, unit: Hashable, rows: int, placement: str) -> Attributes:
+        described = self._describe(unit) if self._describe is not None else {}
+        return {**described, "gateway.rows": rows, "gateway.placement": placement}
 
     def _observe(self, inline: bool, unit: Hashable, rows: int, seconds: float,
                  cpu_s: float, *, blocked: bool = True) -> None:
@@ -288,8 +305,12 @@ class ModelRunner:
             tally.inc(model_rows, rows)
             call_seconds.set(self.executor.per_call_s)
 
+        def describe(unit: Hashable) -> Attributes:
+            return {"gateway.model": name, "gateway.model.version": version,
+                    "gateway.unit": self.unit_tag(unit)}  # type: ignore[arg-type]
+
         self.executor = Executor(limiter=anyio.CapacityLimiter(concurrency), placement=placement,
-                                 inline_max_s=inline_max_s, on_call=on_call)
+                                 inline_max_s=inline_max_s, on_call=on_call, describe=describe)
         self.batcher: MicroBatcher[bytes] | None = None
         if batching:
             self.batcher = MicroBatcher(

@@ -1,4 +1,4 @@
-"""Open Inference Protocol (KServe V2) over gRPC: ``inference.GRPCInferenceService`` on grpc.aio.
+"""Open Inference Protocol (KServe V2) over gRPC: ``inference.GRPCInferenceService``.
 
 One more door onto the one pipeline: ``ModelInfer`` decodes a request into the same ``Job`` as
 the REST door (the protobuf tensors are handed to ``v2_codec.decode_infer_request`` as the REST
@@ -11,7 +11,7 @@ batcher, shared with REST), and encodes the answer as protobuf: ``label`` and ``
 Messages are parsed here (the server hands over bytes), so malformed protobuf is
 ``INVALID_ARGUMENT``, never gRPC's own ``INTERNAL``. Status codes follow the error's HTTP status:
 400/422 ``INVALID_ARGUMENT``, 404 ``NOT_FOUND``, 413 ``RESOURCE_EXHAUSTED`` (too many rows; a
-message over ``GATEWAY_MAX_BODY_BYTES`` is refused so by gRPC itself), 401 ``UNAUTHENTICATED``,
+message over ``GATEWAY_MAX_BODY_BYTES`` is refused so by the transport), 401 ``UNAUTHENTICATED``,
 403 ``PERMISSION_DENIED``, 503 ``UNAVAILABLE`` (overloaded, shutting down; ``retry-after`` in
 the trailing metadata), 504 ``DEADLINE_EXCEEDED``; only the gateway's own faults (a model that
 raised, a bug) are ``INTERNAL``. The deadline is the call's (``time_remaining``), bounded by the
@@ -30,7 +30,7 @@ from __future__ import annotations
 import hmac
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from contextvars import Token
 from typing import Any
 
@@ -39,10 +39,10 @@ import numpy as np
 import orjson
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health_pb2
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from gateway import logs
-from gateway.core.pipeline import Answer
+from gateway.core.pipeline import Answer, Pending
 from gateway.core.runner import ModelRunner, Output
 from gateway.errors import (
     DeadlineExceeded,
@@ -54,11 +54,13 @@ from gateway.errors import (
     Unauthorized,
 )
 from gateway.metrics import Metrics
+from gateway.protocols.grpc_wire import Call, Outcome, StepHandler, UnaryHandler, WireServer
 from gateway.protocols.http import Decoded, Job
 from gateway.protocols.proto import grpc_service_pb2 as pb
 from gateway.protocols.v2 import SERVER_NAME, SERVER_VERSION, outputs_of
 from gateway.protocols.v2_codec import DTYPES, InferRequest, decode_infer_request
 from gateway.runtime import Gateway
+from gateway.tracing import RequestTrace, current
 
 __all__ = ["SERVICE", "GrpcServer"]
 
@@ -80,7 +82,11 @@ _CODE_OF_STATUS = {400: grpc.StatusCode.INVALID_ARGUMENT, 422: grpc.StatusCode.I
                    413: grpc.StatusCode.RESOURCE_EXHAUSTED, 503: grpc.StatusCode.UNAVAILABLE,
                    504: grpc.StatusCode.DEADLINE_EXCEEDED}
 
-_Handler = Callable[[bytes, Any], Awaitable[bytes]]
+_Handler = Callable[[bytes, Call], bytes | Awaitable[bytes]]
+_REFLECTION_SERVICE = reflection.SERVICE_NAME
+_SERVER_FAULTS = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL,
+                            grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED,
+                            grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.DATA_LOSS})
 _POOL: Any = pb.POOL  # type: ignore[attr-defined]  # the messages' own pool (make proto)
 
 
@@ -192,8 +198,9 @@ def _encode_output(out: Any, raw: list[bytes] | None, datatype: str, values: lis
 
 
 class GrpcServer:
-    """The gateway's gRPC server: a ``grpc.aio`` server in the running event loop, answering
-    through ``gw``. ``start`` binds and starts it; ``stop`` ends it (see the module doc)."""
+    """The gateway's gRPC server: the door's handlers on the HTTP/2 transport of
+    ``gateway.protocols.grpc_wire``, in the running event loop, answering through ``gw``.
+    ``start`` binds and starts it; ``stop`` ends it (see the module doc)."""
 
     def __init__(self, gw: Gateway, metrics: Metrics, *, host: str, port: int,
                  max_connections: int) -> None:
@@ -201,7 +208,8 @@ class GrpcServer:
         self._metrics = metrics
         self._decoded = Decoded()
         self._counters: dict[tuple[str, grpc.StatusCode], Any] = {}
-        handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self._seconds: dict[str, Any] = {}
+        unary: dict[str, UnaryHandler] = {}
         for name, fn in (("ServerLive", self._server_live), ("ServerReady", self._server_ready),
                          ("ModelReady", self._model_ready),
                          ("ServerMetadata", self._server_metadata),
@@ -210,89 +218,170 @@ class GrpcServer:
                          ("RepositoryIndex", self._repository_index),
                          ("RepositoryModelLoad", self._repository_load),
                          ("RepositoryModelUnload", self._repository_unload)):
-            handlers[name] = grpc.unary_unary_rpc_method_handler(self._exchange(name, fn))
-        self.server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", gw.settings.max_body_bytes),
-            ("grpc.max_allowed_incoming_connections", max_connections),
-            ("grpc.so_reuseport", 1),  # the workers of `--workers N` share the port
-        ])
-        self.server.add_generic_rpc_handlers((
-            grpc.method_handlers_generic_handler(SERVICE, handlers),
-            grpc.method_handlers_generic_handler(_HEALTH_SERVICE, {
-                "Check": grpc.unary_unary_rpc_method_handler(
-                    self._exchange("Health.Check", self._health_check))}),
-        ))
-        reflection.enable_server_reflection(
-            (SERVICE, _HEALTH_SERVICE, reflection.SERVICE_NAME), self.server,
-            pool=_reflection_pool())
-        self.port = self.server.add_insecure_port(f"{host}:{port}")
+            unary[f"/{SERVICE}/{name}"] = self._exchange(name, fn)
+        unary[f"/{_HEALTH_SERVICE}/Check"] = self._exchange("Health.Check", self._health_check)
+        reflect = _Reflection((SERVICE, _HEALTH_SERVICE, _REFLECTION_SERVICE))
+        steps: dict[str, StepHandler] = ({f"/{SERVICE}/ModelInfer": self._infer_step}
+                                         if gw.tracing is None else {})
+        self._wire = WireServer(
+            unary, {f"/{_REFLECTION_SERVICE}/ServerReflectionInfo": reflect.answer},
+            steps=steps, max_message=gw.settings.max_body_bytes,
+            max_connections=max_connections)
         self.host = host
+        self.port = port  # the bound one once started
 
     async def start(self) -> None:
-        """Start serving (the port is bound already: ``port``)."""
-        await self.server.start()
+        """Bind and start serving (``port`` is then the bound port)."""
+        self.port = await self._wire.start(self.host, self.port)
         log.info("gRPC (Open Inference Protocol) on %s:%d", self.host, self.port)
 
     async def stop(self, grace_s: float) -> None:
-        """Stop intake (new calls fail ``UNAVAILABLE``), let running calls finish within
-        ``grace_s``, then cancel them."""
-        await self.server.stop(grace_s)
+        """Stop intake (newer calls refused), let running calls finish within ``grace_s``,
+        then cancel them (``UNAVAILABLE``)."""
+        await self._wire.stop(grace_s)
 
     # -- one call ------------------------------------------------------------------------------
-    def _exchange(self, rpc: str, fn: _Handler) -> _Handler:
+    def _exchange(self, rpc: str, fn: _Handler) -> UnaryHandler:
         """``fn`` as a handler: request id in the log context, counted and timed by status,
-        access-logged, a GatewayError answered with its status code."""
-        metrics = self._metrics
-        seconds = metrics.grpc_request_seconds.labels(rpc)
+        access-logged, a GatewayError answered with its status code. ``fn`` returns the reply,
+        or an awaitable of it when it has to wait: the handler then returns a coroutine."""
         gw = self._gw
-        path = f"/{SERVICE}/{rpc}"
+        traced = rpc == "ModelInfer"
 
-        async def handle(request: bytes, context: Any) -> bytes:
+        def handle(request: bytes, call: Call) -> Outcome | Coroutine[Any, Any, Outcome]:
             start = time.perf_counter()
-            rid = logs.request_id_from(_metadata(context, "x-request-id"))
+            given = call.get("x-request-id")
+            trace = None
+            tracing = gw.tracing if traced else None
+            if tracing is not None:
+                parent = tracing.sample(call.get("traceparent"))
+                if parent is not False:
+                    trace = tracing.request(f"/{SERVICE}/{rpc}", parent, call.get("tracestate"),
+                                            {"rpc.system": "grpc", "rpc.service": SERVICE,
+                                             "rpc.method": rpc})
+                    if given is None:
+                        given = trace.trace_id.encode()
+            rid = logs.request_id_from(given)
             token: Token[str] = logs.request_id.set(rid)
-            metrics.in_flight += 1
-            code = grpc.StatusCode.CANCELLED  # unless it ends otherwise
-            trailing = [("x-request-id", rid)]
+            if trace is not None:
+                trace.enter()
+            self._metrics.in_flight += 1
             try:
-                try:
-                    reply = await fn(request, context)
-                    code = grpc.StatusCode.OK
-                    context.set_trailing_metadata(tuple(trailing))
-                    return reply
-                except GatewayError as exc:
-                    gw.count_rejection(exc)
-                    code, message = status_code(exc), exc.message
-                    if code is grpc.StatusCode.INTERNAL:
-                        log.error("%s failed: %s", rpc, message)
-                    if "Retry-After" in exc.headers:
-                        trailing.append(("retry-after", exc.headers["Retry-After"]))
-                except Exception as exc:  # the gateway's own fault: logged, INTERNAL
-                    log.error("%s failed", rpc, exc_info=exc)
-                    code, message = grpc.StatusCode.INTERNAL, "internal error"
-                await context.abort(code, message, tuple(trailing))
-                raise AssertionError("unreachable: abort raises")
-            finally:
-                self._count(rpc, code, seconds, start, path)
-                logs.request_id.reset(token)
+                reply = fn(request, call)
+            except Exception as exc:
+                return self._failed(rpc, start, rid, exc, trace, token)
+            if type(reply) is bytes:
+                return self._ended(rpc, start, rid, grpc.StatusCode.OK, "", reply, (), trace,
+                                   token)
+            return self._waited(rpc, start, rid, reply, trace, token)  # type: ignore[arg-type]
 
         return handle
 
-    def _count(self, rpc: str, code: grpc.StatusCode, seconds: Any, start: float,
-               path: str) -> None:
+    def _infer_step(self, calls: list[tuple[bytes, Call]]
+                    ) -> list[Outcome | Coroutine[Any, Any, Outcome]]:
+        """The ``ModelInfer`` calls that arrived together (tracing off), begun as one step of
+        the pipeline, as the HTTP fast lane begins a step's requests: their new rows go to the
+        model together. Per call, its outcome, or a coroutine of it when it has to wait."""
+        gw = self._gw
+        out: list[Outcome | Coroutine[Any, Any, Outcome] | None] = [None] * len(calls)
+        started: list[tuple[int, float, str, Job]] = []
+        for i, (request, call) in enumerate(calls):
+            start = time.perf_counter()
+            rid = logs.request_id_from(call.get("x-request-id"))
+            self._metrics.in_flight += 1
+            try:
+                job = self._prepare(request, call)
+            except Exception as exc:
+                out[i] = self._failed("ModelInfer", start, rid, exc)
+                continue
+            started.append((i, start, rid, job))
+        if started:
+            begun: list[Answer | Pending | GatewayError | Exception]
+            try:
+                begun = list(gw.begin([(job.rt, job.rows, job.outputs)
+                                       for _, _, _, job in started]))
+            except Exception as exc:  # a fault of the gateway's own: every call still answered
+                begun = [exc] * len(started)
+            for (i, start, rid, job), result in zip(started, begun, strict=True):
+                if isinstance(result, Answer):
+                    try:
+                        reply = self._encode(job, result)
+                    except Exception as exc:
+                        out[i] = self._failed("ModelInfer", start, rid, exc)
+                    else:
+                        out[i] = self._ended("ModelInfer", start, rid, grpc.StatusCode.OK, "",
+                                             reply)
+                elif isinstance(result, Exception):
+                    out[i] = self._failed("ModelInfer", start, rid, result)
+                else:
+                    out[i] = self._waited("ModelInfer", start, rid, self._finish_infer(
+                        job, gw.finish(result, job.timeout_s)))
+        return out  # type: ignore[return-value]  # every position is filled above
+
+    async def _waited(self, rpc: str, start: float, rid: str, reply: Awaitable[bytes],
+                      trace: RequestTrace | None = None,
+                      token: Token[str] | None = None) -> Outcome:
+        """The outcome of a call that waits for ``reply`` (in a task of its own: the request
+        id is set in its context)."""
+        if token is None:
+            token = logs.request_id.set(rid)
+        try:
+            got = await reply
+        except Exception as exc:
+            return self._failed(rpc, start, rid, exc, trace, token)
+        except BaseException:  # cancelled: the peer left, or the deadline passed
+            self._ended(rpc, start, rid, grpc.StatusCode.CANCELLED, "", None, (), trace, token)
+            raise
+        return self._ended(rpc, start, rid, grpc.StatusCode.OK, "", got, (), trace, token)
+
+    def _failed(self, rpc: str, start: float, rid: str, exc: Exception,
+                trace: RequestTrace | None = None, token: Token[str] | None = None) -> Outcome:
+        """The outcome of a call that raised ``exc``: a GatewayError's status, else
+        ``INTERNAL`` (the gateway's own fault, logged)."""
+        if not isinstance(exc, GatewayError):
+            log.error("%s failed", rpc, exc_info=exc)
+            return self._ended(rpc, start, rid, grpc.StatusCode.INTERNAL, "internal error",
+                               None, (), trace, token)
+        self._gw.count_rejection(exc)
+        code = status_code(exc)
+        if code is grpc.StatusCode.INTERNAL:
+            log.error("%s failed: %s", rpc, exc.message)
+        more = (("retry-after", exc.headers["Retry-After"]),) if "Retry-After" in exc.headers \
+            else ()
+        return self._ended(rpc, start, rid, code, exc.message, None, more, trace, token)
+
+    def _ended(self, rpc: str, start: float, rid: str, code: grpc.StatusCode, message: str,
+               reply: bytes | None, trailing: tuple[tuple[str, str], ...] = (),
+               trace: RequestTrace | None = None, token: Token[str] | None = None) -> Outcome:
+        """Count, time and log the call (its request id in the log context), end its trace,
+        and say how it ended; ``token`` (the request id set by the caller) is reset."""
+        if token is None:
+            token = logs.request_id.set(rid)
+        self._count(rpc, code, start, trace.trace_id if trace is not None else None)
+        if trace is not None:
+            trace.end(code in _SERVER_FAULTS, {"rpc.grpc.status_code": code.value[0]})
+            trace.leave()
+        logs.request_id.reset(token)
+        return Outcome(code.value[0], message, reply, (("x-request-id", rid), *trailing))
+
+    def _count(self, rpc: str, code: grpc.StatusCode, start: float,
+               trace_id: str | None) -> None:
         metrics = self._metrics
         elapsed = time.perf_counter() - start
         counter = self._counters.get((rpc, code))
         if counter is None:
             counter = self._counters[(rpc, code)] = metrics.grpc_requests.labels(rpc, code.name)
+        seconds = self._seconds.get(rpc)
+        if seconds is None:
+            seconds = self._seconds[rpc] = metrics.grpc_request_seconds.labels(rpc)
         metrics.tally.inc(counter)
         metrics.tally.observe(seconds, elapsed)
         metrics.in_flight -= 1
         if self._gw.settings.access_log == "on":
-            logs.access("GRPC", path, code.value[0], elapsed)
+            logs.access("GRPC", f"/{SERVICE}/{rpc}", code.value[0], elapsed, trace_id=trace_id)
 
     # -- health and metadata -----------------------------------------------------------------
-    async def _health_check(self, request: bytes, context: Any) -> bytes:
+    def _health_check(self, request: bytes, call: Call) -> bytes:
         """``grpc.health.v1`` Check: SERVING while the gateway is ready (``""`` or the
         inference service), NOT_FOUND for another service."""
         req = _parse(health_pb2.HealthCheckRequest, request)
@@ -303,25 +392,25 @@ class GrpcServer:
             else health_pb2.HealthCheckResponse.NOT_SERVING)
         return _serialized(response)
 
-    async def _server_live(self, request: bytes, context: Any) -> bytes:
+    def _server_live(self, request: bytes, call: Call) -> bytes:
         _parse(pb.ServerLiveRequest, request)
         return _serialized(pb.ServerLiveResponse(live=True))
 
-    async def _server_ready(self, request: bytes, context: Any) -> bytes:
+    def _server_ready(self, request: bytes, call: Call) -> bytes:
         _parse(pb.ServerReadyRequest, request)
         return _serialized(pb.ServerReadyResponse(ready=self._gw.ready))
 
-    async def _model_ready(self, request: bytes, context: Any) -> bytes:
+    def _model_ready(self, request: bytes, call: Call) -> bytes:
         req = _parse(pb.ModelReadyRequest, request)
         self._gw.runtime(req.name, req.version or None)
         return _serialized(pb.ModelReadyResponse(ready=self._gw.accepting))
 
-    async def _server_metadata(self, request: bytes, context: Any) -> bytes:
+    def _server_metadata(self, request: bytes, call: Call) -> bytes:
         _parse(pb.ServerMetadataRequest, request)
         return _serialized(pb.ServerMetadataResponse(name=SERVER_NAME, version=SERVER_VERSION,
                                          extensions=["model_repository"]))
 
-    async def _model_metadata(self, request: bytes, context: Any) -> bytes:
+    def _model_metadata(self, request: bytes, call: Call) -> bytes:
         req = _parse(pb.ModelMetadataRequest, request)
         gw = self._gw
         rt = gw.runtime(req.name, req.version or None)
@@ -335,7 +424,7 @@ class GrpcServer:
             outputs=[tensor(name=n, datatype=d, shape=s) for n, d, s in outputs_of(rt)]))
 
     # -- repository --------------------------------------------------------------------------
-    def _admin(self, context: Any) -> None:
+    def _admin(self, call: Call) -> None:
         """Raises unless the call carries the admin token (``authorization: Bearer``
         metadata, compared in constant time): Forbidden without a token configured,
         Unauthorized when it is missing or wrong."""
@@ -343,33 +432,33 @@ class GrpcServer:
         if token is None:
             raise Forbidden("the model repository API is disabled: set GATEWAY_ADMIN_TOKEN to "
                             "enable it")
-        given = _metadata(context, "authorization") or b""
+        given = call.get("authorization") or b""
         scheme, _, value = given.partition(b" ")
         expected = token.get_secret_value().encode()
         if scheme.lower() != b"bearer" or not hmac.compare_digest(value.strip(), expected):
             raise Unauthorized("a valid 'authorization: Bearer <token>' metadata entry is "
                                "required")
 
-    async def _repository_index(self, request: bytes, context: Any) -> bytes:
+    def _repository_index(self, request: bytes, call: Call) -> bytes:
         req = _parse(pb.RepositoryIndexRequest, request)
-        self._admin(context)
+        self._admin(call)
         index = pb.RepositoryIndexResponse.ModelIndex
         return _serialized(pb.RepositoryIndexResponse(models=[
             index(**entry) for entry in self._gw.registry.index()
             if not req.ready or entry["state"] == "READY"]))
 
-    async def _repository_load(self, request: bytes, context: Any) -> bytes:
+    async def _repository_load(self, request: bytes, call: Call) -> bytes:
         req = _parse(pb.RepositoryModelLoadRequest, request)
-        await self._change(context, "load", req)
+        await self._change(call, "load", req)
         return _serialized(pb.RepositoryModelLoadResponse())
 
-    async def _repository_unload(self, request: bytes, context: Any) -> bytes:
+    async def _repository_unload(self, request: bytes, call: Call) -> bytes:
         req = _parse(pb.RepositoryModelUnloadRequest, request)
-        await self._change(context, "unload", req)
+        await self._change(call, "unload", req)
         return _serialized(pb.RepositoryModelUnloadResponse())
 
-    async def _change(self, context: Any, op: str, req: Any) -> None:
-        self._admin(context)
+    async def _change(self, call: Call, op: str, req: Any) -> None:
+        self._admin(call)
         unsupported = [k for k in req.parameters if k == "config" or k.startswith("file:")]
         if unsupported:
             raise _bad(f"repository {op}: parameter {unsupported[0]!r:.40} is not supported "
@@ -377,17 +466,27 @@ class GrpcServer:
         await self._gw.change_repository(op, req.model_name)
 
     # -- inference ---------------------------------------------------------------------------
-    async def _model_infer(self, request: bytes, context: Any) -> bytes:
+    def _model_infer(self, request: bytes, call: Call) -> bytes | Awaitable[bytes]:
+        """The reply, computed now when the pipeline answers without waiting."""
         gw = self._gw
-        job = self._prepare(request, context)
-        (begun,) = gw.begin([(job.rt, job.rows, job.outputs)])
+        job = self._prepare(request, call)
+        trace = current.get()
+        if trace is not None:
+            m = job.rt.manifest
+            trace.note({"gateway.model": m.name, "gateway.model.version": str(m.version),
+                        "gateway.rows": len(job.rows)})
+        (begun,) = gw.begin([(job.rt, job.rows, job.outputs)],
+                            None if gw.tracing is None else [trace])
         if isinstance(begun, GatewayError):
             raise begun
         if isinstance(begun, Answer):
             return self._encode(job, begun)
-        return self._encode(job, await gw.finish(begun, job.timeout_s))
+        return self._finish_infer(job, gw.finish(begun, job.timeout_s))
 
-    def _prepare(self, request: bytes, context: Any) -> Job:
+    async def _finish_infer(self, job: Job, answer: Awaitable[Answer]) -> bytes:
+        return self._encode(job, await answer)
+
+    def _prepare(self, request: bytes, call: Call) -> Job:
         """The request as a ``Job``; ``extra`` is (decoded request, output names, raw)."""
         gw = self._gw
         seen = self._decoded.find(request)
@@ -413,7 +512,7 @@ class GrpcServer:
                                    f"{', '.join(available)})", code="bad_request")
         timeout_s = (ireq.timeout_us / 1e6 if ireq.timeout_us is not None
                      else gw.settings.request_timeout_ms / 1000)
-        remaining = context.time_remaining()
+        remaining = call.time_remaining()
         if remaining is not None:
             if remaining <= 0:
                 raise DeadlineExceeded("the call's deadline has passed")
@@ -440,21 +539,25 @@ class GrpcServer:
         return _serialized(response)
 
 
-def _reflection_pool() -> Any:
-    """The descriptor pool reflection answers from: the one of our messages (a pool of their
-    own, see the Makefile's ``proto``), with the health service's file added once."""
-    name = health_pb2.DESCRIPTOR.name
-    try:
-        _POOL.FindFileByName(name)
-    except KeyError:
-        _POOL.AddSerializedFile(health_pb2.DESCRIPTOR.serialized_pb)
-    return _POOL
+class _Reflection:
+    """Server reflection (``grpc.reflection.v1alpha``) over ``services``, answered from the
+    descriptor pool of our messages (a pool of their own, see the Makefile's ``proto``), with
+    the health service's file added once: one reply per request message."""
 
+    def __init__(self, services: tuple[str, ...]) -> None:
+        name = health_pb2.DESCRIPTOR.name
+        try:
+            _POOL.FindFileByName(name)
+        except KeyError:
+            _POOL.AddSerializedFile(health_pb2.DESCRIPTOR.serialized_pb)
+        self._servicer = reflection.ReflectionServicer(services, pool=_POOL)
 
-def _metadata(context: Any, key: str) -> bytes | None:
-    """The last value of metadata ``key`` (lower-case) of the call, as bytes, or None."""
-    found = None
-    for k, v in context.invocation_metadata() or ():
-        if k == key:
-            found = v.encode("latin-1", "replace") if isinstance(v, str) else v
-    return found
+    def answer(self, message: bytes) -> bytes:
+        """The reply to one ``ServerReflectionRequest``. Raises ValueError when it is not
+        one."""
+        try:
+            request = reflection_pb2.ServerReflectionRequest.FromString(message)
+        except DecodeError as exc:
+            raise ValueError(f"malformed ServerReflectionRequest message: {exc}") from None
+        (reply,) = self._servicer.ServerReflectionInfo(iter((request,)), None)
+        return _serialized(reply)

@@ -38,6 +38,7 @@ from gateway.core.runner import ModelRunner, Output
 from gateway.errors import BodyTooLarge, GatewayError, InvalidInput, MethodNotAllowed, error_body
 from gateway.metrics import Metrics
 from gateway.runtime import Gateway
+from gateway.tracing import RequestTrace, Traced
 
 __all__ = ["ClientGone", "Decoded", "Door", "Doors", "Encode", "Finish", "HttpRequest", "Job",
            "Prepare", "Renderer", "Reply", "as_response", "error_reply", "send_reply",
@@ -346,10 +347,12 @@ class Doors:
         todo = [k for k in range(n) if out[k] is None]
         if todo:
             gw = exchanges[todo[0]].gw
+            traces = None if gw.tracing is None else [exchanges[k].traced for k in todo]
             begun: list[Answer | Pending | Exception]
             try:
                 begun = list(gw.begin([(j.rt, j.rows, j.outputs)
-                                       for j in (jobs[k] for k in todo) if j is not None]))
+                                       for j in (jobs[k] for k in todo) if j is not None],
+                                      traces))
             except Exception as exc:
                 begun = [exc] * len(todo)
             for k, result in zip(todo, begun, strict=True):
@@ -360,6 +363,8 @@ class Doors:
                     if isinstance(result, Exception):
                         out[k] = ex.failed(result)
                     elif isinstance(result, Answer):
+                        if ex.trace is not None:
+                            ex.trace.answered(len(job.rows), result.sources)
                         out[k] = ex.done(ex.door.encode(job, result))
                     else:
                         out[k] = self._finisher(ex, job, result)
@@ -378,8 +383,10 @@ class Doors:
             reply: Reply | None = None
             try:
                 try:
-                    reply = ex.done(ex.door.encode(job, await ex.gw.finish(begun,
-                                                                           job.timeout_s)))
+                    answer = await ex.gw.finish(begun, job.timeout_s)
+                    if ex.trace is not None:
+                        ex.trace.answered(len(job.rows), answer.sources)
+                    reply = ex.done(ex.door.encode(job, answer))
                 except GatewayError as exc:
                     reply = ex.failed(exc)
                 await send_reply(send, reply)
@@ -416,11 +423,15 @@ class Doors:
 
 
 class _Exchange:
-    """One request at a door, from its first byte to its reply: the request id (in the log
-    context while inside, ``enter``/``leave``), the in-flight count, and, once ``done``, its
-    count, latency and access-log line."""
+    """One request at a door, from its first byte to its reply: the request id and, when
+    sampled, its trace (in the context while inside, ``enter``/``leave``), the in-flight count,
+    and, once ``done``, its count, latency, span and access-log line.
 
-    __slots__ = ("_doors", "_scope", "_start", "_token", "door", "finished", "gw", "rid")
+    The request id is the client's ``X-Request-Id``, else the trace id of a traced request,
+    else a new one."""
+
+    __slots__ = ("_doors", "_scope", "_start", "_token", "door", "finished", "gw", "rid",
+                 "trace")
 
     def __init__(self, doors: Doors, door: Door, scope: Scope) -> None:
         self._start = time.perf_counter()
@@ -428,18 +439,40 @@ class _Exchange:
         self.door = door
         self._scope = scope
         self.gw: Gateway = scope["state"]["gateway"]
-        self.rid = logs.request_id_from(HttpRequest(scope, None).header(b"x-request-id"))
+        request = HttpRequest(scope, None)
+        given = request.header(b"x-request-id")
+        self.trace: RequestTrace | None = None
+        tracing = self.gw.tracing
+        if tracing is not None:
+            parent = tracing.sample(request.header(b"traceparent"))
+            if parent is not False:
+                method = scope["method"]
+                self.trace = tracing.request(
+                    f"{method} {door.template}", parent, request.header(b"tracestate"),
+                    {"http.request.method": method, "http.route": door.template})
+                if given is None:
+                    given = self.trace.trace_id.encode()
+        self.rid = logs.request_id_from(given)
         self.finished = False
         doors._metrics.in_flight += 1
         self._token: Token[str] | None = None
 
+    @property
+    def traced(self) -> Traced | None:
+        """The request's trace below the door, if it is sampled."""
+        return None if self.trace is None else self.trace.traced
+
     def enter(self) -> None:
         self._token = logs.request_id.set(self.rid)
+        if self.trace is not None:
+            self.trace.enter()
 
     def leave(self) -> None:
         if self._token is not None:
             logs.request_id.reset(self._token)
             self._token = None
+        if self.trace is not None:
+            self.trace.leave()
 
     def failed(self, exc: BaseException) -> Reply:
         """``done`` with the protocol's error reply for ``exc``: a GatewayError is the
@@ -465,13 +498,25 @@ class _Exchange:
         metrics = doors._metrics
         metrics.tally.observe(doors._seconds[route], seconds)
         metrics.in_flight -= 1  # after counting: returning to 0 flushes the tally
+        if self.trace is not None:
+            self._end_span(status, reply)
         if self.gw.settings.access_log == "on":
             scope = self._scope
             logs.access(scope["method"], scope["path"], status, seconds,
                         cache=reply.cache if reply else None,
                         model=reply.model if reply else None,
-                        version=reply.version if reply else None)
+                        version=reply.version if reply else None,
+                        trace_id=self.trace.trace_id if self.trace is not None else None)
         return reply  # type: ignore[return-value]
+
+    def _end_span(self, status: int, reply: Reply | None) -> None:
+        assert self.trace is not None
+        attributes: dict[str, str | int] = {"http.response.status_code": status}
+        if reply is not None and reply.model is not None:
+            attributes["gateway.model"] = reply.model
+            attributes["gateway.model.version"] = reply.version or ""
+            attributes["gateway.cache"] = reply.cache or ""
+        self.trace.end(status >= 500, attributes)
 
 
 async def send_reply(send: Send, reply: Reply) -> None:

@@ -222,12 +222,12 @@ def _json_values(data: Any, name: str, count: int, datatype: str) -> np.ndarray:
     """JSON ``data`` (flat or nested) as ``count`` float64 values, each an integer (FP types:
     a number) that ``datatype`` holds; FP32 and FP16 round as they would in binary, and a
     value past their range becomes inf, which ``_assemble`` refuses."""
-    flat = _flatten(data, name)
+    flat, types = _flatten(data, name)
     if len(flat) != count:
         raise _bad(f"input {name!r}: shape holds {count} values, 'data' has {len(flat)}")
     integral = not datatype.startswith("FP")
     allowed = _INTEGRAL if integral else _NUMBERS
-    if not set(map(type, flat)) <= allowed:
+    if not types <= allowed:
         wrong = next(v for v in flat if type(v) not in allowed)
         kind = "an integer" if integral else "a number"
         raise _bad(f"input {name!r}: {datatype} 'data' holds {wrong!r}, not {kind}")
@@ -243,19 +243,22 @@ def _json_values(data: Any, name: str, count: int, datatype: str) -> np.ndarray:
     return values.astype(np.float64, copy=False)
 
 
-def _flatten(data: Any, name: str) -> list[Any]:
+def _flatten(data: Any, name: str) -> tuple[list[Any], set[type]]:
     """``data``, flat or nested (row-major, lists at most four levels inside it), as one flat
-    list (``data`` itself when it is flat)."""
+    list (``data`` itself when it is flat), with the set of its values' types: each level is
+    looked at once, which is all a flat list costs."""
     if not isinstance(data, list):
         raise _bad(f"input {name!r}: 'data' must be a list")
     flat = data
+    types = set(map(type, flat))
     for _ in range(4):
-        if list not in set(map(type, flat)):
-            return flat
+        if list not in types:
+            return flat, types
         flat = [w for v in flat for w in (v if type(v) is list else (v,))]
-    if list in set(map(type, flat)):
+        types = set(map(type, flat))
+    if list in types:
         raise _bad(f"input {name!r}: 'data' is nested too deeply")
-    return flat
+    return flat, types
 
 
 def _assemble(tensors: list[_Tensor], features: Sequence[str], max_rows: int) -> np.ndarray:

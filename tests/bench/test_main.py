@@ -112,6 +112,38 @@ def test_groups_expand_and_names_are_checked() -> None:
         parser().parse_args(["--sweep-rates", "100,-5"])
 
 
+def test_the_grpc_door_is_one_command() -> None:
+    args = parser().parse_args(["--scenarios", "grpc", "--mlserver", "--grpc-streams", "4"])
+    assert args.scenarios == ("hot", "grpc-hot", "grpc-unique", "grpc-multirow")
+    assert args.grpc_streams == 4 and args.mlserver
+    args = parser().parse_args(["--scenarios", "grpc-hot", "--grpc-baseline", "10.0.0.1:8001"])
+    assert args.grpc_baseline == "10.0.0.1:8001"
+
+
+@needs_wrk
+@pytest.mark.skipif(shutil.which("h2load") is None,
+                    reason="h2load missing (scripts/ensure-tools.sh h2load)")
+def test_quick_grpc_bench_reports_checked_runs(tmp_path: Path, session_store: Path) -> None:
+    # (The generator's own lateness bound is a measurement's safeguard; here, on a machine busy
+    # with the rest of the suite, only errors may make a run invalid.)
+    run_dir = _bench("--quick", "--duration", "1", "--configs", "full", "--scenarios", "grpc",
+                     "--connections", "4", "--grpc-streams", "2", "--max-lateness-ms", "1000",
+                     "--model-root", str(session_store), "--out", str(tmp_path / "results"))
+    data = json.loads((run_dir / "results.json").read_text())
+    rows = {(r["config"], r["scenario"]): r for r in data["rows"]}
+    assert {("full", s) for s in ("hot", "grpc-hot", "grpc-unique", "grpc-multirow")} <= set(rows)
+    for scenario, generator in (("grpc-hot", "h2load"), ("grpc-unique", "grpc_load"),
+                                ("grpc-multirow", "grpc_load")):
+        row = rows[("full", scenario)]
+        assert row["generator"] == generator and row["errors"] == 0 and row["rps"] > 0
+        assert row["generator_cores"] > 0 and row["p99_ms"] > 0
+    assert rows[("full", "grpc-multirow")]["rows_per_request"] == 32
+    assert rows[("full", "grpc-unique")]["hit_ratio"] == 0  # every row new
+    assert all(r["invalid"] is None for r in data["runs"] if r["scenario"].startswith("grpc"))
+    checks = {c["name"] for c in data["checks"]}
+    assert "grpc-hot: full vs its own REST GET /predict hot" in checks
+
+
 def test_the_heavy_workload_is_one_command() -> None:
     args = parser().parse_args(["--model", "lgbm-heavy", "--scenarios", "heavy", "--mlserver",
                                 "--mlserver-batch", "32,5", "--open-loop-at", "0.5"])

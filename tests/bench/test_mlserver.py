@@ -9,6 +9,9 @@ import httpx
 import numpy as np
 import pytest
 
+import bench.mlserver
+from bench.grpc_messages import Bodies
+from bench.grpc_runs import probe
 from bench.heavy import ensure_heavy
 from bench.mlserver import RUNTIMES, baseline, ensure_venv, write_repository
 from model_store import ModelStore
@@ -38,11 +41,18 @@ def test_each_model_points_at_the_stores_own_file(root: Path, tmp_path: Path) ->
         assert (settings["max_batch_size"], settings["max_batch_time"]) == (64, 0.002)
 
 
-def test_a_pickled_model_has_no_runtime_here(tmp_path: Path) -> None:
+def test_a_scikit_learn_pickle_gets_the_bench_runtime_once_verified(tmp_path: Path) -> None:
     store = ModelStore(tmp_path / "models")
     store.register(train_iris(), "iris", backend="sklearn")
-    with pytest.raises(ValueError, match="iris"):
-        write_repository(tmp_path / "repo", store.root, ["iris"])
+    (artifact,) = write_repository(tmp_path / "repo", store.root, ["iris"]).values()
+    settings = json.loads((tmp_path / "repo" / "iris" / "model-settings.json").read_text())
+    assert settings["implementation"] == RUNTIMES["sklearn"]
+    module = settings["implementation"].rsplit(".", 1)[0]
+    assert (tmp_path / "repo" / "iris" / f"{module}.py").read_bytes() == (
+        Path(bench.mlserver.__file__).with_name("mlserver_sklearn.py").read_bytes())
+    artifact.write_bytes(artifact.read_bytes() + b"tampered")
+    with pytest.raises(ValueError, match="sha256"):
+        write_repository(tmp_path / "again", store.root, ["iris"])
 
 
 @pytest.mark.e2e
@@ -71,3 +81,13 @@ def test_a_directory_that_is_not_a_virtualenv_is_left_alone(tmp_path: Path) -> N
     with pytest.raises(RuntimeError, match="not a virtualenv"):
         ensure_venv(tmp_path)
     assert (tmp_path / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.e2e
+@pytest.mark.slow
+@pytest.mark.timeout(900)  # the first run installs MLServer's virtualenv from its lock
+def test_mlserver_answers_iris_over_grpc(session_store: Path) -> None:
+    with baseline(session_store, ["iris"]) as svc:
+        for rows in (1, 32):
+            body = Bodies("unique", "iris", 4, rows=rows, salt=3)[0]
+            assert probe(svc.grpc, body, rows).error is None

@@ -176,4 +176,6 @@ def test_message_size_limits_through_nginx(front: GrpcFront) -> None:
     gateways_own, nginxs = code(limit + 16), code(4 * limit)
     proxy = "request message larger than the proxy accepts (client_max_body_size)"
     assert gateways_own[0] == nginxs[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert gateways_own[1] != proxy and nginxs[1] == proxy
+    gateway = f"more than the {limit} taken"
+    assert gateway in gateways_own[1]  # under nginx's limit: the gateway refuses it
+    assert gateway in nginxs[1] or nginxs[1] == proxy  # the first to see the size refuses it

@@ -41,8 +41,18 @@ def q(row: list[float] | np.ndarray) -> str:
     return "/predict?" + "&".join(f"{n}={v}" for n, v in zip(IRIS_FEATURES, row, strict=True))
 
 
-def mget_calls(r: redis.Redis) -> int:
-    return int(r.info("commandstats").get("cmdstat_mget", {}).get("calls", 0))
+def calls_of(r: redis.Redis, command: str) -> int:
+    return int(r.info("commandstats").get(f"cmdstat_{command}", {}).get("calls", 0))
+
+
+def lookups(r: redis.Redis) -> tuple[int, int]:
+    """Calls so far of MGET and of EVALSHA (the lease script)."""
+    return calls_of(r, "mget"), calls_of(r, "evalsha")
+
+
+# Without cross-replica coordination a block's misses are looked up with one MGET; with it,
+# the lease script is the lookup and no MGET precedes it.
+LOOKUP = pytest.mark.parametrize("remote, lookup", [("off", (1, 0)), ("auto", (0, 1))])
 
 
 @asynccontextmanager
@@ -89,31 +99,41 @@ async def test_entries_carry_the_redis_ttl_and_expire_with_it(
         assert pb.calls == 1
 
 
-async def test_multirow_request_makes_one_mget_and_computes_only_missing(
-    session_store: Path, redis_server: Any, random_rows: np.ndarray, iris_estimator: Any
+@LOOKUP
+async def test_multirow_request_makes_one_lookup_and_computes_only_missing(
+    session_store: Path, redis_server: Any, random_rows: np.ndarray, iris_estimator: Any,
+    remote: str, lookup: tuple[int, int]
 ) -> None:
     r = redis.Redis(host=redis_server.host, port=redis_server.port)
     rows = random_rows[20:28]
-    async with gateway_on(session_store, url(redis_server)) as (a, _, gw):
+    prefix = f"lookup-{remote}"
+    async with gateway_on(session_store, url(redis_server), cache_prefix=prefix) as (a, _, gw):
         await a.post("/v1/models/iris/predict", json={"instances": rows[:4].tolist()})
         assert gw.l2 is not None
         await gw.l2.flush_writes()
-    async with gateway_on(session_store, url(redis_server)) as (b, probe, _):
-        before = mget_calls(r)
+    async with gateway_on(session_store, url(redis_server), cache_prefix=prefix,
+                          coalesce_remote=remote) as (b, probe, gw_b):
+        assert (gw_b.remote is not None) == (remote == "auto")
+        before = lookups(r)
         resp = (await b.post("/v1/models/iris/predict",
                              json={"instances": rows.tolist()})).json()
-        assert mget_calls(r) == before + 1
+        mgets, scripts = (b - a for a, b in zip(before, lookups(r), strict=True))
+        assert mgets == lookup[0]
+        assert (scripts > 0) == bool(lookup[1])
         assert resp["cache"] == ["l2"] * 4 + ["miss"] * 4
         assert resp["predictions"] == iris_estimator.predict(rows).tolist()
         assert probe.rows == 4 and probe.calls == 1
 
 
-async def test_lookups_of_concurrent_requests_merge_into_one_mget(
-    session_store: Path, redis_server: Any, random_rows: np.ndarray
+@LOOKUP
+async def test_lookups_of_concurrent_requests_merge_into_one(
+    session_store: Path, redis_server: Any, random_rows: np.ndarray, remote: str,
+    lookup: tuple[int, int]
 ) -> None:
     r = redis.Redis(host=redis_server.host, port=redis_server.port)
-    async with gateway_on(session_store, url(redis_server)) as (a, probe, gw):
-        before = mget_calls(r)
+    async with gateway_on(session_store, url(redis_server), cache_prefix=f"merge-{remote}",
+                          coalesce_remote=remote) as (a, probe, gw):
+        before = lookups(r)
         probe.gate.clear()  # no request finishes before all 20 have looked Redis up
         tasks = [asyncio.create_task(a.get(q(row))) for row in random_rows[30:50]]
         batcher = gw.runtime("iris").batcher
@@ -121,7 +141,9 @@ async def test_lookups_of_concurrent_requests_merge_into_one_mget(
         await wait_for(lambda: probe.rows + batcher.queued_rows == 20)
         probe.gate.set()
         await asyncio.gather(*tasks)
-        assert mget_calls(r) - before <= 2
+        mgets, scripts = (b - a for a, b in zip(before, lookups(r), strict=True))
+        assert mgets <= 2 * lookup[0]
+        assert scripts <= 4 * lookup[1]  # per tick: one to look up and lease, one to store
 
 
 async def test_new_version_never_serves_an_old_answer(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 import redis.asyncio as aioredis
 
+from bench.procs import redis_server
 from gateway.redis_client import connect_redis
 from tests.hardening.procs import DelayProxy
 
@@ -62,6 +65,33 @@ async def test_warm_connections_are_opened_on_first_use(redis_server: Any) -> No
             for _ in range(20):
                 assert await client.ping() is True
             assert proxy.accepted == opened
+        finally:
+            await client.aclose()
+
+
+@pytest.mark.e2e
+async def test_a_restarted_redis_costs_one_failed_call_not_one_per_pooled_connection(
+        tmp_path: Path) -> None:
+    """The server closed 30 pooled connections; hiredis learns it only by reading, so each would
+    fail a call of its own. The first failure drops the idle ones."""
+    with redis_server(tmp_path) as rs:
+        client = connect_redis(rs.url, connect_timeout_s=2, command_timeout_s=1,
+                               max_connections=64, warm_connections=4)
+        try:
+            await asyncio.gather(*(client.blpop(["hardening:none"], timeout=0.05)
+                                   for _ in range(30)))  # 30 connections at once
+            await client.settled()
+            assert len(client.connection_pool._available_connections) >= 30
+            rs.kill()
+            rs.start()  # empty, on the same port
+            outcomes = []
+            for _ in range(5):
+                try:
+                    outcomes.append(await client.ping())
+                except redis.ConnectionError:
+                    outcomes.append(False)
+                await client.settled()
+            assert outcomes in ([False, True, True, True, True], [True] * 5), outcomes
         finally:
             await client.aclose()
 

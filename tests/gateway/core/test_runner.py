@@ -100,7 +100,7 @@ async def test_time_waiting_for_the_gil_in_the_thread_does_not_count() -> None:
                 pass
         started.clear()
         go.clear()
-    assert ex.per_call_s > 0.001  # by the clock, each call lasted as long as the loop's work
+    assert ex.per_call_s > ex.predicted_s(1)  # by the clock, each call waited for the GIL
     assert ex.measured and ex.inline_for(1)
 
 
@@ -197,3 +197,4 @@ async def test_a_call_slowed_only_by_preemption_is_not_waiting(
     for _ in range(3):
         await ex.run(fn, "u", rows(1))
     assert ex.inline_for(1)
+
