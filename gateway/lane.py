@@ -6,11 +6,16 @@ connection until its body is in (``FastLane.take``). The door requests completed
 event-loop step are then answered together at its end by ``Doors.answer``: an answer that needs
 no waiting (L1, or an inline model call, one for all their misses of a model) is written at once
 by ``http_response``, the lane's one response writer, with no ASGI task, scope copy or
-middleware; anything else continues in an ordinary task of the connection. uvicorn's
-keep-alive, pipelining, ``Connection: close`` and default headers apply as for any response.
+middleware. The requests that wait on the model are completed in groups, one task a group
+(``Doors.together``: usually one for a step's new rows of a model), and each reply is written
+by the same writer as soon as its group is done; a sampled request (tracing) continues in an
+ordinary task of its connection, in its own trace context. uvicorn's keep-alive, pipelining,
+``Connection: close`` and default headers apply as for any response. A group's task is one of
+the server's tasks: the shutdown waits for it, and cancelling it answers its requests 503
+``shutting_down`` and closes their connections.
 
 ``gateway_fast_lane_requests_total{how}`` counts the door requests the lane took (``answered``
-at once, ``continued`` in a task); ``gateway_fast_lane_bypassed_total{reason}`` those started
+at once, ``continued`` after waiting); ``gateway_fast_lane_bypassed_total{reason}`` those started
 in an ASGI task instead (a large, chunked or 100-continue body; a pipelined request whose body
 had not all arrived when the earlier response ended; a request held when shutdown began).
 
@@ -29,7 +34,7 @@ from uvicorn._types import ASGI3Application, ASGIReceiveCallable, ASGISendCallab
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, RequestResponseCycle
 
 from gateway.metrics import Metrics
-from gateway.protocols.http import Door, Doors, Finish, Reply
+from gateway.protocols.http import Door, Doors, Reply, Waiting
 
 if TYPE_CHECKING:
     from prometheus_client import Counter
@@ -41,6 +46,7 @@ log = logging.getLogger("uvicorn.error")
 FAST_BODY_BYTES = 16_384
 
 Held = tuple[RequestResponseCycle, Door, dict[str, str]]
+Continued = tuple["Connection", RequestResponseCycle, Waiting]
 
 
 class Connection(Protocol):
@@ -66,11 +72,16 @@ class Connection(Protocol):
 class FastLane:
     """One server's fast lane: its doors, counters and the requests of the current step."""
 
-    __slots__ = ("_answered", "_bypassed", "_continued", "_doors", "_loop", "_step", "_tally")
+    __slots__ = ("_answered", "_bypassed", "_continued", "_doors", "_loop", "_step", "_tally",
+                 "_tasks")
 
-    def __init__(self, doors: Doors, metrics: Metrics, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, doors: Doors, metrics: Metrics, loop: asyncio.AbstractEventLoop,
+                 tasks: set[asyncio.Task[None]]) -> None:
+        """``tasks``: the server's request tasks (the shutdown waits for them, then cancels
+        what is left), where the lane's group tasks go too."""
         self._doors = doors
         self._loop = loop
+        self._tasks = tasks
         self._tally = metrics.tally
         self._answered = metrics.fast_lane.labels("answered")
         self._continued = metrics.fast_lane.labels("continued")
@@ -81,15 +92,15 @@ class FastLane:
                                bytes]] = []
 
     @staticmethod
-    def of(app: Any, app_state: dict[str, Any], loop: asyncio.AbstractEventLoop
-           ) -> FastLane | None:
+    def of(app: Any, app_state: dict[str, Any], loop: asyncio.AbstractEventLoop,
+           tasks: set[asyncio.Task[None]]) -> FastLane | None:
         """The lane for the gateway ``app`` whose lifespan state is ``app_state``; None for
         another app (or before its gateway is open)."""
         doors = doors_of(app)
         metrics = getattr(app_state.get("gateway"), "metrics", None)
         if doors is None or not isinstance(metrics, Metrics):
             return None
-        return FastLane(doors, metrics, loop)
+        return FastLane(doors, metrics, loop, tasks)
 
     def take(self, conn: Connection, cycle: RequestResponseCycle) -> bool:
         """Take a request whose headers are in: hold it until its body is in (``complete``),
@@ -141,30 +152,59 @@ class FastLane:
         rather than one call each."""
         items, self._step = self._step, []
         try:
-            answers: list[Reply | Finish] = self._doors.answer(
+            answers: list[Reply | Waiting] = self._doors.answer(
                 [(door, params, cast(Any, cycle.scope), body)
                  for _, cycle, door, params, body in items])
         except Exception as exc:  # a fault of the gateway's own: every request still answered
             log.error("Exception in ASGI application\n", exc_info=exc)
             answers = [Reply(500, b"Internal Server Error",
                              content_type=b"text/plain; charset=utf-8")] * len(items)
+        waiting: list[Continued] = []
         for (conn, cycle, *_), now in zip(items, answers, strict=True):
-            self._deliver(conn, cycle, now)
+            if type(now) is Reply:
+                self._tally.inc(self._answered)
+                self._write(conn, cycle, now)
+            elif isinstance(now, Waiting):
+                self._tally.inc(self._continued)
+                if now.traced:
+                    self._continue_alone(conn, cycle, now)
+                else:
+                    waiting.append((conn, cycle, now))
+        if waiting:
+            for group in self._doors.together([w for _, _, w in waiting]):
+                task = self._loop.create_task(self._finish([waiting[n] for n in group]))
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
 
-    def _deliver(self, conn: Connection, cycle: RequestResponseCycle, now: Reply | Finish
-                 ) -> None:
-        """Write a door's reply now, or continue the request in a task when it has to wait."""
-        if not isinstance(now, Reply):
-            self._tally.inc(self._continued)
-            finish = now
+    def _continue_alone(self, conn: Connection, cycle: RequestResponseCycle,
+                        waiting: Waiting) -> None:
+        """Complete a waiting request in an ASGI task of its connection."""
+        finish = self._doors.finisher(waiting)
 
-            async def app(_scope: Scope, _receive: ASGIReceiveCallable,
-                          send: ASGISendCallable) -> None:
-                await finish(cast(Any, send))
+        async def app(_scope: Scope, _receive: ASGIReceiveCallable,
+                      send: ASGISendCallable) -> None:
+            await finish(cast(Any, send))
 
-            conn.start_task(cycle, app)
-            return
-        self._tally.inc(self._answered)
+        conn.start_task(cycle, app)
+
+    async def _finish(self, group: list[Continued]) -> None:
+        """Complete a group of waiting requests and write each reply; cancelled (shutdown),
+        answer each 503 ``shutting_down`` and close its connection."""
+        waiting = [w for _, _, w in group]
+        try:
+            replies = await self._doors.finish_many(waiting)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            replies = [self._doors.shutting_down(w) for w in waiting]
+            for _, cycle, _ in group:
+                cycle.keep_alive = False
+        for (conn, cycle, _), reply in zip(group, replies, strict=True):
+            self._write(conn, cycle, reply)
+
+    def _write(self, conn: Connection, cycle: RequestResponseCycle, now: Reply) -> None:
+        """Write a door's reply (``http_response``) and end the request's cycle."""
         cycle.response_started = cycle.response_complete = True
         conn.write_now(http_response(now, conn.default_headers, cycle.keep_alive))
         if not cycle.keep_alive:

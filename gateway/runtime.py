@@ -16,6 +16,7 @@ from starlette.requests import Request
 from gateway.announce import Announcer
 from gateway.breaker import CircuitBreaker
 from gateway.cache import L1Cache, RedisCache
+from gateway.core.batcher import Failure
 from gateway.core.pipeline import Answer, Pending, Pipeline
 from gateway.core.runner import ModelRunner, Output
 from gateway.core.sharing import Sharing
@@ -205,6 +206,17 @@ class Gateway:
         """``Pipeline.finish``: the rest of an answer ``begin`` left pending; raises as it
         does."""
         return await self.pipeline.finish(pending, timeout_s)
+
+    def together(self, pendings: list[Pending]) -> list[list[int]]:
+        """``Pipeline.together``: how ``finish_many`` groups pendings begun together."""
+        return self.pipeline.together(pendings)
+
+    async def finish_many(self, pendings: list[Pending], timeout_s: float
+                          ) -> list[Answer | GatewayError | Failure]:
+        """``Pipeline.finish_many``: one group of ``together`` completed as one; per pending,
+        its answer, its error, or the Failure of a row the model refused (returned, not
+        raised)."""
+        return await self.pipeline.finish_many(pendings, timeout_s)
 
     def count_rejection(self, exc: GatewayError) -> None:
         self.metrics.rejected.labels(exc.code).inc()

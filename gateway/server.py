@@ -230,7 +230,7 @@ class GatewayHttpProtocol(HttpToolsProtocol):
         shared = self._shared
         if shared is not None and shared.lane is not None:
             return shared.lane
-        lane = FastLane.of(self.app, app_state, self.loop)
+        lane = FastLane.of(self.app, app_state, self.loop, self.tasks)
         if shared is not None:
             shared.lane = lane
         return lane

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -113,6 +114,7 @@ class Pipeline:
             SingleFlight(abandon=True) if coalesce else None
         )
         self._heads: dict[tuple[int, Unit], str] = {}
+        self._waiting = 0  # requests inside a single-flight call now
         self._l1_hit = metrics.cache_lookups.labels("l1", "hit")
         self._l1_miss = metrics.cache_lookups.labels("l1", "miss")
         self._l2_hit = metrics.cache_lookups.labels("l2", "hit")
@@ -123,8 +125,9 @@ class Pipeline:
         self._tally = metrics.tally
 
     def waiting(self) -> int:
-        """Requests waiting on an in-flight computation now (0 without coalescing)."""
-        return self._flights.waiting() if self._flights is not None else 0
+        """Requests waiting on an in-flight computation now (0 without coalescing); the
+        requests of a group (``finish_many``) count one each."""
+        return self._waiting
 
     def begin(self, requests: list[tuple[ModelRunner, np.ndarray, frozenset[Output]]],
               traces: list[Traced | None] | None = None) -> list[Answer | Pending | GatewayError]:
@@ -313,12 +316,90 @@ class Pipeline:
         try:
             async with asyncio.timeout(timeout_s):
                 if len(waiting) == 1:
-                    await self._fill(runner, waiting[0])
+                    failed = [await self._fill(runner, waiting[0])]
                 else:
-                    await asyncio.gather(*(self._fill(runner, b) for b in waiting))
+                    failed = await asyncio.gather(*(self._fill(runner, b) for b in waiting))
         except TimeoutError:
             raise DeadlineExceeded(f"no answer within {timeout_s * 1000:.0f} ms") from None
+        for failures in failed:
+            for failure in failures.values():
+                raise runner.failed(failure)
         return _answer(blocks)
+
+    def together(self, pendings: list[Pending]) -> list[list[int]]:
+        """``pendings`` (begun together) in the groups ``finish_many`` completes as one, by
+        their positions: those of one model version whose waiting blocks have the same units
+        and Redis use, up to ``max_batch_size`` missing rows a group (one batcher entry). A
+        pending with more missing rows, or without keys to merge by, is a group alone."""
+        groups: list[list[int]] = []
+        open_: dict[Hashable, tuple[list[int], int]] = {}  # signature -> (group, rows)
+        for n, pending in enumerate(pendings):
+            waiting = [b for b in pending.blocks if b.missing]
+            rows = sum(len(b.missing) for b in waiting)
+            limit = pending.runner.max_batch_size
+            if rows > limit or any(b.keys is None for b in waiting):
+                groups.append([n])
+                continue
+            signature = (id(pending.runner), *((b.unit, b.use_l2) for b in waiting))
+            found = open_.get(signature)
+            if found is not None and found[1] + rows <= limit:
+                found[0].append(n)
+                open_[signature] = (found[0], found[1] + rows)
+                continue
+            group = [n]
+            groups.append(group)
+            open_[signature] = (group, rows)
+        return groups
+
+    async def finish_many(self, pendings: list[Pending], timeout_s: float
+                          ) -> list[Answer | GatewayError | Failure]:
+        """Complete one group of ``together`` as one: per unit, the pendings' waiting blocks
+        merged into one block (each distinct key once; a key several of them miss counts as
+        coalesced), so the group costs one single-flight call and one batcher entry rather
+        than one each. Per pending, in order, its answer; or the error ``finish`` would raise
+        for it (the deadline, a full queue, shutdown: the whole group); or, for a request
+        holding a row the model failed on, that row's Failure, whose error is
+        ``runner.failed(failure)`` (which logs it: call it in the request's context).
+        Cancelling it drops the group's rows nobody else waits for. A group of one is
+        ``finish``."""
+        if len(pendings) == 1:
+            try:
+                return [await self.finish(pendings[0], timeout_s)]
+            except GatewayError as exc:
+                return [exc]
+        runner = pendings[0].runner
+        waiting = [[b for b in p.blocks if b.missing] for p in pendings]
+        recheck = len(waiting[0]) > 1 or (self._l1 is not None and any(
+            self._l1.writes != p.l1_writes for p in pendings))
+        merged = [_merged([w[j] for w in waiting], recheck) for j in range(len(waiting[0]))]
+        shared = sum(len(at) for block, ats in merged for at in ats) - sum(
+            len(block.rows) for block, _ in merged)
+        if shared:
+            self._metrics.coalesced.labels(runner.manifest.name).inc(shared)
+        try:
+            async with asyncio.timeout(timeout_s):
+                if len(merged) == 1:
+                    failed = [await self._fill(runner, merged[0][0], len(pendings))]
+                else:
+                    failed = await asyncio.gather(*(self._fill(runner, b, len(pendings))
+                                                    for b, _ in merged))
+        except TimeoutError:
+            return [DeadlineExceeded(f"no answer within {timeout_s * 1000:.0f} ms")] * len(
+                pendings)
+        except GatewayError as exc:
+            return [exc] * len(pendings)
+        out: list[Answer | GatewayError | Failure] = []
+        for n, pending in enumerate(pendings):
+            failure: Failure | None = None
+            for (block, ats), failures, own in zip(merged, failed, waiting[n], strict=True):
+                for i, at in zip(own.missing, ats[n], strict=True):
+                    if at in failures:
+                        failure = failure or failures[at]
+                        continue
+                    own.values[i] = block.values[at]
+                    own.sources[i] = block.sources[at]
+            out.append(_answer(pending.blocks) if failure is None else failure)
+        return out
 
     def _start(self, runner: ModelRunner, unit: Unit, rows: np.ndarray, *,
                keys: list[str] | None = None) -> _Block:
@@ -368,8 +449,11 @@ class Pipeline:
             self._tally.inc(self._l1_hit, hits)
         block.missing = missing
 
-    async def _fill(self, runner: ModelRunner, block: _Block) -> None:
-        """L2, then the model, for the block's missing rows."""
+    async def _fill(self, runner: ModelRunner, block: _Block, requests: int = 1
+                    ) -> dict[int, Failure]:
+        """L2, then the model, for the block's missing rows (of ``requests`` requests); the
+        rows the model failed on, by position in the block, are returned (their values are
+        left None)."""
         if block.use_l2:
             # Other requests ran during the lookup: what they computed is found by the
             # computation's L1 recheck, what they compute now is joined by the single-flight,
@@ -378,7 +462,7 @@ class Pipeline:
             if self._remote is None:  # else the lease script looks the values up itself
                 await self._from_l2(runner, block)
                 if not block.missing:
-                    return
+                    return {}
         missing = block.missing
         keys = block.keys
         if self._flights is None or keys is None:
@@ -386,18 +470,26 @@ class Pipeline:
         else:
             trace = current.get()
             start = time.time_ns() if trace is not None else 0
-            computed, shared = await self._flights.do(
-                [keys[i] for i in missing],
-                lambda positions: self._compute(runner, block, [missing[p] for p in positions]))
+            self._waiting += requests
+            try:
+                computed, shared = await self._flights.do(
+                    [keys[i] for i in missing],
+                    lambda positions: self._compute(runner, block,
+                                                    [missing[p] for p in positions]))
+            finally:
+                self._waiting -= requests
             if shared:
                 self._metrics.coalesced.labels(runner.manifest.name).inc(shared)
                 if trace is not None:
                     trace.child("singleflight wait", start, {
                         "gateway.rows": len(missing), "gateway.rows.shared": shared})
+        failed: dict[int, Failure] = {}
         for i, value in zip(missing, computed, strict=True):
             if isinstance(value, Failure):
-                raise runner.failed(value)
-            block.values[i] = value
+                failed[i] = value
+            else:
+                block.values[i] = value
+        return failed
 
     async def _compute(self, runner: ModelRunner, block: _Block, idx: list[int]
                        ) -> list[bytes | Failure]:
@@ -520,6 +612,29 @@ def _out_of_range(rows: np.ndarray) -> bool:
     if rows.size <= 16:
         return bool(max(map(abs, rows.ravel().tolist())) > _FLOAT32_MAX)
     return float(np.abs(rows).max()) > _FLOAT32_MAX
+
+
+def _merged(blocks: list[_Block], recheck: bool) -> tuple[_Block, list[list[int]]]:
+    """One block of the blocks' missing rows (one unit, keys known), each distinct key once;
+    and per block, the position in it of each of its missing rows."""
+    first = blocks[0]
+    at_key: dict[str, int] = {}
+    rows: list[np.ndarray] = []
+    ats: list[list[int]] = []
+    for block in blocks:
+        keys = block.keys
+        assert keys is not None
+        at: list[int] = []
+        for i in block.missing:
+            p = at_key.setdefault(keys[i], len(rows))
+            if p == len(rows):
+                rows.append(block.rows[i])
+            at.append(p)
+        ats.append(at)
+    n = len(rows)
+    merged = _Block(first.unit, np.stack(rows), list(at_key), [None] * n, ["miss"] * n,
+                    list(range(n)), first.use_l2, recheck)
+    return merged, ats
 
 
 def _answer(blocks: list[_Block]) -> Answer:

@@ -15,6 +15,9 @@ rendered the way of the protocol whose path it is (``Doors.renderer``).
 the server's fast lane (``gateway.lane``) calls it at the end of each event-loop step, so an
 answer held by L1, or computed inline by a model measured to take microseconds, is written
 without an ASGI task at all; ``Doors.serve`` is the same path for a request in an ASGI task.
+The requests of a step that wait on the model are completed in groups (``Doors.together``,
+``Doors.finish_many``): one task, one single-flight call and one batcher entry a group rather
+than one each.
 """
 
 from __future__ import annotations
@@ -33,15 +36,23 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from gateway import logs
+from gateway.core.batcher import Failure
 from gateway.core.pipeline import Answer, Pending
 from gateway.core.runner import ModelRunner, Output
-from gateway.errors import BodyTooLarge, GatewayError, InvalidInput, MethodNotAllowed, error_body
+from gateway.errors import (
+    BodyTooLarge,
+    GatewayError,
+    InvalidInput,
+    MethodNotAllowed,
+    Unavailable,
+    error_body,
+)
 from gateway.metrics import Metrics
 from gateway.runtime import Gateway
 from gateway.tracing import RequestTrace, Traced
 
 __all__ = ["ClientGone", "Decoded", "Door", "Doors", "Encode", "Finish", "HttpRequest", "Job",
-           "Prepare", "Renderer", "Reply", "as_response", "error_reply", "send_reply",
+           "Prepare", "Renderer", "Reply", "Waiting", "as_response", "error_reply", "send_reply",
            "timeout_s"]
 
 log = logging.getLogger("gateway.doors")
@@ -226,6 +237,21 @@ class Door:
 Finish = Callable[[Send], Awaitable[None]]
 
 
+@dataclass(slots=True)
+class Waiting:
+    """A request ``Doors.answer`` began that waits on the pipeline: completed alone
+    (``Doors.finisher``) or in a group (``Doors.finish_many``)."""
+
+    exchange: _Exchange
+    job: Job
+    pending: Pending
+
+    @property
+    def traced(self) -> bool:
+        """Is the request sampled? (It is then completed alone, in its own trace context.)"""
+        return self.exchange.trace is not None
+
+
 class Doors:
     """The inference doors, answered as plain ASGI; see the module docstring.
 
@@ -317,18 +343,18 @@ class Doors:
         if type(now) is Reply:
             await send_reply(send, now)
         else:
-            await now(send)  # type: ignore[operator]
+            await self.finisher(now)(send)  # type: ignore[arg-type]
 
     def answer(self, requests: list[tuple[Door, dict[str, str], Scope, bytes]]
-               ) -> list[Reply | Finish]:
+               ) -> list[Reply | Waiting]:
         """Run each request's door on its whole body, as far as it goes without waiting:
-        per request, its reply (counted and timed) if that is all, else the coroutine function
-        that finishes it and sends the reply through an ASGI ``send``. The requests are those
+        per request, its reply (counted and timed) if that is all, else what it waits on
+        (``finisher``, ``finish_many``). The requests are those
         that arrived together: their rows go through one ``Gateway.begin``, so the misses of
         one model share one inline call. Never raises for a request's own faults (they are
         replies); a fault of the gateway's own is logged and answered 500."""
         n = len(requests)
-        out: list[Reply | Finish | None] = [None] * n
+        out: list[Reply | Waiting | None] = [None] * n
         exchanges = [_Exchange(self, door, scope) for door, _, scope, _ in requests]
         jobs: list[Job | None] = [None] * n
         for k, (door, params, scope, body) in enumerate(requests):
@@ -367,7 +393,7 @@ class Doors:
                             ex.trace.answered(len(job.rows), result.sources)
                         out[k] = ex.done(ex.door.encode(job, result))
                     else:
-                        out[k] = self._finisher(ex, job, result)
+                        out[k] = Waiting(ex, job, result)
                 except Exception as exc:
                     out[k] = ex.failed(exc)
                 finally:
@@ -375,8 +401,10 @@ class Doors:
         return out  # type: ignore[return-value]  # every position is filled above
 
     @staticmethod
-    def _finisher(ex: _Exchange, job: Job, begun: Pending) -> Finish:
-        """The coroutine function that completes a request ``begin`` left pending."""
+    def finisher(waiting: Waiting) -> Finish:
+        """The coroutine function that completes a waiting request alone and sends its reply
+        through an ASGI ``send``."""
+        ex, job, begun = waiting.exchange, waiting.job, waiting.pending
 
         async def finish(send: Send) -> None:
             ex.enter()
@@ -396,6 +424,69 @@ class Doors:
                 ex.leave()
 
         return finish
+
+    @staticmethod
+    def together(waiting: list[Waiting]) -> list[list[int]]:
+        """Waiting requests (of one step) in the groups ``finish_many`` completes, by
+        position: those with one deadline, grouped by the pipeline (``Gateway.together``)."""
+        by_timeout: dict[float, list[int]] = {}
+        for n, w in enumerate(waiting):
+            by_timeout.setdefault(w.job.timeout_s, []).append(n)
+        groups: list[list[int]] = []
+        for positions in by_timeout.values():
+            gw = waiting[positions[0]].exchange.gw
+            groups += [[positions[g] for g in group]
+                       for group in gw.together([waiting[n].pending for n in positions])]
+        return groups
+
+    @staticmethod
+    async def finish_many(waiting: list[Waiting]) -> list[Reply]:
+        """Complete one group of ``together``: per request, in order, its reply, counted and
+        timed (a request's own fault is its reply; a fault of the gateway's own is logged and
+        answered 500). Cancelling it (shutdown) leaves every request unanswered, for
+        ``shutting_down``."""
+        first = waiting[0]
+        alone = first.exchange if len(waiting) == 1 else None
+        if alone is not None:  # what is logged meanwhile is the request's
+            alone.enter()
+        results: list[Answer | Exception | Failure]
+        try:
+            results = list(await first.exchange.gw.finish_many(
+                [w.pending for w in waiting], first.job.timeout_s))
+        except Exception as exc:
+            results = [exc] * len(waiting)
+        finally:
+            if alone is not None:
+                alone.leave()
+        replies: list[Reply] = []
+        for w, result in zip(waiting, results, strict=True):
+            ex = w.exchange
+            ex.enter()
+            try:
+                if isinstance(result, Failure):
+                    replies.append(ex.failed(w.job.rt.failed(result)))
+                elif isinstance(result, Exception):
+                    replies.append(ex.failed(result))
+                else:
+                    replies.append(ex.done(ex.door.encode(w.job, result)))
+            except Exception as exc:
+                replies.append(ex.failed(exc))
+            finally:
+                ex.leave()
+        return replies
+
+    @staticmethod
+    def shutting_down(waiting: Waiting) -> Reply:
+        """The 503 ``shutting_down`` reply, counted, of a waiting request the shutdown gave up
+        on."""
+        ex = waiting.exchange
+        ex.enter()
+        try:
+            reply = ex.failed(Unavailable("the server is shutting down and could not finish "
+                                          "this request", code="shutting_down"))
+        finally:
+            ex.leave()
+        return reply
 
     def _rejected(self, door: Door, scope: Scope, exc: GatewayError) -> Reply:
         """The reply to a request refused before its door ran (its body), counted."""

@@ -29,8 +29,9 @@ TY = "uvicorn._types"
 
 FENCE = Fence("uvicorn", "0.55.0", "tests/contracts/test_uvicorn.py", (
     # The protocol: every method GatewayHttpProtocol overrides, and what its fast lane relies on.
-    pin(HT, "HttpToolsProtocol.__init__", "4f0899941034",
-        "server:GatewayHttpProtocol.__init__"),  # limit_concurrency, connections, app, loop
+    pin(HT, "HttpToolsProtocol.__init__", "4f0899941034",  # limit_concurrency, connections,
+        "server:GatewayHttpProtocol.__init__",  # app, loop, tasks (the lane's group tasks)
+        "server:GatewayHttpProtocol._lane_of", "lane:FastLane.__init__"),
     pin(HT, "HttpToolsProtocol.connection_made", "6efb565ff3d3",
         "server:GatewayHttpProtocol.connection_made", "server:_OneWrite"),
     pin(HT, "HttpToolsProtocol.connection_lost", "c91a4c9bf2e2",
@@ -44,20 +45,20 @@ FENCE = Fence("uvicorn", "0.55.0", "tests/contracts/test_uvicorn.py", (
         "server:GatewayHttpProtocol._start_asgi_task"),
     pin(HT, "HttpToolsProtocol._start_asgi_task", "8d0189e65525",
         "server:GatewayHttpProtocol._start_asgi_task", "server:GatewayHttpProtocol.start_task",
-        "lane:FastLane.release", "lane:FastLane._deliver"),
+        "lane:FastLane.release", "lane:FastLane._continue_alone"),
     pin(HT, "HttpToolsProtocol.on_body", "dba9c32aeba3",  # the body gathers in cycle.body
         "server:GatewayHttpProtocol.on_message_complete", "lane:FastLane._queue"),
     pin(HT, "HttpToolsProtocol.on_message_complete", "1fbad42dc31f",
         "server:GatewayHttpProtocol.on_message_complete"),
     pin(HT, "HttpToolsProtocol.on_response_complete", "64e254f28e38",  # starts the pipelined
-        "server:GatewayHttpProtocol.on_response_complete", "lane:FastLane._deliver"),
+        "server:GatewayHttpProtocol.on_response_complete", "lane:FastLane._write"),
     pin(HT, "HttpToolsProtocol.shutdown", "d7351fa33f00",
         "server:GatewayHttpProtocol.shutdown", "server:GatewayServer.shutdown"),
     # The request cycle: the fast lane writes its response as send would, and marks it done.
     pin(HT, "RequestResponseCycle.__init__", "4d2f220910c3",
-        "lane:FastLane._deliver", "server:GatewayHttpProtocol._close", "lane:_small_body"),
+        "lane:FastLane._write", "server:GatewayHttpProtocol._close", "lane:_small_body"),
     pin(HT, "RequestResponseCycle.send", "abdd8601b326",
-        "lane:http_response", "lane:FastLane._deliver", "server:_OneWrite"),
+        "lane:http_response", "lane:FastLane._write", "server:_OneWrite"),
     pin(HT, "RequestResponseCycle.run_asgi", "0f33f2449a44",  # its 500 and log line
         "server:GatewayHttpProtocol._guarded", "lane:FastLane._answer_step"),
     pin(HT, "STATUS_LINE", None, "lane:http_response"),
@@ -73,7 +74,8 @@ FENCE = Fence("uvicorn", "0.55.0", "tests/contracts/test_uvicorn.py", (
         "server:GatewayServer.shutdown", "server:run"),
     pin(SV, "Server.shutdown", "5d01b8b1f116", "server:GatewayServer.shutdown"),
     pin(SV, "Server._wait_tasks_to_complete", "17209be1e991",
-        "server:GatewayServer._wait_for_requests", "server:GatewayServer._wait_for_connections"),
+        "server:GatewayServer._wait_for_requests", "server:GatewayServer._wait_for_connections",
+        "lane:FastLane._finish"),
     pin(SV, "Server.capture_signals", "e1bbcd4770d1", "server:GatewayServer.capture_signals"),
     pin(SV, "Server.handle_exit", "553276efa26e",  # appends to _captured_signals
         "server:GatewayServer.capture_signals"),
@@ -82,8 +84,9 @@ FENCE = Fence("uvicorn", "0.55.0", "tests/contracts/test_uvicorn.py", (
     # Names imported from uvicorn's internal modules.
     pin(TY, "ASGI3Application", None, "server:GatewayHttpProtocol._start_asgi_task"),
     pin(TY, "ASGIReceiveCallable", None, "server:GatewayHttpProtocol._guarded"),
-    pin(TY, "ASGISendCallable", None, "lane:FastLane._deliver"),
-    pin(TY, "Scope", None, "lane:FastLane._deliver", "server:GatewayHttpProtocol._unavailable"),
+    pin(TY, "ASGISendCallable", None, "lane:FastLane._continue_alone"),
+    pin(TY, "Scope", None, "lane:FastLane._continue_alone",
+        "server:GatewayHttpProtocol._unavailable"),
     pin("uvicorn.config", "STARTUP_FAILURE", None,
         "server:run", "supervisor:_work",
         "supervisor:_Supervisor._ended"),

@@ -12,7 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gateway.core.pipeline import Answer
+from gateway.core.pipeline import Answer, Pending
+from gateway.protocols.http import Waiting
 from tests.support import POISON, ask, probed_app, wait_for, wait_thread_event
 
 pytestmark = pytest.mark.anyio
@@ -287,16 +288,85 @@ async def test_requests_of_one_step_share_one_inline_call(session_store: Path,
 
         calls = probe.calls
         poisoned = [random_rows[20], [POISON, 1, 1, 1], random_rows[21]]
-        replies = doors.answer([request(r) for r in poisoned])
-        assert all(callable(r) for r in replies)  # the one call failed: each goes its way
-        sent: list[list[dict[str, Any]]] = [[] for _ in replies]
-
-        async def run(k: int) -> None:
-            async def send(message: dict[str, Any]) -> None:
-                sent[k].append(message)
-            await replies[k](send)
-
-        await asyncio.gather(*(run(k) for k in range(3)))
-        statuses = [s[0]["status"] for s in sent]
-        assert statuses == [200, 500, 200]
+        waiting = doors.answer([request(r) for r in poisoned])
+        assert all(isinstance(w, Waiting) for w in waiting)  # the one call failed
+        assert doors.together(waiting) == [[0, 1, 2]]  # completed as one group
+        replies = await doors.finish_many(waiting)
+        assert [r.status for r in replies] == [200, 500, 200]  # the refused row fails alone
         assert probe.calls > calls + 1
+
+
+async def test_waiting_requests_begun_together_finish_as_one_group(
+        session_store: Path, random_rows, iris_estimator) -> None:
+    """A step's waiting requests of one model: one group, one model call for the distinct
+    rows; a row two of them miss is computed once and counted as coalesced."""
+    async with probed_app(session_store, execution="thread") as (client, probe, gw):
+        rt = gw.runtime("iris")
+        rows = [random_rows[30], random_rows[31], random_rows[30], random_rows[32]]
+        begun = gw.begin([(rt, np.array([r]), frozenset({"label"})) for r in rows])
+        assert all(isinstance(b, Pending) for b in begun)
+        assert gw.together(begun) == [[0, 1, 2, 3]]
+        answers = await gw.finish_many(begun, 30.0)
+        expected = iris_estimator.predict(np.array(rows)).tolist()
+        assert [json.loads(a.values["label"][0]) for a in answers] == expected
+        assert [a.sources for a in answers] == [["miss"]] * 4
+        assert probe.batch_sizes == [3]
+        text = (await client.get("/metrics")).text
+        assert metric(text, 'gateway_coalesced_total{model="iris"}') == 1
+
+
+async def test_groups_hold_at_most_a_batch_of_missing_rows(session_store: Path,
+                                                          random_rows) -> None:
+    async with probed_app(session_store, execution="thread", max_batch_size=4) as (
+            _client, _probe, gw):
+        rt = gw.runtime("iris")
+        sizes = [2, 2, 1, 5, 3]  # the block of 5 is over the batch: alone
+        blocks, at = [], 40
+        for n in sizes:
+            blocks.append(np.array(random_rows[at:at + n]))
+            at += n
+        begun = gw.begin([(rt, b, frozenset({"label"})) for b in blocks])
+        assert gw.together(begun) == [[0, 1], [2, 4], [3]]
+
+
+async def test_a_group_past_its_deadline_fails_each_request(session_store: Path,
+                                                            random_rows) -> None:
+    async with probed_app(session_store, execution="thread") as (_client, probe, gw):
+        rt = gw.runtime("iris")
+        probe.gate.clear()
+        begun = gw.begin([(rt, np.array([random_rows[50 + i]]), frozenset({"label"}))
+                          for i in range(3)])
+        finishing = asyncio.create_task(gw.finish_many(begun, 0.05))
+        await wait_thread_event(probe.entered)
+        results = await finishing
+        probe.gate.set()
+        assert [type(r).__name__ for r in results] == ["DeadlineExceeded"] * 3
+
+
+async def test_doors_group_waiting_requests_by_deadline(session_store: Path,
+                                                        random_rows) -> None:
+    from gateway.app import create_app
+    from gateway.settings import Settings
+    from model_store import ModelStore
+    from tests.support import ProbeLoader, serve_with_state
+
+    app = create_app(Settings(model_root=session_store, execution="thread"),
+                     store=ModelStore(session_store, loader=ProbeLoader()))
+    async with serve_with_state(app) as (_client, gw):
+        doors = app.doors  # type: ignore[attr-defined]
+        door, params, _ = doors.match({"type": "http", "method": "GET", "path": "/predict"})
+
+        def request(row: Any, timeout_ms: str) -> tuple[Any, dict[str, str], dict[str, Any],
+                                                         bytes]:
+            scope = {"type": "http", "method": "GET", "path": "/predict",
+                     "headers": [(b"x-request-timeout-ms", timeout_ms.encode())],
+                     "query_string": q(row).split("?", 1)[1].encode(),
+                     "state": {"gateway": gw}}
+            return door, params, scope, b""
+
+        waiting = doors.answer([request(random_rows[60 + i], t)
+                                for i, t in enumerate(["5000", "9000", "5000"])])
+        assert doors.together(waiting) == [[0, 2], [1]]
+        replies = [r for g in doors.together(waiting)
+                   for r in await doors.finish_many([waiting[n] for n in g])]
+        assert [r.status for r in replies] == [200, 200, 200]
