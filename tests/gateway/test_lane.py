@@ -10,7 +10,7 @@ import pytest
 
 from gateway.lane import FAST_BODY_BYTES, http_response
 from gateway.protocols.http import Reply
-from tests.support import probed_app, wait_thread_event
+from tests.support import probed_app, wait_for, wait_thread_event
 
 pytestmark = pytest.mark.anyio
 
@@ -48,6 +48,25 @@ async def test_a_miss_that_waits_continues_in_a_task(session_store: Path) -> Non
         probe.gate.set()
         assert (await asked).json() == {"prediction": "setosa"}
         assert lane(gw, "continued") == 1 and lane(gw, "answered") == 0
+
+
+async def test_misses_of_one_step_wait_as_one_group_and_shutdown_answers_them_503(
+        session_store: Path) -> None:
+    async with probed_app(session_store, execution="thread") as (client, probe, gw):
+        probe.gate.clear()
+        asked = [asyncio.create_task(client.get(Q)) for _ in range(3)]
+        await wait_thread_event(probe.entered)
+        await wait_for(lambda: gw.pipeline.waiting() == 3)
+        tasks = client._transport._state.tasks  # type: ignore[attr-defined]
+        assert len(tasks) == 1  # the step's group: one task for the three requests
+        for task in tasks:  # what the shutdown does to what is left after its grace period
+            task.cancel()
+        responses = await asyncio.gather(*asked)
+        probe.gate.set()
+        for r in responses:
+            assert r.status_code == 503 and r.json()["error"]["code"] == "shutting_down"
+            assert r.headers["connection"] == "close"
+        assert lane(gw, "continued") == 3 and probe.calls == 1
 
 
 async def test_a_body_too_big_to_hold_bypasses_the_lane(session_store: Path) -> None:
