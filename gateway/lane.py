@@ -43,7 +43,7 @@ __all__ = ["FAST_BODY_BYTES", "Connection", "FastLane", "doors_of", "http_respon
 
 log = logging.getLogger("uvicorn.error")
 
-FAST_BODY_BYTES = 16_384
+FAST_BODY_BYTES = 65_536  # uvicorn pauses reading past it (flow_control.HIGH_WATER_LIMIT)
 
 Held = tuple[RequestResponseCycle, Door, dict[str, str]]
 Continued = tuple["Connection", RequestResponseCycle, Waiting]

@@ -79,6 +79,19 @@ async def test_a_body_too_big_to_hold_bypasses_the_lane(session_store: Path) -> 
         assert bypassed(gw, "body") == 1 and lane(gw, "answered") == 0
 
 
+async def test_a_body_of_the_largest_size_held_is_answered_in_the_lane(
+        session_store: Path) -> None:
+    row = '{"sepal_length": 5.1, "sepal_width": 3.5, "petal_length": 1.4, "petal_width": 0.2}'
+    body = '{"instances": [' + ", ".join([row] * (FAST_BODY_BYTES // (len(row) + 2) - 1)) + "]}"
+    body += " " * (FAST_BODY_BYTES - len(body))
+    assert len(body) == FAST_BODY_BYTES
+    async with probed_app(session_store, execution="inline") as (client, _probe, gw):
+        r = await client.post("/v1/models/iris/predict", content=body,
+                              headers={"content-type": "application/json"})
+        assert r.status_code == 200 and len(r.json()["predictions"]) > 1
+        assert bypassed(gw, "body") == 0 and lane(gw, "answered") == 1
+
+
 def test_the_lane_writes_one_http_response() -> None:
     reply = Reply(503, b'{"error": "x"}', [(b"retry-after", b"1")])
     data = http_response(reply, [(b"server", b"uvicorn")], keep_alive=False)
