@@ -36,6 +36,10 @@ FENCE = Fence("redis", "8.1.0", "tests/contracts/test_redis.py", (
         "redis_client:_WarmPool.get_available_connection"),
     pin(RC, "ConnectionPool.from_url", None, "redis_client:connect_redis",
         signature="url, **kwargs"),
+    # Packing: the pool's connection_class swapped for one packing the same bytes in one pass.
+    pin(RC, "ConnectionPool.make_connection", "d6f95077e241", "redis_client:connect_redis"),
+    pin(RC, "AbstractConnection.pack_command", "9a0e503fdcf5",
+        "redis_client:_OnePassPacking.pack_command"),
     # The client: every command through execute_command, bounded; pipelines replaced.
     pin(RA, "Redis.execute_command", "b35fa092ad03", "redis_client:BoundedRedis.execute_command"),
     pin(RA, "Redis.pipeline", "15119889197c", "redis_client:BoundedRedis.pipeline"),

@@ -125,3 +125,26 @@ def test_cluster_urls_are_recognised_and_accepted_by_the_settings() -> None:
     assert is_cluster_url("rediss+cluster://u:p@node:7000")
     assert not is_cluster_url("redis://127.0.0.1:6379/0")
     assert Settings(redis_url="redis+cluster://127.0.0.1:7000").redis_url
+
+
+@pytest.mark.parametrize(("url", "kind"), [
+    ("redis://127.0.0.1:1/0", aioredis.Connection),
+    ("rediss://127.0.0.1:1/0", aioredis.SSLConnection),
+    ("unix:///tmp/none.sock", aioredis.UnixDomainSocketConnection)])
+def test_commands_are_packed_in_one_pass_into_redis_pys_bytes(url: str, kind: type) -> None:
+    client = connect_redis(url, connect_timeout_s=1, command_timeout_s=1, max_connections=1)
+    ours = client.connection_pool.make_connection()
+    stock = kind()
+    assert type(ours) is not kind and isinstance(ours, kind)
+    big = b"v" * 10_000
+    commands: list[tuple[Any, ...]] = [
+        ("PING",), ("SCRIPT LOAD", "return 1"), (b"CONFIG GET", b"maxmemory"),
+        ("EVALSHA", "ab" * 20, 6, *(f"k{i}" for i in range(6)), b"channel", 7, 1.5, "é",
+         memoryview(b"view"), big, b""),
+        ("SET", "k", big, "EX", 60),
+    ]
+    for command in commands:
+        assert b"".join(ours.pack_command(*command)) == b"".join(
+            stock.pack_command(*command)), command
+    with pytest.raises(redis.DataError):
+        ours.pack_command("SET", "k", True)
