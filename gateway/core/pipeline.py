@@ -330,14 +330,17 @@ class Pipeline:
         """``pendings`` (begun together) in the groups ``finish_many`` completes as one, by
         their positions: those of one model version whose waiting blocks have the same units
         and Redis use, up to ``max_batch_size`` missing rows a group (one batcher entry). A
-        pending with more missing rows, or without keys to merge by, is a group alone."""
+        pending with more missing rows, or without keys to merge by, is a group alone; so is
+        every pending with coalescing off or of a model without batching (merging would
+        coalesce and batch them)."""
         groups: list[list[int]] = []
         open_: dict[Hashable, tuple[list[int], int]] = {}  # signature -> (group, rows)
         for n, pending in enumerate(pendings):
             waiting = [b for b in pending.blocks if b.missing]
             rows = sum(len(b.missing) for b in waiting)
             limit = pending.runner.max_batch_size
-            if rows > limit or any(b.keys is None for b in waiting):
+            if (self._flights is None or pending.runner.batcher is None or rows > limit
+                    or any(b.keys is None for b in waiting)):
                 groups.append([n])
                 continue
             signature = (id(pending.runner), *((b.unit, b.use_l2) for b in waiting))

@@ -370,3 +370,14 @@ async def test_doors_group_waiting_requests_by_deadline(session_store: Path,
         replies = [r for g in doors.together(waiting)
                    for r in await doors.finish_many([waiting[n] for n in g])]
         assert [r.status for r in replies] == [200, 200, 200]
+
+
+@pytest.mark.parametrize("switch", [{"coalesce": "off"}, {"batch": "off"}])
+async def test_without_coalescing_or_batching_each_waiting_request_is_a_group_alone(
+        session_store: Path, random_rows, switch: dict[str, str]) -> None:
+    async with probed_app(session_store, execution="thread", **switch) as (
+            _client, _probe, gw):
+        rt = gw.runtime("iris")
+        rows = [random_rows[70], random_rows[71], random_rows[70]]
+        begun = gw.begin([(rt, np.array([r]), frozenset({"label"})) for r in rows])
+        assert gw.together(begun) == [[0], [1], [2]]
