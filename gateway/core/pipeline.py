@@ -2,7 +2,9 @@
 micro-batcher -> model.
 
 ``Pipeline.begin`` takes the requests that arrived together (one, or all those of one
-event-loop step) and answers what needs no waiting; ``Pipeline.finish`` completes the rest.
+event-loop step) and answers what needs no waiting; ``Pipeline.finish`` completes the rest, one
+request at a time, or ``Pipeline.finish_many`` a group of them (``Pipeline.together``) as one
+block.
 Together they answer a matrix of validated rows for one model version with one encoded JSON
 value per row and output, computing only the rows no tier holds, each at most once at a time,
 in as few model calls as the load allows. A request's missing rows travel as one block: keys
