@@ -267,7 +267,7 @@ def grpc_checks(rows: Sequence[Row], config: str) -> list[Check]:
 
 def heavy_checks(rows: Sequence[Row], open_rows: Sequence[OpenRow], limit: Limit | None,
                  config: str = "compiled") -> list[Check]:
-    """The heavy workload's goals (issue 22), judged on this run for the gateway
+    """The heavy workload's goals (docs/performance.md), judged on this run for the gateway
     configuration ``config`` (the gateway's defaults: every mechanism on, the store's chosen
     backend) against the baseline and the model's own ``limit``."""
     by = {(r.config, r.scenario): r for r in rows}
