@@ -377,10 +377,6 @@ class Pipeline:
         recheck = len(waiting[0]) > 1 or (self._l1 is not None and any(
             self._l1.writes != p.l1_writes for p in pendings))
         merged = [_merged([w[j] for w in waiting], recheck) for j in range(len(waiting[0]))]
-        shared = sum(len(at) for block, ats in merged for at in ats) - sum(
-            len(block.rows) for block, _ in merged)
-        if shared:
-            self._metrics.coalesced.labels(runner.manifest.name).inc(shared)
         try:
             async with asyncio.timeout(timeout_s):
                 if len(merged) == 1:
@@ -393,6 +389,10 @@ class Pipeline:
                 pendings)
         except GatewayError as exc:
             return [exc] * len(pendings)
+        shared = sum(len(at) for block, ats in merged for at in ats) - sum(
+            len(block.rows) for block, _ in merged)
+        if shared:
+            self._metrics.coalesced.labels(runner.manifest.name).inc(shared)
         out: list[Answer | GatewayError | Failure] = []
         for n, pending in enumerate(pendings):
             failure: Failure | None = None
