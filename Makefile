@@ -74,9 +74,11 @@ run: install-runtime
 	$(RUN_BIN)/python -m model_store --root $(MODELS) train-demo --if-absent
 	GATEWAY_MODEL_ROOT=$(MODELS) $(RUN_BIN)/python -m gateway --host $(HOST) --port $(PORT) --workers $(WORKERS)
 
+# Two pytest workers (most end-to-end tests wait on the processes they start); the tests of one
+# file stay on one worker, with their module's fixtures.
 test: install
 	@scripts/ensure-tools.sh redis-server wrk nginx cc h2load
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile
 
 # The suite less what starts processes or takes long (e2e and slow tests).
 test-fast: install
