@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from gateway.core.pipeline import Answer, Pending
+from gateway.logs import RequestIdFilter
 from gateway.protocols.http import Waiting
 from tests.support import POISON, ask, probed_app, wait_for, wait_thread_event
 
@@ -256,8 +257,9 @@ async def test_the_misses_of_one_step_respect_the_switches(
         assert loader.latest().batch_sizes == calls
 
 
-async def test_requests_of_one_step_share_one_inline_call(session_store: Path,
-                                                          random_rows, iris_estimator) -> None:
+async def test_requests_of_one_step_share_one_inline_call(
+        session_store: Path, random_rows, iris_estimator,
+        caplog: pytest.LogCaptureFixture) -> None:
     """What the server does with the door requests of one event-loop step: their misses go
     to the model in one call, each distinct row once; a row the model refuses sends its
     requests the slower way, where it fails alone."""
@@ -291,9 +293,13 @@ async def test_requests_of_one_step_share_one_inline_call(session_store: Path,
         waiting = doors.answer([request(r) for r in poisoned])
         assert all(isinstance(w, Waiting) for w in waiting)  # the one call failed
         assert doors.together(waiting) == [[0, 1, 2]]  # completed as one group
+        caplog.handler.addFilter(RequestIdFilter())
         replies = await doors.finish_many(waiting)
         assert [r.status for r in replies] == [200, 500, 200]  # the refused row fails alone
         assert probe.calls > calls + 1
+        warned = [r for r in caplog.records if r.name == "gateway.runner"]
+        rid = dict(replies[1].headers)[b"x-request-id"].decode()
+        assert warned and all(r.request_id == rid for r in warned)  # type: ignore[attr-defined]
 
 
 async def test_waiting_requests_begun_together_finish_as_one_group(
