@@ -323,9 +323,9 @@ class Pipeline:
                     failed = await asyncio.gather(*(self._fill(runner, b) for b in waiting))
         except TimeoutError:
             raise DeadlineExceeded(f"no answer within {timeout_s * 1000:.0f} ms") from None
-        for failures in failed:
-            for failure in failures.values():
-                raise runner.failed(failure)
+        refused = next((f for failures in failed for f in failures.values()), None)
+        if refused is not None:
+            raise runner.failed(refused)
         return _answer(blocks)
 
     def together(self, pendings: list[Pending]) -> list[list[int]]:

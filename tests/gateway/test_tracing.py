@@ -213,25 +213,22 @@ def test_settings_fall_back_on_the_standard_variables() -> None:
     from gateway import Settings
     from gateway.tracing import Tracing
 
+    def opened(settings: Settings, env: dict[str, str]) -> tuple[float, str, Any]:
+        """The sampling ratio, export target and service name ``Tracing.open`` settles on."""
+        t = Tracing.open(settings, env)
+        try:
+            return t.ratio, t.target, t._provider.resource.attributes["service.name"]
+        finally:
+            t.shutdown()
+
     env = {"OTEL_TRACES_SAMPLER_ARG": "0.25", "OTEL_SERVICE_NAME": "svc",
            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4317"}
-    t = Tracing.open(Settings(tracing="on"), env)
-    try:
-        assert t.ratio == 0.25
-        assert t.target == "OTLP grpc to http://c:4317"
-        assert t._provider.resource.attributes["service.name"] == "svc"
-    finally:
-        t.shutdown()
+    assert opened(Settings(tracing="on"), env) == (0.25, "OTLP grpc to http://c:4317", "svc")
     own = Settings(tracing="on", tracing_sample_ratio=0.5, tracing_service_name="gw",
                    tracing_protocol="http/protobuf",
                    tracing_endpoint="http://user:pw@h:4318/v1/traces")
-    t = Tracing.open(own, env)
-    try:
-        assert t.ratio == 0.5
-        assert t.target == "OTLP http/protobuf to http://user:***@h:4318/v1/traces"
-        assert t._provider.resource.attributes["service.name"] == "gw"
-    finally:
-        t.shutdown()
+    assert opened(own, env) == (
+        0.5, "OTLP http/protobuf to http://user:***@h:4318/v1/traces", "gw")
     with pytest.raises(RuntimeError, match="'http/json' is not supported"):
         Tracing.open(Settings(tracing="on"), {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"})
 
