@@ -13,8 +13,13 @@ its own thread (per call and per row, wherever it runs): that is how long an inl
 the event loop, and unlike the wall clock it does not count the waits for the GIL of a call in
 the thread, nor the moments the process was not scheduled. Garbage collections that start
 during a call are not counted either (they are the process's, not the model's). A call runs
-inline only while it is predicted to take at most ``inline_max_s``. Until enough calls are
-measured, and for any slower model, it uses the thread (under the version's CapacityLimiter).
+inline only while it is predicted to take at most ``inline_max_s`` and each further row of a
+call costs at most ``inline_row_max_s``. A model dearer than that per row (a forest of hundreds
+of trees on a hundred features: ~15 µs a row) computes in the thread beside the event loop,
+the libraries releasing the GIL while they walk their trees; a small model's rows cost less
+than the Python around them, which holds the GIL wherever it runs, and gain nothing there.
+Until enough calls are measured, and for any slower model, it uses the thread (under the
+version's CapacityLimiter).
 A model that slows down moves back to the thread after one slow call; one that waits on
 something other than the CPU (two inline calls in a row longer than ``inline_max_s`` by the
 wall clock, over half of it blocked: the thread gave up the CPU, which preemption by other
@@ -63,6 +68,7 @@ _WARMUP_CALLS = 8  # calls measured in the thread before inline is considered
 _ALPHA = 0.2  # weight of the newest call in the moving average
 _WAITED_CALLS = 64  # calls kept in the thread after a model was seen waiting inline
 _SMALL_ROWS = 2  # calls of up to this many rows measure the cost of a call itself
+_INLINE_ROW_MAX_S = 5e-6  # CPU per further row of a call beyond which calls take the thread
 _PROBA_SUM_TOL = 1e-3
 
 
@@ -113,14 +119,17 @@ class Executor:
         limiter: anyio.CapacityLimiter,
         placement: Placement = "auto",
         inline_max_s: float = 1e-3,
+        inline_row_max_s: float = _INLINE_ROW_MAX_S,
         on_call: Callable[[bool, Hashable, int, float], None] | None = None,
         describe: Callable[[Hashable], Attributes] | None = None,
     ) -> None:
-        if inline_max_s < 0:
-            raise ValueError(f"inline_max_s must be >= 0, got {inline_max_s}")
+        if inline_max_s < 0 or inline_row_max_s < 0:
+            raise ValueError("inline_max_s and inline_row_max_s must be >= 0, got "
+                             f"{inline_max_s} and {inline_row_max_s}")
         self._limiter = limiter
         self._placement = placement
         self._inline_max = inline_max_s
+        self._inline_row_max = inline_row_max_s
         self._on_call = on_call
         self._describe = describe
         self._calls = 0
@@ -160,8 +169,10 @@ class Executor:
         """Would a call with ``rows`` rows run inline now?"""
         if self._placement != "auto":
             return self._placement == "inline"
+        per_row = self._cpu_row_s
         return (self.measured and not self._thread_only
-                and self.predicted_s(rows) <= self._inline_max)
+                and self.predicted_s(rows) <= self._inline_max
+                and (per_row is None or per_row <= self._inline_row_max))
 
     async def run(self, fn: Callable[[Hashable, np.ndarray], R], unit: Hashable,
                   rows: np.ndarray) -> R:

@@ -20,17 +20,19 @@ class Recorder:
     """A model that computes for ``seconds`` of CPU time per call (``sleeps``: waits instead,
     as a model waiting on its own threads or on I/O does)."""
 
-    def __init__(self, seconds: float = 0.0, *, sleeps: bool = False) -> None:
+    def __init__(self, seconds: float = 0.0, *, sleeps: bool = False,
+                 per_row: float = 0.0) -> None:
         self.seconds = seconds
         self.sleeps = sleeps
+        self.per_row = per_row  # CPU seconds of each row beyond the first
         self.threads: list[int] = []
 
     def __call__(self, _unit: Hashable, rows: np.ndarray) -> list[float]:
         self.threads.append(threading.get_ident())
         if self.seconds and self.sleeps:
             time.sleep(self.seconds)  # the model's own waiting, not a test wait
-        elif self.seconds:
-            end = time.thread_time() + self.seconds
+        elif self.seconds or self.per_row:
+            end = time.thread_time() + self.seconds + self.per_row * (len(rows) - 1)
             while time.thread_time() < end:  # the model's own work
                 pass
         return rows[:, 0].tolist()
@@ -60,6 +62,22 @@ async def test_slow_model_never_runs_inline() -> None:
         await ex.run(fn, "u", rows(1))
     assert not any(places)
     assert threading.get_ident() not in fn.threads
+
+
+@pytest.mark.parametrize(("per_row", "inline"), [(0.0, True), (40e-6, False)])
+async def test_a_model_dear_per_row_computes_in_the_thread(per_row: float, inline: bool) -> None:
+    """Calls well within ``inline_max_s`` run in the thread when each further row costs more
+    than ``inline_row_max_s`` (a large forest, computed without the GIL), inline otherwise."""
+    fn = Recorder(per_row=per_row)
+    places: list[bool] = []
+    ex = Executor(limiter=anyio.CapacityLimiter(1), inline_max_s=0.01, inline_row_max_s=10e-6,
+                  on_call=lambda inline, *_: places.append(inline))
+    for _ in range(10):
+        await ex.run(fn, "u", rows(1))
+        await ex.run(fn, "u", rows(*range(8)))
+    assert ex.measured and ex.predicted_s(8) < 0.01
+    assert places[-10:] == [inline] * 10
+    assert ex.inline_for(1) is inline
 
 
 async def test_model_that_slows_down_goes_back_to_the_thread() -> None:
@@ -174,7 +192,7 @@ async def test_a_call_costs_a_fixed_part_plus_a_part_per_row() -> None:
             pass
         return x[:, 0].tolist()
 
-    ex = Executor(limiter=anyio.CapacityLimiter(1), inline_max_s=0.002)
+    ex = Executor(limiter=anyio.CapacityLimiter(1), inline_max_s=0.002, inline_row_max_s=20e-6)
     for _ in range(10):
         await ex.run(model, "u", rows(1))
     assert ex.inline_for(1) and not ex.inline_for(64)
