@@ -185,10 +185,13 @@ class _OnePassPacking:
             args = (*name.encode().split(), *args[1:])
         elif b" " in name:
             args = (*name.split(), *args[1:])
-        encode = self.encoder.encode
+        encoder = self.encoder
+        encode, encoding, errors = encoder.encode, encoder.encoding, encoder.encoding_errors
         parts = [b"*%d\r\n" % len(args)]
         for arg in args:
-            data = arg if type(arg) is bytes else encode(arg)
+            kind = type(arg)  # the common kinds first, as the encoder would write them
+            data = (arg if kind is bytes else arg.encode(encoding, errors) if kind is str
+                    else b"%d" % arg if kind is int else encode(arg))
             parts += (b"$%d\r\n" % len(data), data, b"\r\n")
         return [b"".join(parts)]
 

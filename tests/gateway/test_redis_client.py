@@ -141,7 +141,7 @@ def test_commands_are_packed_in_one_pass_into_redis_pys_bytes(url: str, kind: ty
         ("PING",), ("SCRIPT LOAD", "return 1"), (b"CONFIG GET", b"maxmemory"),
         ("EVALSHA", "ab" * 20, 6, *(f"k{i}" for i in range(6)), b"channel", 7, 1.5, "é",
          memoryview(b"view"), big, b""),
-        ("SET", "k", big, "EX", 60),
+        ("SET", "k", big, "EX", 60), ("INCRBY", "k", -7), ("SET", "k", 2**70, "PX", 0),
     ]
     for command in commands:
         assert b"".join(ours.pack_command(*command)) == b"".join(
