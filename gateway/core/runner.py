@@ -13,11 +13,12 @@ its own thread (per call and per row, wherever it runs): that is how long an inl
 the event loop, and unlike the wall clock it does not count the waits for the GIL of a call in
 the thread, nor the moments the process was not scheduled. Garbage collections that start
 during a call are not counted either (they are the process's, not the model's). A call runs
-inline only while it is predicted to take at most ``inline_max_s`` and each further row of a
-call costs at most ``inline_row_max_s``. A model dearer than that per row (a forest of hundreds
-of trees on a hundred features: ~15 µs a row) computes in the thread beside the event loop,
-the libraries releasing the GIL while they walk their trees; a small model's rows cost less
-than the Python around them, which holds the GIL wherever it runs, and gain nothing there.
+inline only while it is predicted to take at most ``inline_max_s`` and, for a call of more
+than ``_SMALL_ROWS`` rows, each further row costs at most ``inline_row_max_s``. Such calls of
+a model dearer than that per row (a forest of hundreds of trees on a hundred features: ~15 µs
+a row) compute in the thread beside the event loop, the libraries releasing the GIL while they
+walk their trees; a small model's rows cost less than the Python around them, which holds the
+GIL wherever it runs, and gain nothing there; a lone row costs less than the hop.
 Until enough calls are measured, and for any slower model, it uses the thread (under the
 version's CapacityLimiter).
 A model that slows down moves back to the thread after one slow call; one that waits on
@@ -172,7 +173,7 @@ class Executor:
         per_row = self._cpu_row_s
         return (self.measured and not self._thread_only
                 and self.predicted_s(rows) <= self._inline_max
-                and (per_row is None or per_row <= self._inline_row_max))
+                and (rows <= _SMALL_ROWS or per_row is None or per_row <= self._inline_row_max))
 
     async def run(self, fn: Callable[[Hashable, np.ndarray], R], unit: Hashable,
                   rows: np.ndarray) -> R:
