@@ -30,7 +30,7 @@ from gateway.redis_client import (
     subscriber_for,
 )
 from gateway.registry import ModelRegistry
-from gateway.remote import Remote
+from gateway.remote import BLOCK_LOOP_S, Remote
 from gateway.settings import Settings
 from gateway.tracing import Traced, Tracing
 from model_store import ModelStore
@@ -110,6 +110,7 @@ class Gateway:
         if l2 is not None:
             override = settings.l2_min_call_us
             sharing = Sharing(metrics, round_trip_s=lambda: l2.round_trip_s,
+                              floor_s=0.0 if remote is None else BLOCK_LOOP_S,
                               override_s=None if override is None else override / 1e6)
         pipeline = Pipeline(
             metrics, prefix=settings.cache_prefix, l1=l1, l2=l2,

@@ -4,7 +4,9 @@ Looking a miss up in Redis costs a round trip; it pays when computing the rows c
 the rule compares a model's measured cost for the rows at hand (``Executor.predicted_s``: the
 CPU time of one call with that many rows) with a reference: the Redis round trip measured by
 the L2 tier (``RedisCache.round_trip_s``, a windowed minimum of periodic PINGs, kept up to
-date), or ``GATEWAY_L2_MIN_CALL_US`` when set (0: always consult).
+date), but at least ``floor_s``, the event loop's own work for a lookup (with cross-replica
+coalescing, a block's two lease scripts, their futures and bookkeeping:
+``gateway.remote.BLOCK_LOOP_S``), or ``GATEWAY_L2_MIN_CALL_US`` when set (0: always consult).
 
 Per model version the decision is a state with hysteresis, so that a model costing about a
 round trip does not flap: it starts *consulted* (calls not measured yet count as dear), stops
@@ -38,14 +40,17 @@ class Sharing:
     """The Redis rule for every model version of one app; see the module docstring.
 
     ``round_trip_s()`` gives the measured Redis round trip in seconds (None: not measured yet);
-    ``override_s`` replaces it as the reference when not None. Event-loop thread only.
+    the reference is that round trip, at least ``floor_s``; ``override_s`` replaces both when
+    not None. Event-loop thread only.
     """
 
     def __init__(self, metrics: Metrics, *, round_trip_s: Callable[[], float | None],
-                 override_s: float | None = None) -> None:
-        if override_s is not None and override_s < 0:
-            raise ValueError(f"override_s must be >= 0, got {override_s}")
+                 floor_s: float = 0.0, override_s: float | None = None) -> None:
+        if floor_s < 0 or (override_s is not None and override_s < 0):
+            raise ValueError(f"floor_s and override_s must be >= 0, got {floor_s} and "
+                             f"{override_s}")
         self._round_trip = round_trip_s
+        self._floor = floor_s
         self._override = override_s
         self._gauge = metrics.l2_consulted
         self._skipped: set[int] = set()  # id() of the runners whose misses skip Redis now
@@ -60,7 +65,7 @@ class Sharing:
         ex = runner.executor
         if not ex.measured:
             return True
-        ref = self._override if self._override is not None else self._round_trip()
+        ref = self._reference()
         if ref is None:
             return True
         small = ex.predicted_s(1)
@@ -81,9 +86,16 @@ class Sharing:
         consulted = self.consult(runner, 1)
         ex = runner.executor
         call = ex.predicted_s(1) if ex.measured else None
-        ref = self._override if self._override is not None else self._round_trip()
-        what = ("GATEWAY_L2_MIN_CALL_US" if self._override is not None
-                else "Redis round trip")
+        ref = self._reference()
+        rtt = self._round_trip()
+        if ref is None:
+            against = ""
+        elif self._override is not None:
+            against = f"GATEWAY_L2_MIN_CALL_US {_ms(ref)}"
+        elif rtt is None or rtt >= self._floor:
+            against = f"Redis round trip {_ms(ref)}"
+        else:
+            against = f"Redis lookup {_ms(ref)} (its event-loop work; round trip {_ms(rtt)})"
         if call is None:
             reason = "calls not measured yet: consulted until they are"
         elif ref is None:
@@ -91,15 +103,21 @@ class Sharing:
         elif self._override == 0:
             reason = "GATEWAY_L2_MIN_CALL_US=0: always consulted"
         elif not consulted:
-            reason = f"call {_ms(call)} < {what} {_ms(ref)}: answering again is cheaper"
+            reason = f"call {_ms(call)} < {against}: answering again is cheaper"
         elif call >= ref:
-            reason = f"call {_ms(call)} >= {what} {_ms(ref)}"
+            reason = f"call {_ms(call)} >= {against}"
         else:
-            reason = (f"call {_ms(call)} >= half the {what} {_ms(ref)} "
+            reason = (f"call {_ms(call)} >= half the {against} "
                       "(consulted until below half)")
         return {"consulted": consulted, "reason": reason,
                 "call_ms": None if call is None else round(call * 1e3, 4),
                 "reference_ms": None if ref is None else round(ref * 1e3, 4)}
+
+    def _reference(self) -> float | None:
+        if self._override is not None:
+            return self._override
+        rtt = self._round_trip()
+        return None if rtt is None else max(rtt, self._floor)
 
     def forget(self, runner: ModelRunner) -> None:
         """Drop what is kept of ``runner`` (its version was unloaded), gauge included."""

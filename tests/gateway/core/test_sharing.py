@@ -147,3 +147,25 @@ def test_forget_removes_the_gauge() -> None:
     rule.forget(r)
     assert gauge(metrics) is None
     assert not rule.consult(r, 1)  # as new: measured cheap, skipped again
+
+
+def test_a_lookup_costs_at_least_its_event_loop_work() -> None:
+    """With a floor (a block coordinated across replicas costs the event loop more than the
+    round trip), a model cheaper than the floor skips Redis though dearer than the round
+    trip, and says both figures; a block dearer than the floor is looked up."""
+    metrics = Metrics({})
+    rule = Sharing(metrics, round_trip_s=Clock(100e-6), floor_s=300e-6)
+    r = cast(ModelRunner, runner(120e-6, per_row_s=15e-6))
+    assert not rule.consult(r, 1)
+    assert rule.explain(r)["reason"] == (
+        "call 0.120 ms < Redis lookup 0.300 ms (its event-loop work; round trip 0.100 ms): "
+        "answering again is cheaper")
+    assert rule.explain(r)["reference_ms"] == 0.3
+    assert not rule.consult(r, 10)  # 240 us
+    assert rule.consult(r, 32)  # 570 us
+    assert Sharing(Metrics({}), round_trip_s=Clock(100e-6)).consult(
+        cast(ModelRunner, runner(120e-6)), 1)  # without the floor: dearer than a round trip
+    slow = Sharing(Metrics({}), round_trip_s=Clock(1e-3), floor_s=300e-6)
+    assert slow.explain(r)["reason"].startswith("call 0.120 ms < Redis round trip 1.000 ms")
+    with pytest.raises(ValueError):
+        Sharing(metrics, round_trip_s=Clock(None), floor_s=-1)
