@@ -72,8 +72,9 @@ class Settings(BaseSettings):
 
     l2_min_call_us: int | None = Field(None, ge=0)
     """Unset: misses of a model are looked up in Redis (and coalesced across replicas) while
-    its call for the rows costs at least the measured Redis round trip (stopping below half of
-    it); set: this many microseconds instead of the round trip. 0: always consult Redis."""
+    its call for the rows costs at least the measured Redis round trip, with cross-replica
+    coalescing at least ``gateway.remote.BLOCK_LOOP_S`` (stopping below half of it); set: this
+    many microseconds instead. 0: always consult Redis."""
 
     breaker_failures: int = Field(3, ge=1)
     """Consecutive Redis failures that open the circuit (Redis skipped)."""
