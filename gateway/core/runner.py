@@ -21,7 +21,11 @@ walk their trees; a small model's rows cost less than the Python around them, wh
 GIL wherever it runs, and gain nothing there; a lone row costs less than the hop.
 Until enough calls are measured, and for any slower model, it uses the thread (under the
 version's CapacityLimiter).
-A model that slows down moves back to the thread after one slow call; one that waits on
+A model that slows down moves back to the thread after one slow call, for its next
+``_WAITED_CALLS`` calls. A call counts in an average as at most ``_OUTLIER`` times the
+average, and a call of more rows bounds the cost of a small one: one outlier (a cold cache, a
+burst of page faults) cannot pin the averages while the load leaves no small calls to correct
+them. One that waits on
 something other than the CPU (two inline calls in a row longer than ``inline_max_s`` by the
 wall clock, over half of it blocked: the thread gave up the CPU, which preemption by other
 processes does not count as) goes to the thread for its next ``_WAITED_CALLS`` calls, then is
@@ -67,6 +71,7 @@ SEP = b"\x00"  # between label and probabilities in a ``both`` value (never insi
 
 _WARMUP_CALLS = 8  # calls measured in the thread before inline is considered
 _ALPHA = 0.2  # weight of the newest call in the moving average
+_OUTLIER = 4.0  # a call counts in an average as at most this many times the average
 _WAITED_CALLS = 64  # calls kept in the thread after a model was seen waiting inline
 _SMALL_ROWS = 2  # calls of up to this many rows measure the cost of a call itself
 _INLINE_ROW_MAX_S = 5e-6  # CPU per further row of a call beyond which calls take the thread
@@ -228,18 +233,20 @@ class Executor:
             self._per_call_s + _ALPHA * (seconds - self._per_call_s))
         if rows <= _SMALL_ROWS:
             old = self._cpu_small_s
-            self._cpu_small_s = cpu_s if old is None else old + _ALPHA * (cpu_s - old)
-            if inline and cpu_s > self._inline_max:  # one slow call is enough: to the thread
-                self._cpu_small_s = max(self._cpu_small_s, cpu_s)
+            self._cpu_small_s = cpu_s if old is None else old + _ALPHA * (
+                min(cpu_s, old * _OUTLIER) - old)
         else:
             base = self._cpu_small_s
+            if base is not None and cpu_s < base:  # a call of more rows costs no less
+                base = self._cpu_small_s = cpu_s
             extra = rows if base is None else rows - _SMALL_ROWS
-            per_row = max(0.0, cpu_s - (base or 0.0)) / extra
+            per_row = (cpu_s - (base or 0.0)) / extra
             old = self._cpu_row_s
-            self._cpu_row_s = per_row if old is None else old + _ALPHA * (per_row - old)
-            if inline and cpu_s > self._inline_max:
-                self._cpu_row_s = max(self._cpu_row_s, per_row)
-        if inline and cpu_s <= self._inline_max:
+            self._cpu_row_s = per_row if not old else old + _ALPHA * (
+                min(per_row, old * _OUTLIER) - old)
+        if inline and cpu_s > self._inline_max:  # one slow call is enough: to the thread
+            self._thread_only = _WAITED_CALLS
+        elif inline:
             if seconds > self._inline_max and cpu_s < seconds / 2 and blocked:
                 # Mostly waiting, and the thread blocked: the model waited on something
                 # (its own threads, I/O, a lock). Twice in a row is no accident.

@@ -11,7 +11,7 @@ import anyio
 import numpy as np
 import pytest
 
-from gateway.core.runner import _WAITED_CALLS, Executor
+from gateway.core.runner import _OUTLIER, _WAITED_CALLS, Executor
 
 pytestmark = pytest.mark.anyio
 
@@ -217,3 +217,32 @@ async def test_a_call_slowed_only_by_preemption_is_not_waiting(
         await ex.run(fn, "u", rows(1))
     assert ex.inline_for(1)
 
+
+
+async def test_one_outlier_does_not_pin_the_averages_under_load() -> None:
+    """A one-row call 100 times its usual cost sends the model to the thread, but moves the
+    averages by at most ``_OUTLIER`` times; a small cost measured while the model was slow is
+    bounded by the calls of more rows that follow (under load no small call may come to
+    correct it)."""
+    fn = Recorder(seconds=50e-6, per_row=15e-6)
+    ex = Executor(limiter=anyio.CapacityLimiter(1), inline_max_s=1e-3, inline_row_max_s=20e-6)
+    for _ in range(10):
+        await ex.run(fn, "u", rows(1))
+    fn.seconds = 5e-3
+    await ex.run(fn, "u", rows(1))  # inline, 5 ms: an outlier
+    assert not ex.inline_for(1)  # to the thread for a while
+    assert ex.predicted_s(1) < _OUTLIER * 60e-6
+    fn.seconds = 50e-6
+    for _ in range(10):
+        await ex.run(fn, "u", rows(*range(20)))
+    assert ex.predicted_s(1) < _OUTLIER * 60e-6
+    assert 10e-6 < ex.predicted_s(20) / 20 < 40e-6
+
+    slow_start = Executor(limiter=anyio.CapacityLimiter(1), inline_max_s=0.01)
+    fn.seconds = 2e-3
+    for _ in range(10):  # a cold start: small calls at 2 ms
+        await slow_start.run(fn, "u", rows(1))
+    fn.seconds = 50e-6
+    for _ in range(10):  # then only calls of 20 rows, at ~0.3 ms
+        await slow_start.run(fn, "u", rows(*range(20)))
+    assert slow_start.predicted_s(1) < 1e-3
