@@ -42,6 +42,7 @@ import math
 import resource
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Hashable
 from typing import Any, Literal, TypeVar
 
@@ -72,6 +73,7 @@ SEP = b"\x00"  # between label and probabilities in a ``both`` value (never insi
 _WARMUP_CALLS = 8  # calls measured in the thread before inline is considered
 _ALPHA = 0.2  # weight of the newest call in the moving average
 _OUTLIER = 4.0  # a call counts in an average as at most this many times the average
+_RECENT_SMALL = 16  # small calls whose least cost is kept (``Executor.least_small_s``)
 _WAITED_CALLS = 64  # calls kept in the thread after a model was seen waiting inline
 _SMALL_ROWS = 2  # calls of up to this many rows measure the cost of a call itself
 _INLINE_ROW_MAX_S = 5e-6  # CPU per further row of a call beyond which calls take the thread
@@ -144,6 +146,7 @@ class Executor:
         # call, mostly), and of each further row of a bigger call (None: not measured yet).
         self._cpu_small_s: float | None = None
         self._cpu_row_s: float | None = None
+        self._recent_small: deque[float] = deque(maxlen=_RECENT_SMALL)  # CPU s, latest calls
         self._waited = 0  # consecutive inline calls slow by the wall clock, short in CPU time
         self._thread_only = 0  # calls left in the thread since the model was seen waiting
         self._warned = False
@@ -159,6 +162,13 @@ class Executor:
     def measured(self) -> bool:
         """Have enough calls been measured for the averages to mean something?"""
         return self._calls >= _WARMUP_CALLS
+
+    @property
+    def least_small_s(self) -> float | None:
+        """The least CPU time of the last ``_RECENT_SMALL`` calls of one or two rows (None:
+        none yet): what the model costs itself, without the cold caches and contention that a
+        loaded machine adds to some calls."""
+        return min(self._recent_small) if self._recent_small else None
 
     def predicted_s(self, rows: int) -> float:
         """Predicted CPU time of a call with ``rows`` rows (0 before any measurement): the
@@ -231,9 +241,11 @@ class Executor:
         self._calls += 1
         self._per_call_s = seconds if self._calls == 1 else (
             self._per_call_s + _ALPHA * (seconds - self._per_call_s))
+        cpu_s = max(cpu_s, 0.0)  # less the wall-clock time of a collection: may overshoot
         if rows <= _SMALL_ROWS:
+            self._recent_small.append(cpu_s)
             old = self._cpu_small_s
-            self._cpu_small_s = cpu_s if old is None else old + _ALPHA * (
+            self._cpu_small_s = cpu_s if not old else old + _ALPHA * (
                 min(cpu_s, old * _OUTLIER) - old)
         else:
             base = self._cpu_small_s

@@ -1,8 +1,10 @@
 """Whether Redis is consulted for a model version's misses, and why.
 
 Looking a miss up in Redis costs a round trip; it pays when computing the rows costs more. So
-the rule compares a model's measured cost for the rows at hand (``Executor.predicted_s``: the
-CPU time of one call with that many rows) with a reference: the Redis round trip measured by
+the rule compares a model's measured cost for the rows at hand (a lone row:
+``Executor.least_small_s``, the least CPU time of its recent calls of one or two rows, as the
+round trip is the least of recent PINGs; more rows: ``Executor.predicted_s``, the CPU time of
+one call with that many rows) with a reference: the Redis round trip measured by
 the L2 tier (``RedisCache.round_trip_s``, a windowed minimum of periodic PINGs, kept up to
 date), but at least ``floor_s``, the event loop's own work for a lookup (with cross-replica
 coalescing, a block's two lease scripts, their futures and bookkeeping:
@@ -26,7 +28,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from gateway.core.runner import ModelRunner
+from gateway.core.runner import Executor, ModelRunner
 from gateway.metrics import Metrics
 
 __all__ = ["Sharing"]
@@ -68,7 +70,7 @@ class Sharing:
         ref = self._reference()
         if ref is None:
             return True
-        small = ex.predicted_s(1)
+        small = _small_s(ex)
         if rid in self._skipped:
             if small >= ref:
                 self._flip(runner, True, small, ref)
@@ -85,7 +87,7 @@ class Sharing:
         measured)."""
         consulted = self.consult(runner, 1)
         ex = runner.executor
-        call = ex.predicted_s(1) if ex.measured else None
+        call = _small_s(ex) if ex.measured else None
         ref = self._reference()
         rtt = self._round_trip()
         if ref is None:
@@ -138,6 +140,11 @@ class Sharing:
         self._gauge.labels(m.name, str(m.version)).set(1 if consulted else 0)
         log.info("model %s v%s: Redis %s (call %s, reference %s)", m.name, m.version,
                  "consulted" if consulted else "skipped", _ms(call_s), _ms(ref_s))
+
+
+def _small_s(ex: Executor) -> float:
+    least = ex.least_small_s
+    return ex.predicted_s(1) if least is None else least
 
 
 def _ms(seconds: float) -> str:

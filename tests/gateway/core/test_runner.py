@@ -246,3 +246,21 @@ async def test_one_outlier_does_not_pin_the_averages_under_load() -> None:
     for _ in range(10):  # then only calls of 20 rows, at ~0.3 ms
         await slow_start.run(fn, "u", rows(*range(20)))
     assert slow_start.predicted_s(1) < 1e-3
+
+
+async def test_the_least_small_call_is_kept_over_the_recent_ones() -> None:
+    fn = Recorder(seconds=300e-6)
+    ex = Executor(limiter=anyio.CapacityLimiter(1), placement="thread")
+    assert ex.least_small_s is None
+    await ex.run(fn, "u", rows(1))
+    fn.seconds = 50e-6
+    await ex.run(fn, "u", rows(1, 2))
+    await ex.run(fn, "u", rows(*range(20)))  # not a small call
+    fn.seconds = 400e-6
+    for _ in range(15):
+        await ex.run(fn, "u", rows(1))
+    least = ex.least_small_s
+    assert least is not None and 50e-6 <= least < 300e-6
+    await ex.run(fn, "u", rows(1))  # the 50 us call is now older than the last 16
+    least = ex.least_small_s
+    assert least is not None and least >= 300e-6

@@ -19,6 +19,11 @@ class FakeExecutor:
     def __init__(self, small_s: float | None, per_row_s: float = 0.0) -> None:
         self.small_s = small_s
         self.per_row_s = per_row_s
+        self.least_s: float | None = None  # least_small_s, when set apart from small_s
+
+    @property
+    def least_small_s(self) -> float | None:
+        return self.small_s if self.least_s is None else self.least_s
 
     @property
     def measured(self) -> bool:
@@ -169,3 +174,16 @@ def test_a_lookup_costs_at_least_its_event_loop_work() -> None:
     assert slow.explain(r)["reason"].startswith("call 0.120 ms < Redis round trip 1.000 ms")
     with pytest.raises(ValueError):
         Sharing(metrics, round_trip_s=Clock(None), floor_s=-1)
+
+
+def test_a_lone_row_is_judged_by_the_least_of_its_recent_calls() -> None:
+    """A loaded machine makes some calls dear (cold caches, contention): a lone row is judged
+    by the least cost of the model's recent small calls, as the round trip is the least of
+    recent PINGs; a block by its predicted call."""
+    rule = Sharing(Metrics({}), round_trip_s=Clock(100e-6), floor_s=300e-6)
+    model = runner(400e-6, per_row_s=15e-6)
+    model.executor.least_s = 60e-6
+    r = cast(ModelRunner, model)
+    assert not rule.consult(r, 1)
+    assert rule.explain(r)["call_ms"] == 0.06
+    assert rule.consult(r, 3)  # 415 us predicted
