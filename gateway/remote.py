@@ -60,7 +60,8 @@ BLOCK_LOOP_S = 300e-6
 read), their futures and the lease bookkeeping. Measured with one new row per request, at
 1,500 requests/s on 2 cores: 480-500 µs of the loop's CPU a request with coordination against
 110-250 µs without (and 60 µs of redis-server's), see docs/performance.md. ``Sharing`` takes
-it as the least a lookup costs: a model answering a row for less looks it up no more."""
+it as the least a lookup costs: a model answering a lone row for less computes it where it is
+missed."""
 
 _LEASE_CALLS = 4.0  # lease = this many average calls (~2 x p99 for a steady model)
 _MAX_LEASE_S = 30.0
