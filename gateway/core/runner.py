@@ -147,6 +147,7 @@ class Executor:
         self._cpu_small_s: float | None = None
         self._cpu_row_s: float | None = None
         self._recent_small: deque[float] = deque(maxlen=_RECENT_SMALL)  # CPU s, latest calls
+        self._least_small: float | None = None  # min(self._recent_small), kept at each call
         self._waited = 0  # consecutive inline calls slow by the wall clock, short in CPU time
         self._thread_only = 0  # calls left in the thread since the model was seen waiting
         self._warned = False
@@ -168,7 +169,7 @@ class Executor:
         """The least CPU time of the last ``_RECENT_SMALL`` calls of one or two rows (None:
         none yet): what the model costs itself, without the cold caches and contention that a
         loaded machine adds to some calls."""
-        return min(self._recent_small) if self._recent_small else None
+        return self._least_small
 
     def predicted_s(self, rows: int) -> float:
         """Predicted CPU time of a call with ``rows`` rows (0 before any measurement): the
@@ -244,6 +245,7 @@ class Executor:
         cpu_s = max(cpu_s, 0.0)  # less the wall-clock time of a collection: may overshoot
         if rows <= _SMALL_ROWS:
             self._recent_small.append(cpu_s)
+            self._least_small = min(self._recent_small)
             old = self._cpu_small_s
             self._cpu_small_s = cpu_s if not old else old + _ALPHA * (
                 min(cpu_s, old * _OUTLIER) - old)
