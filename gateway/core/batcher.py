@@ -9,7 +9,11 @@ Batches form by themselves from load, with no timer on the idle path:
   once: a lone block at low load goes out as it is, without waiting;
 * while every slot is busy, blocks accumulate; the next free slot takes up to
   ``max_batch_size`` rows of them; a block larger than that is split on submit;
-* ``max_delay_s > 0`` holds a dispatch up to that long for the batch to fill.
+* ``max_delay_s > 0`` holds a dispatch up to that long for the batch to fill;
+* while every slot is busy and a whole batch (``max_batch_size`` rows) is queued, up to
+  ``ahead`` more batches are handed to ``run``, to wait for a free slot there (a model thread's
+  queue): under load the next call then starts as the previous one ends, rather than once the
+  event loop has seen it end.
 
 Each submitted block gets its own future, resolved exactly once: with one result per row
 (a failing call is retried row by row, so one bad row fails alone, as ``Failure``), or with
@@ -95,6 +99,7 @@ class MicroBatcher(Generic[R]):
         max_delay_s: float = 0.0,
         max_queue: int = 4096,
         concurrency: int = 1,
+        ahead: int = 0,
         on_batch: Callable[[int], None] | None = None,
     ) -> None:
         if max_batch_size < 1:
@@ -103,14 +108,18 @@ class MicroBatcher(Generic[R]):
             raise ValueError(f"max_delay_s must be within [0, 1], got {max_delay_s}")
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
-        if concurrency < 1:
-            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        if concurrency < 1 or ahead < 0:
+            raise ValueError(f"concurrency must be >= 1 and ahead >= 0, got {concurrency} and "
+                             f"{ahead}")
         self._fn = fn
         self._run = run
         self._max_batch = max_batch_size
         self._max_delay = max_delay_s
         self._max_queue = max_queue
         self._concurrency = concurrency
+        self._ahead = ahead
+        self._busy = 0  # batches handed to ``run`` and not ended
+        self.running_rows = 0  # their rows
         self._on_batch = on_batch
         self._queue: deque[_Entry[R]] = deque()
         self.queued_rows = 0  # rows of entries in _queue with queued=True
@@ -118,13 +127,11 @@ class MicroBatcher(Generic[R]):
         self._closed = False
         # Created in start(), inside the running loop.
         self._wake: asyncio.Event | None = None
-        self._slots: asyncio.Semaphore | None = None
         self._dispatcher: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         """Start the dispatcher on the running loop."""
         self._wake = asyncio.Event()
-        self._slots = asyncio.Semaphore(self._concurrency)
         self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch_loop())
 
     async def submit(self, unit: Hashable, rows: np.ndarray) -> list[R | Failure]:
@@ -168,22 +175,30 @@ class MicroBatcher(Generic[R]):
                         e.future.cancel()
 
     async def _dispatch_loop(self) -> None:
-        assert self._wake is not None and self._slots is not None
+        assert self._wake is not None
         while True:
-            while not self.queued_rows:
-                self._queue.clear()  # only entries whose callers left remain
+            while not self._may_hand_over():
+                if not self.queued_rows:
+                    self._queue.clear()  # only entries whose callers left remain
                 self._wake.clear()
                 await self._wake.wait()
-            await self._slots.acquire()
             if self._max_delay and self.queued_rows < self._max_batch:
                 await self._fill(time.monotonic() + self._max_delay)
             batch = self._take()
             if not batch:
-                self._slots.release()
                 continue
+            self._busy += 1
+            self.running_rows += sum(len(e.rows) for e in batch)
             task = asyncio.get_running_loop().create_task(self._execute(batch))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
+
+    def _may_hand_over(self) -> bool:
+        """Is a batch to be handed to ``run`` now: rows are queued and a slot is free, or a
+        whole batch is queued and fewer than ``ahead`` wait for a slot?"""
+        busy = self._busy
+        return bool(self.queued_rows) and (busy < self._concurrency or (
+            busy < self._concurrency + self._ahead and self.queued_rows >= self._max_batch))
 
     async def _fill(self, deadline: float) -> None:
         assert self._wake is not None
@@ -222,7 +237,8 @@ class MicroBatcher(Generic[R]):
         return batch
 
     async def _execute(self, batch: list[_Entry[R]]) -> None:
-        assert self._slots is not None
+        assert self._wake is not None
+        n = sum(len(e.rows) for e in batch)
         try:
             rows = batch[0].rows if len(batch) == 1 else np.concatenate([e.rows for e in batch])
             if self._on_batch is not None:
@@ -243,7 +259,9 @@ class MicroBatcher(Generic[R]):
                     entry.future.set_exception(BatcherClosed("batch interrupted"))
             raise
         finally:
-            self._slots.release()
+            self._busy -= 1
+            self.running_rows -= n
+            self._wake.set()
 
     def call(self, unit: Hashable, rows: np.ndarray) -> list[R | Failure]:
         """``fn`` on the whole batch, or row by row if the batch raises."""

@@ -19,8 +19,13 @@ a model dearer than that per row (a forest of hundreds of trees on a hundred fea
 a row) compute in the thread beside the event loop, the libraries releasing the GIL while they
 walk their trees; a small model's rows cost less than the Python around them, which holds the
 GIL wherever it runs, and gain nothing there; a lone row costs less than the hop.
-Until enough calls are measured, and for any slower model, it uses the thread (under the
-version's CapacityLimiter).
+Until enough calls are measured, and for any slower model, it uses the thread.
+
+The thread is the version's own (``ModelThreads``: ``infer_concurrency`` of them), fed by a
+queue: a call handed over while another runs starts the moment that one ends, without waiting
+for the event loop to notice the end and hand over the next (the micro-batcher keeps one batch
+waiting there). Under load the loop is busy for milliseconds at a time; a model waiting for
+it between calls would idle as long as it computes.
 A model that slows down moves back to the thread after one slow call, for its next
 ``_WAITED_CALLS`` calls. A call counts in an average as at most ``_OUTLIER`` times the
 average, and a call of more rows bounds the cost of a small one: one outlier (a cold cache, a
@@ -35,10 +40,12 @@ tried inline again.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import itertools
 import logging
 import math
+import queue
 import resource
 import threading
 import time
@@ -46,7 +53,6 @@ from collections import deque
 from collections.abc import Callable, Hashable
 from typing import Any, Literal, TypeVar
 
-import anyio
 import numpy as np
 import orjson
 
@@ -56,7 +62,7 @@ from gateway.metrics import Metrics
 from gateway.tracing import Attributes, model_call
 from model_store import LoadedModel
 
-__all__ = ["Executor", "ModelRunner", "Output", "Placement", "Unit"]
+__all__ = ["Executor", "ModelRunner", "ModelThreads", "Output", "Placement", "Unit"]
 
 log = logging.getLogger("gateway.runner")
 
@@ -78,6 +84,7 @@ _WAITED_CALLS = 64  # calls kept in the thread after a model was seen waiting in
 _SMALL_ROWS = 2  # calls of up to this many rows measure the cost of a call itself
 _INLINE_ROW_MAX_S = 5e-6  # CPU per further row of a call beyond which calls take the thread
 _PROBA_SUM_TOL = 1e-3
+_THREAD_IDLE_S = 30.0  # a model thread with no call for this long ends (started again on demand)
 
 
 class _GcClock(threading.local):
@@ -112,8 +119,87 @@ def _blocked_count() -> int:
     return resource.getrusage(_RUSAGE_THREAD).ru_nvcsw
 
 
+class _Job:
+    """One call handed to a model thread; ``done`` runs on the event loop once it ended."""
+
+    __slots__ = ("context", "done", "fn", "future", "loop", "rows", "unit")
+
+    def __init__(self, fn: Callable[[Hashable, np.ndarray], Any], unit: Hashable,
+                 rows: np.ndarray, loop: asyncio.AbstractEventLoop,
+                 done: Callable[[], None]) -> None:
+        self.fn, self.unit, self.rows, self.loop, self.done = fn, unit, rows, loop, done
+        self.future: asyncio.Future[Any] = loop.create_future()
+        self.context = contextvars.copy_context()
+
+
+class ModelThreads:
+    """``count`` threads taking a model version's calls in order from one queue, started on
+    the first call and ending after ``_THREAD_IDLE_S`` without one (so an unloaded version's
+    threads go away by themselves). A call queued while another runs starts as soon as that
+    one ends."""
+
+    def __init__(self, count: int = 1, *, name: str = "model") -> None:
+        if count < 1:
+            raise ValueError(f"count must be >= 1, got {count}")
+        self._count = count
+        self._name = name
+        self._jobs: queue.SimpleQueue[_Job] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._live = 0  # threads started and not ended
+
+    def submit(self, fn: Callable[[Hashable, np.ndarray], R], unit: Hashable,
+               rows: np.ndarray, done: Callable[[], None]) -> asyncio.Future[R]:
+        """Queue ``fn(unit, rows)``; the future gets its result or exception. ``done()``
+        runs on the loop when the call ended, before the future is resolved (not for a call
+        skipped because its future was cancelled before it started). Cancelling the future
+        does not stop a call that has started."""
+        job = _Job(fn, unit, rows, asyncio.get_running_loop(), done)
+        self._jobs.put(job)
+        with self._lock:
+            if self._live < self._count:
+                self._live += 1
+                threading.Thread(target=self._work, name=self._name, daemon=True).start()
+        return job.future
+
+    def _work(self) -> None:
+        jobs = self._jobs
+        while True:
+            try:
+                job = jobs.get(timeout=_THREAD_IDLE_S)
+            except queue.Empty:
+                with self._lock:
+                    if jobs.empty():
+                        self._live -= 1
+                        return
+                continue
+            if job.future.cancelled():  # its caller left before it started
+                continue
+            result: Any = None
+            error: BaseException | None = None
+            try:
+                result = job.context.run(job.fn, job.unit, job.rows)
+            except BaseException as exc:  # delivered to the caller
+                error = exc
+            try:
+                job.loop.call_soon_threadsafe(_settle, job, result, error)
+            except RuntimeError:  # the loop is closed: nobody waits any more
+                pass
+            del job, result, error
+
+
+def _settle(job: _Job, result: Any, error: BaseException | None) -> None:
+    job.done()
+    if job.future.done():
+        return
+    if error is None:
+        job.future.set_result(result)
+    else:
+        job.future.set_exception(error)
+
+
 class Executor:
-    """Runs ``fn(unit, rows)`` inline or in a worker thread; see the module docstring.
+    """Runs ``fn(unit, rows)`` inline or on the version's ``ModelThreads``; see the module
+    docstring.
 
     ``on_call(inline, unit, rows, seconds)`` observes each call, failed ones too (metrics;
     wall-clock seconds) on the event loop; it must not block. A call serving sampled requests
@@ -124,7 +210,7 @@ class Executor:
     def __init__(
         self,
         *,
-        limiter: anyio.CapacityLimiter,
+        threads: int = 1,
         placement: Placement = "auto",
         inline_max_s: float = 1e-3,
         inline_row_max_s: float = _INLINE_ROW_MAX_S,
@@ -134,7 +220,7 @@ class Executor:
         if inline_max_s < 0 or inline_row_max_s < 0:
             raise ValueError("inline_max_s and inline_row_max_s must be >= 0, got "
                              f"{inline_max_s} and {inline_row_max_s}")
-        self._limiter = limiter
+        self._threads = ModelThreads(threads)
         self._placement = placement
         self._inline_max = inline_max_s
         self._inline_row_max = inline_row_max_s
@@ -193,7 +279,9 @@ class Executor:
 
     async def run(self, fn: Callable[[Hashable, np.ndarray], R], unit: Hashable,
                   rows: np.ndarray) -> R:
-        """``fn(unit, rows)``, inline or in a worker thread. Raises what ``fn`` raises."""
+        """``fn(unit, rows)``, inline or in a model thread. Raises what ``fn`` raises.
+        Cancelled, it returns at once: a call that has started in the thread runs to its end
+        (and is measured), one that has not is skipped."""
         if self.inline_for(len(rows)):
             return self.run_inline(fn, unit, rows)
         call = model_call()
@@ -209,12 +297,12 @@ class Executor:
                 took[0] = time.perf_counter() - start - gc_s
                 took[1] = time.thread_time() - cpu - gc_s
 
-        try:
-            return await anyio.to_thread.run_sync(timed, unit, rows, limiter=self._limiter)
-        finally:
+        def done() -> None:
             self._observe(False, unit, len(rows), took[0], took[1])
             if call is not None:
                 call.record(start_ns, self._span_attributes(unit, len(rows), "thread"))
+
+        return await self._threads.submit(timed, unit, rows, done)
 
     def run_inline(self, fn: Callable[[Hashable, np.ndarray], R], unit: Hashable,
                    rows: np.ndarray) -> R:
@@ -342,13 +430,13 @@ class ModelRunner:
             return {"gateway.model": name, "gateway.model.version": version,
                     "gateway.unit": self.unit_tag(unit)}  # type: ignore[arg-type]
 
-        self.executor = Executor(limiter=anyio.CapacityLimiter(concurrency), placement=placement,
+        self.executor = Executor(threads=concurrency, placement=placement,
                                  inline_max_s=inline_max_s, on_call=on_call, describe=describe)
         self.batcher: MicroBatcher[bytes] | None = None
         if batching:
             self.batcher = MicroBatcher(
                 self._call, run=self.executor.run, max_batch_size=max_batch_size,
-                max_delay_s=max_delay_s, max_queue=max_queue, concurrency=concurrency,
+                max_delay_s=max_delay_s, max_queue=max_queue, concurrency=concurrency, ahead=1,
                 on_batch=lambda n: tally.observe(metrics.batch_rows, n),
             )
             batcher = self.batcher

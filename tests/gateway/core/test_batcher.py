@@ -5,7 +5,6 @@ import threading
 from collections.abc import Hashable
 from typing import Any
 
-import anyio
 import numpy as np
 import pytest
 
@@ -43,7 +42,7 @@ class Doubler:
 
 
 def make(fn: Doubler, **kw: Any) -> MicroBatcher[float]:
-    ex = Executor(limiter=anyio.CapacityLimiter(1), placement="thread")
+    ex = Executor(placement="thread")
     b: MicroBatcher[float] = MicroBatcher(fn, run=ex.run, **kw)
     b.start()
     return b

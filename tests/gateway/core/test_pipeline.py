@@ -74,7 +74,7 @@ async def test_256_distinct_rows_batch_into_at_most_5_calls(session_store: Path,
         await wait_thread_event(probe.entered)
         rt = gw.runtime("iris")
         assert rt.batcher is not None
-        await wait_for(lambda: rt.batcher.queued_rows + probe.rows == 256)
+        await wait_for(lambda: rt.batcher.queued_rows + rt.batcher.running_rows == 256)
         probe.gate.set()
         answers = [r.json()["prediction"] for r in await asyncio.gather(*tasks)]
         assert answers == iris_estimator.predict(rows).tolist()

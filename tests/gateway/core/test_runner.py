@@ -45,7 +45,7 @@ def rows(*values: float) -> np.ndarray:
 async def test_tiny_calls_move_inline_after_warmup() -> None:
     fn = Recorder()
     places: list[bool] = []
-    ex = Executor(limiter=anyio.CapacityLimiter(1), inline_max_s=0.01,
+    ex = Executor(inline_max_s=0.01,
                   on_call=lambda inline, *_: places.append(inline))
     for _ in range(20):
         assert await ex.run(fn, "u", rows(1, 2)) == [1, 2]
@@ -56,7 +56,7 @@ async def test_tiny_calls_move_inline_after_warmup() -> None:
 async def test_slow_model_never_runs_inline() -> None:
     fn = Recorder(seconds=0.002)
     places: list[bool] = []
-    ex = Executor(limiter=anyio.CapacityLimiter(1), inline_max_s=100e-6,
+    ex = Executor(inline_max_s=100e-6,
                   on_call=lambda inline, *_: places.append(inline))
     for _ in range(30):
         await ex.run(fn, "u", rows(1))
@@ -71,7 +71,7 @@ async def test_a_model_dear_per_row_computes_in_the_thread(per_row: float, inlin
     otherwise; a call of one row runs inline either way (it costs less than the hop)."""
     fn = Recorder(per_row=per_row)
     places: list[bool] = []
-    ex = Executor(limiter=anyio.CapacityLimiter(1), inline_max_s=0.01, inline_row_max_s=10e-6,
+    ex = Executor(inline_max_s=0.01, inline_row_max_s=10e-6,
                   on_call=lambda inline, *_: places.append(inline))
     for _ in range(10):
         await ex.run(fn, "u", rows(1))
@@ -84,7 +84,7 @@ async def test_a_model_dear_per_row_computes_in_the_thread(per_row: float, inlin
 async def test_model_that_slows_down_goes_back_to_the_thread() -> None:
     fn = Recorder()
     places: list[bool] = []
-    ex = Executor(limiter=anyio.CapacityLimiter(1), inline_max_s=0.001,
+    ex = Executor(inline_max_s=0.001,
                   on_call=lambda inline, *_: places.append(inline))
     for _ in range(10):
         await ex.run(fn, "u", rows(1))
@@ -101,7 +101,7 @@ async def test_time_waiting_for_the_gil_in_the_thread_does_not_count() -> None:
     """A call in the thread is timed by its CPU time: the event loop holding the GIL
     meanwhile (here, 20 ms of busy work) does not make a tiny model look slow."""
     fn = Recorder()
-    ex = Executor(limiter=anyio.CapacityLimiter(1), inline_max_s=0.001)
+    ex = Executor(inline_max_s=0.001)
     started, go = threading.Event(), threading.Event()
 
     def tiny(unit: Hashable, x: np.ndarray) -> list[float]:
@@ -128,7 +128,7 @@ async def test_model_that_waits_runs_in_the_thread_until_tried_again() -> None:
     send the model to the thread for ``_WAITED_CALLS`` calls; then it is tried inline."""
     fn = Recorder()
     places: list[bool] = []
-    ex = Executor(limiter=anyio.CapacityLimiter(1), inline_max_s=0.001,
+    ex = Executor(inline_max_s=0.001,
                   on_call=lambda inline, *_: places.append(inline))
     for _ in range(10):
         await ex.run(fn, "u", rows(1))
@@ -148,10 +148,10 @@ async def test_model_that_waits_runs_in_the_thread_until_tried_again() -> None:
 
 async def test_forced_placements() -> None:
     fn = Recorder(seconds=0.001)
-    inline = Executor(limiter=anyio.CapacityLimiter(1), placement="inline")
+    inline = Executor(placement="inline")
     await inline.run(fn, "u", rows(1))
     assert fn.threads[-1] == threading.get_ident()
-    thread = Executor(limiter=anyio.CapacityLimiter(1), placement="thread")
+    thread = Executor(placement="thread")
     fn.seconds = 0.0
     for _ in range(20):
         await thread.run(fn, "u", rows(1))
@@ -160,12 +160,12 @@ async def test_forced_placements() -> None:
 
 def test_bad_threshold_raises() -> None:
     with pytest.raises(ValueError):
-        Executor(limiter=anyio.CapacityLimiter(1), inline_max_s=-1)
+        Executor(inline_max_s=-1)
 
 
 async def test_a_collection_during_a_call_is_not_the_models_time() -> None:
     fn = Recorder()
-    ex = Executor(limiter=anyio.CapacityLimiter(1), inline_max_s=0.001)
+    ex = Executor(inline_max_s=0.001)
     for _ in range(10):
         await ex.run(fn, "u", rows(1))
     assert ex.inline_for(1)
@@ -193,7 +193,7 @@ async def test_a_call_costs_a_fixed_part_plus_a_part_per_row() -> None:
             pass
         return x[:, 0].tolist()
 
-    ex = Executor(limiter=anyio.CapacityLimiter(1), inline_max_s=0.002, inline_row_max_s=20e-6)
+    ex = Executor(inline_max_s=0.002, inline_row_max_s=20e-6)
     for _ in range(10):
         await ex.run(model, "u", rows(1))
     assert ex.inline_for(1) and not ex.inline_for(64)
@@ -208,7 +208,7 @@ async def test_a_call_slowed_only_by_preemption_is_not_waiting(
     from gateway.core import runner
 
     fn = Recorder()
-    ex = Executor(limiter=anyio.CapacityLimiter(1), inline_max_s=0.001)
+    ex = Executor(inline_max_s=0.001)
     for _ in range(10):
         await ex.run(fn, "u", rows(1))
     monkeypatch.setattr(runner, "_blocked_count", lambda: 0)  # as if it never blocked
@@ -225,7 +225,7 @@ async def test_one_outlier_does_not_pin_the_averages_under_load() -> None:
     bounded by the calls of more rows that follow (under load no small call may come to
     correct it)."""
     fn = Recorder(seconds=50e-6, per_row=15e-6)
-    ex = Executor(limiter=anyio.CapacityLimiter(1), inline_max_s=1e-3, inline_row_max_s=20e-6)
+    ex = Executor(inline_max_s=1e-3, inline_row_max_s=20e-6)
     for _ in range(10):
         await ex.run(fn, "u", rows(1))
     fn.seconds = 5e-3
@@ -238,7 +238,7 @@ async def test_one_outlier_does_not_pin_the_averages_under_load() -> None:
     assert ex.predicted_s(1) < _OUTLIER * 60e-6
     assert 10e-6 < ex.predicted_s(20) / 20 < 40e-6
 
-    slow_start = Executor(limiter=anyio.CapacityLimiter(1), inline_max_s=0.01)
+    slow_start = Executor(inline_max_s=0.01)
     fn.seconds = 2e-3
     for _ in range(10):  # a cold start: small calls at 2 ms
         await slow_start.run(fn, "u", rows(1))
@@ -250,7 +250,7 @@ async def test_one_outlier_does_not_pin_the_averages_under_load() -> None:
 
 async def test_the_least_small_call_is_kept_over_the_recent_ones() -> None:
     fn = Recorder(seconds=300e-6)
-    ex = Executor(limiter=anyio.CapacityLimiter(1), placement="thread")
+    ex = Executor(placement="thread")
     assert ex.least_small_s is None
     await ex.run(fn, "u", rows(1))
     fn.seconds = 50e-6
