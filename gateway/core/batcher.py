@@ -187,9 +187,10 @@ class MicroBatcher(Generic[R]):
             batch = self._take()
             if not batch:
                 continue
+            n = sum(len(e.rows) for e in batch)
             self._busy += 1
-            self.running_rows += sum(len(e.rows) for e in batch)
-            task = asyncio.get_running_loop().create_task(self._execute(batch))
+            self.running_rows += n
+            task = asyncio.get_running_loop().create_task(self._execute(batch, n))
             self._running.add(task)
             task.add_done_callback(self._running.discard)
 
@@ -236,9 +237,9 @@ class MicroBatcher(Generic[R]):
                                       {"gateway.rows": len(entry.rows)})
         return batch
 
-    async def _execute(self, batch: list[_Entry[R]]) -> None:
+    async def _execute(self, batch: list[_Entry[R]], n: int) -> None:
+        """Run ``batch`` (``n`` rows) and resolve its entries' futures."""
         assert self._wake is not None
-        n = sum(len(e.rows) for e in batch)
         try:
             rows = batch[0].rows if len(batch) == 1 else np.concatenate([e.rows for e in batch])
             if self._on_batch is not None:
@@ -261,7 +262,8 @@ class MicroBatcher(Generic[R]):
         finally:
             self._busy -= 1
             self.running_rows -= n
-            self._wake.set()
+            if self.queued_rows:  # (else the dispatcher waits for a submit anyway)
+                self._wake.set()
 
     def call(self, unit: Hashable, rows: np.ndarray) -> list[R | Failure]:
         """``fn`` on the whole batch, or row by row if the batch raises."""
