@@ -18,7 +18,8 @@ that a Redis a few round trips away stays useful instead of being given up for g
   when none is. TCP keepalive finds dead peers (``redis://``, ``rediss://``).
 * **Commands are packed in one pass.** redis-py joins a command's whole buffer again for each
   argument, which is quadratic in its size; the lease scripts of a block carry a few hundred
-  arguments. The gateway's connections send the same bytes, joined once.
+  arguments. The gateway's connections send the same bytes, joined once, and splice ``Packed``
+  arguments (already encoded, once per key rather than once per call) as they are.
 * **A lost connection drops the idle ones.** A call that fails because its connection was
   closed (a Redis restart, a failover) disconnects every idle connection of the pool too: they
   went to the same server, and each would otherwise fail one call of its own when next taken
@@ -58,8 +59,9 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["CLUSTER_SCHEMES", "BoundedRedis", "connect_redis", "connect_redis_cluster",
-           "is_cluster_url", "listen", "subscriber_for"]
+__all__ = ["CLUSTER_SCHEMES", "BoundedRedis", "Packed", "bulk", "connect_node",
+           "connect_redis", "connect_redis_cluster", "is_cluster_url", "listen",
+           "subscriber_for"]
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 
@@ -95,6 +97,14 @@ def connect_redis(
     pool.connection_class = _PACKED.get(pool.connection_class, pool.connection_class)
     return BoundedRedis(pool, command_timeout_s=command_timeout_s,
                          warm_connections=min(warm_connections, max_connections))
+
+
+def connect_node(host: str, port: int, *, connect_timeout_s: float) -> aioredis.Redis:
+    """A plain client of one cluster master at ``host:port`` whose connections take ``Packed``
+    arguments (TCP keepalive on; callers bound their calls)."""
+    pool = aioredis.ConnectionPool(host=host, port=port, socket_connect_timeout=connect_timeout_s,
+                                   socket_keepalive=True, connection_class=_PackedConnection)
+    return aioredis.Redis.from_pool(pool)
 
 
 def is_cluster_url(url: str) -> bool:
@@ -173,9 +183,28 @@ async def listen(subscriber: Callable[[], Any], channel: str,
         backoff = min(backoff * 2, _RESUBSCRIBE_MAX_S)
 
 
+def bulk(data: bytes) -> bytes:
+    """``data`` as one RESP bulk string."""
+    return b"$%d\r\n%b\r\n" % (len(data), data)
+
+
+class Packed(bytes):
+    """``arguments`` command arguments already encoded (``bulk`` strings, concatenated), which the
+    gateway's connections (``connect_redis``, ``connect_node``) splice into a command as they
+    are. Any other client would send them as one argument."""
+
+    arguments: int
+
+    def __new__(cls, data: bytes, arguments: int) -> Packed:
+        self = super().__new__(cls, data)
+        self.arguments = arguments
+        return self
+
+
 class _OnePassPacking:
     """``pack_command`` as redis-py's (the same bytes: the command name split at spaces, each
-    argument encoded by the connection's encoder), joined once rather than once per argument."""
+    argument encoded by the connection's encoder), joined once rather than once per argument;
+    ``Packed`` arguments spliced as they are."""
 
     encoder: Any
 
@@ -187,12 +216,19 @@ class _OnePassPacking:
             args = (*name.split(), *args[1:])
         encoder = self.encoder
         encode, encoding, errors = encoder.encode, encoder.encoding, encoder.encoding_errors
-        parts = [b"*%d\r\n" % len(args)]
+        parts = [b""]
+        count = 0
         for arg in args:
             kind = type(arg)  # the common kinds first, as the encoder would write them
+            if kind is Packed:
+                parts.append(arg)
+                count += arg.arguments
+                continue
             data = (arg if kind is bytes else arg.encode(encoding, errors) if kind is str
                     else b"%d" % arg if kind is int else encode(arg))
             parts += (b"$%d\r\n" % len(data), data, b"\r\n")
+            count += 1
+        parts[0] = b"*%d\r\n" % count
         return [b"".join(parts)]
 
 

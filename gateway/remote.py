@@ -45,7 +45,7 @@ from gateway.cache import INVALID, RedisCache
 from gateway.core.batcher import Failure
 from gateway.core.runner import ModelRunner, Unit
 from gateway.metrics import Metrics
-from gateway.redis_client import listen
+from gateway.redis_client import Packed, bulk, connect_node, listen
 from gateway.tracing import current, remote_context, sink, traceparent_of
 
 __all__ = ["BLOCK_LOOP_S", "Lookup", "Remote"]
@@ -129,8 +129,16 @@ def lease_key(key: str) -> str:
     return "{" + key + "}:l"
 
 
-def _waiters_key(key: str) -> str:
-    return "{" + key + "}:w"
+def _redis_keys(key: str) -> bytes:
+    """The script KEYS of value ``key`` (the value, its lease, its waiters), encoded once for
+    the scripts of its block."""
+    k = key.encode()
+    return b"$%d\r\n%b\r\n$%d\r\n{%b}:l\r\n$%d\r\n{%b}:w\r\n" % (
+        len(k), k, len(k) + 4, k, len(k) + 4, k)
+
+
+# (the value key, its ``_redis_keys``, its own script arguments as ``bulk`` strings)
+_Item = tuple[str, bytes, bytes]
 
 
 @dataclass(slots=True)
@@ -150,7 +158,7 @@ class _Call:
     __slots__ = ("futures", "items", "scheduled")
 
     def __init__(self) -> None:
-        self.items: list[tuple[str, list[Any]]] = []  # (key, its arguments)
+        self.items: list[_Item] = []
         self.futures: list[tuple[int, int, asyncio.Future[list[Any] | None]]] = []
         self.scheduled = False
 
@@ -187,9 +195,11 @@ class Remote:
         self._listener: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._node_clients: dict[str, aioredis.Redis] = {}  # cluster: one per master
+        self._token = bulk(self.channel.encode())
         self._scripts = {name: (self._client.register_script(src), _Call())
                          for name, src in (("acquire", _ACQUIRE), ("finish", _FINISH),
                                            ("renew", _RENEW))}
+        self._per_key = {"acquire": 1, "finish": 3, "renew": 1}  # ARGV of each key
 
     @property
     def subscribed(self) -> bool:
@@ -231,6 +241,8 @@ class Remote:
         n = len(keys)
         out: list[bytes | Failure | None] = [None] * n
         lease_ms = int(self.lease_s(runner) * 1000)
+        lease = bulk(b"%d" % lease_ms)
+        redis_keys = [_redis_keys(k) for k in keys]
         pending = list(range(n))
         waited: set[int] = set()
         first = True
@@ -240,7 +252,8 @@ class Remote:
             try:
                 trace = current.get() if first else None
                 start = time.time_ns() if trace is not None else 0
-                status = await self._call("acquire", [(keys[p], [lease_ms]) for p in pending])
+                status = await self._call("acquire", [(keys[p], redis_keys[p], lease)
+                                                      for p in pending])
                 if status is None:  # Redis skipped, failed or late: this block alone
                     if first and lookup is not None:
                         lookup.skipped = True
@@ -248,7 +261,8 @@ class Remote:
                         trace.child("redis lookup", start, {"gateway.rows": len(pending),
                                                             "gateway.redis.skipped": True})
                     self._metrics.remote_fallbacks.labels(model).inc(len(pending))
-                    await self._local(runner, unit, keys, rows, pending, out, local, [], 0)
+                    await self._local(runner, unit, keys, redis_keys, rows, pending, out,
+                                      local, [], lease_ms)
                     break
                 won: list[int] = []
                 unleased: list[int] = []  # a stored value that is not valid: recompute
@@ -287,8 +301,8 @@ class Remote:
                         self._metrics.remote_lease_expiries.labels(model).inc(lost)
                 jobs = []
                 if won or unleased:
-                    jobs.append(self._local(runner, unit, keys, rows, won + unleased, out, local,
-                                            won, lease_ms))
+                    jobs.append(self._local(runner, unit, keys, redis_keys, rows, won + unleased,
+                                            out, local, won, lease_ms))
                 if wait:
                     jobs.append(self._await(runner, unit, keys, wait, out,
                                             longest + _WAIT_MARGIN_S))
@@ -300,30 +314,35 @@ class Remote:
         return out  # type: ignore[return-value]  # every position is filled above
 
     async def _local(self, runner: ModelRunner, unit: Unit, keys: Sequence[str],
-                     rows: np.ndarray, idx: list[int], out: list[bytes | Failure | None],
-                     local: LocalCompute, leased: list[int], lease_ms: int) -> None:
+                     redis_keys: list[bytes], rows: np.ndarray, idx: list[int],
+                     out: list[bytes | Failure | None], local: LocalCompute, leased: list[int],
+                     lease_ms: int) -> None:
         """Compute ``idx`` here, renewing the leases of ``leased`` meanwhile; then store, free
         and announce those (the other values are written to Redis in the background)."""
         sub = rows if len(idx) == len(rows) else rows[idx]
         ttl = runner.cache_ttl_s
+        ttl_arg = bulk(b"%d" % ttl)
         renew = None
         if leased:
-            renew = asyncio.get_running_loop().create_task(
-                self._renew_loop([keys[p] for p in leased], lease_ms))
+            lease = bulk(b"%d" % lease_ms)
+            renew = asyncio.get_running_loop().create_task(self._renew_loop(
+                [(keys[p], redis_keys[p], lease) for p in leased], lease_ms))
         spans: list[Any] = []  # the traced model calls' contexts (tracing.sink)
         to = sink.set(spans) if leased and current.get() is not None else None
         try:
             results = await local(unit, sub)
         except BaseException:
             if leased:  # free the leases: the waiters ask again and compute themselves
-                self._spawn(self._call("finish", [(keys[p], [ttl, b"", b""]) for p in leased]))
+                none = ttl_arg + bulk(b"") + bulk(b"")
+                self._spawn(self._call("finish", [(keys[p], redis_keys[p], none)
+                                                  for p in leased]))
             raise
         finally:
             if renew is not None:
                 renew.cancel()
             if to is not None:
                 sink.reset(to)
-        parent = traceparent_of(spans[0]).encode() if spans else b""
+        parent = bulk(traceparent_of(spans[0]).encode() if spans else b"")
         values: dict[int, bytes] = {}
         for p, value in zip(idx, results, strict=True):
             out[p] = value
@@ -331,9 +350,10 @@ class Remote:
                 values[p] = value
         announced: set[int] = set()
         if leased:
+            seal = self._cache.seal
             done = await self._call("finish", [
-                (keys[p], [ttl, self._cache.seal(keys[p], values[p]) if p in values else b"",
-                           parent])
+                (keys[p], redis_keys[p],
+                 ttl_arg + bulk(seal(keys[p], values[p]) if p in values else b"") + parent)
                 for p in leased])
             if done is not None:
                 announced.update(leased)
@@ -341,10 +361,10 @@ class Remote:
             if p not in announced:
                 self._cache.put(keys[p], value, ttl)
 
-    async def _renew_loop(self, keys: list[str], lease_ms: int) -> None:
+    async def _renew_loop(self, items: list[_Item], lease_ms: int) -> None:
         while True:
             await asyncio.sleep(lease_ms / 3000)  # the renewal period itself
-            await self._call("renew", [(k, [lease_ms]) for k in keys])
+            await self._call("renew", items)
 
     async def _await(self, runner: ModelRunner, unit: Unit, keys: Sequence[str],
                      wait: list[tuple[int, asyncio.Future[_Announced]]],
@@ -415,9 +435,10 @@ class Remote:
         await listen(self._subscriber, self.channel, self._deliver, self._subscribed)
 
     # -- Redis calls -------------------------------------------------------------------------
-    async def _call(self, name: str, items: list[tuple[str, list[Any]]]) -> list[Any] | None:
-        """Script ``name`` for ``items`` (key, its arguments): one result per key, or None when
-        Redis is skipped, fails or is late. Merged with the calls of this loop tick."""
+    async def _call(self, name: str, items: list[_Item]) -> list[Any] | None:
+        """Script ``name`` for ``items`` (key, its Redis keys, its arguments): one result per
+        key, or None when Redis is skipped, fails or is late. Merged with the calls of this
+        loop tick."""
         if self._cache.blocked():
             return None
         _, call = self._scripts[name]
@@ -433,29 +454,29 @@ class Remote:
     def _flush(self, name: str) -> None:
         script, call = self._scripts[name]
         self._scripts[name] = (script, _Call())
-        self._spawn(self._run(script, call))
+        self._spawn(self._run(script, call, self._per_key[name]))
 
-    async def _run(self, script: Any, call: _Call) -> None:
+    async def _run(self, script: Any, call: _Call, per_key: int) -> None:
+        items = call.items
         groups: dict[int, list[int]] = {}
-        for i, (key, _) in enumerate(call.items):
-            groups.setdefault(0 if self._slot_of is None else self._slot_of(key), []).append(i)
+        if self._slot_of is None:
+            groups[0] = list(range(len(items)))
+        else:
+            for i, (key, _, _) in enumerate(items):
+                groups.setdefault(self._slot_of(key), []).append(i)
 
-        calls = []
+        calls = []  # per slot: EVALSHA's arguments after the sha
         for idx in groups.values():
-            keys: list[str] = []
-            args: list[Any] = [self.channel]
-            for i in idx:
-                key, extra = call.items[i]
-                keys += (key, lease_key(key), _waiters_key(key))
-                args += extra
-            calls.append((keys, args))
+            n = len(idx)
+            calls.append((3 * n, Packed(b"".join([items[i][1] for i in idx]), 3 * n),
+                          Packed(self._token + b"".join([items[i][2] for i in idx]),
+                                 1 + per_key * n)))
 
         results: list[Any] | None = None
         try:
             async with asyncio.timeout(self._cache.timeout_s):
                 if self._slot_of is None:
-                    ((keys, args),) = calls
-                    replies = [await script(keys=keys, args=args)]
+                    replies = [await self._evalsha(self._client, script, calls[0])]
                 else:
                     replies = await self._per_node(script, list(groups), calls)
             self._cache.succeeded()
@@ -471,8 +492,17 @@ class Remote:
                 if not fut.done():
                     fut.set_result(None if results is None else results[start:end])
 
+    @staticmethod
+    async def _evalsha(client: Any, script: Any, args: tuple[int, Packed, Packed]) -> Any:
+        """``script`` with ``args`` (numkeys, keys, argv), loaded first if Redis lacks it."""
+        try:
+            return await client.evalsha(script.sha, *args)
+        except NoScriptError:
+            script.sha = await client.script_load(script.script)
+            return await client.evalsha(script.sha, *args)
+
     async def _per_node(self, script: Any, slots: list[int],
-                        calls: list[tuple[list[str], list[Any]]]) -> list[Any]:
+                        calls: list[tuple[int, Packed, Packed]]) -> list[Any]:
         """One script call per slot, sent as one pipeline per cluster master (as the cluster
         client's slot map has it; the cache's own calls keep that map current)."""
         by_node: dict[str, list[int]] = {}
@@ -486,15 +516,13 @@ class Remote:
         async def send(name: str, js: list[int]) -> None:
             client = self._node_clients.get(name)
             if client is None:
-                client = self._node_clients[name] = aioredis.Redis(
-                    host=nodes[name].host, port=int(nodes[name].port),
-                    socket_connect_timeout=max(self._cache.timeout_s, 1.0),
-                    socket_keepalive=True)
+                client = self._node_clients[name] = connect_node(
+                    nodes[name].host, int(nodes[name].port),
+                    connect_timeout_s=max(self._cache.timeout_s, 1.0))
             for attempt in (0, 1):
                 pipe = client.pipeline(transaction=False)
                 for j in js:
-                    keys, args = calls[j]
-                    pipe.evalsha(script.sha, len(keys), *keys, *args)
+                    pipe.evalsha(script.sha, *calls[j])
                 try:
                     out = await pipe.execute()
                     break

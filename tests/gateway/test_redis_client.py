@@ -148,3 +148,19 @@ def test_commands_are_packed_in_one_pass_into_redis_pys_bytes(url: str, kind: ty
             stock.pack_command(*command)), command
     with pytest.raises(redis.DataError):
         ours.pack_command("SET", "k", True)
+
+
+def test_packed_arguments_are_spliced_as_the_arguments_they_encode() -> None:
+    from gateway.redis_client import Packed, bulk, connect_node
+
+    keys, argv = [b"k1", b"{k1}:l", "é".encode()], [b"channel", b"250", b""]
+    command = ("EVALSHA", "ab" * 20, 3, *keys, *argv)
+    spliced = ("EVALSHA", "ab" * 20, 3, Packed(b"".join(map(bulk, keys)), 3),
+               argv[0], Packed(b"".join(map(bulk, argv[1:])), 2))
+    client = connect_redis("redis://127.0.0.1:1/0", connect_timeout_s=1, command_timeout_s=1,
+                           max_connections=1)
+    node = connect_node("127.0.0.1", 1, connect_timeout_s=1)
+    stock = b"".join(aioredis.Connection().pack_command(*command))
+    for ours in (client.connection_pool.make_connection(),
+                 node.connection_pool.make_connection()):
+        assert b"".join(ours.pack_command(*spliced)) == stock
