@@ -33,6 +33,7 @@ import asyncio
 import logging
 import secrets
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,7 +64,8 @@ read), their futures and the lease bookkeeping. Measured with one new row per re
 it as the least a lookup costs: a model answering a lone row for less computes it where it is
 missed."""
 
-_LEASE_CALLS = 4.0  # lease = this many average calls (~2 x p99 for a steady model)
+_LEASE_CALLS = 4.0  # lease = this many average calls or holds (~2 x p99 for a steady model)
+_HOLD_ALPHA = 0.2  # weight of the newest hold in its moving average
 _MAX_LEASE_S = 30.0
 _WAIT_MARGIN_S = 0.01  # past the lease's end before asking again
 
@@ -195,6 +197,8 @@ class Remote:
         self._listener: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
         self._node_clients: dict[str, aioredis.Redis] = {}  # cluster: one per master
+        # Per model version: moving average of a lease's hold, won to values stored (seconds).
+        self._holds: weakref.WeakKeyDictionary[ModelRunner, float] = weakref.WeakKeyDictionary()
         self._token = bulk(self.channel.encode())
         self._scripts = {name: (self._client.register_script(src), _Call())
                          for name, src in (("acquire", _ACQUIRE), ("finish", _FINISH),
@@ -225,8 +229,15 @@ class Remote:
 
     def lease_s(self, runner: ModelRunner) -> float:
         """The lease on a key of ``runner``: 4 average calls (about twice a steady model's
-        p99), at least ``lease_min_s``."""
-        return min(_MAX_LEASE_S, max(self._lease_min, _LEASE_CALLS * runner.executor.per_call_s))
+        p99) or 4 average holds (from the lease won to the values stored: the queue before the
+        call counts, so a loaded replica's leases seldom need renewing), whichever is longer; at
+        least ``lease_min_s``, at most 30 s."""
+        longest = max(runner.executor.per_call_s, self._holds.get(runner, 0.0))
+        return min(_MAX_LEASE_S, max(self._lease_min, _LEASE_CALLS * longest))
+
+    def _held(self, runner: ModelRunner, seconds: float) -> None:
+        old = self._holds.get(runner)
+        self._holds[runner] = seconds if old is None else old + _HOLD_ALPHA * (seconds - old)
 
     # -- the computation -----------------------------------------------------------------------
     async def compute(self, runner: ModelRunner, unit: Unit, keys: Sequence[str],
@@ -323,6 +334,7 @@ class Remote:
         ttl = runner.cache_ttl_s
         ttl_arg = bulk(b"%d" % ttl)
         renew = None
+        won_at = time.monotonic()
         if leased:
             lease = bulk(b"%d" % lease_ms)
             renew = asyncio.get_running_loop().create_task(self._renew_loop(
@@ -357,6 +369,7 @@ class Remote:
                 for p in leased])
             if done is not None:
                 announced.update(leased)
+            self._held(runner, time.monotonic() - won_at)
         for p, value in values.items():
             if p not in announced:
                 self._cache.put(keys[p], value, ttl)

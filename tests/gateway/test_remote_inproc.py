@@ -140,3 +140,27 @@ async def test_redis_unreachable_computes_locally() -> None:
         assert out == [b'"a"', b'"b"'] and mine.calls == [2]
         assert count(ma, "gateway_remote_fallbacks_total") == 2
         assert not a.subscribed
+
+
+async def test_the_lease_covers_four_holds_as_they_were_measured(redis_server: Any) -> None:
+    """A lease lasts 4 average holds (won to stored) when those are longer than 4 calls: the
+    queue before a loaded replica's call is part of the hold."""
+    keys = ["t:m:hold:a", "t:m:hold:b"]
+    r = redis.Redis(host=redis_server.host, port=redis_server.port)
+    least = 0.001
+    async with replica(url(redis_server), lease_ms=1) as (a, _):
+        assert a.lease_s(RUNNER) == least  # no hold measured yet
+        clock = asyncio.get_running_loop().time
+        held = Holder([b'"a"', b'"b"'])
+        start = clock()
+        first = asyncio.ensure_future(a.compute(RUNNER, "label", keys, ROWS, held))
+        await held.entered.wait()
+        entered = clock()
+        while clock() - entered < least:  # held over a millisecond of Redis round trips
+            r.ping()
+        held.release.set()
+        released = clock()
+        assert await first == [b'"a"', b'"b"']
+        elapsed = clock() - start
+        assert 4 * (released - entered) <= a.lease_s(RUNNER) <= 4 * elapsed
+    r.close()
