@@ -105,7 +105,8 @@ class Settings(BaseSettings):
     """With ``execution=auto``: the longest call run inline (predicted CPU time, microseconds)."""
 
     infer_concurrency: int = Field(1, ge=1, le=64)
-    """Model calls running at once per model version (worker-thread slots)."""
+    """Model calls running at once per model version: its worker threads, each taking the next
+    queued call as it ends one."""
 
     max_batch_size: int = Field(64, ge=1, le=65536)
     """Most rows in one ``predict`` call."""

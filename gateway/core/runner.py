@@ -147,6 +147,11 @@ class ModelThreads:
         self._lock = threading.Lock()
         self._live = 0  # threads started and not ended
 
+    @property
+    def queued(self) -> int:
+        """Calls handed over and not started yet."""
+        return self._jobs.qsize()
+
     def submit(self, fn: Callable[[Hashable, np.ndarray], R], unit: Hashable,
                rows: np.ndarray, done: Callable[[], None]) -> asyncio.Future[R]:
         """Queue ``fn(unit, rows)``; the future gets its result or exception. ``done()``
@@ -244,6 +249,11 @@ class Executor:
     def per_call_s(self) -> float:
         """Moving average of one call's duration (wall clock, where it ran), seconds."""
         return self._per_call_s
+
+    @property
+    def queued_calls(self) -> int:
+        """Calls handed to the threads that wait for one (not started yet)."""
+        return self._threads.queued
 
     @property
     def measured(self) -> bool:

@@ -217,3 +217,27 @@ def test_bad_limits_raise() -> None:
                {"max_delay_s": -1.0}):
         with pytest.raises(ValueError):
             make(Doubler(), **kw)
+
+
+async def test_a_whole_batch_is_handed_ahead_while_the_slot_is_busy_a_partial_one_is_not() -> None:
+    fn = Doubler()
+    ex = Executor(placement="thread")
+    b: MicroBatcher[float] = MicroBatcher(fn, run=ex.run, max_batch_size=4, ahead=1)
+    b.start()
+    first = await hold_first(fn, b)
+    partial = asyncio.create_task(submit(b, 1, 2, 3))
+    await wait_for(lambda: b.queued_rows == 3)
+    assert b.running_rows == 1  # three rows are not a batch: they wait in the queue
+    whole = asyncio.create_task(submit(b, 4))
+    await wait_for(lambda: b.running_rows == 5)  # four are: handed to the model's thread
+    assert b.queued_rows == 0 and fn.sizes() == [1]
+    late = asyncio.create_task(submit(b, 5, 6, 7, 8))
+    await wait_for(lambda: b.queued_rows == 4)
+    assert b.running_rows == 5  # one batch ahead at most
+    fn.gate.set()
+    answers = [await t for t in (first, partial, whole, late)]
+    assert answers == [[0], [2, 4, 6], [8], [10, 12, 14, 16]]
+    assert fn.sizes() == [1, 4, 4]
+    with pytest.raises(ValueError, match="ahead"):
+        MicroBatcher(fn, run=ex.run, ahead=-1)
+    await b.aclose()

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from gateway.core.runner import _OUTLIER, _WAITED_CALLS, Executor
+from tests.support import wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -264,3 +265,30 @@ async def test_the_least_small_call_is_kept_over_the_recent_ones() -> None:
     await ex.run(fn, "u", rows(1))  # the 50 us call is now older than the last 16
     least = ex.least_small_s
     assert least is not None and least >= 300e-6
+
+
+async def test_a_call_queued_while_one_computes_starts_as_it_ends_without_the_loop() -> None:
+    """The version's thread takes the next call itself: here the event loop is blocked from
+    the moment the first call may end until the second has started."""
+    ex = Executor(placement="thread")
+    entered: list[str] = []
+    computing, gate, second = threading.Event(), threading.Event(), threading.Event()
+
+    def fn(unit: Hashable, x: np.ndarray) -> list[float]:
+        entered.append(str(unit))
+        computing.set()
+        if unit == "first":
+            gate.wait(timeout=30)
+        else:
+            second.set()
+        return x[:, 0].tolist()
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(ex.run, fn, "first", rows(1))
+        await anyio.to_thread.run_sync(computing.wait)
+        tg.start_soon(ex.run, fn, "second", rows(2))
+        await wait_for(lambda: ex.queued_calls == 1)
+        assert entered == ["first"]  # one call computes at a time
+        gate.set()
+        assert second.wait(timeout=30)  # (blocks the loop: the thread started it alone)
+    assert entered == ["first", "second"]
