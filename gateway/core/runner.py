@@ -193,18 +193,19 @@ class ModelThreads:
 
 
 def _settle(job: _Job, result: Any, error: BaseException | None) -> None:
-    job.done()
-    if job.future.done():
-        return
-    if error is None:
-        job.future.set_result(result)
-    else:
-        job.future.set_exception(error)
+    try:
+        job.done()
+    finally:  # the caller gets its answer whatever observing the call did
+        if not job.future.done():
+            if error is None:
+                job.future.set_result(result)
+            else:
+                job.future.set_exception(error)
 
 
 class Executor:
-    """Runs ``fn(unit, rows)`` inline or on the version's ``ModelThreads``; see the module
-    docstring.
+    """Runs ``fn(unit, rows)`` inline or on the version's ``ModelThreads`` (``threads`` of them,
+    named ``name``); see the module docstring.
 
     ``on_call(inline, unit, rows, seconds)`` observes each call, failed ones too (metrics;
     wall-clock seconds) on the event loop; it must not block. A call serving sampled requests
@@ -216,6 +217,7 @@ class Executor:
         self,
         *,
         threads: int = 1,
+        name: str = "model",
         placement: Placement = "auto",
         inline_max_s: float = 1e-3,
         inline_row_max_s: float = _INLINE_ROW_MAX_S,
@@ -225,7 +227,7 @@ class Executor:
         if inline_max_s < 0 or inline_row_max_s < 0:
             raise ValueError("inline_max_s and inline_row_max_s must be >= 0, got "
                              f"{inline_max_s} and {inline_row_max_s}")
-        self._threads = ModelThreads(threads)
+        self._threads = ModelThreads(threads, name=name)
         self._placement = placement
         self._inline_max = inline_max_s
         self._inline_row_max = inline_row_max_s
@@ -440,8 +442,9 @@ class ModelRunner:
             return {"gateway.model": name, "gateway.model.version": version,
                     "gateway.unit": self.unit_tag(unit)}  # type: ignore[arg-type]
 
-        self.executor = Executor(threads=concurrency, placement=placement,
-                                 inline_max_s=inline_max_s, on_call=on_call, describe=describe)
+        self.executor = Executor(threads=concurrency, name=f"model {name} v{version}",
+                                 placement=placement, inline_max_s=inline_max_s,
+                                 on_call=on_call, describe=describe)
         self.batcher: MicroBatcher[bytes] | None = None
         if batching:
             self.batcher = MicroBatcher(
