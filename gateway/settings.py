@@ -208,9 +208,9 @@ class Settings(BaseSettings):
     model once. ``off``: each replica computes its own misses (local single-flight only)."""
 
     remote_lease_min_ms: int = Field(250, ge=10)
-    """Shortest row lease (the lease is ``max(this, 4 x the model's average call time)``,
-    renewed while the call runs); a waiter whose holder vanished computes after at most this
-    long plus one renewal period."""
+    """Shortest row lease (the lease is ``max(this, 4 x the model's average call time, 4 x the
+    average hold from lease to stored values)``, renewed while the call runs); a waiter whose
+    holder vanished computes after at most the lease plus one renewal period."""
 
     def cache_key(self) -> bytes | None:
         """The BLAKE2b key derived from ``cache_secret`` (None without one)."""
