@@ -99,6 +99,7 @@ async def test_a_waiting_replica_takes_the_holders_values(redis_server: Any) -> 
         held = Holder([b'"a"', b'"b"'])
         first = asyncio.ensure_future(a.compute(RUNNER, "label", keys, ROWS, held))
         await held.entered.wait()
+        assert r.get(lease_key(keys[0])) == a.channel.encode()  # the lease the script took
         other = Holder([b'"x"', b'"x"'])
         second = asyncio.ensure_future(b.compute(RUNNER, "label", keys, ROWS, other))
         await _waiting(r, keys[1], b)
