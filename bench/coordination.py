@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from bench.doors import MAX_SALT, unique_rows
+from bench.machine import process_cpu_s
 from bench.procs import redis_server
 from gateway.core.batcher import Failure
 from gateway.core.keys import key_head, row_keys
@@ -36,12 +36,6 @@ from gateway.settings import Settings
 from model_store import ModelStore
 
 __all__ = ["main"]
-
-
-def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` so far (Linux ``/proc``)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def _rounds(args: argparse.Namespace, url: str, redis_pid: int) -> list[tuple[float, float]]:
@@ -75,9 +69,10 @@ async def _rounds(args: argparse.Namespace, url: str, redis_pid: int) -> list[tu
                 async with gate:
                     await remote.compute(rt, unit, keys, rows, at_once)
 
-            redis0, cpu0 = _cpu_s(redis_pid), time.thread_time()
+            redis0, cpu0 = process_cpu_s(redis_pid) or 0.0, time.thread_time()
             await asyncio.gather(*(one(k, b, gate) for k, b in zip(keys, blocks, strict=True)))
-            cpu, redis = time.thread_time() - cpu0, _cpu_s(redis_pid) - redis0
+            cpu = time.thread_time() - cpu0
+            redis = (process_cpu_s(redis_pid) or 0.0) - redis0
             out.append((cpu / args.blocks, redis / args.blocks))
         leased = metrics.registry.get_sample_value(
             "gateway_remote_leases_total", {"model": rt.manifest.name}) or 0
