@@ -131,12 +131,14 @@ def lease_key(key: str) -> str:
     return "{" + key + "}:l"
 
 
+def _waiters_key(key: str) -> str:
+    return "{" + key + "}:w"
+
+
 def _redis_keys(key: str) -> bytes:
     """The script KEYS of value ``key`` (the value, its lease, its waiters), encoded once for
     the scripts of its block."""
-    k = key.encode()
-    return b"$%d\r\n%b\r\n$%d\r\n{%b}:l\r\n$%d\r\n{%b}:w\r\n" % (
-        len(k), k, len(k) + 4, k, len(k) + 4, k)
+    return b"".join([bulk(k.encode()) for k in (key, lease_key(key), _waiters_key(key))])
 
 
 # (the value key, its ``_redis_keys``, its own script arguments as ``bulk`` strings)
