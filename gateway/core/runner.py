@@ -40,7 +40,6 @@ tried inline again.
 from __future__ import annotations
 
 import asyncio
-import contextvars
 import gc
 import itertools
 import logging
@@ -122,14 +121,13 @@ def _blocked_count() -> int:
 class _Job:
     """One call handed to a model thread; ``done`` runs on the event loop once it ended."""
 
-    __slots__ = ("context", "done", "fn", "future", "loop", "rows", "unit")
+    __slots__ = ("done", "fn", "future", "loop", "rows", "unit")
 
     def __init__(self, fn: Callable[[Hashable, np.ndarray], Any], unit: Hashable,
                  rows: np.ndarray, loop: asyncio.AbstractEventLoop,
                  done: Callable[[], None]) -> None:
         self.fn, self.unit, self.rows, self.loop, self.done = fn, unit, rows, loop, done
         self.future: asyncio.Future[Any] = loop.create_future()
-        self.context = contextvars.copy_context()
 
 
 class ModelThreads:
@@ -182,7 +180,7 @@ class ModelThreads:
             result: Any = None
             error: BaseException | None = None
             try:
-                result = job.context.run(job.fn, job.unit, job.rows)
+                result = job.fn(job.unit, job.rows)
             except BaseException as exc:  # delivered to the caller
                 error = exc
             try:
