@@ -73,8 +73,9 @@ class Settings(BaseSettings):
     l2_min_call_us: int | None = Field(None, ge=0)
     """Unset: misses of a model are looked up in Redis (and coalesced across replicas) while
     its call for the rows costs at least the measured Redis round trip, with cross-replica
-    coalescing at least ``gateway.remote.BLOCK_LOOP_S`` (stopping below half of it); set: this
-    many microseconds instead. 0: always consult Redis."""
+    coalescing at least ``gateway.remote.BLOCK_LOOP_S`` (once skipped, consulted again at twice
+    that: ``gateway.core.sharing``); set: this many microseconds instead. 0: always consult
+    Redis."""
 
     breaker_failures: int = Field(3, ge=1)
     """Consecutive Redis failures that open the circuit (Redis skipped)."""

@@ -10,12 +10,16 @@ date), but at least ``floor_s``, the event loop's own work for a lookup (with cr
 coalescing, a block's two lease scripts, their futures and bookkeeping:
 ``gateway.remote.BLOCK_LOOP_S``), or ``GATEWAY_L2_MIN_CALL_US`` when set (0: always consult).
 
-Per model version the decision is a state with hysteresis, so that a model costing about a
-round trip does not flap: it starts *consulted* (calls not measured yet count as dear), stops
-once a small call (one or two rows) is measured at less than half the reference, and starts
-again once a small call costs at least the reference. A block of more rows whose call costs at
-least the reference is looked up whatever the state. Cross-replica coalescing follows the same
-decision (its lease lives in Redis).
+Per model version the decision is a state with hysteresis, so that a model costing about the
+reference does not flap: it starts *consulted* (calls not measured yet count as dear), stops
+once a small call (one or two rows) is measured at less than the reference, and starts again
+once a small call costs ``_START_AT`` times the reference. The band lies above the reference,
+not below it: consulting makes the model's own calls look dearer (batched in the thread
+beside a busier event loop, its rare lone calls cost more), so a band below the reference
+would keep a model cheaper than a lookup consulted for as long as it started so, paying the
+lookup on every row. A block of more rows whose call costs at least the reference is looked
+up whatever the state. Cross-replica coalescing follows the same decision (its lease lives in
+Redis).
 
 ``consult`` is on the request path (an L1 miss): a few comparisons, no allocation unless the
 state flips. ``explain`` says the same in words, for ``/v1/models``, V2 metadata and
@@ -35,7 +39,7 @@ __all__ = ["Sharing"]
 
 log = logging.getLogger("gateway.sharing")
 
-_STOP_BELOW = 0.5  # stop consulting once a small call costs less than this share of the reference
+_START_AT = 2.0  # a skipped model is consulted again once a small call costs this many references
 
 
 class Sharing:
@@ -72,11 +76,11 @@ class Sharing:
             return True
         small = _small_s(ex)
         if rid in self._skipped:
-            if small >= ref:
+            if small >= ref * _START_AT:
                 self._flip(runner, True, small, ref)
                 return True
             return rows > 2 and ex.predicted_s(rows) >= ref
-        if small < ref * _STOP_BELOW:
+        if small < ref:
             self._flip(runner, False, small, ref)
             return rows > 2 and ex.predicted_s(rows) >= ref
         return True
@@ -104,13 +108,13 @@ class Sharing:
             reason = "Redis round trip not measured yet: consulted until it is"
         elif self._override == 0:
             reason = "GATEWAY_L2_MIN_CALL_US=0: always consulted"
-        elif not consulted:
-            reason = f"call {_ms(call)} < {against}: answering again is cheaper"
-        elif call >= ref:
+        elif consulted:
             reason = f"call {_ms(call)} >= {against}"
+        elif call < ref:
+            reason = f"call {_ms(call)} < {against}: answering again is cheaper"
         else:
-            reason = (f"call {_ms(call)} >= half the {against} "
-                      "(consulted until below half)")
+            reason = (f"call {_ms(call)} >= {against}, but skipped until it costs "
+                      f"{_START_AT:g} times that (it cost less)")
         return {"consulted": consulted, "reason": reason,
                 "call_ms": None if call is None else round(call * 1e3, 4),
                 "reference_ms": None if ref is None else round(ref * 1e3, 4)}

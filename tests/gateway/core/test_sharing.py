@@ -89,24 +89,42 @@ def test_a_dear_model_consults_redis() -> None:
     assert gauge(metrics) == 1
 
 
-def test_hysteresis_stops_below_half_and_starts_again_at_the_round_trip() -> None:
+def test_hysteresis_stops_below_the_round_trip_and_starts_again_at_twice_it() -> None:
     metrics = Metrics({})
     rule = Sharing(metrics, round_trip_s=Clock(100e-6))
     model = runner(150e-6)
     r = cast(ModelRunner, model)
     assert rule.consult(r, 1)
-    for cost in (90e-6, 60e-6, 51e-6):  # between half and one round trip: still consulted
-        model.executor.small_s = cost
-        assert rule.consult(r, 1)
-    assert "consulted until below half" in rule.explain(r)["reason"]
-    model.executor.small_s = 49e-6
+    model.executor.small_s = 100e-6  # one round trip: still consulted
+    assert rule.consult(r, 1)
+    model.executor.small_s = 99e-6
     assert not rule.consult(r, 1)
-    for cost in (60e-6, 90e-6, 99e-6):  # back above half, below one round trip: still skipped
+    assert gauge(metrics) == 0
+    for cost in (100e-6, 150e-6, 199e-6):  # dearer than a round trip, below twice: skipped
         model.executor.small_s = cost
         assert not rule.consult(r, 1)
-    model.executor.small_s = 100e-6
+    assert rule.explain(r)["reason"] == (
+        "call 0.199 ms >= Redis round trip 0.100 ms, but skipped until it costs 2 times that "
+        "(it cost less)")
+    model.executor.small_s = 200e-6
     assert rule.consult(r, 1)
     assert gauge(metrics) == 1
+
+
+def test_a_model_dearer_once_consulted_is_still_skipped_below_the_reference() -> None:
+    """Consulting makes the calls dearer (batched beside a busier loop): a model that started
+    consulted while cheaper than a lookup stops as soon as it is measured so, and its dearer
+    calls under that load do not bring it back."""
+    rule = Sharing(Metrics({}), round_trip_s=Clock(90e-6), floor_s=300e-6)
+    model = runner(None)
+    r = cast(ModelRunner, model)
+    assert rule.consult(r, 1)  # not measured yet
+    model.executor.small_s = 240e-6  # measured while consulted: under the 0.3 ms lookup
+    assert not rule.consult(r, 1)
+    model.executor.small_s = 160e-6
+    assert not rule.consult(r, 1)
+    model.executor.small_s = 290e-6
+    assert not rule.consult(r, 1)
 
 
 def test_the_round_trip_is_read_each_time() -> None:
@@ -116,7 +134,7 @@ def test_the_round_trip_is_read_each_time() -> None:
     assert rule.consult(r, 1)
     rtt.seconds = 1e-3  # Redis moved a network away: the model is now cheaper than asking
     assert not rule.consult(r, 1)
-    rtt.seconds = 150e-6
+    rtt.seconds = 100e-6  # back: the call costs twice the round trip again
     assert rule.consult(r, 1)
 
 
