@@ -134,6 +134,11 @@ class MicroBatcher(Generic[R]):
         self._wake = asyncio.Event()
         self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch_loop())
 
+    @property
+    def accepting(self) -> bool:
+        """Started and not closed: ``submit`` takes rows."""
+        return not self._closed and self._wake is not None
+
     async def submit(self, unit: Hashable, rows: np.ndarray) -> list[R | Failure]:
         """Queue ``rows`` (one block of one unit) and wait for one result per row.
 

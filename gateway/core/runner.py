@@ -34,7 +34,9 @@ them. One that waits on
 something other than the CPU (two inline calls in a row longer than ``inline_max_s`` by the
 wall clock, over half of it blocked: the thread gave up the CPU, which preemption by other
 processes does not count as) goes to the thread for its next ``_WAITED_CALLS`` calls, then is
-tried inline again.
+tried inline again. Under load every call may be a batch; after ``_SMALL_DUE_CALLS`` of them
+in a row, a lone row is computed in a call of its own (``Executor.take_small_call``), so the
+cost of a lone call, by which the Redis rule judges a lone row, is measured again.
 """
 
 from __future__ import annotations
@@ -81,6 +83,7 @@ _OUTLIER = 4.0  # a call counts in an average as at most this many times the ave
 _RECENT_SMALL = 16  # small calls whose least cost is kept (``Executor.least_small_s``)
 _WAITED_CALLS = 64  # calls kept in the thread after a model was seen waiting inline
 _SMALL_ROWS = 2  # calls of up to this many rows measure the cost of a call itself
+_SMALL_DUE_CALLS = 64  # bigger calls in a row after which a lone row is computed alone
 _INLINE_ROW_MAX_S = 5e-6  # CPU per further row of a call beyond which calls take the thread
 _PROBA_SUM_TOL = 1e-3
 _THREAD_IDLE_S = 30.0  # a model thread with no call for this long ends (started again on demand)
@@ -239,6 +242,7 @@ class Executor:
         self._cpu_row_s: float | None = None
         self._recent_small: deque[float] = deque(maxlen=_RECENT_SMALL)  # CPU s, latest calls
         self._least_small: float | None = None  # min(self._recent_small), kept at each call
+        self._since_small = 0  # calls of more rows since the last small one (or since taken)
         self._waited = 0  # consecutive inline calls slow by the wall clock, short in CPU time
         self._thread_only = 0  # calls left in the thread since the model was seen waiting
         self._warned = False
@@ -266,6 +270,16 @@ class Executor:
         none yet): what the model costs itself, without the cold caches and contention that a
         loaded machine adds to some calls."""
         return self._least_small
+
+    def take_small_call(self) -> bool:
+        """Is a call of one or two rows due? True (once) after ``_SMALL_DUE_CALLS`` calls of
+        more rows in a row: a lone row is then computed in a call of its own, so that
+        ``least_small_s`` is measured again where a loaded batcher makes no small calls (it
+        would otherwise keep the cost of the cold first calls for good)."""
+        if self._since_small < _SMALL_DUE_CALLS:
+            return False
+        self._since_small = 0
+        return True
 
     def predicted_s(self, rows: int) -> float:
         """Predicted CPU time of a call with ``rows`` rows (0 before any measurement): the
@@ -342,12 +356,14 @@ class Executor:
             self._per_call_s + _ALPHA * (seconds - self._per_call_s))
         cpu_s = max(cpu_s, 0.0)  # less the wall-clock time of a collection: may overshoot
         if rows <= _SMALL_ROWS:
+            self._since_small = 0
             self._recent_small.append(cpu_s)
             self._least_small = min(self._recent_small)
             old = self._cpu_small_s
             self._cpu_small_s = cpu_s if not old else old + _ALPHA * (
                 min(cpu_s, old * _OUTLIER) - old)
         else:
+            self._since_small += 1
             base = self._cpu_small_s
             if base is not None and cpu_s < base:  # a call of more rows costs no less
                 base = self._cpu_small_s = cpu_s
@@ -513,7 +529,8 @@ class ModelRunner:
 
     async def compute(self, unit: Unit, rows: np.ndarray) -> list[bytes | Failure]:
         """One encoded value per row, computed through the batcher (or one call per row when
-        batching is off).
+        batching is off). A lone row is computed in a call of its own instead when one is due
+        (``Executor.take_small_call``).
 
         Raises:
             Overloaded: the queue has no room now (503, retry).
@@ -522,6 +539,9 @@ class ModelRunner:
         """
         try:
             if self.batcher is not None:
+                if (len(rows) == 1 and self.batcher.accepting
+                        and self.executor.take_small_call()):
+                    return [await self._one_row(unit, rows)]  # measures a lone call again
                 return await self.batcher.submit(unit, rows)
             return await self._compute_unbatched(unit, rows)
         except QueueFull as exc:

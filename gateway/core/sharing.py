@@ -3,12 +3,13 @@
 Looking a miss up in Redis costs a round trip; it pays when computing the rows costs more. So
 the rule compares a model's measured cost for the rows at hand (a lone row:
 ``Executor.least_small_s``, the least CPU time of its recent calls of one or two rows, as the
-round trip is the least of recent PINGs; more rows: ``Executor.predicted_s``, the CPU time of
-one call with that many rows) with a reference: the Redis round trip measured by
-the L2 tier (``RedisCache.round_trip_s``, a windowed minimum of periodic PINGs, kept up to
-date), but at least ``floor_s``, the event loop's own work for a lookup (with cross-replica
-coalescing, a block's two lease scripts, their futures and bookkeeping:
-``gateway.remote.BLOCK_LOOP_S``), or ``GATEWAY_L2_MIN_CALL_US`` when set (0: always consult).
+round trip is the least of recent PINGs, measured again under load by a lone call due after
+every ``_SMALL_DUE_CALLS`` batches; more rows: ``Executor.predicted_s``, the CPU time of one
+call with that many rows) with a reference: the Redis round trip measured by the L2 tier
+(``RedisCache.round_trip_s``, a windowed minimum of periodic PINGs, kept up to date), but at
+least ``floor_s``, the event loop's own work for a lookup (with cross-replica coalescing, a
+block's two lease scripts, their futures and bookkeeping: ``gateway.remote.BLOCK_LOOP_S``), or
+``GATEWAY_L2_MIN_CALL_US`` when set (0: always consult).
 
 Per model version the decision is a state with hysteresis, so that a model costing about the
 reference does not flap: it starts *consulted* (calls not measured yet count as dear), stops

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from gateway.core.pipeline import Answer, Pending
+from gateway.core.runner import _SMALL_DUE_CALLS
 from gateway.logs import RequestIdFilter
 from gateway.protocols.http import Waiting
 from tests.support import POISON, ask, probed_app, wait_for, wait_thread_event
@@ -80,6 +81,34 @@ async def test_256_distinct_rows_batch_into_at_most_5_calls(session_store: Path,
         assert answers == iris_estimator.predict(rows).tolist()
         assert probe.calls <= 5 and probe.rows == 256
         assert max(probe.batch_sizes) <= 64
+
+
+async def test_a_lone_row_is_computed_alone_once_no_small_call_was_seen_for_long(
+        session_store: Path, random_rows) -> None:
+    """Under load every call is a batch, and the cost of a lone call (what the Redis rule
+    judges a lone row by) would keep its cold first measurement: after ``_SMALL_DUE_CALLS``
+    bigger calls, a lone row is computed in a call of its own instead of joining the batch
+    waiting, once, and then batching resumes."""
+    async with probed_app(session_store, execution="thread") as (_client, probe, gw):
+        rt = gw.runtime("iris")
+        assert rt.batcher is not None
+        (unit,) = rt.units(frozenset({"label"}))
+        three = [random_rows[i:i + 3] for i in range(0, 3 * (_SMALL_DUE_CALLS + 2), 3)]
+        for block in three[:_SMALL_DUE_CALLS]:
+            await rt.compute(unit, block)
+        probe.gate.clear()
+        probe.entered.clear()
+        running = asyncio.create_task(rt.compute(unit, three[-2]))
+        await wait_thread_event(probe.entered)
+        waiting = asyncio.create_task(rt.compute(unit, three[-1]))  # in the batcher's queue
+        await wait_for(lambda: rt.batcher.queued_rows == 3)
+        lone = asyncio.create_task(rt.compute(unit, random_rows[300:301]))
+        await wait_for(lambda: rt.executor.queued_calls == 1)  # a call of its own
+        late = asyncio.create_task(rt.compute(unit, random_rows[301:302]))
+        await wait_for(lambda: rt.batcher.queued_rows == 4)  # joins the batch waiting
+        probe.gate.set()
+        await asyncio.gather(running, waiting, lone, late)
+        assert probe.batch_sizes[-3:] == [3, 1, 4]
 
 
 async def test_poisoned_row_fails_alone(session_store: Path, iris_rows, iris_estimator) -> None:

@@ -11,7 +11,7 @@ import anyio
 import numpy as np
 import pytest
 
-from gateway.core.runner import _OUTLIER, _WAITED_CALLS, Executor
+from gateway.core.runner import _OUTLIER, _SMALL_DUE_CALLS, _WAITED_CALLS, Executor
 from tests.support import wait_for
 
 pytestmark = pytest.mark.anyio
@@ -265,6 +265,21 @@ async def test_the_least_small_call_is_kept_over_the_recent_ones() -> None:
     await ex.run(fn, "u", rows(1))  # the 50 us call is now older than the last 16
     least = ex.least_small_s
     assert least is not None and least >= 300e-6
+
+
+async def test_a_small_call_is_due_after_many_bigger_ones_and_taken_once() -> None:
+    fn = Recorder()
+    ex = Executor(placement="thread")
+    for _ in range(_SMALL_DUE_CALLS - 1):
+        await ex.run(fn, "u", rows(1, 2, 3))
+    assert not ex.take_small_call()
+    await ex.run(fn, "u", rows(1, 2, 3))
+    assert ex.take_small_call()
+    assert not ex.take_small_call()  # taken: one lone call, not every lone row
+    for _ in range(_SMALL_DUE_CALLS):
+        await ex.run(fn, "u", rows(1, 2, 3))
+    await ex.run(fn, "u", rows(1, 2))  # a small call came by itself: nothing is due
+    assert not ex.take_small_call()
 
 
 async def test_a_call_queued_while_one_computes_starts_as_it_ends_without_the_loop() -> None:
