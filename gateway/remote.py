@@ -330,8 +330,10 @@ class Remote:
                      redis_keys: list[bytes], rows: np.ndarray, idx: list[int],
                      out: list[bytes | Failure | None], local: LocalCompute, leased: list[int],
                      lease_ms: int) -> None:
-        """Compute ``idx`` here, renewing the leases of ``leased`` meanwhile; then store, free
-        and announce those (the other values are written to Redis in the background)."""
+        """Compute ``idx`` here, renewing the leases of ``leased`` meanwhile. Returns as soon as
+        the values are in ``out``: storing, freeing and announcing the leased ones (one script)
+        goes on in the background, as do the writes of the others, so the caller's answer does
+        not wait for Redis a second time."""
         sub = rows if len(idx) == len(rows) else rows[idx]
         ttl = runner.cache_ttl_s
         ttl_arg = bulk(b"%d" % ttl)
@@ -362,19 +364,26 @@ class Remote:
             out[p] = value
             if type(value) is bytes:
                 values[p] = value
-        announced: set[int] = set()
         if leased:
             seal = self._cache.seal
-            done = await self._call("finish", [
+            self._spawn(self._finish(runner, won_at, [
                 (keys[p], redis_keys[p],
                  ttl_arg + bulk(seal(keys[p], values[p]) if p in values else b"") + parent)
-                for p in leased])
-            if done is not None:
-                announced.update(leased)
-            self._held(runner, time.monotonic() - won_at)
+                for p in leased], [(keys[p], values[p]) for p in leased if p in values], ttl))
+        mine = set(leased)
         for p, value in values.items():
-            if p not in announced:
+            if p not in mine:
                 self._cache.put(keys[p], value, ttl)
+
+    async def _finish(self, runner: ModelRunner, won_at: float, items: list[_Item],
+                      values: list[tuple[str, bytes]], ttl: int) -> None:
+        """Store, free and announce leased keys (``items``); where the script fails, the
+        ``values`` are written as any others are."""
+        done = await self._call("finish", items)
+        self._held(runner, time.monotonic() - won_at)
+        if done is None:
+            for key, value in values:
+                self._cache.put(key, value, ttl)
 
     async def _renew_loop(self, items: list[_Item], lease_ms: int) -> None:
         while True:
@@ -557,6 +566,10 @@ class Remote:
         task.add_done_callback(self._background.discard)
 
     async def aclose(self) -> None:
+        """Let the scripts under way end (each is bounded by the cache's timeout; leases
+        stored, freed and announced in the background among them), then stop."""
+        if self._background:
+            await asyncio.wait(set(self._background), timeout=4 * self._cache.timeout_s)
         tasks = [t for t in (self._listener, *self._background) if t is not None]
         for t in tasks:
             t.cancel()
