@@ -12,10 +12,10 @@ cross-replica coalescing on (``GATEWAY_COALESCE_REMOTE=auto``, the default) and 
 Before the first burst every replica is warmed with ordinary traffic (``--warm`` new rows,
 each asked of every replica in turn), so calls are measured and placed as in service; each
 repetition then uses new rows. The model is an Iris forest of 1,000 trees on its scikit-learn
-backend (``dear_forest``: milliseconds a call, more than a Redis lookup costs on any machine,
-so with the default settings Redis is consulted and coalescing applies; the demo's 100 trees
-cost about the lookup on a fast one); every answer is checked against the estimator. Prints a
-Markdown table (and writes JSON with ``--json``).
+backend (``train_iris(trees=1000)``: milliseconds a call, more than a Redis lookup costs on any
+machine, so with the default settings Redis is consulted and coalescing applies; the demo's 100
+trees cost about the lookup on a fast one); every answer is checked against the estimator.
+Prints a Markdown table (and writes JSON with ``--json``).
 """
 
 from __future__ import annotations
@@ -36,19 +36,12 @@ from typing import Any
 import httpx
 import numpy as np
 import orjson
-from sklearn.ensemble import RandomForestClassifier
 
 from bench.procs import GatewayProcess, gateway_process, redis_server
 from model_store import ModelStore
-from model_store.demo import IRIS_FEATURES, iris_data
+from model_store.demo import IRIS_FEATURES, train_iris
 
 _SAMPLE = re.compile(r"^(gateway_model_(?:calls|rows)_total)\{[^}]*\} (\S+)$", re.M)
-
-
-def dear_forest() -> Any:
-    """Iris, ``RandomForestClassifier(n_estimators=1000, random_state=0)``."""
-    x, y = iris_data()
-    return RandomForestClassifier(n_estimators=1000, random_state=0).fit(x, y)
 
 
 @dataclass
@@ -179,7 +172,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
 
-    estimator = dear_forest()
+    estimator = train_iris(trees=1000)
     rng = np.random.default_rng(12)
     need = args.warm + args.repetitions * (1 + args.rows)
     rows = np.round(rng.uniform([4, 2, 1, 0], [8, 4.5, 7, 2.5], size=(need, 4)), 3)
