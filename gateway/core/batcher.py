@@ -147,7 +147,8 @@ class MicroBatcher(Generic[R]):
             QueueFull: the queue has no room for the block now (raised at once).
             BatcherClosed: shutting down.
         """
-        if self._closed or self._wake is None:
+        wake = self._wake
+        if not self.accepting or wake is None:
             raise BatcherClosed("not accepting rows")
         n = len(rows)
         if n > self._max_queue:
@@ -165,7 +166,7 @@ class MicroBatcher(Generic[R]):
                 e.trace, e.queued_ns, e.sink = trace, now, to
         self._queue.extend(entries)
         self.queued_rows += n
-        self._wake.set()
+        wake.set()
         try:
             if len(entries) == 1:
                 return list(await entries[0].future)
