@@ -29,7 +29,8 @@ multi-output models and XGBoost categorical features are refused with the reason
 **BoosterModel** is the backend that serves a family (``BoosterAnswers`` shapes its answers,
 and those of the compiled candidates in ``model_store.booster_compiled``): one library call
 per model call
-(XGBoost ``inplace_predict``, LightGBM ``Booster.predict`` on the float64 rows), the
+(XGBoost ``inplace_predict``; LightGBM ``LGBM_BoosterPredictForMat``, the C function its
+``Booster.predict`` ends in, called directly on the float64 rows), the
 probabilities built as the scikit-learn wrapper builds them (binary: ``[1 - p, p]`` in the
 library's dtype; ``multi:softmax``: softmax of the margins) and labels as
 ``classes[argmax(probabilities)]`` (the first class on a tie: ``p > 0.5`` for class 1, as
@@ -48,10 +49,13 @@ Neither library is imported until a model of its family is read.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import functools
 import json
 import logging
 import re
+import weakref
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +68,7 @@ __all__ = [
     "DEFAULT_THREADS",
     "FAMILIES",
     "FORMATS",
+    "LIGHTGBM_C_API",
     "NATIVE",
     "BoosterAnswers",
     "BoosterError",
@@ -99,6 +104,8 @@ ARTIFACTS: dict[str, str] = {"json": "booster.json", "ubj": "booster.ubj", "txt"
 """The artifact's name in a version directory, per native format (``model.json`` is the
 manifest)."""
 DEFAULT_THREADS = 1
+LIGHTGBM_C_API = "LGBM_BoosterPredictForMat"
+"""``BoosterModel.via`` of a LightGBM booster served through the library's C API."""
 
 _SUFFIXES: dict[str, Format] = {".json": "json", ".ubj": "ubj", ".txt": "txt"}
 _XGB_REGRESSION = ("reg:", "count:poisson")
@@ -751,11 +758,17 @@ class BoosterModel(BoosterAnswers):
     threads): what a native booster is verified against, and what
     ``GATEWAY_BACKEND=estimator`` serves. Thread-safe once built (XGBoost's
     ``inplace_predict`` and LightGBM's ``predict`` are).
+
+    The fast path of a LightGBM booster is its C API's predict (``_LightGBMCall``) where the
+    library is found, else ``Booster.predict``; ``via`` names the one to take, as
+    registration recorded and verified it (``LoadedModel`` passes the manifest's), None for
+    the best this process has. ``via`` says which serves.
     """
 
     def __init__(self, booster: Any, info: BoosterInfo, classes: Iterable[Any] | None, *,
                  threads: int = DEFAULT_THREADS,
-                 iteration_range: tuple[int, int] = (0, 0), reference: bool = False) -> None:
+                 iteration_range: tuple[int, int] = (0, 0), reference: bool = False,
+                 via: str | None = None) -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         super().__init__(info, classes)
@@ -769,13 +782,15 @@ class BoosterModel(BoosterAnswers):
                 booster.set_param({"nthread": threads})
         else:
             self._predict_kwargs: dict[str, Any] = {} if reference else {"num_threads": threads}
+            self._lgb_call = (None if reference or via not in (None, LIGHTGBM_C_API)
+                              else _LightGBMCall.of(booster, threads))
 
     @property
     def via(self) -> str:
         """The library call, for the manifest."""
         if self.family == "xgboost":
             return "Booster.predict(DMatrix)" if self.reference else "Booster.inplace_predict"
-        return "Booster.predict"
+        return "Booster.predict" if self._lgb_call is None else LIGHTGBM_C_API
 
     def _raw(self, rows: np.ndarray) -> np.ndarray:
         b = self.booster
@@ -789,7 +804,89 @@ class BoosterModel(BoosterAnswers):
                                         iteration_range=self.iteration_range,
                                         validate_features=False)
             return np.asarray(out)
+        if self._lgb_call is not None:
+            return self._lgb_call(rows)
         return np.asarray(b.predict(rows, **self._predict_kwargs))
+
+
+class _LightGBMCall:
+    """A LightGBM booster's predictions in one foreign call: ``LGBM_BoosterPredictForMat``,
+    the C function ``Booster.predict`` ends in, with the same arguments (normal output, trees up
+    to ``best_iteration``, ``num_threads``). ``Booster.predict`` around it builds a predictor
+    and makes three more foreign calls per model call; each gives up the GIL and must take it
+    back from the event loop, and a lone row pays ~15 µs of Python. The booster is loaded into
+    the library a second time, from its model text: a handle of this object's own (public C API
+    only), freed with it. Thread-safe, as LightGBM's predict is."""
+
+    def __init__(self, lib: ctypes.CDLL, booster: Any, threads: int) -> None:
+        self._lib = lib
+        handle, iterations = ctypes.c_void_p(), ctypes.c_int()
+        text = booster.model_to_string().encode()
+        self._check(lib.LGBM_BoosterLoadModelFromString(
+            ctypes.c_char_p(text), ctypes.byref(iterations), ctypes.byref(handle)))
+        self._handle = handle
+        weakref.finalize(self, lib.LGBM_BoosterFree, handle)
+        classes = ctypes.c_int()
+        self._check(lib.LGBM_BoosterGetNumClasses(handle, ctypes.byref(classes)))
+        self._per_row = classes.value
+        self._iterations = ctypes.c_int(int(booster.best_iteration))
+        self._params = ctypes.c_char_p(f"num_threads={threads}".encode())
+        self._predict = lib.LGBM_BoosterPredictForMat
+
+    @classmethod
+    def of(cls, booster: Any, threads: int) -> _LightGBMCall | None:
+        """The call for ``booster``, or None where the library's C API is not found (then
+        ``Booster.predict`` serves)."""
+        lib = _lightgbm_c_api()
+        if lib is None:
+            return None
+        try:
+            return cls(lib, booster, threads)
+        except (BoosterError, AttributeError, OSError) as exc:
+            log.warning("LightGBM's C API refused the booster (%s): Booster.predict serves", exc)
+            return None
+
+    def _check(self, status: int) -> None:
+        if status != 0:
+            raise BoosterError(f"lightgbm: {self._lib.LGBM_GetLastError().decode()}")
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        """Booster.predict's output for ``rows`` (float64): one value per row, or a row of
+        ``num_class`` probabilities per row. Raises BoosterError."""
+        rows = np.ascontiguousarray(rows, dtype=np.float64)
+        n, features = rows.shape
+        out = np.empty(n * self._per_row, dtype=np.float64)
+        got = ctypes.c_int64()
+        self._check(self._predict(
+            self._handle, ctypes.c_void_p(rows.ctypes.data), _C_API_FLOAT64, ctypes.c_int32(n),
+            ctypes.c_int32(features), _ROW_MAJOR, _PREDICT_NORMAL, _FROM_FIRST_TREE,
+            self._iterations, self._params, ctypes.byref(got),
+            ctypes.c_void_p(out.ctypes.data)))
+        if got.value != len(out):
+            raise BoosterError(f"lightgbm: {got.value} predictions for {len(out)}")
+        return out if self._per_row == 1 else out.reshape(n, self._per_row)
+
+
+_C_API_FLOAT64 = ctypes.c_int(1)  # C_API_DTYPE_FLOAT64 in LightGBM's c_api.h
+_ROW_MAJOR = ctypes.c_int(1)
+_PREDICT_NORMAL = ctypes.c_int(0)  # C_API_PREDICT_NORMAL
+_FROM_FIRST_TREE = ctypes.c_int(0)
+
+
+@functools.cache
+def _lightgbm_c_api() -> ctypes.CDLL | None:
+    """The shared library of the installed ``lightgbm`` package (loaded once per process: the
+    one the package itself uses), or None if it is not where the package keeps it."""
+    package = Path(_lightgbm().__file__).parent
+    for path in sorted((package / "lib").glob("lib_lightgbm.*")):
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError:
+            continue
+        lib.LGBM_GetLastError.restype = ctypes.c_char_p
+        return lib
+    log.warning("LightGBM's shared library is not under %s: Booster.predict serves", package)
+    return None
 
 
 def probe_native(path: str, format: str, rows: int = 2_000) -> dict[str, Any]:

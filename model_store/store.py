@@ -427,6 +427,13 @@ def _booster_verified(manifest: Manifest) -> bool:
     return all(manifest.verified(manifest.family, o) for o in outputs)
 
 
+def _verified_via(manifest: Manifest) -> str | None:
+    """The library call registration verified the booster path through (``via``)."""
+    record = manifest.backends.get(manifest.family)
+    via = record.get("via") if isinstance(record, dict) else None
+    return via if isinstance(via, str) else None
+
+
 def _wrapper_booster(manifest: Manifest, estimator: Any) -> BoosterModel | None:
     """The verified booster path of an unpickled XGBoost or LightGBM wrapper (None where
     registration did not verify it); the wrapper's own predict gets the version's threads
@@ -449,7 +456,8 @@ def _wrapper_booster(manifest: Manifest, estimator: Any) -> BoosterModel | None:
     info = BoosterInfo(family, manifest.objective, manifest.task, len(manifest.features),
                        n_classes, None, [])
     return BoosterModel(booster, info, classes, threads=threads,
-                        iteration_range=boosters.wrapper_iteration_range(estimator))
+                        iteration_range=boosters.wrapper_iteration_range(estimator),
+                        via=_verified_via(manifest))
 
 
 def _check_rows(rows: np.ndarray | None, n_features: int) -> np.ndarray | None:
@@ -865,7 +873,8 @@ class ModelStore:
         threads = manifest.settings.threads or boosters.DEFAULT_THREADS
         classes = manifest.classes or None
         estimator = NativeEstimator(booster, info, classes, threads=threads)
-        fast = (BoosterModel(booster, info, classes, threads=threads)
+        fast = (BoosterModel(booster, info, classes, threads=threads,
+                             via=_verified_via(manifest))
                 if _booster_verified(manifest) else None)
         return LoadedModel(manifest, estimator, booster=fast,
                            chosen=self._load_chosen(manifest, estimator, lambda: info))

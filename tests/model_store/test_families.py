@@ -166,6 +166,36 @@ def test_early_stopped_wrappers_serve_their_best_iteration(tmp_path: Path) -> No
                 assert np.max(np.abs(proba - wrapper.predict_proba(rows))) <= atol
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("fmt", ["txt", "joblib"])
+def test_lightgbm_serves_through_its_c_api_exactly_as_booster_predict(
+        cases: dict[tuple[str, str, str], Case], tmp_path: Path, fmt: str) -> None:
+    store = ModelStore(tmp_path)
+    for task in TASKS:
+        case = cases["lightgbm", fmt, task]
+        m = store.register(case.model, task, backend="library")
+        assert m.backends["lightgbm"]["via"] == fam.LIGHTGBM_C_API
+        model = store.load_sync(task, 1)
+        assert model.booster is not None and model.booster.via == fam.LIGHTGBM_C_API
+        own = fam.BoosterModel(model.booster.booster, model.booster.info,
+                               m.classes or None, via="Booster.predict")
+        assert own.via == "Booster.predict"
+        rows = _rows(case)
+        for n in (1, 7, len(rows)):  # bit for bit: the same C function, the same arguments
+            got, want = model.booster.run(rows[:n]), own.run(rows[:n])
+            assert np.array_equal(got[0], want[0])
+            assert (got[1] is None) == (want[1] is None)
+            if got[1] is not None:
+                assert np.array_equal(got[1], want[1])
+    # a version registered when Booster.predict was the verified path keeps serving through it
+    vdir = tmp_path / "binary" / "1"
+    manifest = json.loads((vdir / "model.json").read_text())
+    manifest["backends"]["lightgbm"]["via"] = "Booster.predict"
+    (vdir / "model.json").write_text(json.dumps(manifest))
+    older = store.load_sync("binary", 1)
+    assert older.booster is not None and older.booster.via == "Booster.predict"
+
+
 def _xgb_threads(booster: Any) -> int:
     return int(json.loads(booster.save_config())["learner"]["generic_param"]["nthread"])
 
