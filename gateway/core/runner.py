@@ -23,9 +23,10 @@ Until enough calls are measured, and for any slower model, it uses the thread.
 
 The thread is the version's own (``ModelThreads``: ``infer_concurrency`` of them), fed by a
 queue: a call handed over while another runs starts the moment that one ends, without waiting
-for the event loop to notice the end and hand over the next (the micro-batcher keeps one batch
-waiting there). Under load the loop is busy for milliseconds at a time; a model waiting for
-it between calls would idle as long as it computes.
+for the event loop to notice the end and hand over the next (the micro-batcher keeps up to
+``_AHEAD_BATCHES`` whole batches waiting there). Under load the loop is busy for milliseconds
+at a time, and seeing one call end and handing over the next takes it several steps; a model
+waiting for it between calls would idle as long as it computes.
 A model that slows down moves back to the thread after one slow call, for its next
 ``_WAITED_CALLS`` calls. A call counts in an average as at most ``_OUTLIER`` times the
 average, and a call of more rows bounds the cost of a small one: one outlier (a cold cache, a
@@ -84,6 +85,7 @@ _RECENT_SMALL = 16  # small calls whose least cost is kept (``Executor.least_sma
 _WAITED_CALLS = 64  # calls kept in the thread after a model was seen waiting inline
 _SMALL_ROWS = 2  # calls of up to this many rows measure the cost of a call itself
 _SMALL_DUE_CALLS = 64  # bigger calls in a row after which a lone row is computed alone
+_AHEAD_BATCHES = 4  # whole batches waiting in the model thread's queue under load
 _INLINE_ROW_MAX_S = 5e-6  # CPU per further row of a call beyond which calls take the thread
 _PROBA_SUM_TOL = 1e-3
 _THREAD_IDLE_S = 30.0  # a model thread with no call for this long ends (started again on demand)
@@ -463,7 +465,8 @@ class ModelRunner:
         if batching:
             self.batcher = MicroBatcher(
                 self._call, run=self.executor.run, max_batch_size=max_batch_size,
-                max_delay_s=max_delay_s, max_queue=max_queue, concurrency=concurrency, ahead=1,
+                max_delay_s=max_delay_s, max_queue=max_queue, concurrency=concurrency,
+                ahead=_AHEAD_BATCHES,
                 on_batch=lambda n: tally.observe(metrics.batch_rows, n),
             )
             batcher = self.batcher
