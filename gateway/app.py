@@ -7,6 +7,7 @@ import gc
 import importlib.resources
 import logging
 import signal
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -215,6 +216,8 @@ def create_app(settings: Settings | None = None, *, store: ModelStore | None = N
     async def lifespan(_app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         unwatch_gc = app_metrics.watch_gc()
         gw = await Gateway.open(settings, store, app_metrics)
+        switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(settings.switch_interval_us / 1e6)
         if settings.gc_freeze:
             gc.collect()
             gc.freeze()
@@ -236,6 +239,7 @@ def create_app(settings: Settings | None = None, *, store: ModelStore | None = N
                 await state["grpc"].stop(settings.shutdown_grace_s)
             await gw.aclose()
             unwatch_gc()
+            sys.setswitchinterval(switch_interval)
 
     app = GatewayApp(
         docs_url=None,

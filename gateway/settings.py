@@ -116,7 +116,15 @@ class Settings(BaseSettings):
     """How long a dispatch may wait for its batch to fill; 0 never waits."""
 
     max_queue_rows: int = Field(4096, ge=1)
-    """Rows waiting for a model call; beyond it requests are refused with 503."""
+    """Rows waiting to be batched for a model call; beyond it requests are refused with 503.
+    (Under load a few whole batches more wait in the model's thread queue, their calls
+    formed: ``gateway.core.runner``.)"""
+
+    switch_interval_us: int = Field(100, ge=1, le=100_000)
+    """How long a thread may keep the GIL while another waits for it
+    (``sys.setswitchinterval``), microseconds. A model call in a worker thread needs the GIL
+    back when the library returns; with Python's default (5,000) a busy event loop keeps it for
+    up to that long after every call, and the model idles as long as it computes."""
 
     request_timeout_ms: int = Field(5000, ge=1)
     """Default per-request deadline (``X-Request-Timeout-Ms`` overrides it); 504 past it."""
