@@ -7,7 +7,6 @@ import gc
 import importlib.resources
 import logging
 import signal
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -23,6 +22,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 
 from gateway import logs
+from gateway.core.runner import SwitchInterval
 from gateway.errors import GatewayError, HttpError, InvalidInput, error_response
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.middleware import MetricsMiddleware
@@ -216,8 +216,7 @@ def create_app(settings: Settings | None = None, *, store: ModelStore | None = N
     async def lifespan(_app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         unwatch_gc = app_metrics.watch_gc()
         gw = await Gateway.open(settings, store, app_metrics)
-        switch_interval = sys.getswitchinterval()
-        sys.setswitchinterval(settings.switch_interval_us / 1e6)
+        SwitchInterval.prefer_models(settings.switch_interval_us / 1e6)
         if settings.gc_freeze:
             gc.collect()
             gc.freeze()
@@ -239,7 +238,7 @@ def create_app(settings: Settings | None = None, *, store: ModelStore | None = N
                 await state["grpc"].stop(settings.shutdown_grace_s)
             await gw.aclose()
             unwatch_gc()
-            sys.setswitchinterval(switch_interval)
+            SwitchInterval.prefer_models(None)
 
     app = GatewayApp(
         docs_url=None,

@@ -121,10 +121,9 @@ class Settings(BaseSettings):
     formed: ``gateway.core.runner``.)"""
 
     switch_interval_us: int = Field(100, ge=1, le=100_000)
-    """How long a thread may keep the GIL while another waits for it
-    (``sys.setswitchinterval``), microseconds. A model call in a worker thread needs the GIL
-    back when the library returns; with Python's default (5,000) a busy event loop keeps it for
-    up to that long after every call, and the model idles as long as it computes."""
+    """How long the event loop may keep the GIL from a model thread whose call has ended, while
+    further calls wait for that thread (``sys.setswitchinterval``), microseconds; otherwise
+    Python's own interval (5,000) holds, which favours the loop (``runner.SwitchInterval``)."""
 
     request_timeout_ms: int = Field(5000, ge=1)
     """Default per-request deadline (``X-Request-Timeout-Ms`` overrides it); 504 past it."""

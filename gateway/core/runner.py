@@ -49,6 +49,7 @@ import logging
 import math
 import queue
 import resource
+import sys
 import threading
 import time
 from collections import deque
@@ -64,7 +65,8 @@ from gateway.metrics import Metrics
 from gateway.tracing import Attributes, model_call
 from model_store import LoadedModel
 
-__all__ = ["Executor", "ModelRunner", "ModelThreads", "Output", "Placement", "Unit"]
+__all__ = ["Executor", "ModelRunner", "ModelThreads", "Output", "Placement", "SwitchInterval",
+           "Unit"]
 
 log = logging.getLogger("gateway.runner")
 
@@ -135,6 +137,30 @@ class _Job:
         self.future: asyncio.Future[Any] = loop.create_future()
 
 
+class SwitchInterval:
+    """The process's GIL switch interval while calls wait for a model thread.
+
+    A model call in a thread gives up the GIL while the library computes and needs it back to
+    return; a busy event loop keeps it until the interval passes (Python's default, 5 ms). While
+    calls queue for a model thread, the model is what the load waits for: each call then starts
+    with the interval set to ``busy_s``, so the thread takes the GIL back within it. A call
+    that starts with nothing queued behind it restores the process's own interval: the loop,
+    then the bottleneck, is preempted only by a model that has work waiting. The interval is
+    the process's, so the last call to start decides it for all threads."""
+
+    busy_s: float | None = None  # None: the interval is left alone
+    idle_s: float = sys.getswitchinterval()
+
+    @classmethod
+    def prefer_models(cls, busy_s: float | None) -> None:
+        """Take the interval over (``busy_s``), or give it back (None) as it was."""
+        if busy_s is not None and cls.busy_s is None:
+            cls.idle_s = sys.getswitchinterval()
+        elif busy_s is None and cls.busy_s is not None:
+            sys.setswitchinterval(cls.idle_s)
+        cls.busy_s = busy_s
+
+
 class ModelThreads:
     """``count`` threads taking a model version's calls in order from one queue, started on
     the first call and ending after ``_THREAD_IDLE_S`` without one (so an unloaded version's
@@ -182,6 +208,9 @@ class ModelThreads:
                 continue
             if job.future.cancelled():  # its caller left before it started
                 continue
+            busy_s = SwitchInterval.busy_s
+            if busy_s is not None:
+                sys.setswitchinterval(busy_s if jobs.qsize() else SwitchInterval.idle_s)
             result: Any = None
             error: BaseException | None = None
             try:
