@@ -307,3 +307,38 @@ async def test_a_call_queued_while_one_computes_starts_as_it_ends_without_the_lo
         gate.set()
         assert second.wait(timeout=30)  # (blocks the loop: the thread started it alone)
     assert entered == ["first", "second"]
+
+
+async def test_the_switch_interval_is_short_only_while_calls_wait_for_the_thread() -> None:
+    import sys
+
+    from gateway.core.runner import SwitchInterval
+
+    own = sys.getswitchinterval()
+    gate = threading.Event()
+    seen: list[float] = []
+
+    def model(_unit: Hashable, x: np.ndarray) -> list[float]:
+        seen.append(sys.getswitchinterval())
+        gate.wait(10)
+        return x[:, 0].tolist()
+
+    SwitchInterval.prefer_models(1e-4)
+    try:
+        ex = Executor(placement="thread")
+        async with anyio.create_task_group() as tg:
+            async def run(v: float) -> None:
+                assert await ex.run(model, "u", rows(v)) == [v]
+
+            tg.start_soon(run, 1.0)
+            await wait_for(lambda: len(seen) == 1)  # the first call runs: none queued behind it
+            tg.start_soon(run, 2.0)
+            tg.start_soon(run, 3.0)
+            await wait_for(lambda: ex.queued_calls == 2)
+            gate.set()
+        # the first started alone, the second with the third waiting, the third alone
+        assert seen == [own, pytest.approx(1e-4), own]
+        assert sys.getswitchinterval() == own
+    finally:
+        SwitchInterval.prefer_models(None)
+    assert sys.getswitchinterval() == own and SwitchInterval.busy_s is None
