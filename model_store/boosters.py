@@ -814,7 +814,7 @@ class _LightGBMCall:
     the C function ``Booster.predict`` ends in, with the same arguments (normal output, trees up
     to ``best_iteration``, ``num_threads``). ``Booster.predict`` around it builds a predictor
     and makes three more foreign calls per model call; each gives up the GIL and must take it
-    back from the event loop, and a lone row pays ~15 µs of Python. The booster is loaded into
+    back from the event loop, and a lone row pays ~30 µs of Python. The booster is loaded into
     the library a second time, from its model text: a handle of this object's own (public C API
     only), freed with it. Thread-safe, as LightGBM's predict is."""
 
