@@ -760,9 +760,9 @@ class BoosterModel(BoosterAnswers):
     ``inplace_predict`` and LightGBM's ``predict`` are).
 
     The fast path of a LightGBM booster is its C API's predict (``_LightGBMCall``) where the
-    library is found, else ``Booster.predict``; ``via`` names the one to take, as
-    registration recorded and verified it (``LoadedModel`` passes the manifest's), None for
-    the best this process has. ``via`` says which serves.
+    library is found, else ``Booster.predict``. The ``via`` argument names the one to take as
+    registration recorded and verified it (the store passes the manifest's), None for the best
+    this process has; the ``via`` property says which serves.
     """
 
     def __init__(self, booster: Any, info: BoosterInfo, classes: Iterable[Any] | None, *,
