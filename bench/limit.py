@@ -81,11 +81,10 @@ class Limit:
 
 def describe_backend(model: LoadedModel) -> str:
     """Which backend answers each output, as the store chose it (``via``: the library call a
-    booster family's fast path makes)."""
-    manifest = model.manifest
+    booster family's fast path makes in this process)."""
     parts = []
     for output, backend in model.backends().items():
-        via = manifest.backends.get(backend, {}).get("via") if backend == manifest.family \
+        via = model.booster.via if backend == model.manifest.family \
             and model.booster is not None else None
         parts.append(f"{output}={backend}" + (f" {via}" if via else ""))
     return ", ".join(parts)
