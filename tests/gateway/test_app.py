@@ -210,3 +210,16 @@ async def test_unknown_model_and_bad_timeout_header(session_store: Path) -> None
         assert probe.calls == 0
         text = (await client.get("/metrics")).text
         assert 'gateway_rejected_total{reason="model_not_found"} 1.0' in text
+
+
+async def test_the_gateway_takes_the_switch_interval_over_while_it_runs(
+        session_store: Path) -> None:
+    import sys
+
+    from gateway.core.runner import SwitchInterval
+
+    own = sys.getswitchinterval()
+    async with probed_app(session_store, switch_interval_us=250):
+        assert SwitchInterval.busy_s == pytest.approx(250e-6)
+        assert SwitchInterval.idle_s == own
+    assert SwitchInterval.busy_s is None and sys.getswitchinterval() == own
