@@ -369,21 +369,23 @@ class Remote:
             self._spawn(self._finish(runner, won_at, [
                 (keys[p], redis_keys[p],
                  ttl_arg + bulk(seal(keys[p], values[p]) if p in values else b"") + parent)
-                for p in leased], [(keys[p], values[p]) for p in leased if p in values], ttl))
+                for p in leased], keys, leased, values, ttl))
         mine = set(leased)
         for p, value in values.items():
             if p not in mine:
                 self._cache.put(keys[p], value, ttl)
 
     async def _finish(self, runner: ModelRunner, won_at: float, items: list[_Item],
-                      values: list[tuple[str, bytes]], ttl: int) -> None:
-        """Store, free and announce leased keys (``items``); where the script fails, the
-        ``values`` are written as any others are."""
+                      keys: Sequence[str], leased: list[int], values: dict[int, bytes],
+                      ttl: int) -> None:
+        """Store, free and announce the ``leased`` keys (``items``); where the script fails,
+        their ``values`` are written as any others are."""
         done = await self._call("finish", items)
         self._held(runner, time.monotonic() - won_at)
         if done is None:
-            for key, value in values:
-                self._cache.put(key, value, ttl)
+            for p in leased:
+                if p in values:
+                    self._cache.put(keys[p], values[p], ttl)
 
     async def _renew_loop(self, items: list[_Item], lease_ms: int) -> None:
         while True:

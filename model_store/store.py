@@ -187,6 +187,12 @@ class Manifest:
         checks = self.backends.get(backend, {}).get("checks", {})
         return bool(checks.get(output, {}).get("verified", False))
 
+    def via(self) -> str | None:
+        """The library call a booster family's own path was verified through at
+        registration (``backends.<family>.via``), or None."""
+        via = self.backends.get(self.family, {}).get("via")
+        return via if isinstance(via, str) else None
+
     def chosen(self, output: str) -> str | None:
         """The compiled candidate chosen to serve ``output`` of a booster model (``onnx``,
         ``treelite``), or None (the model's own library)."""
@@ -427,13 +433,6 @@ def _booster_verified(manifest: Manifest) -> bool:
     return all(manifest.verified(manifest.family, o) for o in outputs)
 
 
-def _verified_via(manifest: Manifest) -> str | None:
-    """The library call registration verified the booster path through (``via``)."""
-    record = manifest.backends.get(manifest.family)
-    via = record.get("via") if isinstance(record, dict) else None
-    return via if isinstance(via, str) else None
-
-
 def _wrapper_booster(manifest: Manifest, estimator: Any) -> BoosterModel | None:
     """The verified booster path of an unpickled XGBoost or LightGBM wrapper (None where
     registration did not verify it); the wrapper's own predict gets the version's threads
@@ -457,7 +456,7 @@ def _wrapper_booster(manifest: Manifest, estimator: Any) -> BoosterModel | None:
                        n_classes, None, [])
     return BoosterModel(booster, info, classes, threads=threads,
                         iteration_range=boosters.wrapper_iteration_range(estimator),
-                        via=_verified_via(manifest))
+                        via=manifest.via())
 
 
 def _check_rows(rows: np.ndarray | None, n_features: int) -> np.ndarray | None:
@@ -874,7 +873,7 @@ class ModelStore:
         classes = manifest.classes or None
         estimator = NativeEstimator(booster, info, classes, threads=threads)
         fast = (BoosterModel(booster, info, classes, threads=threads,
-                             via=_verified_via(manifest))
+                             via=manifest.via())
                 if _booster_verified(manifest) else None)
         return LoadedModel(manifest, estimator, booster=fast,
                            chosen=self._load_chosen(manifest, estimator, lambda: info))
