@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from gateway.core.runner import SwitchInterval
 from model_store import ModelStore
 from model_store.demo import IRIS_FEATURES
 from tests.support import probed_app, serve
@@ -214,10 +216,6 @@ async def test_unknown_model_and_bad_timeout_header(session_store: Path) -> None
 
 async def test_the_gateway_takes_the_switch_interval_over_while_it_runs(
         session_store: Path) -> None:
-    import sys
-
-    from gateway.core.runner import SwitchInterval
-
     own = sys.getswitchinterval()
     async with probed_app(session_store, switch_interval_us=250):
         assert SwitchInterval.busy_s == pytest.approx(250e-6)

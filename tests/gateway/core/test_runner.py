@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import sys
 import threading
 import time
 from collections.abc import Hashable
@@ -11,7 +12,13 @@ import anyio
 import numpy as np
 import pytest
 
-from gateway.core.runner import _OUTLIER, _SMALL_DUE_CALLS, _WAITED_CALLS, Executor
+from gateway.core.runner import (
+    _OUTLIER,
+    _SMALL_DUE_CALLS,
+    _WAITED_CALLS,
+    Executor,
+    SwitchInterval,
+)
 from tests.support import wait_for
 
 pytestmark = pytest.mark.anyio
@@ -310,10 +317,6 @@ async def test_a_call_queued_while_one_computes_starts_as_it_ends_without_the_lo
 
 
 async def test_the_switch_interval_is_short_only_while_calls_wait_for_the_thread() -> None:
-    import sys
-
-    from gateway.core.runner import SwitchInterval
-
     own = sys.getswitchinterval()
     gate = threading.Event()
     seen: list[float] = []
