@@ -109,8 +109,10 @@ class Settings(BaseSettings):
     """Model calls running at once per model version: its worker threads, each taking the next
     queued call as it ends one."""
 
-    max_batch_size: int = Field(64, ge=1, le=65536)
-    """Most rows in one ``predict`` call."""
+    max_batch_size: int = Field(256, ge=1, le=65536)
+    """Most rows in one ``predict`` call. A batch this big forms only while rows queue up behind
+    a busy model; each call costs a hand-over to the model's thread and back (the GIL), which
+    bigger calls spread over more rows."""
 
     max_batch_delay_us: int = Field(0, ge=0, le=1_000_000)
     """How long a dispatch may wait for its batch to fill; 0 never waits."""

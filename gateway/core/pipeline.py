@@ -268,10 +268,10 @@ class Pipeline:
                     if keys is not None and flights is not None:
                         at_key[keys[i]] = at
                 where.append((block, i, at))
-        if not parts:
-            return
-        computed: list[bytes | None] = []
         step = runner.max_batch_size
+        if not parts or not runner.executor.inline_for(min(step, len(parts))):
+            return  # (no piece would run inline: the rows take the batcher)
+        computed: list[bytes | None] = []
         rows = blocks[0].rows if len(blocks) == 1 and len(parts) == len(blocks[0].rows) \
             else np.stack(parts)
         served = [b.trace for b in blocks if b.trace is not None]
