@@ -28,12 +28,13 @@ from gateway.protocols.http import (
     error_reply,
     timeout_s,
 )
-from gateway.protocols.inputs import parse_instances, parse_json
+from gateway.protocols.inputs import parse_instances, parse_json, parse_rows_body
 from gateway.runtime import Gateway
 
 __all__ = ["doors", "openapi_paths"]
 
 _BODY_KEYS = frozenset({"instances", "version", "probabilities"})
+_KSERVE_KEYS = frozenset({"instances"})
 _LABEL: frozenset[Output] = frozenset({"label"})
 _BOTH: frozenset[Output] = frozenset({"label", "probabilities"})
 _SOURCES = {s: orjson.dumps(s) for s in ("l1", "l2", "miss")}
@@ -76,10 +77,19 @@ def _v1_door(decoded: Decoded) -> tuple[Prepare, Encode]:
             if rt.manifest.features != features:
                 seen = None
         if seen is None:
-            version, proba, instances = _v1_body(body)
-            rt = gw.runtime(params["name"], version)
-            features = rt.manifest.features
-            rows = parse_instances(instances, features, gw.settings.max_rows)
+            fast = parse_rows_body(body, _BODY_KEYS, gw.settings.max_rows)
+            if fast is not None:
+                others, rows = fast
+                version, proba = others.get("version"), others.get("probabilities", False)
+                rt = gw.runtime(params["name"], version)
+                features = rt.manifest.features
+                if type(proba) is not bool or rows.shape[1] != len(features):
+                    fast = None  # the whole decoding names what is wrong
+            if fast is None:
+                version, proba, instances = _v1_body(body)
+                rt = gw.runtime(params["name"], version)
+                features = rt.manifest.features
+                rows = parse_instances(instances, features, gw.settings.max_rows)
             decoded.keep(body, len(body), features, (version, proba, rows), rows)
         return Job(rt, rows, _BOTH if proba else _LABEL, deadline_s, proba)
 
@@ -101,15 +111,20 @@ def _kserve_door(decoded: Decoded) -> tuple[Prepare, Encode]:
     def prepare(gw: Gateway, req: HttpRequest, params: dict[str, str], body: bytes) -> Job:
         deadline_s = timeout_s(gw, req)
         seen = decoded.find(body)
-        instances = _kserve_body(body) if seen is None else None
+        fast = parse_rows_body(body, _KSERVE_KEYS, gw.settings.max_rows) if seen is None \
+            else None
+        instances = _kserve_body(body) if seen is None and fast is None else None
         rt = gw.runtime(params["name"])
         features = rt.manifest.features
         if seen is not None and seen[0] == features:
             rows = seen[1]
         else:
-            if instances is None:
-                instances = _kserve_body(body)
-            rows = parse_instances(instances, features, gw.settings.max_rows)
+            if fast is not None and fast[1].shape[1] == len(features):
+                rows = fast[1]
+            else:
+                if instances is None:
+                    instances = _kserve_body(body)
+                rows = parse_instances(instances, features, gw.settings.max_rows)
             decoded.keep(body, len(body), features, rows, rows)
         return Job(rt, rows, _LABEL, deadline_s)
 
