@@ -489,7 +489,7 @@ class GrpcServer:
     def _prepare(self, request: bytes, call: Call) -> Job:
         """The request as a ``Job``; ``extra`` is (decoded request, output names, raw)."""
         gw = self._gw
-        seen = self._decoded.find(request)
+        seen = self._decoded.find(request, len(request))
         rt: ModelRunner | None = None
         if seen is not None:
             name, version, ireq, raw = seen[1]

@@ -163,8 +163,11 @@ class Decoded:
         self._max_entries = max_entries
         self._max_bytes = max_bytes
 
-    def find(self, key: Hashable) -> tuple[tuple[str, ...], Any] | None:
-        """The features and value ``keep`` kept under ``key``, or None."""
+    def find(self, key: Hashable, size: int) -> tuple[tuple[str, ...], Any] | None:
+        """The features and value ``keep`` kept under ``key`` (a request of ``size`` bytes), or
+        None: at once, without hashing ``key``, for a request too big to be kept."""
+        if size > self._max_bytes:
+            return None
         return self._entries.get(key)
 
     def keep(self, key: Hashable, size: int, features: tuple[str, ...], value: Any,

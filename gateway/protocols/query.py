@@ -37,7 +37,7 @@ def door() -> Door:
         rt = gw.runtime(gw.settings.default_model)
         query: bytes = req.scope["query_string"]
         features = rt.manifest.features
-        seen = decoded.find(query)
+        seen = decoded.find(query, len(query))
         if seen is not None and seen[0] == features:
             row = seen[1]
         else:

@@ -70,7 +70,7 @@ def _kserve_body(body: bytes) -> Any:
 def _v1_door(decoded: Decoded) -> tuple[Prepare, Encode]:
     def prepare(gw: Gateway, req: HttpRequest, params: dict[str, str], body: bytes) -> Job:
         deadline_s = timeout_s(gw, req)
-        seen = decoded.find(body)
+        seen = decoded.find(body, len(body))
         if seen is not None:
             features, (version, proba, rows) = seen
             rt = gw.runtime(params["name"], version)
@@ -110,7 +110,7 @@ def _v1_door(decoded: Decoded) -> tuple[Prepare, Encode]:
 def _kserve_door(decoded: Decoded) -> tuple[Prepare, Encode]:
     def prepare(gw: Gateway, req: HttpRequest, params: dict[str, str], body: bytes) -> Job:
         deadline_s = timeout_s(gw, req)
-        seen = decoded.find(body)
+        seen = decoded.find(body, len(body))
         fast = parse_rows_body(body, _KSERVE_KEYS, gw.settings.max_rows) if seen is None \
             else None
         instances = _kserve_body(body) if seen is None and fast is None else None

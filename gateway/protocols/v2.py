@@ -110,7 +110,7 @@ def _infer() -> tuple[Prepare, Encode]:
         rt = gw.runtime(params["name"], params.get("version"))
         key = (req.header(b"inference-header-content-length"), body)
         features = rt.manifest.features
-        seen = decoded.find(key)
+        seen = decoded.find(key, len(body))
         if seen is not None and seen[0] == features:
             ireq = seen[1]
         else:
