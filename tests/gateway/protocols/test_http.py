@@ -88,12 +88,13 @@ def test_decoded_memo_is_bounded() -> None:
     memo = Decoded(max_entries=2, max_bytes=4)
     f = ("x",)
     memo.keep(b"big", 5, f, 0, np.zeros(1))  # too big to keep
-    assert memo.find(b"big") is None
+    assert memo.find(b"big", 5) is None
     for key, n in ((b"a", 1), (b"b", 2)):
         memo.keep(key, 4, f, n, np.zeros(1))
-    assert (memo.find(b"a"), memo.find(b"b")) == ((f, 1), (f, 2))
+    assert (memo.find(b"a", 4), memo.find(b"b", 4)) == ((f, 1), (f, 2))
+    assert memo.find(b"a", 5) is None  # a request of that size is never looked for
     memo.keep(b"c", 4, f, 3, np.zeros(1))  # full: cleared first
-    assert (memo.find(b"a"), memo.find(b"b"), memo.find(b"c")) == (None, None, (f, 3))
+    assert (memo.find(b"a", 4), memo.find(b"b", 4), memo.find(b"c", 4)) == (None, None, (f, 3))
 
 
 async def test_a_request_decoded_before_is_decoded_again_for_a_version_with_other_features(
