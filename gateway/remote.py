@@ -167,6 +167,29 @@ class _Call:
         self.scheduled = False
 
 
+class _Watch:
+    """The announcements of one script call's keys, from before its reply on: ``got`` holds
+    them by key; ``wake`` (made by ``_await``) is set once each of the ``left`` keys it waits
+    for has one."""
+
+    __slots__ = ("got", "left", "wake", "wanted")
+
+    def __init__(self) -> None:
+        self.got: dict[str, _Announced] = {}
+        self.wanted: frozenset[str] = frozenset()
+        self.left = 0
+        self.wake: asyncio.Future[None] | None = None
+
+    def deliver(self, key: str, announced: _Announced) -> None:
+        if key in self.got:
+            return
+        self.got[key] = announced
+        if key in self.wanted:
+            self.left -= 1
+            if not self.left and self.wake is not None and not self.wake.done():
+                self.wake.set_result(None)
+
+
 class Remote:
     """Cross-replica single-flight over the L2 tier's Redis; see the module docstring.
 
@@ -194,7 +217,7 @@ class Remote:
         self._lease_min = lease_min_s
         self._slot_of = slot_of
         self.channel = f"{prefix}:replica:{secrets.token_hex(8)}"  # also this process's token
-        self._waiting: dict[str, list[asyncio.Future[_Announced]]] = {}
+        self._waiting: dict[str, _Watch | list[_Watch]] = {}  # by key: who listens for it
         self._subscribed = asyncio.Event()
         self._listener: asyncio.Task[None] | None = None
         self._background: set[asyncio.Task[Any]] = set()
@@ -260,8 +283,8 @@ class Remote:
         waited: set[int] = set()
         first = True
         while pending:
-            futures = self._expect([keys[p] for p in pending])
-            wait: list[tuple[int, asyncio.Future[_Announced]]] = []
+            watch = self._expect([keys[p] for p in pending])
+            wait: list[int] = []
             try:
                 trace = current.get() if first else None
                 start = time.time_ns() if trace is not None else 0
@@ -282,7 +305,7 @@ class Remote:
                 longest = 0.0
                 coalesced = 0
                 hits = 0  # valid values Redis held (on the first call: the block's L2 hits)
-                for p, s, fut in zip(pending, status, futures, strict=True):
+                for p, s in zip(pending, status, strict=True):
                     if isinstance(s, bytes):
                         value = self._accept(runner, unit, keys[p], s)
                         if value is None:
@@ -299,7 +322,7 @@ class Remote:
                     elif s == 0:
                         won.append(p)
                     else:
-                        wait.append((p, fut))
+                        wait.append(p)
                         longest = max(longest, int(s) / 1000)
                 if trace is not None:
                     trace.child("redis lookup", start, {"gateway.rows": len(pending),
@@ -317,12 +340,12 @@ class Remote:
                     jobs.append(self._local(runner, unit, keys, redis_keys, rows, won + unleased,
                                             out, local, won, lease_ms))
                 if wait:
-                    jobs.append(self._await(runner, unit, keys, wait, out,
+                    jobs.append(self._await(runner, unit, keys, wait, watch, out,
                                             longest + _WAIT_MARGIN_S))
                 await asyncio.gather(*jobs)
             finally:
-                self._unexpect([keys[p] for p in pending], futures)
-            waited.update(p for p, _ in wait)
+                self._unexpect([keys[p] for p in pending], watch)
+            waited.update(wait)
             pending = [p for p in pending if out[p] is None]
         return out  # type: ignore[return-value]  # every position is filled above
 
@@ -393,18 +416,29 @@ class Remote:
             await self._call("renew", items)
 
     async def _await(self, runner: ModelRunner, unit: Unit, keys: Sequence[str],
-                     wait: list[tuple[int, asyncio.Future[_Announced]]],
-                     out: list[bytes | Failure | None], timeout_s: float) -> None:
-        """Values announced for ``wait`` within ``timeout_s``; the rest stay None. A sampled
-        request gets a ``lease wait`` span, linked to the holders' ``model call`` spans."""
+                     wait: list[int], watch: _Watch, out: list[bytes | Failure | None],
+                     timeout_s: float) -> None:
+        """Values announced (to ``watch``) for the keys at ``wait`` within ``timeout_s``; the
+        rest stay None. A sampled request gets a ``lease wait`` span, linked to the holders'
+        ``model call`` spans."""
         trace = current.get()
         start = time.time_ns() if trace is not None else 0
-        await asyncio.wait([f for _, f in wait], timeout=timeout_s)
+        wanted = frozenset(keys[p] for p in wait)
+        watch.wanted = wanted
+        watch.left = len(wanted - watch.got.keys())
+        if watch.left:
+            wake = watch.wake = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await wake
+            except TimeoutError:
+                pass
         got = 0
         parents: set[bytes] = set()
-        for p, fut in wait:
-            if fut.done() and not fut.cancelled():
-                parent, stored = fut.result()
+        for p in wait:
+            announced = watch.got.get(keys[p])
+            if announced is not None:
+                parent, stored = announced
                 value = self._accept(runner, unit, keys[p], stored)
                 if value is not None:
                     out[p] = value
@@ -428,34 +462,45 @@ class Remote:
         return runner.decode_value(unit, value)
 
     # -- waiting for announcements -------------------------------------------------------------
-    def _expect(self, keys: list[str]) -> list[asyncio.Future[_Announced]]:
-        """A future per key, set by an announcement on this process's channel."""
-        loop = asyncio.get_running_loop()
-        futures = []
+    def _expect(self, keys: list[str]) -> _Watch:
+        """A watch of ``keys``' announcements on this process's channel, until ``_unexpect``."""
+        watch = _Watch()
+        waiting = self._waiting
         for key in keys:
-            fut: asyncio.Future[_Announced] = loop.create_future()
-            self._waiting.setdefault(key, []).append(fut)
-            futures.append(fut)
-        return futures
+            other = waiting.setdefault(key, watch)
+            if other is not watch:  # another block of this process listens for it too
+                waiting[key] = [*other, watch] if isinstance(other, list) else [other, watch]
+        return watch
 
-    def _unexpect(self, keys: list[str], futures: list[asyncio.Future[_Announced]]) -> None:
-        for key, fut in zip(keys, futures, strict=True):
-            waiting = self._waiting.get(key)
-            if waiting is not None:
-                waiting.remove(fut)
-                if not waiting:
-                    del self._waiting[key]
-            if not fut.done():
-                fut.cancel()
+    def _unexpect(self, keys: list[str], watch: _Watch) -> None:
+        waiting = self._waiting
+        for key in keys:
+            listening = waiting.get(key)
+            if listening is watch:
+                del waiting[key]
+            elif isinstance(listening, list):
+                rest = [w for w in listening if w is not watch]
+                if len(rest) > 1:
+                    waiting[key] = rest
+                elif rest:
+                    waiting[key] = rest[0]
+                else:
+                    del waiting[key]
+        if watch.wake is not None and not watch.wake.done():
+            watch.wake.cancel()
 
     def _deliver(self, data: bytes) -> None:
         key_bytes, sep, rest = data.partition(b"\n")
         parent, sep2, value = rest.partition(b"\n")
         if not sep or not sep2:
             return
-        for fut in self._waiting.get(key_bytes.decode("utf-8", "replace"), ()):
-            if not fut.done():
-                fut.set_result((parent, value))
+        key = key_bytes.decode("utf-8", "replace")
+        listening = self._waiting.get(key)
+        if isinstance(listening, _Watch):
+            listening.deliver(key, (parent, value))
+        elif listening is not None:
+            for watch in listening:
+                watch.deliver(key, (parent, value))
 
     async def _listen(self) -> None:
         await listen(self._subscriber, self.channel, self._deliver, self._subscribed)
