@@ -167,3 +167,33 @@ async def test_the_lease_covers_four_holds_as_they_were_measured(redis_server: A
         elapsed = clock() - start
         assert 4 * (released - entered) <= a.lease_s(RUNNER) <= 4 * elapsed
     r.close()
+
+
+async def test_announcements_reach_every_watch_of_their_key_even_before_the_reply(
+        redis_server: Any) -> None:
+    """An announcement may arrive on the channel before the script reply that says to wait
+    for it: the watch made before the call keeps it. Two blocks of one process listening for
+    one key both get it; each stops listening alone."""
+    keys = ["t:m:3:a", "t:m:3:b"]
+    async with replica(url(redis_server)) as (b, _):
+        def announce(key: str, value: bytes) -> None:
+            b._deliver(key.encode() + b"\n\n" + b._cache.seal(key, value))
+
+        early, late = b._expect(keys), b._expect([keys[1]])
+        announce(keys[0], b'"a"')  # before the reply of early's call
+        out: list[Any] = [None, None]
+        await b._await(RUNNER, "label", keys, [0], early, out, 5.0)  # returns at once
+        assert out == [b'"a"', None]
+        waiting = asyncio.ensure_future(b._await(RUNNER, "label", keys, [1], early, out, 5.0))
+        other: list[Any] = [None, None]
+        waiting_too = asyncio.ensure_future(
+            b._await(RUNNER, "label", keys, [1], late, other, 5.0))
+        await asyncio.sleep(0)
+        assert not waiting.done() and not waiting_too.done()
+        announce(keys[1], b'"b"')
+        await asyncio.wait_for(asyncio.gather(waiting, waiting_too), 5.0)
+        assert out == [b'"a"', b'"b"'] and other == [None, b'"b"']
+        b._unexpect(keys, early)
+        assert set(b._waiting) == {keys[1]}  # late still listens
+        b._unexpect([keys[1]], late)
+        assert b._waiting == {}
