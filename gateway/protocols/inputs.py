@@ -21,7 +21,8 @@ import simdjson
 
 from gateway.errors import InvalidInput, MalformedJson
 
-__all__ = ["parse_instances", "parse_json", "parse_query", "parse_query_string", "parse_rows_body"]
+__all__ = ["json_document", "parse_instances", "parse_json", "parse_query", "parse_query_string",
+           "parse_rows_body"]
 
 # The JSON number grammar, ASCII only: no '_', no padding, no 'inf'/'nan', no other digits.
 _NON_FINITE = frozenset({"nan", "inf", "infinity"})
@@ -191,9 +192,9 @@ def parse_rows_body(body: bytes, fields: frozenset[str], max_rows: int
     Those other fields, and the rows (float64, finite, one per instance). None for any other
     body, valid or not: ``parse_json`` and ``parse_instances`` then decide, and name what is
     wrong; where this answers, they answer the same."""
-    if b"\\" in body or body.count(b"{") != 1 or body.startswith(b"\xef\xbb\xbf"):
-        return None  # (orjson refuses a byte order mark, simdjson skips it)
-    doc = _document(body)
+    if b"\\" in body or body.count(b"{") != 1:
+        return None
+    doc = json_document(body)
     instances: Any = None
     try:
         if type(doc) is not simdjson.Object:
@@ -227,9 +228,13 @@ def parse_rows_body(body: bytes, fields: frozenset[str], max_rows: int
     return others, rows
 
 
-def _document(body: bytes) -> Any:
-    """``body`` parsed by this thread's simdjson parser; None if it is not JSON or holds a
-    number beyond float64 or 64-bit integer range."""
+def json_document(body: bytes) -> Any:
+    """``body`` parsed by this thread's simdjson parser (an ``Object``, an ``Array`` or a
+    scalar); None if it is not JSON, holds a number beyond float64 or 64-bit integer range,
+    or starts with a byte order mark (which ``parse_json`` refuses). The caller drops every
+    ``Object`` and ``Array`` of it before the thread parses again."""
+    if body.startswith(b"\xef\xbb\xbf"):
+        return None
     parser = getattr(_parsers, "parser", None)
     if parser is None:
         parser = _parsers.parser = simdjson.Parser()

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import struct
+from unittest.mock import patch
 
 import numpy as np
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from gateway.errors import InvalidInput, MalformedJson
-from gateway.protocols.v2_codec import OutputSpec, decode_infer_request, encode_infer_response
+from gateway.errors import GatewayError, InvalidInput, MalformedJson
+from gateway.protocols.v2_codec import (
+    OutputSpec,
+    _fast_request,
+    decode_infer_request,
+    encode_infer_response,
+)
 from model_store.demo import IRIS_FEATURES
 
 ROWS = np.array([[5.1, 3.5, 1.4, 0.2], [6.3, 3.3, 6.0, 2.5]])
@@ -233,3 +242,80 @@ def test_each_refusal_names_its_fault(body: bytes, header_len: str | None,
 def test_data_nested_four_deep_is_read_row_major() -> None:
     req = decode(_one({"shape": [2, 4], "data": [[[[[1, 2], [3, 4]]]], [[5, [6, [7, 8]]]]]}))
     assert req.rows.tolist() == [[1, 2, 3, 4], [5, 6, 7, 8]]
+
+
+# -- the usual JSON request read at C speed ---------------------------------------------------
+
+def _outcome(body: bytes) -> tuple[str, object]:
+    try:
+        req = decode(body)
+    except GatewayError as exc:
+        return type(exc).__name__, (exc.code, exc.message)
+    return "ok", (req.rows.shape, req.rows.tobytes(), req.outputs, req.binary_default,
+                  req.request_id, req.timeout_us)
+
+
+json_numbers = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False),
+    st.integers(min_value=-(2 ** 70), max_value=2 ** 70),
+    st.sampled_from([0.0, -0.0, 1e-400, 3.5e38, 70000.0, 5e-324]),
+)
+
+
+@st.composite
+def v2_bodies(draw: st.DrawFn) -> bytes:
+    """V2 JSON requests as clients write them, some subtly wrong (shape, datatype, values of
+    other types, extra or duplicate fields, byte-level damage)."""
+    n = draw(st.sampled_from([1, 2, 3, 0]))
+    width = draw(st.sampled_from([4, 4, 4, 3]))
+    data: list[object] = draw(st.lists(json_numbers, min_size=n * width, max_size=n * width))
+    sometimes = st.sampled_from([False, False, False, True])  # mostly the usual request
+    if data and draw(sometimes):
+        data[draw(st.integers(0, len(data) - 1))] = draw(st.sampled_from(
+            [True, None, "1", [1.0], {"a": 1}, 1e39]))
+    tensor: dict[str, object] = {
+        "name": draw(st.sampled_from(["input", "input", "in[0]"])),
+        "shape": draw(st.sampled_from([[n, width], [n, width], [n * width], [n, 4.0]])),
+        "datatype": draw(st.sampled_from(["FP64", "FP32", "FP16", "FP64", "INT32", "BOOL",
+                                          "fp64"])),
+        "data": data,
+    }
+    if draw(sometimes):
+        tensor[draw(st.sampled_from(["parameters", "extra"]))] = {}
+    request: dict[str, object] = {"inputs": [tensor]}
+    if draw(st.booleans()):
+        request["id"] = draw(st.one_of(st.text(max_size=3), st.integers(-2, 2), st.none()))
+    if draw(sometimes):
+        request[draw(st.sampled_from(["outputs", "parameters", "other"]))] = \
+            draw(st.sampled_from([[], {}, [{"name": "label"}], {"binary_data_output": True}]))
+    body = json.dumps(request, separators=draw(st.sampled_from([(",", ":"), (", ", ": ")]))
+                      ).encode()
+    if draw(sometimes):
+        at = draw(st.integers(0, len(body)))
+        body = body[:at] + draw(st.sampled_from(
+            [b"", b" ", b"[", b"]", b",", b"{", b"}", b'"data": [1],', b'"id": 1,', b"\\",
+             b"\xef\xbb\xbf", b"\x00", b"1", b"-"])) + body[at + draw(st.integers(0, 2)):]
+    return body
+
+
+@given(v2_bodies())
+@settings(max_examples=400, deadline=None)
+def test_a_json_request_read_at_c_speed_is_decoded_exactly_as_the_whole_decoding_does(
+        body: bytes) -> None:
+    fast = _outcome(body)
+    with patch("gateway.protocols.v2_codec._fast_request", return_value=None):
+        whole = _outcome(body)
+    assert fast == whole, body
+
+
+def test_the_usual_json_request_is_read_at_c_speed() -> None:
+    rows = np.arange(32 * 4, dtype=np.float64).reshape(32, 4) / 3
+    body = orjson.dumps({"id": "r1", "inputs": [{
+        "name": "input", "shape": [32, 4], "datatype": "FP64", "data": rows.ravel().tolist()}]})
+    request = _fast_request(body)
+    assert request is not None and request["id"] == "r1"
+    assert type(request["inputs"][0]["data"]) is np.ndarray
+    assert decode(body).rows.tobytes() == rows.tobytes()
+    for other in (body.replace(b'"FP64"', b'"INT64"'), body.replace(b'"id"', b'"outputs"'),
+                  body.replace(b'[32,4]', b'[[32],[4]]'), b"\xef\xbb\xbf" + body):
+        assert _fast_request(other) is None, other
