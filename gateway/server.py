@@ -137,14 +137,23 @@ class _OneWrite:
     system call costs more than the gateway's own work. Writes are joined until the response
     is complete (or, for a streamed one, until the event loop's next step) and go out in one
     piece; closing flushes first. Everything else is the wrapped transport's.
+
+    A write the transport would make at once (nothing buffered before it, a plain socket) is
+    made with ``os.write``, which lets the GIL go during the system call (the event loop's
+    transport keeps it): on loopback a send also runs the receiving side of TCP, tens of
+    microseconds in which a model's thread can return from its call. Whatever the socket does
+    not take goes to the transport, as do errors (which it reports as usual).
     """
 
-    __slots__ = ("_loop", "_pending", "_transport")
+    __slots__ = ("_fd", "_loop", "_pending", "_transport")
 
     def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
         self._loop = loop
         self._pending: list[bytes] | None = None
+        sock = transport.get_extra_info("socket")
+        plain = sock is not None and transport.get_extra_info("sslcontext") is None
+        self._fd: int = sock.fileno() if plain else -1
 
     def write(self, data: bytes) -> None:
         if self._pending is None:
@@ -168,13 +177,25 @@ class _OneWrite:
     def flush(self) -> None:
         pending, self._pending = self._pending, None
         if pending and not self._transport.is_closing():
-            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+            self._send(pending[0] if len(pending) == 1 else b"".join(pending))
 
     def write_now(self, data: bytes) -> None:
         """Write ``data`` at once, after anything pending."""
         self.flush()
         if not self._transport.is_closing():
-            self._transport.write(data)
+            self._send(data)
+
+    def _send(self, data: bytes) -> None:
+        transport = self._transport
+        if self._fd >= 0 and not transport.get_write_buffer_size():
+            try:
+                sent = os.write(self._fd, data)
+            except OSError:  # (would block, or the connection's error: the transport's)
+                sent = 0
+            if sent == len(data):
+                return
+            data = data[sent:]
+        transport.write(data)
 
     def close(self) -> None:
         self.flush()

@@ -91,6 +91,48 @@ def test_a_response_leaves_in_one_write() -> None:
         loop.close()
 
 
+@pytest.mark.anyio
+async def test_a_send_lets_the_gil_go_and_what_is_left_keeps_its_order(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write with nothing buffered before it goes out by ``os.write`` (the GIL let go); what
+    the socket does not take goes through the transport, and every later write follows it
+    there: the bytes arrive whole, in order."""
+    import os
+    import socket
+
+    from gateway.server import _OneWrite
+
+    direct: list[int] = []
+    write = os.write
+
+    def counted(fd: int, data: bytes) -> int:
+        sent = write(fd, data)
+        direct.append(sent)
+        return sent
+
+    ours, theirs = socket.socketpair()
+    theirs.setblocking(False)
+    loop = asyncio.get_running_loop()
+    transport, _ = await loop.connect_accepted_socket(asyncio.Protocol, ours)
+    try:
+        out = _OneWrite(transport, loop)  # type: ignore[arg-type]
+        big = bytes(range(256)) * 16384  # 4 MiB: more than the socket takes at once
+        monkeypatch.setattr("gateway.server.os.write", counted)
+        out.write_now(b"head:")
+        out.write_now(big)
+        out.write_now(b":tail")
+        expected = b"head:" + big + b":tail"
+        got = bytearray()
+        while len(got) < len(expected):
+            got += await loop.sock_recv(theirs, 1 << 20)
+        assert bytes(got) == expected
+        assert direct[0] == len(b"head:") and 0 < direct[1] < len(big)
+        assert len(direct) == 2  # once something was buffered, the transport wrote the rest
+    finally:
+        transport.close()
+        theirs.close()
+
+
 class _Transport:
     """A connection's transport as the protocol sees it: records what is written."""
 
