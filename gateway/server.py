@@ -61,6 +61,7 @@ from uvicorn.config import STARTUP_FAILURE
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.server import ServerState
 
+from gateway.core.runner import ModelThreads
 from gateway.errors import HttpError, Unavailable
 from gateway.lane import FastLane, Held, doors_of, http_response
 from gateway.protocols.http import error_reply, send_reply
@@ -138,11 +139,12 @@ class _OneWrite:
     is complete (or, for a streamed one, until the event loop's next step) and go out in one
     piece; closing flushes first. Everything else is the wrapped transport's.
 
-    A write the transport would make at once (nothing buffered before it, a plain socket) is
-    made with ``os.write``, which lets the GIL go during the system call (the event loop's
-    transport keeps it): on loopback a send also runs the receiving side of TCP, tens of
-    microseconds in which a model's thread can return from its call. Whatever the socket does
-    not take goes to the transport, as do errors (which it reports as usual).
+    While a model's thread is alive (``ModelThreads.alive``), a write the transport would make
+    at once (nothing buffered before it, a plain socket) is made with ``os.write``, which lets
+    the GIL go during the system call (the event loop's transport keeps it): on loopback a send
+    also runs the receiving side of TCP, tens of microseconds in which the model's thread can
+    return from its call. Whatever the socket does not take goes to the transport, as do errors
+    (which it reports as usual).
     """
 
     __slots__ = ("_fd", "_loop", "_pending", "_transport")
@@ -187,7 +189,7 @@ class _OneWrite:
 
     def _send(self, data: bytes) -> None:
         transport = self._transport
-        if self._fd >= 0 and not transport.get_write_buffer_size():
+        if ModelThreads.alive and self._fd >= 0 and not transport.get_write_buffer_size():
             try:
                 sent = os.write(self._fd, data)
             except OSError:  # (would block, or the connection's error: the transport's)

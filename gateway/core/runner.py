@@ -167,6 +167,11 @@ class ModelThreads:
     threads go away by themselves). A call queued while another runs starts as soon as that
     one ends."""
 
+    alive = 0
+    """Model threads running in this process now, of every version (changed under
+    ``_alive_lock``): while none is, no other thread wants the GIL."""
+    _alive_lock = threading.Lock()
+
     def __init__(self, count: int = 1, *, name: str = "model") -> None:
         if count < 1:
             raise ValueError(f"count must be >= 1, got {count}")
@@ -192,6 +197,8 @@ class ModelThreads:
         with self._lock:
             if self._live < self._count:
                 self._live += 1
+                with ModelThreads._alive_lock:
+                    ModelThreads.alive += 1
                 threading.Thread(target=self._work, name=self._name, daemon=True).start()
         return job.future
 
@@ -204,6 +211,8 @@ class ModelThreads:
                 with self._lock:
                     if jobs.empty():
                         self._live -= 1
+                        with ModelThreads._alive_lock:
+                            ModelThreads.alive -= 1
                         return
                 continue
             if job.future.cancelled():  # its caller left before it started

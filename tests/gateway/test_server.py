@@ -94,12 +94,14 @@ def test_a_response_leaves_in_one_write() -> None:
 @pytest.mark.anyio
 async def test_a_send_lets_the_gil_go_and_what_is_left_keeps_its_order(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """A write with nothing buffered before it goes out by ``os.write`` (the GIL let go); what
-    the socket does not take goes through the transport, and every later write follows it
-    there: the bytes arrive whole, in order."""
+    """While a model's thread is alive, a write with nothing buffered before it goes out by
+    ``os.write`` (the GIL let go); what the socket does not take goes through the transport,
+    and every later write follows it there: the bytes arrive whole, in order. With no model
+    thread, the transport writes."""
     import os
     import socket
 
+    from gateway.core.runner import ModelThreads
     from gateway.server import _OneWrite
 
     direct: list[int] = []
@@ -118,10 +120,14 @@ async def test_a_send_lets_the_gil_go_and_what_is_left_keeps_its_order(
         out = _OneWrite(transport, loop)  # type: ignore[arg-type]
         big = bytes(range(256)) * 16384  # 4 MiB: more than the socket takes at once
         monkeypatch.setattr("gateway.server.os.write", counted)
+        monkeypatch.setattr(ModelThreads, "alive", 0)
+        out.write_now(b"idle:")
+        assert direct == []
+        monkeypatch.setattr(ModelThreads, "alive", 1)
         out.write_now(b"head:")
         out.write_now(big)
         out.write_now(b":tail")
-        expected = b"head:" + big + b":tail"
+        expected = b"idle:head:" + big + b":tail"
         got = bytearray()
         while len(got) < len(expected):
             got += await loop.sock_recv(theirs, 1 << 20)

@@ -17,6 +17,7 @@ from gateway.core.runner import (
     _SMALL_DUE_CALLS,
     _WAITED_CALLS,
     Executor,
+    ModelThreads,
     SwitchInterval,
 )
 from tests.support import wait_for
@@ -345,3 +346,18 @@ async def test_the_switch_interval_is_short_only_while_calls_wait_for_the_thread
     finally:
         SwitchInterval.prefer_models(None)
     assert sys.getswitchinterval() == own and SwitchInterval.busy_s is None
+
+
+async def test_model_threads_alive_are_counted_until_they_end(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``ModelThreads.alive`` counts the threads of every version while they run: one more
+    from the first call on, one fewer once it has ended for want of calls."""
+    monkeypatch.setattr("gateway.core.runner._THREAD_IDLE_S", 0.01)
+    before = ModelThreads.alive
+    threads = ModelThreads(name="counted")
+    assert await threads.submit(lambda _u, rows: len(rows), "u", np.zeros((3, 1)),
+                                lambda: None) == 3
+    assert ModelThreads.alive == before + 1
+    (worker,) = [t for t in threading.enumerate() if t.name == "counted"]
+    await anyio.to_thread.run_sync(worker.join)
+    assert ModelThreads.alive == before
