@@ -81,8 +81,9 @@ def _v1_door(decoded: Decoded) -> tuple[Prepare, Encode]:
             if fast is not None:
                 others, rows = fast
                 version, proba = others.get("version"), others.get("probabilities", False)
-                rt = gw.runtime(params["name"], version)
-                features = rt.manifest.features
+                if type(proba) is bool:  # (else a 400 before the version's lookup, as below)
+                    rt = gw.runtime(params["name"], version)
+                    features = rt.manifest.features
                 if type(proba) is not bool or rows.shape[1] != len(features):
                     fast = None  # the whole decoding names what is wrong
             if fast is None:

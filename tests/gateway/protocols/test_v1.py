@@ -39,3 +39,20 @@ async def test_kserve_v1_errors(session_store: Path, path: str, body: Any, statu
         assert probe.calls == 0
     async with probed_app(session_store) as (client, _, _):
         assert (await client.get("/v1/models/nope")).status_code == 404
+
+
+@pytest.mark.parametrize(("body", "status", "code"), [
+    ({"instances": [[1, 2, 3, 4]], "version": 99, "probabilities": "yes"}, 422,
+     "invalid_body"),  # the body's own fault is named before the version is looked up
+    ({"instances": [[1, 2, 3, 4]], "version": 99}, 404, None),
+    ({"instances": [[1, 2, 3]], "probabilities": True}, 422, "wrong_feature_count"),
+    ({"instances": [[1, 2, 3, 4], [1, 2, 3]]}, 422, "wrong_feature_count"),
+    ({"instances": [[1, 2, 3, True]]}, 422, "not_a_number"),
+])
+async def test_v1_errors_are_named_in_the_same_order_whichever_way_the_body_is_read(
+        session_store: Path, body: Any, status: int, code: str | None) -> None:
+    async with probed_app(session_store) as (client, probe, _):
+        r = await client.post("/v1/models/iris/predict", json=body)
+        assert r.status_code == status
+        assert code is None or r.json()["error"]["code"] == code
+        assert probe.calls == 0
