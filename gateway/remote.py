@@ -136,9 +136,12 @@ def _waiters_key(key: str) -> str:
 
 
 def _redis_keys(key: str) -> bytes:
-    """The script KEYS of value ``key`` (the value, its lease, its waiters), encoded once for
-    the scripts of its block."""
-    return b"".join([bulk(k.encode()) for k in (key, lease_key(key), _waiters_key(key))])
+    """The script KEYS of value ``key`` (the value, its lease, its waiters: ``lease_key`` and
+    ``_waiters_key``), as ``bulk`` strings in one piece, encoded once for the scripts of its
+    block."""
+    raw = key.encode()
+    n = len(raw)
+    return b"$%d\r\n%b\r\n$%d\r\n{%b}:l\r\n$%d\r\n{%b}:w\r\n" % (n, raw, n + 4, raw, n + 4, raw)
 
 
 # (the value key, its ``_redis_keys``, its own script arguments as ``bulk`` strings)

@@ -19,8 +19,8 @@ from gateway.cache import RedisCache
 from gateway.core.batcher import Failure
 from gateway.core.runner import ModelRunner, Unit
 from gateway.metrics import Metrics
-from gateway.redis_client import connect_redis, subscriber_for
-from gateway.remote import Remote, lease_key
+from gateway.redis_client import bulk, connect_redis, subscriber_for
+from gateway.remote import Remote, _redis_keys, _waiters_key, lease_key
 from tests.support import wait_for
 
 pytestmark = pytest.mark.anyio
@@ -197,3 +197,9 @@ async def test_announcements_reach_every_watch_of_their_key_even_before_the_repl
         assert set(b._waiting) == {keys[1]}  # late still listens
         b._unexpect([keys[1]], late)
         assert b._waiting == {}
+
+
+@pytest.mark.parametrize("key", ["t:m:1:a", "préfixe:ü:1"])
+def test_a_keys_script_arguments_are_its_three_keys_as_bulk_strings(key: str) -> None:
+    assert _redis_keys(key) == b"".join(
+        bulk(k.encode()) for k in (key, lease_key(key), _waiters_key(key)))
