@@ -147,8 +147,7 @@ class MicroBatcher(Generic[R]):
             QueueFull: the queue has no room for the block now (raised at once).
             BatcherClosed: shutting down.
         """
-        wake = self._wake
-        if not self.accepting or wake is None:
+        if self._closed or self._wake is None:
             raise BatcherClosed("not accepting rows")
         n = len(rows)
         if n > self._max_queue:
@@ -166,7 +165,7 @@ class MicroBatcher(Generic[R]):
                 e.trace, e.queued_ns, e.sink = trace, now, to
         self._queue.extend(entries)
         self.queued_rows += n
-        wake.set()
+        self._wake.set()
         try:
             if len(entries) == 1:
                 return list(await entries[0].future)

@@ -270,7 +270,7 @@ class Pipeline:
                 where.append((block, i, at))
         step = runner.max_batch_size
         if not parts or not runner.executor.inline_for(min(step, len(parts))):
-            return  # (no piece would run inline: the rows take the batcher)
+            return  # (its first piece would not run inline: the rows take the batcher)
         computed: list[bytes | None] = []
         rows = blocks[0].rows if len(blocks) == 1 and len(parts) == len(blocks[0].rows) \
             else np.stack(parts)
@@ -278,8 +278,11 @@ class Pipeline:
         traced = calls.set(Call(served, [])) if served else None
         try:
             for start in range(0, len(rows), step):
-                got = runner.try_inline(blocks[0].unit, rows[start:start + step])
-                computed += got if got is not None else [None] * len(rows[start:start + step])
+                piece = rows[start:start + step]
+                # (the first piece was judged above; a call may have changed the measures since)
+                got = runner.try_inline(blocks[0].unit, piece) if not start \
+                    or runner.executor.inline_for(len(piece)) else None
+                computed += got if got is not None else [None] * len(piece)
         finally:
             if traced is not None:
                 calls.reset(traced)

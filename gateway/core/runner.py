@@ -556,11 +556,10 @@ class ModelRunner:
 
     # -- calling the model ---------------------------------------------------------------------
     def try_inline(self, unit: Unit, rows: np.ndarray) -> list[bytes] | None:
-        """Answer ``rows`` with one call on the spot when that call is measured to be tiny;
-        None when it is not (use ``compute``). A call that raises answers None too, so the
-        batcher's row-by-row retry isolates the bad row."""
-        if not self.executor.inline_for(len(rows)):
-            return None
+        """Answer ``rows`` with one call on the spot, once the caller has found that call
+        measured to be tiny (``executor.inline_for``: a call of fewer rows is then tiny too).
+        A call that raises answers None, so the batcher's row-by-row retry isolates the bad
+        row."""
         try:
             out = self.executor.run_inline(self._call, unit, rows)
         except Exception:  # one bad row: the batcher path retries row by row

@@ -21,8 +21,8 @@ import simdjson
 
 from gateway.errors import InvalidInput, MalformedJson
 
-__all__ = ["json_document", "parse_instances", "parse_json", "parse_query", "parse_query_string",
-           "parse_rows_body"]
+__all__ = ["json_document", "only_fields", "parse_instances", "parse_json", "parse_query",
+           "parse_query_string", "parse_rows_body"]
 
 # The JSON number grammar, ASCII only: no '_', no padding, no 'inf'/'nan', no other digits.
 _NON_FINITE = frozenset({"nan", "inf", "infinity"})
@@ -199,8 +199,7 @@ def parse_rows_body(body: bytes, fields: frozenset[str], max_rows: int
     try:
         if type(doc) is not simdjson.Object:
             return None
-        names = list(doc.keys())
-        if len(names) != len(set(names)) or not fields.issuperset(names):
+        if not only_fields(doc, fields):
             return None
         instances = doc.get("instances")
         if type(instances) is not simdjson.Array:
@@ -217,7 +216,7 @@ def parse_rows_body(body: bytes, fields: frozenset[str], max_rows: int
             flat = np.frombuffer(instances.as_buffer(of_type="d"), dtype=np.float64)
         except TypeError:  # an instance that is not a list, a value that is not a number
             return None
-        others = {name: doc.get(name) for name in names if name != "instances"}
+        others = {name: doc.get(name) for name in doc.keys() if name != "instances"}
         if not _SCALARS.issuperset(map(type, others.values())):
             return None
     finally:
@@ -226,6 +225,13 @@ def parse_rows_body(body: bytes, fields: frozenset[str], max_rows: int
     if not np.isfinite(rows).all():
         return None
     return others, rows
+
+
+def only_fields(obj: Any, allowed: frozenset[str]) -> bool:
+    """Does the simdjson ``Object`` ``obj`` name only ``allowed`` fields, each once (simdjson
+    keeps a repeated key; ``parse_json`` refuses it)?"""
+    names = list(obj.keys())
+    return len(names) == len(set(names)) and allowed.issuperset(names)
 
 
 def json_document(body: bytes) -> Any:

@@ -20,7 +20,7 @@ import orjson
 import simdjson
 
 from gateway.errors import InvalidInput
-from gateway.protocols.inputs import json_document, parse_json
+from gateway.protocols.inputs import json_document, only_fields, parse_json
 
 __all__ = ["DTYPES", "InferRequest", "OutputSpec", "decode_infer_request",
            "encode_infer_response"]
@@ -63,6 +63,7 @@ class InferRequest:
 _MAX_LENGTH_DIGITS = 18
 _INTEGRAL = frozenset({int})
 _NUMBERS = frozenset({int, float})
+_FLOAT = frozenset({float})
 
 # (name, shape, values as float64) of one decoded input.
 _Tensor = tuple[str, list[int], np.ndarray]
@@ -134,13 +135,13 @@ def _fast_request(body: bytes) -> dict[str, Any] | None:
     shape: Any = None
     data: Any = None
     try:
-        if type(doc) is not simdjson.Object or not _unique_names(doc, _FAST_TOP):
+        if type(doc) is not simdjson.Object or not only_fields(doc, _FAST_TOP):
             return None
         inputs = doc.get("inputs")
         if type(inputs) is not simdjson.Array or len(inputs) != 1:
             return None
         tensor = inputs[0]
-        if type(tensor) is not simdjson.Object or not _unique_names(tensor, _FAST_INPUT) \
+        if type(tensor) is not simdjson.Object or not only_fields(tensor, _FAST_INPUT) \
                 or len(tensor) != len(_FAST_INPUT):
             return None
         name, datatype = tensor.get("name"), tensor.get("datatype")
@@ -160,11 +161,6 @@ def _fast_request(body: bytes) -> dict[str, Any] | None:
         return request
     finally:
         del doc, inputs, tensor, shape, data  # the parser's documents are one at a time
-
-
-def _unique_names(obj: Any, allowed: frozenset[str]) -> bool:
-    names = list(obj.keys())
-    return len(names) == len(set(names)) and allowed.issuperset(names)
 
 
 def _parse_header(header: bytes) -> dict[str, Any]:
@@ -273,9 +269,8 @@ def _json_values(data: Any, name: str, count: int, datatype: str) -> np.ndarray:
     """JSON ``data`` (flat or nested) as ``count`` float64 values, each an integer (FP types:
     a number) that ``datatype`` holds; FP32 and FP16 round as they would in binary, and a
     value past their range becomes inf, which ``_assemble`` refuses."""
-    if type(data) is np.ndarray:  # numbers already (``_fast_request``: FP datatypes only)
-        return _fast_values(data, name, count, datatype)
-    flat, types = _flatten(data, name)
+    # An array holds float64 numbers already (``_fast_request``: FP datatypes only).
+    flat, types = (data, _FLOAT) if type(data) is np.ndarray else _flatten(data, name)
     if len(flat) != count:
         raise _bad(f"input {name!r}: shape holds {count} values, 'data' has {len(flat)}")
     integral = not datatype.startswith("FP")
@@ -294,17 +289,6 @@ def _json_values(data: Any, name: str, count: int, datatype: str) -> np.ndarray:
     except OverflowError:
         raise _bad(f"input {name!r}: a value is out of {datatype} range") from None
     return values.astype(np.float64, copy=False)
-
-
-def _fast_values(data: np.ndarray, name: str, count: int, datatype: str) -> np.ndarray:
-    """``_json_values`` of numbers read as float64 (``datatype`` FP16, FP32 or FP64)."""
-    if len(data) != count:
-        raise _bad(f"input {name!r}: shape holds {count} values, 'data' has {len(data)}")
-    dtype = DTYPES[datatype]
-    if dtype.itemsize == 8:
-        return data
-    with np.errstate(over="ignore"):  # past FP32/FP16 range: inf, refused later
-        return data.astype(dtype).astype(np.float64)
 
 
 def _flatten(data: Any, name: str) -> tuple[list[Any], set[type]]:
