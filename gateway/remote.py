@@ -152,10 +152,12 @@ _Item = tuple[str, bytes, bytes]
 class Lookup:
     """What a block's first script call found, as its Redis lookup: the positions answered by
     a valid stored value (``stored``), how many stored values were not valid answers
-    (``invalid``: computed again), or that Redis was skipped, failed or late (``skipped``)."""
+    (``invalid``: computed again), how many keys another replica held the lease of (``held``),
+    or that Redis was skipped, failed or late (``skipped``)."""
 
     stored: list[int] = field(default_factory=list)
     invalid: int = 0
+    held: int = 0
     skipped: bool = False
 
 
@@ -330,6 +332,8 @@ class Remote:
                 if trace is not None:
                     trace.child("redis lookup", start, {"gateway.rows": len(pending),
                                                         "gateway.l2.hits": hits})
+                if first and lookup is not None:
+                    lookup.held = len(wait)
                 first = False
                 if coalesced:
                     self._metrics.remote_coalesced.labels(model).inc(coalesced)

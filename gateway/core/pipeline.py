@@ -588,11 +588,15 @@ class Pipeline:
             return
         for p in lookup.stored:
             block.sources[sel[p]] = "l2"
-        self._count_l2(runner, len(sel), len(lookup.stored), lookup.invalid)
+        self._count_l2(runner, len(sel), len(lookup.stored), lookup.invalid, lookup.held)
 
-    def _count_l2(self, runner: ModelRunner, rows: int, hits: int, invalid: int) -> None:
+    def _count_l2(self, runner: ModelRunner, rows: int, hits: int, invalid: int,
+                  held: int = 0) -> None:
         """Tally a Redis lookup of ``rows`` rows: ``hits`` valid values, ``invalid`` stored
-        values that are not valid answers, the rest misses."""
+        values that are not valid answers, the rest misses (``held`` of them being computed by
+        another replica); and tell ``Sharing`` how many Redis answered."""
+        if self._sharing is not None:
+            self._sharing.looked_up(runner, rows, hits + held)
         if hits:
             self._tally.inc(self._l2_hit, hits)
         if invalid:

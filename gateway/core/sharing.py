@@ -19,8 +19,12 @@ not below it: consulting makes the model's own calls look dearer (batched in the
 beside a busier event loop, its rare lone calls cost more), so a band below the reference
 would keep a model cheaper than a lookup consulted for as long as it started so, paying the
 lookup on every row. A block of more rows whose call costs at least the reference is looked
-up whatever the state. Cross-replica coalescing follows the same decision (its lease lives in
-Redis).
+up whatever the state, as long as Redis answers such lookups: a model that skips Redis for a
+lone row computes a row in about what looking it up costs, so once ``_IDLE_ROWS`` rows of its
+bigger blocks in a row were looked up and Redis answered none (no stored value, no row another
+replica was computing: rows nobody asked for before), only one such block in ``_PROBE_EVERY`` is
+looked up, until one is answered again (``looked_up`` reports every lookup). Cross-replica
+coalescing follows the same decision (its lease lives in Redis).
 
 ``consult`` is on the request path (an L1 miss): a few comparisons, no allocation unless the
 state flips. ``explain`` says the same in words, for ``/v1/models``, V2 metadata and
@@ -41,6 +45,8 @@ __all__ = ["Sharing"]
 log = logging.getLogger("gateway.sharing")
 
 _START_AT = 2.0  # a skipped model is consulted again once a small call costs this many references
+_IDLE_ROWS = 4096  # rows looked up in a row with none answered: Redis does not pay for blocks
+_PROBE_EVERY = 16  # while it does not, one block in this many is looked up all the same
 
 
 class Sharing:
@@ -62,6 +68,8 @@ class Sharing:
         self._gauge = metrics.l2_consulted
         self._skipped: set[int] = set()  # id() of the runners whose misses skip Redis now
         self._seen: dict[int, ModelRunner] = {}  # runners with a gauge child
+        self._idle: dict[int, int] = {}  # by id() of runner: rows looked up since one answered
+        self._probes: dict[int, int] = {}  # by id() of runner: blocks judged while idle
 
     def consult(self, runner: ModelRunner, rows: int) -> bool:
         """Should a miss of ``rows`` rows of ``runner`` be looked up in Redis now?"""
@@ -80,11 +88,26 @@ class Sharing:
             if small >= ref * _START_AT:
                 self._flip(runner, True, small, ref)
                 return True
-            return rows > 2 and ex.predicted_s(rows) >= ref
+            return rows > 2 and ex.predicted_s(rows) >= ref and self._paying(rid)
         if small < ref:
             self._flip(runner, False, small, ref)
-            return rows > 2 and ex.predicted_s(rows) >= ref
+            return rows > 2 and ex.predicted_s(rows) >= ref and self._paying(rid)
         return True
+
+    def looked_up(self, runner: ModelRunner, rows: int, answered: int) -> None:
+        """Report a Redis lookup of ``rows`` rows of ``runner``, ``answered`` of which Redis
+        answered (a stored value, or a row another replica was computing)."""
+        rid = id(runner)
+        self._idle[rid] = 0 if answered else self._idle.get(rid, 0) + rows
+
+    def _paying(self, rid: int) -> bool:
+        """Is a bigger block of a model that skips Redis for a lone row looked up: has Redis
+        answered one of its last ``_IDLE_ROWS`` rows looked up? Else one block in
+        ``_PROBE_EVERY`` is, to learn when it does again."""
+        if self._idle.get(rid, 0) < _IDLE_ROWS:
+            return True
+        n = self._probes[rid] = self._probes.get(rid, 0) + 1
+        return n % _PROBE_EVERY == 0
 
     def explain(self, runner: ModelRunner) -> dict[str, Any]:
         """Whether a one-row miss of ``runner`` is looked up in Redis now and why:
@@ -116,6 +139,9 @@ class Sharing:
         else:
             reason = (f"call {_ms(call)} >= {against}, but skipped until it costs "
                       f"{_START_AT:g} times that (it cost less)")
+        if not consulted and self._idle.get(id(runner), 0) >= _IDLE_ROWS:
+            reason += (f"; bigger blocks: Redis answered none of the last {_IDLE_ROWS:,} rows "
+                       f"looked up, one block in {_PROBE_EVERY} looked up")
         return {"consulted": consulted, "reason": reason,
                 "call_ms": None if call is None else round(call * 1e3, 4),
                 "reference_ms": None if ref is None else round(ref * 1e3, 4)}
@@ -130,6 +156,8 @@ class Sharing:
         """Drop what is kept of ``runner`` (its version was unloaded), gauge included."""
         rid = id(runner)
         self._skipped.discard(rid)
+        self._idle.pop(rid, None)
+        self._probes.pop(rid, None)
         if self._seen.pop(rid, None) is not None:
             try:
                 self._gauge.remove(runner.manifest.name, str(runner.manifest.version))

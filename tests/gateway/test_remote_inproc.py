@@ -20,7 +20,7 @@ from gateway.core.batcher import Failure
 from gateway.core.runner import ModelRunner, Unit
 from gateway.metrics import Metrics
 from gateway.redis_client import bulk, connect_redis, subscriber_for
-from gateway.remote import Remote, _redis_keys, _waiters_key, lease_key
+from gateway.remote import Lookup, Remote, _redis_keys, _waiters_key, lease_key
 from tests.support import wait_for
 
 pytestmark = pytest.mark.anyio
@@ -101,8 +101,12 @@ async def test_a_waiting_replica_takes_the_holders_values(redis_server: Any) -> 
         await held.entered.wait()
         assert r.get(lease_key(keys[0])) == a.channel.encode()  # the lease the script took
         other = Holder([b'"x"', b'"x"'])
-        second = asyncio.ensure_future(b.compute(RUNNER, "label", keys, ROWS, other))
+        lookup = Lookup()
+        second = asyncio.ensure_future(b.compute(RUNNER, "label", keys, ROWS, other,
+                                                 lookup=lookup))
         await _waiting(r, keys[1], b)
+        await wait_for(lambda: lookup.held == 2)  # the lookup found both computed by A
+        assert lookup.stored == []
         r.publish(b.channel, keys[0].encode() + b'\n"forged"')  # no valid tag: ignored
         held.release.set()
         assert await first == [b'"a"', b'"b"']

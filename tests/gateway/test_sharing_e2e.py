@@ -15,12 +15,13 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+import redis.asyncio as aioredis
 
 from bench.procs import GatewayProcess, gateway_process, redis_server
 from model_store import ModelStore
 from model_store.demo import IRIS_FEATURES, train_iris
 from tests.gateway.remote_support import fire, predict_request
-from tests.hardening.inproc import gateway_client
+from tests.hardening.inproc import gateway_client, wait_for_keys
 from tests.hardening.procs import metric
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
@@ -151,3 +152,37 @@ async def test_the_compiled_demo_model_says_why_redis_is_skipped(
         scraped = (await client.get("/metrics")).text
         assert metric(scraped, "gateway_l2_consulted", model="iris", version="1") == 0
         assert metric(scraped, "gateway_redis_round_trip_seconds") > 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("remote", ["auto", "off"])
+async def test_every_redis_lookup_tells_the_rule_how_many_rows_redis_answered(
+        compiled_store: Path, redis_server: Any, monkeypatch: pytest.MonkeyPatch,
+        remote: str) -> None:
+    """Through the lease script (``auto``) and through ``MGET`` (``off``): 8 new rows asked of
+    one replica are 8 rows Redis did not answer; asked of another once stored, 8 it did."""
+    from gateway.core.sharing import Sharing
+
+    reports: list[tuple[int, int]] = []
+    real = Sharing.looked_up
+
+    def looked_up(self: Sharing, runner: Any, rows: int, answered: int) -> None:
+        reports.append((rows, answered))
+        real(self, runner, rows, answered)
+
+    monkeypatch.setattr(Sharing, "looked_up", looked_up)
+    prefix = f"looked-up-{remote}"
+    settings = {"redis_url": f"redis://{redis_server.host}:{redis_server.port}/0",
+                "cache_prefix": prefix, "l2_min_call_us": 0, "coalesce_remote": remote}
+    body = {"instances": [[4.0 + i / 10, 3.0, 1.5, 0.2] for i in range(8)]}
+    r = aioredis.Redis(host=redis_server.host, port=redis_server.port)
+    try:
+        async with gateway_client(compiled_store, **settings) as a:
+            assert (await a.post("/v1/models/iris/predict", json=body)).status_code == 200
+            assert reports == [(8, 0)]
+            await wait_for_keys(r, prefix, count=8)
+        async with gateway_client(compiled_store, **settings) as b:
+            assert (await b.post("/v1/models/iris/predict", json=body)).status_code == 200
+            assert reports == [(8, 0), (8, 8)]
+    finally:
+        await r.aclose()

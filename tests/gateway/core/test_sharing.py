@@ -205,3 +205,33 @@ def test_a_lone_row_is_judged_by_the_least_of_its_recent_calls() -> None:
     assert not rule.consult(r, 1)
     assert rule.explain(r)["call_ms"] == 0.06
     assert rule.consult(r, 3)  # 415 us predicted
+
+
+def test_bigger_blocks_of_a_cheap_model_are_looked_up_while_redis_answers_some() -> None:
+    """A model skipping Redis for a lone row has its bigger blocks looked up until 4,096 rows
+    in a row found nothing; then one block in 16, until one is answered again. A model dearer
+    than a lookup is consulted whatever Redis answers."""
+    rule = Sharing(Metrics({}), round_trip_s=Clock(100e-6), floor_s=300e-6)
+    r = cast(ModelRunner, runner(40e-6, per_row_s=16e-6))
+    assert not rule.consult(r, 1)
+    for _ in range(127):
+        assert rule.consult(r, 32)
+        rule.looked_up(r, 32, 0)
+    rule.looked_up(r, 31, 1)  # one row answered: counting starts again
+    for _ in range(128):
+        assert rule.consult(r, 32)
+        rule.looked_up(r, 32, 0)
+    judged = [rule.consult(r, 32) for _ in range(64)]
+    assert judged == ([False] * 15 + [True]) * 4
+    assert rule.explain(r)["reason"].endswith(
+        "; bigger blocks: Redis answered none of the last 4,096 rows looked up, one block in "
+        "16 looked up")
+    rule.looked_up(r, 32, 2)  # a probe answered
+    assert all(rule.consult(r, 32) for _ in range(32))
+    assert not rule.consult(r, 10)  # cheaper than the reference, as before
+
+    dear = cast(ModelRunner, runner(400e-6, per_row_s=16e-6, version=2))
+    rule.looked_up(dear, 100_000, 0)
+    assert rule.consult(dear, 1) and rule.consult(dear, 32)
+    rule.forget(r)
+    assert rule.consult(r, 32)
