@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from bench.heavy import ensure_heavy
 from bench.limit import Limit, main, measure
-from bench.report import aggregate, aggregate_open, heavy_checks, to_markdown, write_report
+from bench.report import (
+    aggregate,
+    aggregate_open,
+    heavy_checks,
+    limit_of,
+    to_markdown,
+    write_report,
+)
 from bench.runner import CEILING, OpenRun, Run
 from bench.scrape import Counters
 from model_store import ModelStore
@@ -93,6 +101,19 @@ def test_the_heavy_goals_are_judged_against_the_baseline_and_the_limit() -> None
     assert got["burst: model calls for N identical new rows"].passed
     half = got["v2-json-unique: p99 at 50% of capacity (1,500/s) vs 5x the 64-row call"]
     assert half.target == "<= 40.0 ms" and half.passed  # 30 ms
+
+
+def test_ratios_are_taken_against_the_faster_of_the_two_limits() -> None:
+    """The limit measured before the servers and after them differ on a shared machine: the
+    faster one (the stricter verdict) is the one the ratios use, in either order."""
+    slow = replace(LIMIT, call_us=LIMIT.call_us * 2)
+    for pair in ([slow, LIMIT], [LIMIT, slow]):
+        got = limit_of({"model_limit": [x.to_json() for x in pair]})
+        assert got is not None and got.rows_per_s == LIMIT.rows_per_s
+    assert limit_of({}) is None
+    text = to_markdown(aggregate(RUNS, LIMIT), [], {**META, "model_limit": [
+        slow.to_json(), LIMIT.to_json()]})
+    assert "taken against the faster of the two" in text
 
 
 def test_the_report_heads_with_the_limit_and_carries_it(tmp_path: Path) -> None:
