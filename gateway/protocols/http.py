@@ -152,14 +152,17 @@ def timeout_s(gw: Gateway, req: HttpRequest) -> float:
 class Decoded:
     """Requests already decoded by one door: decoding is a pure function of the request's
     bytes and of what the model version expects, and a hot request arrives again and again
-    byte for byte. Bounded in entries and in the size of what is kept (a bigger request is
-    decoded every time); cleared when full. Values must not be changed by their users (arrays
-    are made read-only)."""
+    byte for byte. A request is kept from the second time it is decoded on (the first time
+    only its hash is remembered), so traffic of new requests leaves nothing behind for the
+    garbage collector to traverse over and over. Bounded in entries and in the size of what
+    is kept (a bigger request is decoded every time); cleared when full. Values must not be
+    changed by their users (arrays are made read-only)."""
 
-    __slots__ = ("_entries", "_max_bytes", "_max_entries")
+    __slots__ = ("_entries", "_max_bytes", "_max_entries", "_seen")
 
     def __init__(self, max_entries: int = 4096, max_bytes: int = 2048) -> None:
         self._entries: dict[Hashable, Any] = {}
+        self._seen: set[int] = set()  # hashes of the requests decoded once
         self._max_entries = max_entries
         self._max_bytes = max_bytes
 
@@ -173,8 +176,16 @@ class Decoded:
     def keep(self, key: Hashable, size: int, features: tuple[str, ...], value: Any,
              rows: np.ndarray) -> None:
         """Keep ``value`` (decoded for ``features``; ``rows`` are its rows, made read-only)
-        under ``key``, unless the request (``size`` bytes) is too big to keep."""
+        under ``key`` if ``key`` was decoded before, unless the request (``size`` bytes) is too
+        big to keep."""
         if size > self._max_bytes:
+            return
+        seen = self._seen
+        h = hash(key)  # (a bytes key's hash is cached: computed by ``find`` already)
+        if h not in seen:
+            if len(seen) >= self._max_entries:
+                seen.clear()
+            seen.add(h)
             return
         rows.flags.writeable = False
         entries = self._entries

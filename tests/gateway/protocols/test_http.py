@@ -84,17 +84,26 @@ async def test_every_door_answer_is_counted_by_route_and_status(session_store: P
     assert 'gateway_requests_total{route="/v2/models/{name}/infer",status="400"} 1.0' in text
 
 
-def test_decoded_memo_is_bounded() -> None:
+def test_decoded_memo_keeps_what_came_twice_and_is_bounded() -> None:
     memo = Decoded(max_entries=2, max_bytes=4)
     f = ("x",)
-    memo.keep(b"big", 5, f, 0, np.zeros(1))  # too big to keep
+    for _ in range(2):
+        memo.keep(b"big", 5, f, 0, np.zeros(1))  # too big to keep
     assert memo.find(b"big", 5) is None
-    for key, n in ((b"a", 1), (b"b", 2)):
-        memo.keep(key, 4, f, n, np.zeros(1))
+    rows = np.zeros(1)
+    memo.keep(b"a", 4, f, 1, rows)  # seen once: not kept
+    assert memo.find(b"a", 4) is None and rows.flags.writeable
+    for key, n in ((b"a", 1), (b"b", 2), (b"b", 2)):
+        memo.keep(key, 4, f, n, rows)
     assert (memo.find(b"a", 4), memo.find(b"b", 4)) == ((f, 1), (f, 2))
+    assert not rows.flags.writeable  # kept rows are read-only
     assert memo.find(b"a", 5) is None  # a request of that size is never looked for
-    memo.keep(b"c", 4, f, 3, np.zeros(1))  # full: cleared first
+    for _ in range(2):
+        memo.keep(b"c", 4, f, 3, np.zeros(1))  # the second time, full: cleared first
     assert (memo.find(b"a", 4), memo.find(b"b", 4), memo.find(b"c", 4)) == (None, None, (f, 3))
+    for key in (b"d", b"e", b"d"):  # the hashes seen are bounded too (cleared when full)
+        memo.keep(key, 4, f, 4, np.zeros(1))
+    assert memo.find(b"d", 4) is None
 
 
 async def test_a_request_decoded_before_is_decoded_again_for_a_version_with_other_features(
