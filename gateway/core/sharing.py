@@ -106,8 +106,8 @@ class Sharing:
         ``_PROBE_EVERY`` is, to learn when it does again."""
         if self._idle.get(rid, 0) < _IDLE_ROWS:
             return True
-        n = self._probes[rid] = self._probes.get(rid, 0) + 1
-        return n % _PROBE_EVERY == 0
+        n = self._probes[rid] = (self._probes.get(rid, 0) + 1) % _PROBE_EVERY
+        return n == 0
 
     def explain(self, runner: ModelRunner) -> dict[str, Any]:
         """Whether a one-row miss of ``runner`` is looked up in Redis now and why:

@@ -18,6 +18,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from bench.procs import GatewayProcess, gateway_process, redis_server
+from gateway.core.sharing import Sharing
 from model_store import ModelStore
 from model_store.demo import IRIS_FEATURES, train_iris
 from tests.gateway.remote_support import fire, predict_request
@@ -161,8 +162,6 @@ async def test_every_redis_lookup_tells_the_rule_how_many_rows_redis_answered(
         remote: str) -> None:
     """Through the lease script (``auto``) and through ``MGET`` (``off``): 8 new rows asked of
     one replica are 8 rows Redis did not answer; asked of another once stored, 8 it did."""
-    from gateway.core.sharing import Sharing
-
     reports: list[tuple[int, int]] = []
     real = Sharing.looked_up
 
