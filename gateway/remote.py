@@ -126,22 +126,30 @@ return 0
 """
 
 
+_LEASE = ":l"  # after "{key}": the lease of value key
+_WAITERS = ":w"  # after "{key}": the channels waiting for it
+
+
 def lease_key(key: str) -> str:
     """The lease of value ``key``: in the same cluster slot (``key`` is its hash tag)."""
-    return "{" + key + "}:l"
+    return "{" + key + "}" + _LEASE
 
 
 def _waiters_key(key: str) -> str:
-    return "{" + key + "}:w"
+    return "{" + key + "}" + _WAITERS
+
+
+# ``bulk`` of the value key, of its ``lease_key`` and of its ``_waiters_key``, in one formatting.
+_KEYS_BULK = ("$%d\r\n%b\r\n$%d\r\n{%b}" + _LEASE + "\r\n$%d\r\n{%b}" + _WAITERS
+              + "\r\n").encode()
 
 
 def _redis_keys(key: str) -> bytes:
-    """The script KEYS of value ``key`` (the value, its lease, its waiters: ``lease_key`` and
-    ``_waiters_key``), as ``bulk`` strings in one piece, encoded once for the scripts of its
-    block."""
+    """The script KEYS of value ``key`` (the value, its lease, its waiters), as ``bulk``
+    strings in one piece, encoded once for the scripts of its block."""
     raw = key.encode()
     n = len(raw)
-    return b"$%d\r\n%b\r\n$%d\r\n{%b}:l\r\n$%d\r\n{%b}:w\r\n" % (n, raw, n + 4, raw, n + 4, raw)
+    return _KEYS_BULK % (n, raw, n + 2 + len(_LEASE), raw, n + 2 + len(_WAITERS), raw)
 
 
 # (the value key, its ``_redis_keys``, its own script arguments as ``bulk`` strings)

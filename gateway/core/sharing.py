@@ -88,10 +88,10 @@ class Sharing:
             if small >= ref * _START_AT:
                 self._flip(runner, True, small, ref)
                 return True
-            return rows > 2 and ex.predicted_s(rows) >= ref and self._paying(rid)
+            return self._bigger(ex, rows, ref, rid)
         if small < ref:
             self._flip(runner, False, small, ref)
-            return rows > 2 and ex.predicted_s(rows) >= ref and self._paying(rid)
+            return self._bigger(ex, rows, ref, rid)
         return True
 
     def looked_up(self, runner: ModelRunner, rows: int, answered: int) -> None:
@@ -100,10 +100,13 @@ class Sharing:
         rid = id(runner)
         self._idle[rid] = 0 if answered else self._idle.get(rid, 0) + rows
 
-    def _paying(self, rid: int) -> bool:
-        """Is a bigger block of a model that skips Redis for a lone row looked up: has Redis
-        answered one of its last ``_IDLE_ROWS`` rows looked up? Else one block in
-        ``_PROBE_EVERY`` is, to learn when it does again."""
+    def _bigger(self, ex: Executor, rows: int, ref: float, rid: int) -> bool:
+        """Is a block of ``rows`` rows of a model that skips Redis for a lone row looked up:
+        does its call cost at least the reference, and has Redis answered one of the model's
+        last ``_IDLE_ROWS`` rows looked up? Else one such block in ``_PROBE_EVERY`` is, to
+        learn when it does again."""
+        if rows <= 2 or ex.predicted_s(rows) < ref:
+            return False
         if self._idle.get(rid, 0) < _IDLE_ROWS:
             return True
         n = self._probes[rid] = (self._probes.get(rid, 0) + 1) % _PROBE_EVERY

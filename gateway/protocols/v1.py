@@ -81,11 +81,13 @@ def _v1_door(decoded: Decoded) -> tuple[Prepare, Encode]:
             if fast is not None:
                 others, rows = fast
                 version, proba = others.get("version"), others.get("probabilities", False)
-                if type(proba) is bool:  # (else a 400 before the version's lookup, as below)
+                if type(proba) is not bool:  # named before the version's lookup, as below
+                    fast = None
+                else:
                     rt = gw.runtime(params["name"], version)
                     features = rt.manifest.features
-                if type(proba) is not bool or rows.shape[1] != len(features):
-                    fast = None  # the whole decoding names what is wrong
+                    if rows.shape[1] != len(features):
+                        fast = None  # the whole decoding names what is wrong
             if fast is None:
                 version, proba, instances = _v1_body(body)
                 rt = gw.runtime(params["name"], version)
