@@ -69,6 +69,7 @@ __all__ = [
     "FAMILIES",
     "FORMATS",
     "LIGHTGBM_C_API",
+    "LIGHTGBM_ONE_ROW",
     "NATIVE",
     "BoosterAnswers",
     "BoosterError",
@@ -106,6 +107,9 @@ manifest)."""
 DEFAULT_THREADS = 1
 LIGHTGBM_C_API = "LGBM_BoosterPredictForMat"
 """``BoosterModel.via`` of a LightGBM booster served through the library's C API."""
+LIGHTGBM_ONE_ROW = "LGBM_BoosterPredictForMatSingleRowFast"
+"""``BoosterModel.one_row`` of such a booster: the C API's single-row predictor, prepared
+once, that answers a lone row."""
 
 _SUFFIXES: dict[str, Format] = {".json": "json", ".ubj": "ubj", ".txt": "txt"}
 _XGB_REGRESSION = ("reg:", "count:poisson")
@@ -725,9 +729,11 @@ class BoosterAnswers:
         if self._softmax:  # scipy.special.softmax, as XGBClassifier.predict_proba calls it
             shifted = np.exp(raw - np.amax(raw, axis=1, keepdims=True))
             raw = shifted / np.sum(shifted, axis=1, keepdims=True)
-        elif self._binary:
+        elif self._binary:  # (1 - p, p) in the library's dtype, as the wrappers
             p = raw.reshape(-1)
-            raw = np.vstack((1 - p, p)).transpose()  # in the library's dtype, as the wrappers
+            raw = np.empty((len(p), 2), dtype=p.dtype)
+            np.subtract(1, p, out=raw[:, 0])
+            raw[:, 1] = p
         return np.asarray(raw, dtype=np.float64)
 
     def run(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
@@ -768,7 +774,7 @@ class BoosterModel(BoosterAnswers):
     def __init__(self, booster: Any, info: BoosterInfo, classes: Iterable[Any] | None, *,
                  threads: int = DEFAULT_THREADS,
                  iteration_range: tuple[int, int] = (0, 0), reference: bool = False,
-                 via: str | None = None) -> None:
+                 via: str | None = None, one_row: bool = True) -> None:
         if threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         super().__init__(info, classes)
@@ -783,7 +789,7 @@ class BoosterModel(BoosterAnswers):
         else:
             self._predict_kwargs: dict[str, Any] = {} if reference else {"num_threads": threads}
             self._lgb_call = (None if reference or via not in (None, LIGHTGBM_C_API)
-                              else _LightGBMCall.of(booster, threads))
+                              else _LightGBMCall.of(booster, threads, one_row=one_row))
 
     @property
     def via(self) -> str:
@@ -791,6 +797,13 @@ class BoosterModel(BoosterAnswers):
         if self.family == "xgboost":
             return "Booster.predict(DMatrix)" if self.reference else "Booster.inplace_predict"
         return "Booster.predict" if self._lgb_call is None else LIGHTGBM_C_API
+
+    @property
+    def one_row(self) -> str | None:
+        """The library call a lone row goes through instead of ``via`` (LightGBM's
+        single-row predictor), or None: every call goes through ``via``."""
+        call = getattr(self, "_lgb_call", None)
+        return LIGHTGBM_ONE_ROW if call is not None and call.one_row else None
 
     def _raw(self, rows: np.ndarray) -> np.ndarray:
         b = self.booster
@@ -814,34 +827,65 @@ class _LightGBMCall:
     the C function ``Booster.predict`` ends in, with the same arguments (normal output, trees up
     to ``best_iteration``, ``num_threads``). ``Booster.predict`` around it builds a predictor
     and makes three more foreign calls per model call; each gives up the GIL and must take it
-    back from the event loop, and a lone row pays ~30 µs of Python. The booster is loaded into
-    the library a second time, from its model text: a handle of this object's own (public C API
-    only), freed with it. Thread-safe, as LightGBM's predict is."""
+    back from the event loop, and a lone row pays ~30 µs of Python. With ``one_row``, a lone
+    row goes through ``LGBM_BoosterPredictForMatSingleRowFast`` instead, on a predictor prepared
+    once with the same arguments (``LGBM_BoosterPredictForMat`` parses its parameters and builds
+    a predictor at every call: a quarter of a lone row's time); LightGBM serializes calls on it.
+    The booster is loaded into the library a second time, from its model text: a handle of this
+    object's own (public C API only), freed with it. Thread-safe, as LightGBM's predict is."""
 
-    def __init__(self, lib: ctypes.CDLL, booster: Any, threads: int) -> None:
+    def __init__(self, lib: ctypes.CDLL, booster: Any, threads: int, *,
+                 one_row: bool = True) -> None:
         self._lib = lib
         handle, iterations = ctypes.c_void_p(), ctypes.c_int()
         text = booster.model_to_string().encode()
         self._check(lib.LGBM_BoosterLoadModelFromString(
             ctypes.c_char_p(text), ctypes.byref(iterations), ctypes.byref(handle)))
         self._handle = handle
-        weakref.finalize(self, lib.LGBM_BoosterFree, handle)
+        self._frees = [(lib.LGBM_BoosterFree, handle)]  # freed last to first
+        weakref.finalize(self, _free_all, self._frees)
         classes = ctypes.c_int()
         self._check(lib.LGBM_BoosterGetNumClasses(handle, ctypes.byref(classes)))
         self._per_row = classes.value
+        self._features = int(booster.num_feature())
         self._iterations = ctypes.c_int(int(booster.best_iteration))
         self._params = ctypes.c_char_p(f"num_threads={threads}".encode())
         self._predict = lib.LGBM_BoosterPredictForMat
+        self._one = self._one_row_predictor() if one_row else None
+
+    def _one_row_predictor(self) -> ctypes.c_void_p | None:
+        """The library's single-row predictor for this booster (a ``FastConfigHandle``), or
+        None where the library has none or refuses to prepare one."""
+        lib = self._lib
+        try:
+            init, free = lib.LGBM_BoosterPredictForMatSingleRowFastInit, lib.LGBM_FastConfigFree
+            self._predict_one = lib.LGBM_BoosterPredictForMatSingleRowFast
+        except AttributeError:
+            return None
+        one = ctypes.c_void_p()
+        if init(self._handle, _PREDICT_NORMAL, _FROM_FIRST_TREE, self._iterations,
+                _C_API_FLOAT64, ctypes.c_int32(self._features), self._params,
+                ctypes.byref(one)) != 0:
+            log.warning("LightGBM refused a single-row predictor (%s): lone rows go through "
+                        "%s", lib.LGBM_GetLastError().decode(), LIGHTGBM_C_API)
+            return None
+        self._frees.append((free, one))
+        return one
+
+    @property
+    def one_row(self) -> bool:
+        """Does a lone row go through the single-row predictor?"""
+        return self._one is not None
 
     @classmethod
-    def of(cls, booster: Any, threads: int) -> _LightGBMCall | None:
+    def of(cls, booster: Any, threads: int, *, one_row: bool = True) -> _LightGBMCall | None:
         """The call for ``booster``, or None where the library's C API is not found (then
         ``Booster.predict`` serves)."""
         lib = _lightgbm_c_api()
         if lib is None:
             return None
         try:
-            return cls(lib, booster, threads)
+            return cls(lib, booster, threads, one_row=one_row)
         except (BoosterError, AttributeError, OSError) as exc:
             log.warning("LightGBM's C API refused the booster (%s): Booster.predict serves", exc)
             return None
@@ -857,14 +901,23 @@ class _LightGBMCall:
         n, features = rows.shape
         out = np.empty(n * self._per_row, dtype=np.float64)
         got = ctypes.c_int64()
-        self._check(self._predict(
-            self._handle, ctypes.c_void_p(rows.ctypes.data), _C_API_FLOAT64, ctypes.c_int32(n),
-            ctypes.c_int32(features), _ROW_MAJOR, _PREDICT_NORMAL, _FROM_FIRST_TREE,
-            self._iterations, self._params, ctypes.byref(got),
-            ctypes.c_void_p(out.ctypes.data)))
+        if n == 1 and self._one is not None and features == self._features:
+            self._check(self._predict_one(self._one, ctypes.c_void_p(rows.ctypes.data),
+                                          ctypes.byref(got), ctypes.c_void_p(out.ctypes.data)))
+        else:
+            self._check(self._predict(
+                self._handle, ctypes.c_void_p(rows.ctypes.data), _C_API_FLOAT64,
+                ctypes.c_int32(n), ctypes.c_int32(features), _ROW_MAJOR, _PREDICT_NORMAL,
+                _FROM_FIRST_TREE, self._iterations, self._params, ctypes.byref(got),
+                ctypes.c_void_p(out.ctypes.data)))
         if got.value != len(out):
             raise BoosterError(f"lightgbm: {got.value} predictions for {len(out)}")
         return out if self._per_row == 1 else out.reshape(n, self._per_row)
+
+
+def _free_all(frees: list[tuple[Any, ctypes.c_void_p]]) -> None:
+    for free, handle in reversed(frees):
+        free(handle)
 
 
 _C_API_FLOAT64 = ctypes.c_int(1)  # C_API_DTYPE_FLOAT64 in LightGBM's c_api.h

@@ -118,8 +118,10 @@ class Manifest:
     "round_input", "checks": {output: {...}}, "tried": {...}, ...}}`` or ``{"onnx": {"error":
     "<why it could not be compiled>"}}``; ``{"sklearn": {"checks": {"label": {"from_proba":
     bool, "rows": n}}}}`` for the estimator itself. A booster model: ``{family: {"reference",
-    "via", "checks"}}`` (its fast path), and per candidate tried (``onnx``, ``treelite``) its
-    ``checks``, build record and, when chosen, ``artifact`` and ``sha256``; or its ``error``."""
+    "via", "checks"}}`` (its fast path; ``"one_row"``: the call a lone row goes through, found
+    to answer rows alone exactly as ``via`` answers them in a block), and per candidate tried
+    (``onnx``, ``treelite``) its ``checks``, build record and, when chosen, ``artifact`` and
+    ``sha256``; or its ``error``."""
     settings: ModelSettings = dataclasses.field(default_factory=ModelSettings)
     """Serving settings of this version (only the fields set; the rest are global)."""
     family: Family = "sklearn"
@@ -192,6 +194,12 @@ class Manifest:
         registration (``backends.<family>.via``), or None."""
         via = self.backends.get(self.family, {}).get("via")
         return via if isinstance(via, str) else None
+
+    def one_row(self) -> str | None:
+        """The library call a lone row of a booster family goes through, checked at
+        registration to answer as ``via`` does (``backends.<family>.one_row``), or None."""
+        call = self.backends.get(self.family, {}).get("one_row")
+        return call if isinstance(call, str) else None
 
     def chosen(self, output: str) -> str | None:
         """The compiled candidate chosen to serve ``output`` of a booster model (``onnx``,
@@ -456,7 +464,7 @@ def _wrapper_booster(manifest: Manifest, estimator: Any) -> BoosterModel | None:
                        n_classes, None, [])
     return BoosterModel(booster, info, classes, threads=threads,
                         iteration_range=boosters.wrapper_iteration_range(estimator),
-                        via=manifest.via())
+                        via=manifest.via(), one_row=manifest.one_row() is not None)
 
 
 def _check_rows(rows: np.ndarray | None, n_features: int) -> np.ndarray | None:
@@ -619,11 +627,30 @@ def _verify_booster(manifest: Manifest, prepared: _Prepared, rows: np.ndarray | 
                             prepared.fast.via, output, check.reason, record["reference"])
         record["via"] = prepared.fast.via
         record["checks"] = {o: c.to_json() for o, c in checks.items()}
+        one_row = prepared.fast.one_row
+        if one_row is not None and _alone_as_in_a_block(prepared.fast, expected.rows):
+            record["one_row"] = one_row
+        elif one_row is not None:
+            log.warning("%s: %s answers a row alone unlike %s in a block; lone rows go "
+                        "through %s", where, one_row, prepared.fast.via, prepared.fast.via)
     elif own is not None:
         record["checks"] = {"label": {"rows": len(expected.rows), "from_proba": own}}
     backends = {k: v for k, v in manifest.backends.items() if k != manifest.family}
     backends[manifest.family] = record
     return dataclasses.replace(manifest, backends=backends), expected
+
+
+def _alone_as_in_a_block(model: BoosterModel, rows: np.ndarray, count: int = 256) -> bool:
+    """Does ``model`` answer each of ``count`` of ``rows`` (spread over them) alone exactly
+    as it answers them together, bit for bit?"""
+    sample = rows[::max(1, len(rows) // count)][:count]
+    labels, proba = model.run(sample)
+    for i in range(len(sample)):
+        one_labels, one_proba = model.run(sample[i:i + 1])
+        if not np.array_equal(one_labels, labels[i:i + 1]) or (proba is not None and (
+                one_proba is None or not np.array_equal(one_proba, proba[i:i + 1]))):
+            return False
+    return True
 
 
 def _compile_booster(vdir: Path, manifest: Manifest, prepared: _Prepared, expected: Expected,
@@ -873,7 +900,7 @@ class ModelStore:
         classes = manifest.classes or None
         estimator = NativeEstimator(booster, info, classes, threads=threads)
         fast = (BoosterModel(booster, info, classes, threads=threads,
-                             via=manifest.via())
+                             via=manifest.via(), one_row=manifest.one_row() is not None)
                 if _booster_verified(manifest) else None)
         return LoadedModel(manifest, estimator, booster=fast,
                            chosen=self._load_chosen(manifest, estimator, lambda: info))

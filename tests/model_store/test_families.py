@@ -175,25 +175,61 @@ def test_lightgbm_serves_through_its_c_api_exactly_as_booster_predict(
         case = cases["lightgbm", fmt, task]
         m = store.register(case.model, task, backend="library")
         assert m.backends["lightgbm"]["via"] == fam.LIGHTGBM_C_API
+        assert m.backends["lightgbm"]["one_row"] == fam.LIGHTGBM_ONE_ROW
         model = store.load_sync(task, 1)
         assert model.booster is not None and model.booster.via == fam.LIGHTGBM_C_API
+        assert model.booster.one_row == fam.LIGHTGBM_ONE_ROW
         own = fam.BoosterModel(model.booster.booster, model.booster.info,
                                m.classes or None, via="Booster.predict")
-        assert own.via == "Booster.predict"
+        assert own.via == "Booster.predict" and own.one_row is None
         rows = _rows(case)
         for n in (1, 7, len(rows)):  # bit for bit: the same C function, the same arguments
-            got, want = model.booster.run(rows[:n]), own.run(rows[:n])
-            assert np.array_equal(got[0], want[0])
-            assert (got[1] is None) == (want[1] is None)
-            if got[1] is not None:
-                assert np.array_equal(got[1], want[1])
-    # a version registered when Booster.predict was the verified path keeps serving through it
+            _same(model.booster.run(rows[:n]), own.run(rows[:n]))
+        block = model.booster.run(rows)
+        for i in range(0, len(rows), 17):  # a lone row: the single-row predictor, bit for bit
+            _same(model.booster.run(rows[i:i + 1]), (block[0][i:i + 1], None if block[1] is None
+                                                      else block[1][i:i + 1]))
     vdir = tmp_path / "binary" / "1"
     manifest = json.loads((vdir / "model.json").read_text())
+    # a version registered before lone rows were checked sends them through the block call
+    del manifest["backends"]["lightgbm"]["one_row"]
+    (vdir / "model.json").write_text(json.dumps(manifest))
+    older = store.load_sync("binary", 1)
+    assert older.booster is not None and older.booster.via == fam.LIGHTGBM_C_API
+    assert older.booster.one_row is None
+    # a version registered when Booster.predict was the verified path keeps serving through it
     manifest["backends"]["lightgbm"]["via"] = "Booster.predict"
     (vdir / "model.json").write_text(json.dumps(manifest))
     older = store.load_sync("binary", 1)
     assert older.booster is not None and older.booster.via == "Booster.predict"
+
+
+def _same(got: tuple[Any, Any], want: tuple[Any, Any]) -> None:
+    assert np.array_equal(got[0], want[0])
+    assert (got[1] is None) == (want[1] is None)
+    if got[1] is not None:
+        assert np.array_equal(got[1], want[1])
+
+
+def test_a_lone_row_path_that_answers_otherwise_is_not_served(
+        cases: dict[tuple[str, str, str], Case], tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    case = cases["lightgbm", "joblib", "binary"]
+    run = fam.BoosterModel.run
+
+    def off_alone(self: fam.BoosterModel, rows: np.ndarray) -> Any:
+        labels, proba = run(self, rows)
+        if len(rows) == 1 and self.one_row is not None:
+            proba = np.nextafter(proba, 2.0)  # one ulp: within any tolerance, yet not the same
+        return labels, proba
+
+    monkeypatch.setattr(fam.BoosterModel, "run", off_alone)
+    m = ModelStore(tmp_path).register(case.model, "binary", backend="library")
+    assert m.backends["lightgbm"]["via"] == fam.LIGHTGBM_C_API
+    assert "one_row" not in m.backends["lightgbm"]
+    assert "answers a row alone unlike" in caplog.text
+    model = ModelStore(tmp_path).load_sync("binary", 1)
+    assert model.booster is not None and model.booster.one_row is None
 
 
 def _xgb_threads(booster: Any) -> int:
