@@ -81,12 +81,14 @@ class Limit:
 
 def describe_backend(model: LoadedModel) -> str:
     """Which backend answers each output, as the store chose it (``via``: the library call a
-    booster family's fast path makes in this process)."""
+    booster family's fast path makes in this process, and the one a lone row goes through
+    where it differs)."""
     parts = []
     for output, backend in model.backends().items():
-        via = model.booster.via if backend == model.manifest.family \
-            and model.booster is not None else None
-        parts.append(f"{output}={backend}" + (f" {via}" if via else ""))
+        fast = model.booster if backend == model.manifest.family else None
+        via = "" if fast is None else f" {fast.via}" + (
+            f" (a lone row: {fast.one_row})" if fast.one_row else "")
+        parts.append(f"{output}={backend}{via}")
     return ", ".join(parts)
 
 

@@ -20,6 +20,7 @@ from bench.report import (
 from bench.runner import CEILING, OpenRun, Run
 from bench.scrape import Counters
 from model_store import ModelStore
+from model_store.boosters import LIGHTGBM_C_API, LIGHTGBM_ONE_ROW
 from tests.bench.test_heavy import TINY
 from tests.bench.test_report import META
 from tests.bench.test_sweep import result
@@ -43,6 +44,11 @@ def test_a_boosters_limit_runs_its_library_with_the_versions_threads(tmp_path: P
     limit = measure(tmp_path, "tiny-xgb", rows=8, calls=2, repeats=1)
     assert limit.threads == 2
     assert "label=xgboost" in limit.backend and "probabilities=xgboost" in limit.backend
+    assert "a lone row" not in limit.backend  # one call whatever the rows
+    ensure_heavy(tmp_path, "tiny-lgbm", TINY["lightgbm"], backend="library")
+    limit = measure(tmp_path, "tiny-lgbm", rows=1, calls=2, repeats=1)
+    assert (f"probabilities=lightgbm {LIGHTGBM_C_API} (a lone row: {LIGHTGBM_ONE_ROW})"
+            in limit.backend)
 
 
 def test_the_limit_command_prints_one_line(session_store: Path,
