@@ -40,7 +40,7 @@ from bench.runner import features_at
 from bench.scenarios import CONFIGS, SCENARIOS, Scenario
 from bench.wrk import run_wrk
 
-__all__ = ["main"]
+__all__ = ["main", "settings_of"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--otlp-sink", action="store_true",
                    help="export both sides' spans to an OTLP/HTTP endpoint that discards them")
     args = p.parse_args(argv)
-    extra = {"A": _env(p, args.env_a), "B": _env(p, args.env_b)}
+    extra = {"A": settings_of(p, args.env_a), "B": settings_of(p, args.env_b)}
     names = args.scenarios.split(",")
     for name in names:
         if name not in SCENARIOS or SCENARIOS[name].engine != "wrk":
@@ -116,7 +116,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{name:<18} {_cell(rates['A']):>30} {_cell(rates['B']):>30} {b / a:>6.3f}")
 
 
-def _env(p: argparse.ArgumentParser, pairs: list[str]) -> dict[str, str]:
+def settings_of(p: argparse.ArgumentParser, pairs: list[str]) -> dict[str, str]:
+    """``NAME=VALUE`` pairs as a dict; a pair without ``=`` or a name is a usage error."""
     out = {}
     for pair in pairs:
         name, sep, value = pair.partition("=")

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import lua
+from bench.ab import settings_of
 from bench.doors import DOORS, Load
 from bench.procs import gateways, redis_server
 from bench.runner import ensure_model
@@ -83,13 +84,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repetitions", type=int, default=3)
     p.add_argument("--tree", type=Path, help="the gateway's source tree (default: this one)")
     p.add_argument("--no-redis", action="store_true", help="L1 only")
+    p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                   help="a setting of the gateway's (repeatable)")
     args = p.parse_args(argv)
+    extra = settings_of(p, args.env)
     counts = [int(c) for c in args.connections.split(",")]
     if not counts or min(counts) < 1 or args.repetitions < 1 or args.duration <= 0:
         p.error("connections, repetitions and duration must be positive")
     features = ensure_model(args.model_root, args.model)
     env = {**CONFIGS["compiled"], "GATEWAY_MODEL_ROOT": str(args.model_root.resolve()),
-           "GATEWAY_DEFAULT_MODEL": args.model, "GATEWAY_CACHE_PREFIX": "lone"}
+           "GATEWAY_DEFAULT_MODEL": args.model, "GATEWAY_CACHE_PREFIX": "lone", **extra}
     if args.tree is not None:
         env["PYTHONPATH"] = str(args.tree.resolve())
     with contextlib.ExitStack() as stack:
@@ -115,8 +119,8 @@ def main(argv: list[str] | None = None) -> int:
                 runs[c].append(Run.of(c, result.requests, result.duration_s, pid,
                                       before, after))
     print(f"{args.model} · {args.door} · {args.keys} rows, {args.rows} a request · "
-          f"{'L1 only' if args.no_redis else 'Redis'} · {args.repetitions} x {args.duration:g} s;"
-          " median [range]")
+          f"{'L1 only' if args.no_redis else 'Redis'}{''.join(' · ' + e for e in args.env)} · "
+          f"{args.repetitions} x {args.duration:g} s; median [range]")
     print(f"{'connections':>11} {'req/s':>26} {'loop µs/request':>24} {'process µs/request':>24}")
     for c in counts:
         r = runs[c]

@@ -49,11 +49,13 @@ def test_threads_are_read_by_their_ids() -> None:
 def test_closed_loops_of_one_and_four_connections_are_measured(session_store: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "bench.lone", "--model-root", str(session_store),
-         "--connections", "1,4", "--duration", "1", "--repetitions", "1"],
+         "--connections", "1,4", "--duration", "1", "--repetitions", "1",
+         "--env", "GATEWAY_EXECUTION=inline"],
         capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
-    assert "iris · v2-json · unique rows, 1 a request · Redis" in lines[0]
+    assert "iris · v2-json · unique rows, 1 a request · Redis · GATEWAY_EXECUTION=inline · 1 x 1 s" \
+        in lines[0]
     cell = r"([\d,]+) \[[\d,]+ to [\d,]+\]"
     for c in (1, 4):
         (line,) = [s for s in lines if s.split()[:1] == [str(c)]]
