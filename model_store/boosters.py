@@ -782,6 +782,7 @@ class BoosterModel(BoosterAnswers):
         self.reference = reference
         self.booster = booster
         self.iteration_range = iteration_range
+        self._lgb_call: _LightGBMCall | None = None
         if self.family == "xgboost":
             self._xgb = _xgboost()
             if not reference:
@@ -802,7 +803,7 @@ class BoosterModel(BoosterAnswers):
     def one_row(self) -> str | None:
         """The library call a lone row goes through instead of ``via`` (LightGBM's
         single-row predictor), or None: every call goes through ``via``."""
-        call = getattr(self, "_lgb_call", None)
+        call = self._lgb_call
         return LIGHTGBM_ONE_ROW if call is not None and call.one_row else None
 
     def _raw(self, rows: np.ndarray) -> np.ndarray:
