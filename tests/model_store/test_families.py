@@ -183,7 +183,7 @@ def test_lightgbm_serves_through_its_c_api_exactly_as_booster_predict(
                                m.classes or None, via="Booster.predict")
         assert own.via == "Booster.predict" and own.one_row is None
         rows = _rows(case)
-        for n in (1, 7, len(rows)):  # bit for bit: the same C function, the same arguments
+        for n in (1, 7, len(rows)):  # bit for bit as Booster.predict, a lone row included
             _same(model.booster.run(rows[:n]), own.run(rows[:n]))
         block = model.booster.run(rows)
         for i in range(0, len(rows), 17):  # a lone row: the single-row predictor, bit for bit
