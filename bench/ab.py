@@ -40,7 +40,7 @@ from bench.runner import features_at
 from bench.scenarios import CONFIGS, SCENARIOS, Scenario
 from bench.wrk import run_wrk
 
-__all__ = ["main", "settings_of"]
+__all__ = ["cell", "main", "settings_of"]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
                     rates[side].append(_rate(sides[side], sc, features, args, args.duration,
                                              salt))
             a, b = (statistics.median(rates[s]) for s in ("A", "B"))
-            print(f"{name:<18} {_cell(rates['A']):>30} {_cell(rates['B']):>30} {b / a:>6.3f}")
+            print(f"{name:<18} {cell(rates['A']):>30} {cell(rates['B']):>30} {b / a:>6.3f}")
 
 
 def settings_of(p: argparse.ArgumentParser, pairs: list[str]) -> dict[str, str]:
@@ -138,7 +138,8 @@ def _rate(url: str, sc: Scenario, features: tuple[str, ...], args: argparse.Name
     return result.requests / result.duration_s
 
 
-def _cell(rates: list[float]) -> str:
+def cell(rates: list[float]) -> str:
+    """The median of ``rates`` and their range, as the tables print them."""
     return f"{statistics.median(rates):,.0f} [{min(rates):,.0f} to {max(rates):,.0f}]"
 
 

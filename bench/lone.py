@@ -19,32 +19,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
-import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench import lua
-from bench.ab import settings_of
+from bench.ab import cell, settings_of
 from bench.doors import DOORS, Load
+from bench.machine import thread_cpu_s
 from bench.procs import gateways, redis_server
 from bench.runner import ensure_model
 from bench.scenarios import CONFIGS
 from bench.wrk import run_wrk
 
-__all__ = ["Run", "main", "thread_cpu_s"]
-
-
-def thread_cpu_s(pid: int) -> dict[int, float]:
-    """User + system CPU seconds of each live thread of ``pid``, by thread id."""
-    tick = os.sysconf("SC_CLK_TCK")
-    out = {}
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
-            fields = Path(f"/proc/{pid}/task/{tid}/stat").read_text().rsplit(")", 1)[1].split()
-            out[int(tid)] = (int(fields[11]) + int(fields[12])) / tick
-    return out
+__all__ = ["Run", "main"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,11 +51,6 @@ class Run:
         spent = {t: after[t] - before.get(t, 0.0) for t in after}
         return cls(connections, requests / seconds, spent.get(pid, 0.0) / requests,
                    sum(spent.values()) / requests)
-
-
-def _cell(values: list[float], scale: float = 1.0) -> str:
-    v = [x * scale for x in values]
-    return f"{statistics.median(v):,.0f} [{min(v):,.0f} to {max(v):,.0f}]"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'connections':>11} {'req/s':>26} {'loop µs/request':>24} {'process µs/request':>24}")
     for c in counts:
         r = runs[c]
-        print(f"{c:>11} {_cell([x.rps for x in r]):>26} {_cell([x.loop_s for x in r], 1e6):>24}"
-              f" {_cell([x.process_s for x in r], 1e6):>24}")
+        print(f"{c:>11} {cell([x.rps for x in r]):>26} {cell([x.loop_s * 1e6 for x in r]):>24}"
+              f" {cell([x.process_s * 1e6 for x in r]):>24}")
     return 0
 
 

@@ -7,7 +7,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-__all__ = ["describe", "process_cpu_s", "summary"]
+__all__ = ["describe", "process_cpu_s", "summary", "thread_cpu_s"]
 
 
 def _cpu_model() -> str:
@@ -55,10 +55,26 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _stat_cpu_s(stat: str) -> float:
+    """User + system CPU seconds in a ``/proc`` ``stat`` file's text."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+
+
+def thread_cpu_s(pid: int) -> dict[int, float]:
+    """User + system CPU seconds of each live thread of ``pid``, by thread id."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            out[int(tid)] = _stat_cpu_s(Path(f"/proc/{pid}/task/{tid}/stat").read_text())
+        except OSError:  # the thread ended meanwhile
+            continue
+    return out
+
+
 def process_cpu_s(pid: int) -> float | None:
     """User + system CPU seconds of ``pid`` and its live descendants, or None off Linux or
     once the process is gone."""
-    tick = os.sysconf("SC_CLK_TCK")
     total = 0.0
     todo, seen = [pid], set()
     while todo:
@@ -67,11 +83,11 @@ def process_cpu_s(pid: int) -> float | None:
             continue
         seen.add(p)
         try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+            stat = Path(f"/proc/{p}/stat").read_text()
         except OSError:
             if p == pid:
                 return None
             continue
-        total += (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+        total += _stat_cpu_s(stat)
         todo += _children(p)
     return total

@@ -631,8 +631,8 @@ def _verify_booster(manifest: Manifest, prepared: _Prepared, rows: np.ndarray | 
         if one_row is not None and _alone_as_in_a_block(prepared.fast, expected.rows):
             record["one_row"] = one_row
         elif one_row is not None:
-            log.warning("%s: %s answers a row alone unlike %s in a block; lone rows go "
-                        "through %s", where, one_row, prepared.fast.via, prepared.fast.via)
+            log.warning("%s: %s answers a row alone unlike %s in a block, which answers "
+                        "lone rows too", where, one_row, prepared.fast.via)
     elif own is not None:
         record["checks"] = {"label": {"rows": len(expected.rows), "from_proba": own}}
     backends = {k: v for k, v in manifest.backends.items() if k != manifest.family}

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.lone import Run, thread_cpu_s
+from bench.lone import Run
+from bench.machine import thread_cpu_s
 
 
 def test_cpu_per_request_counts_the_loops_thread_and_every_thread() -> None:
