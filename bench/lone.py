@@ -13,26 +13,33 @@ model call of one row (inline, on the loop's own thread). Among many, the loop w
 the requests that arrived together and their new rows share one call in the model's thread. A
 fixed-rate load below capacity sends requests alone, so this ratio, not the closed-loop capacity,
 says how much of a core a given rate takes.
+
+``--at`` (fractions of the req/s of the largest closed loop) and ``--rates`` (req/s) add
+fixed-rate runs (``bench.loadgen``) after the closed loops, on the same gateway: per run, its
+latency percentiles from each request's due time, its largest latency and the share of a core
+the event loop's thread and the process used. Runs are listed one by one, not summarized: at a
+rate the loop can only just follow, some runs keep a standing queue that others never form.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench import lua
+from bench import loadgen, lua
 from bench.ab import cell, settings_of
-from bench.doors import DOORS, Load
+from bench.doors import DOORS, Load, build
 from bench.machine import thread_cpu_s
 from bench.procs import gateways, redis_server
 from bench.runner import ensure_model
 from bench.scenarios import CONFIGS
 from bench.wrk import run_wrk
 
-__all__ = ["Run", "main"]
+__all__ = ["FixedRun", "Run", "main"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +60,43 @@ class Run:
                    sum(spent.values()) / requests)
 
 
+@dataclass(frozen=True, slots=True)
+class FixedRun:
+    """One fixed-rate run: its rate, latency percentiles and maximum (seconds, from each
+    request's due time), whether the generator kept its schedule (``bench.loadgen``), requests
+    not answered 2xx, and the share of a core the event loop's thread and the process used."""
+
+    rate: float
+    p50_s: float
+    p99_s: float
+    max_s: float
+    valid: bool
+    bad: int
+    loop_share: float
+    process_share: float
+
+    @classmethod
+    def of(cls, result: loadgen.Result, seconds: float, pid: int, before: dict[int, float],
+           after: dict[int, float]) -> FixedRun:
+        spent = {t: after[t] - before.get(t, 0.0) for t in after}
+        lat = result.latency_us
+        return cls(result.rate, lat[50.0] / 1e6, lat[99.0] / 1e6, lat[100.0] / 1e6,
+                   result.valid, result.bad, spent.get(pid, 0.0) / seconds,
+                   sum(spent.values()) / seconds)
+
+
+def _fixed_rate(url: str, pid: int, load: Load, rate: float, seconds: float) -> FixedRun:
+    """One ``bench.loadgen`` run of ``load`` at ``rate`` for ``seconds`` (after one second of
+    warm-up), the gateway's threads read around it."""
+    settings = loadgen.Settings(url=url, rate=rate, duration_s=seconds, warmup_s=1.0,
+                                connections=16)
+    requests = build(load, settings.warm_requests + settings.measured_requests, "127.0.0.1")
+    before = thread_cpu_s(pid)
+    result = loadgen.run(requests, settings)
+    after = thread_cpu_s(pid)
+    return FixedRun.of(result, result.wall_s + settings.warmup_s, pid, before, after)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.lone",
                                 description=__doc__.split("\n\n")[0] if __doc__ else None)
@@ -67,13 +111,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repetitions", type=int, default=3)
     p.add_argument("--tree", type=Path, help="the gateway's source tree (default: this one)")
     p.add_argument("--no-redis", action="store_true", help="L1 only")
+    p.add_argument("--at", default="", metavar="FRACTIONS",
+                   help="fixed-rate runs at these fractions of the largest closed loop's req/s")
+    p.add_argument("--rates", default="", help="fixed-rate runs at these req/s")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="a setting of the gateway's (repeatable)")
     args = p.parse_args(argv)
     extra = settings_of(p, args.env)
     counts = [int(c) for c in args.connections.split(",")]
+    fractions = [float(f) for f in args.at.split(",") if f]
+    rates = [float(r) for r in args.rates.split(",") if r]
     if not counts or min(counts) < 1 or args.repetitions < 1 or args.duration <= 0:
         p.error("connections, repetitions and duration must be positive")
+    if min(fractions + rates, default=1) <= 0:
+        p.error("fractions and rates must be positive")
     features = ensure_model(args.model_root, args.model)
     env = {**CONFIGS["compiled"], "GATEWAY_MODEL_ROOT": str(args.model_root.resolve()),
            "GATEWAY_DEFAULT_MODEL": args.model, "GATEWAY_CACHE_PREFIX": "lone", **extra}
@@ -101,6 +152,14 @@ def main(argv: list[str] | None = None) -> int:
                     return 1
                 runs[c].append(Run.of(c, result.requests, result.duration_s, pid,
                                       before, after))
+        capacity = statistics.median(r.rps for r in runs[max(counts)])
+        fixed: list[FixedRun] = []
+        for rate in [round(capacity * f) for f in fractions] + rates:
+            for _ in range(args.repetitions):
+                salt += 1
+                load = Load(door=args.door, keys=args.keys, features=features, rows=args.rows,
+                            model=args.model, salt=salt, seed=salt)
+                fixed.append(_fixed_rate(gw.url, pid, load, rate, args.duration))
     print(f"{args.model} · {args.door} · {args.keys} rows, {args.rows} a request · "
           f"{'L1 only' if args.no_redis else 'Redis'}{''.join(' · ' + e for e in args.env)} · "
           f"{args.repetitions} x {args.duration:g} s; median [range]")
@@ -109,6 +168,16 @@ def main(argv: list[str] | None = None) -> int:
         r = runs[c]
         print(f"{c:>11} {cell([x.rps for x in r]):>26} {cell([x.loop_s * 1e6 for x in r]):>24}"
               f" {cell([x.process_s * 1e6 for x in r]):>24}")
+    if fixed:
+        print(f"fixed rate, one line a run (capacity: {capacity:,.0f} req/s, the median of "
+              f"{max(counts)} connections)")
+        print(f"{'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'loop':>6} "
+              f"{'process':>8}  generator")
+        for f in fixed:
+            print(f"{f.rate:>8,.0f} {f.p50_s * 1e3:>8.2f} {f.p99_s * 1e3:>8.2f} "
+                  f"{f.max_s * 1e3:>8.1f} {f.loop_share:>6.0%} {f.process_share:>8.0%}  "
+                  f"{'on time' if f.valid else 'late: latencies are upper bounds'}"
+                  f"{f', {f.bad} not 2xx' if f.bad else ''}")
     return 0
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.lone import Run
+from bench.loadgen import Result
+from bench.lone import FixedRun, Run
 from bench.machine import thread_cpu_s
 
 
@@ -22,6 +23,19 @@ def test_cpu_per_request_counts_the_loops_thread_and_every_thread() -> None:
     assert run.rps == 500
     assert run.loop_s == pytest.approx(2.0 / 1_000)
     assert run.process_s == pytest.approx(3.0 / 1_000)
+
+
+def test_a_fixed_rate_run_reports_latency_and_the_share_of_a_core_each_used() -> None:
+    lat = {50.0: 800, 99.0: 2_500, 100.0: 9_000}
+    result = Result(rate=1_000, duration_s=4, sent=4_000, answered=4_000, errors=0, failures=0,
+                    timeouts=1, latency_us=lat, lateness_us={50.0: 10, 99.0: 90, 100.0: 200},
+                    cpu_s=0.4, wall_s=4.0, connections_opened=16, max_outstanding=3,
+                    waited_for_connection=0, max_lateness_ms=1.0)
+    run = FixedRun.of(result, 5.0, 10, {10: 1.0, 11: 0.5}, {10: 4.0, 11: 1.5, 12: 0.5})
+    assert (run.rate, run.p50_s, run.p99_s, run.max_s) == (1_000, 800e-6, 2.5e-3, 9e-3)
+    assert run.valid and run.bad == 1
+    assert run.loop_share == pytest.approx(3.0 / 5.0)
+    assert run.process_share == pytest.approx(4.5 / 5.0)
 
 
 def test_threads_are_read_by_their_ids() -> None:
@@ -50,7 +64,7 @@ def test_threads_are_read_by_their_ids() -> None:
 def test_closed_loops_of_one_and_four_connections_are_measured(session_store: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "bench.lone", "--model-root", str(session_store),
-         "--connections", "1,4", "--duration", "1", "--repetitions", "1",
+         "--connections", "1,4", "--duration", "1", "--repetitions", "1", "--at", "0.25",
          "--env", "GATEWAY_EXECUTION=inline"],
         capture_output=True, text=True, timeout=180, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -64,3 +78,12 @@ def test_closed_loops_of_one_and_four_connections_are_measured(session_store: Pa
         assert found, line
         rps, loop_us, process_us = (int(g.replace(",", "")) for g in found.groups())
         assert rps > 0 and 0 < loop_us <= process_us, line
+    at = lines.index(next(s for s in lines if s.startswith("fixed rate")))
+    capacity = int(re.search(r"capacity: ([\d,]+) req/s", lines[at])[1].replace(",", ""))
+    (run,) = lines[at + 2:]
+    found = re.fullmatch(r"\s*([\d,]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)%\s+(\d+)%\s+"
+                         r"(on time|late: latencies are upper bounds)", run)
+    assert found, run
+    rate, p50, p99, top, loop, process = (float(g.replace(",", "")) for g in found.groups()[:6])
+    assert abs(rate - capacity / 4) <= 1, run
+    assert 0 < p50 <= p99 <= top and 0 < loop <= process, run
