@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import statistics
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -55,7 +56,7 @@ class Run:
     @classmethod
     def of(cls, connections: int, requests: int, seconds: float, pid: int,
            before: dict[int, float], after: dict[int, float]) -> Run:
-        spent = {t: after[t] - before.get(t, 0.0) for t in after}
+        spent = _spent(before, after)
         return cls(connections, requests / seconds, spent.get(pid, 0.0) / requests,
                    sum(spent.values()) / requests)
 
@@ -78,23 +79,28 @@ class FixedRun:
     @classmethod
     def of(cls, result: loadgen.Result, seconds: float, pid: int, before: dict[int, float],
            after: dict[int, float]) -> FixedRun:
-        spent = {t: after[t] - before.get(t, 0.0) for t in after}
+        spent = _spent(before, after)
         lat = result.latency_us
         return cls(result.rate, lat[50.0] / 1e6, lat[99.0] / 1e6, lat[100.0] / 1e6,
                    result.valid, result.bad, spent.get(pid, 0.0) / seconds,
                    sum(spent.values()) / seconds)
 
 
+def _spent(before: dict[int, float], after: dict[int, float]) -> dict[int, float]:
+    """CPU seconds each thread spent between two ``thread_cpu_s`` readings."""
+    return {t: after[t] - before.get(t, 0.0) for t in after}
+
+
 def _fixed_rate(url: str, pid: int, load: Load, rate: float, seconds: float) -> FixedRun:
-    """One ``bench.loadgen`` run of ``load`` at ``rate`` for ``seconds`` (after one second of
-    warm-up), the gateway's threads read around it."""
+    """One ``bench.loadgen`` run of ``load`` at ``rate`` for ``seconds`` after one second of
+    warm-up; the threads' shares are over the whole run, warm-up and drain included."""
     settings = loadgen.Settings(url=url, rate=rate, duration_s=seconds, warmup_s=1.0,
                                 connections=16)
     requests = build(load, settings.warm_requests + settings.measured_requests, "127.0.0.1")
-    before = thread_cpu_s(pid)
+    before, start = thread_cpu_s(pid), time.perf_counter()
     result = loadgen.run(requests, settings)
-    after = thread_cpu_s(pid)
-    return FixedRun.of(result, result.wall_s + settings.warmup_s, pid, before, after)
+    after, end = thread_cpu_s(pid), time.perf_counter()
+    return FixedRun.of(result, end - start, pid, before, after)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                                       before, after))
         capacity = statistics.median(r.rps for r in runs[max(counts)])
         fixed: list[FixedRun] = []
-        for rate in [round(capacity * f) for f in fractions] + rates:
+        for rate in [max(1.0, round(capacity * f)) for f in fractions] + rates:
             for _ in range(args.repetitions):
                 salt += 1
                 load = Load(door=args.door, keys=args.keys, features=features, rows=args.rows,
