@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{'process':>8}  generator")
         for f in fixed:
             print(f"{f.rate:>8,.0f} {f.p50_s * 1e3:>8.2f} {f.p99_s * 1e3:>8.2f} "
-                  f"{f.max_s * 1e3:>8.1f} {f.loop_share:>6.0%} {f.process_share:>8.0%}  "
+                  f"{f.max_s * 1e3:>8.2f} {f.loop_share:>6.0%} {f.process_share:>8.0%}  "
                   f"{'on time' if f.valid else 'late: latencies are upper bounds'}"
                   f"{f', {f.bad} not 2xx' if f.bad else ''}")
     return 0
