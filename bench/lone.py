@@ -17,8 +17,10 @@ says how much of a core a given rate takes.
 ``--at`` (fractions of the req/s of the largest closed loop) and ``--rates`` (req/s) add
 fixed-rate runs (``bench.loadgen``) after the closed loops, on the same gateway: per run, its
 latency percentiles from each request's due time, its largest latency and the share of a core
-the event loop's thread and the process used. Runs are listed one by one, not summarized: at a
-rate the loop can only just follow, some runs keep a standing queue that others never form.
+the event loop's thread and the process used, rows per model call, and whether the gateway
+looked lone rows up in Redis at the run's end (``gateway_l2_consulted``). Runs are listed one by
+one, not summarized: at a rate the loop can only just follow, some runs keep a standing queue
+that others never form.
 """
 
 from __future__ import annotations
@@ -31,6 +33,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
 from bench import loadgen, lua
 from bench.ab import cell, settings_of
 from bench.doors import DOORS, Load, build
@@ -38,6 +43,7 @@ from bench.machine import thread_cpu_s
 from bench.procs import gateways, redis_server
 from bench.runner import ensure_model
 from bench.scenarios import CONFIGS
+from bench.scrape import scrape
 from bench.wrk import run_wrk
 
 __all__ = ["FixedRun", "Run", "main"]
@@ -65,7 +71,9 @@ class Run:
 class FixedRun:
     """One fixed-rate run: its rate, latency percentiles and maximum (seconds, from each
     request's due time), whether the generator kept its schedule (``bench.loadgen``), requests
-    not answered 2xx, and the share of a core the event loop's thread and the process used."""
+    not answered 2xx, the share of a core the event loop's thread and the process used, rows
+    per model call (None: no call), and whether lone rows were looked up in Redis at its end
+    (None: no Redis)."""
 
     rate: float
     p50_s: float
@@ -75,15 +83,18 @@ class FixedRun:
     bad: int
     loop_share: float
     process_share: float
+    rows_per_call: float | None = None
+    consulted: bool | None = None
 
     @classmethod
     def of(cls, result: loadgen.Result, seconds: float, pid: int, before: dict[int, float],
-           after: dict[int, float]) -> FixedRun:
+           after: dict[int, float], *, calls: float = 0.0, rows: float = 0.0,
+           consulted: bool | None = None) -> FixedRun:
         spent = _spent(before, after)
         lat = result.latency_us
         return cls(result.rate, lat[50.0] / 1e6, lat[99.0] / 1e6, lat[100.0] / 1e6,
                    result.valid, result.bad, spent.get(pid, 0.0) / seconds,
-                   sum(spent.values()) / seconds)
+                   sum(spent.values()) / seconds, rows / calls if calls else None, consulted)
 
 
 def _spent(before: dict[int, float], after: dict[int, float]) -> dict[int, float]:
@@ -97,10 +108,25 @@ def _fixed_rate(url: str, pid: int, load: Load, rate: float, seconds: float) -> 
     settings = loadgen.Settings(url=url, rate=rate, duration_s=seconds, warmup_s=1.0,
                                 connections=16)
     requests = build(load, settings.warm_requests + settings.measured_requests, "127.0.0.1")
+    counted = scrape(url)
     before, start = thread_cpu_s(pid), time.perf_counter()
     result = loadgen.run(requests, settings)
     after, end = thread_cpu_s(pid), time.perf_counter()
-    return FixedRun.of(result, end - start, pid, before, after)
+    done = scrape(url)
+    if counted is None or done is None:
+        raise RuntimeError(f"no /metrics at {url}")
+    made = done - counted
+    return FixedRun.of(result, end - start, pid, before, after, calls=made.model_calls,
+                       rows=made.model_rows, consulted=_consulted(url))
+
+
+def _consulted(url: str) -> bool | None:
+    """Whether the gateway looks lone rows up in Redis now (``gateway_l2_consulted``, every
+    model version served); None when it has no Redis."""
+    text = httpx.get(f"{url}/metrics", timeout=10).text
+    found = [s.value for family in text_string_to_metric_families(text)
+             for s in family.samples if s.name == "gateway_l2_consulted"]
+    return all(v == 1 for v in found) if found else None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -178,10 +204,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fixed rate, one line a run (capacity: {capacity:,.0f} req/s, the median of "
               f"{max(counts)} connections)")
         print(f"{'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8} {'loop':>6} "
-              f"{'process':>8}  generator")
+              f"{'process':>8} {'rows/call':>9} {'Redis':>9}  generator")
         for f in fixed:
+            per_call = "-" if f.rows_per_call is None else f"{f.rows_per_call:.1f}"
+            redis = {None: "-", True: "consulted", False: "skipped"}[f.consulted]
             print(f"{f.rate:>8,.0f} {f.p50_s * 1e3:>8.2f} {f.p99_s * 1e3:>8.2f} "
-                  f"{f.max_s * 1e3:>8.2f} {f.loop_share:>6.0%} {f.process_share:>8.0%}  "
+                  f"{f.max_s * 1e3:>8.2f} {f.loop_share:>6.0%} {f.process_share:>8.0%} "
+                  f"{per_call:>9} {redis:>9}  "
                   f"{'on time' if f.valid else 'late: latencies are upper bounds'}"
                   f"{f', {f.bad} not 2xx' if f.bad else ''}")
     return 0

@@ -31,11 +31,15 @@ def test_a_fixed_rate_run_reports_latency_and_the_share_of_a_core_each_used() ->
                     timeouts=1, latency_us=lat, lateness_us={50.0: 10, 99.0: 90, 100.0: 200},
                     cpu_s=0.4, wall_s=4.0, connections_opened=16, max_outstanding=3,
                     waited_for_connection=0, max_lateness_ms=1.0)
-    run = FixedRun.of(result, 5.0, 10, {10: 1.0, 11: 0.5}, {10: 4.0, 11: 1.5, 12: 0.5})
+    run = FixedRun.of(result, 5.0, 10, {10: 1.0, 11: 0.5}, {10: 4.0, 11: 1.5, 12: 0.5},
+                      calls=400, rows=1_000, consulted=False)
     assert (run.rate, run.p50_s, run.p99_s, run.max_s) == (1_000, 800e-6, 2.5e-3, 9e-3)
     assert run.valid and run.bad == 1
     assert run.loop_share == pytest.approx(3.0 / 5.0)
     assert run.process_share == pytest.approx(4.5 / 5.0)
+    assert run.rows_per_call == 2.5 and run.consulted is False
+    idle = FixedRun.of(result, 5.0, 10, {}, {})
+    assert idle.rows_per_call is None and idle.consulted is None
 
 
 def test_threads_are_read_by_their_ids() -> None:
@@ -82,8 +86,10 @@ def test_closed_loops_of_one_and_four_connections_are_measured(session_store: Pa
     capacity = int(re.search(r"capacity: ([\d,]+) req/s", lines[at])[1].replace(",", ""))
     (run,) = lines[at + 2:]
     found = re.fullmatch(r"\s*([\d,]+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)\s+(\d+)%\s+(\d+)%\s+"
+                         r"([\d.]+)\s+(consulted|skipped)\s+"
                          r"(on time|late: latencies are upper bounds)", run)
     assert found, run
-    rate, p50, p99, top, loop, process = (float(g.replace(",", "")) for g in found.groups()[:6])
+    rate, p50, p99, top, loop, process, per_call = (float(g.replace(",", ""))
+                                                    for g in found.groups()[:7])
     assert abs(rate - capacity / 4) <= 1, run
-    assert 0 < p50 <= p99 <= top and 0 < loop <= process, run
+    assert 0 < p50 <= p99 <= top and 0 < loop <= process and per_call >= 1, run
