@@ -27,20 +27,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import statistics
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import loadgen, lua
 from bench.ab import cell, settings_of
 from bench.doors import DOORS, Load, build
 from bench.machine import thread_cpu_s
-from bench.procs import gateways, redis_server
+from bench.procs import GatewayProcess, gateways, redis_server
 from bench.runner import ensure_model
 from bench.scenarios import CONFIGS
 from bench.scrape import scrape
@@ -102,9 +102,11 @@ def _spent(before: dict[int, float], after: dict[int, float]) -> dict[int, float
     return {t: after[t] - before.get(t, 0.0) for t in after}
 
 
-def _fixed_rate(url: str, pid: int, load: Load, rate: float, seconds: float) -> FixedRun:
-    """One ``bench.loadgen`` run of ``load`` at ``rate`` for ``seconds`` after one second of
-    warm-up; the threads' shares are over the whole run, warm-up and drain included."""
+def _fixed_rate(gw: GatewayProcess, load: Load, rate: float, seconds: float) -> FixedRun:
+    """One ``bench.loadgen`` run of ``load`` against ``gw`` at ``rate`` for ``seconds`` after
+    one second of warm-up; the threads' shares are over the whole run, warm-up and drain
+    included."""
+    url, pid = gw.url, gw.process.pid
     settings = loadgen.Settings(url=url, rate=rate, duration_s=seconds, warmup_s=1.0,
                                 connections=16)
     requests = build(load, settings.warm_requests + settings.measured_requests, "127.0.0.1")
@@ -117,14 +119,13 @@ def _fixed_rate(url: str, pid: int, load: Load, rate: float, seconds: float) -> 
         raise RuntimeError(f"no /metrics at {url}")
     made = done - counted
     return FixedRun.of(result, end - start, pid, before, after, calls=made.model_calls,
-                       rows=made.model_rows, consulted=_consulted(url))
+                       rows=made.model_rows, consulted=_consulted(gw.metrics()))
 
 
-def _consulted(url: str) -> bool | None:
-    """Whether the gateway looks lone rows up in Redis now (``gateway_l2_consulted``, every
-    model version served); None when it has no Redis."""
-    text = httpx.get(f"{url}/metrics", timeout=10).text
-    found = [s.value for family in text_string_to_metric_families(text)
+def _consulted(metrics: str) -> bool | None:
+    """Whether a gateway's ``/metrics`` text says it looks lone rows up in Redis
+    (``gateway_l2_consulted``, every model version served); None when it has no Redis."""
+    found = [s.value for family in text_string_to_metric_families(metrics)
              for s in family.samples if s.name == "gateway_l2_consulted"]
     return all(v == 1 for v in found) if found else None
 
@@ -168,14 +169,17 @@ def main(argv: list[str] | None = None) -> int:
         (gw,) = stack.enter_context(gateways(1, env))
         pid = gw.process.pid
         runs: dict[int, list[Run]] = {c: [] for c in counts}
-        salt = 0
+        salts = itertools.count(1)
+
+        def new_load() -> Load:  # a salt of its own: new rows for every run (unique keys)
+            salt = next(salts)
+            return Load(door=args.door, keys=args.keys, features=features, rows=args.rows,
+                        model=args.model, salt=salt, seed=salt)
+
         for rep in range(args.repetitions):
             for c in counts if rep % 2 == 0 else counts[::-1]:
-                salt += 1
-                load = Load(door=args.door, keys=args.keys, features=features, rows=args.rows,
-                            model=args.model, salt=salt, seed=salt)
                 before = thread_cpu_s(pid)
-                result = run_wrk(gw.url, lua.script(load), duration_s=args.duration,
+                result = run_wrk(gw.url, lua.script(new_load()), duration_s=args.duration,
                                  connections=c)
                 after = thread_cpu_s(pid)
                 if result.errors or not result.requests:
@@ -188,10 +192,7 @@ def main(argv: list[str] | None = None) -> int:
         fixed: list[FixedRun] = []
         for rate in [max(1.0, round(capacity * f)) for f in fractions] + rates:
             for _ in range(args.repetitions):
-                salt += 1
-                load = Load(door=args.door, keys=args.keys, features=features, rows=args.rows,
-                            model=args.model, salt=salt, seed=salt)
-                fixed.append(_fixed_rate(gw.url, pid, load, rate, args.duration))
+                fixed.append(_fixed_rate(gw, new_load(), rate, args.duration))
     print(f"{args.model} · {args.door} · {args.keys} rows, {args.rows} a request · "
           f"{'L1 only' if args.no_redis else 'Redis'}{''.join(' · ' + e for e in args.env)} · "
           f"{args.repetitions} x {args.duration:g} s; median [range]")
