@@ -362,6 +362,10 @@ class RedisCache:
             except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
                 self._failed(exc)
                 self._metrics.l2_writes_dropped.inc(len(chunk))
+            except Exception as exc:  # a client's own defect must not stop every later write
+                log.warning("redis write failed unexpectedly: %r", exc)
+                self._failed(exc)
+                self._metrics.l2_writes_dropped.inc(len(chunk))
 
     def _failed(self, exc: BaseException) -> None:
         self._metrics.redis_errors.inc()
@@ -369,14 +373,25 @@ class RedisCache:
         log.debug("redis call failed: %r", exc)
 
     async def flush_writes(self) -> None:
-        """Wait until every queued write has been sent or dropped."""
-        if self._write_idle is not None:
-            await self._write_idle.wait()
+        """Wait until every queued write has been sent or dropped, or the writer has stopped
+        (closed). Each write is bounded by the Redis timeout."""
+        if self._write_idle is None or self._writer is None:
+            return
+        idle = asyncio.ensure_future(self._write_idle.wait())
+        try:
+            await asyncio.wait((idle, self._writer), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            idle.cancel()
 
     async def aclose(self) -> None:
-        """Stop the writer and pending reads, then close the connection pool."""
+        """Stop the writer and pending reads, then close the connection pool (given four
+        Redis timeouts; connections still open then are left to the process's end)."""
         tasks = [t for t in (self._writer, self._prober, *self._reads) if t is not None]
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self._client.aclose()
+        try:
+            async with asyncio.timeout(4 * self._timeout):
+                await self._client.aclose()
+        except TimeoutError:
+            log.warning("redis connections not closed within %.1f s", 4 * self._timeout)

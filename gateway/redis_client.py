@@ -68,6 +68,7 @@ CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
 log = logging.getLogger("gateway.redis")
 
 _RESUBSCRIBE_MAX_S = 2.0
+_CLOSE_S = 1.0  # closing a subscription's connection, at most
 
 
 def connect_redis(
@@ -175,9 +176,10 @@ async def listen(subscriber: Callable[[], Any], channel: str,
         finally:
             subscribed.clear()
             try:
-                await pubsub.aclose()
-                await client.aclose()
-            except (RedisError, OSError):
+                async with asyncio.timeout(_CLOSE_S):
+                    await pubsub.aclose()
+                    await client.aclose()
+            except (RedisError, OSError, TimeoutError):
                 pass
         await asyncio.sleep(backoff)  # the backoff itself
         backoff = min(backoff * 2, _RESUBSCRIBE_MAX_S)

@@ -257,3 +257,30 @@ async def test_unix_socket_url(session_store: Path, redis_server: Any,
     async with gateway_on(session_store, unix, cache_prefix="unix") as (b, probe, _):
         assert (await b.get(q(row))).headers["x-cache"] == "l2"
         assert probe.calls == 0
+
+
+async def test_a_write_the_client_fails_on_unexpectedly_is_dropped_and_writing_goes_on(
+    session_store: Path, redis_server: Any, random_rows: np.ndarray,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first, second = random_rows[310], random_rows[311]
+    async with gateway_on(session_store, url(redis_server), cache_prefix="defect",
+                          l2_min_call_us=0, coalesce_remote="off") as (a, _, gw):
+        assert gw.l2 is not None
+        pipeline = gw.l2.client.pipeline
+
+        def broken_once(*args: Any, **kwargs: Any) -> Any:
+            monkeypatch.setattr(gw.l2.client, "pipeline", pipeline)
+            raise RuntimeError("a defect of the client")
+
+        monkeypatch.setattr(gw.l2.client, "pipeline", broken_once)
+        await a.get(q(first))
+        await gw.l2.flush_writes()  # returns: the failed chunk is dropped, not pending
+        assert gw.l2.client.pipeline is pipeline  # the broken call was made
+        await a.get(q(second))
+        await gw.l2.flush_writes()
+        metrics = (await a.get("/metrics")).text
+        assert "gateway_l2_writes_dropped_total 1.0" in metrics
+    async with gateway_on(session_store, url(redis_server), cache_prefix="defect") as (b, _, _):
+        assert (await b.get(q(first))).headers["x-cache"] == "miss"
+        assert (await b.get(q(second))).headers["x-cache"] == "l2"
