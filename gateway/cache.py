@@ -363,7 +363,7 @@ class RedisCache:
                 self._failed(exc)
                 self._metrics.l2_writes_dropped.inc(len(chunk))
             except Exception as exc:  # a client's own defect must not stop every later write
-                log.warning("redis write failed unexpectedly: %r", exc)
+                log.warning("redis write failed unexpectedly: %r", exc, exc_info=True)
                 self._failed(exc)
                 self._metrics.l2_writes_dropped.inc(len(chunk))
 

@@ -13,13 +13,13 @@ its own thread (per call and per row, wherever it runs): that is how long an inl
 the event loop, and unlike the wall clock it does not count the waits for the GIL of a call in
 the thread, nor the moments the process was not scheduled. Garbage collections that start
 during a call are not counted either (they are the process's, not the model's). A call runs
-inline only while it is predicted to take at most ``inline_max_s`` and, for a call of more
-than ``_SMALL_ROWS`` rows, each further row costs at most ``inline_row_max_s``. Such calls of
-a model dearer than that per row (a forest of hundreds of trees on a hundred features: ~15 µs
-a row) compute in the thread beside the event loop, the libraries releasing the GIL while they
-walk their trees; a small model's rows cost less than the Python around them, which holds the
-GIL wherever it runs, and gain nothing there; a lone row costs less than the hop.
-Until enough calls are measured, and for any slower model, it uses the thread.
+inline while it is predicted to take at most ``inline_max_s``, whatever its rows cost each:
+handing a call over and taking its answer back costs the loop about what a few hundred trees
+cost on a few rows, and the answer comes back only once the thread gets the GIL from a busy
+loop, up to Python's switch interval later (5 ms): under a steady load that wait becomes the
+requests' tail (docs/performance.md). Until enough calls are measured, and for any dearer
+call (a batch under heavy load), it uses the thread, where a library that releases the GIL
+computes beside the loop.
 
 The thread is the version's own (``ModelThreads``: ``infer_concurrency`` of them), fed by a
 queue: a call handed over while another runs starts the moment that one ends, without waiting
@@ -27,8 +27,9 @@ for the event loop to notice the end and hand over the next (the micro-batcher k
 ``_AHEAD_BATCHES`` whole batches waiting there). Under load the loop is busy for milliseconds
 at a time, and seeing one call end and handing over the next takes it several steps; a model
 waiting for it between calls would idle as long as it computes.
-A model that slows down moves back to the thread after one slow call, for its next
-``_WAITED_CALLS`` calls. A call counts in an average as at most ``_OUTLIER`` times the
+A model that slows down moves back to the thread after two slow calls in a row (one alone
+may be time the machine took from the process), for its next ``_WAITED_CALLS`` calls. A call
+counts in an average as at most ``_OUTLIER`` times the
 average, and a call of more rows bounds the cost of a small one: one outlier (a cold cache, a
 burst of page faults) cannot pin the averages while the load leaves no small calls to correct
 them. One that waits on
@@ -88,7 +89,6 @@ _WAITED_CALLS = 64  # calls kept in the thread after a model was seen waiting in
 _SMALL_ROWS = 2  # calls of up to this many rows measure the cost of a call itself
 _SMALL_DUE_CALLS = 64  # bigger calls in a row after which a lone row is computed alone
 _AHEAD_BATCHES = 4  # whole batches waiting in the model thread's queue under load
-_INLINE_ROW_MAX_S = 5e-6  # CPU per further row of a call beyond which calls take the thread
 _PROBA_SUM_TOL = 1e-3
 _THREAD_IDLE_S = 30.0  # a model thread with no call for this long ends (started again on demand)
 
@@ -261,17 +261,14 @@ class Executor:
         name: str = "model",
         placement: Placement = "auto",
         inline_max_s: float = 1e-3,
-        inline_row_max_s: float = _INLINE_ROW_MAX_S,
         on_call: Callable[[bool, Hashable, int, float], None] | None = None,
         describe: Callable[[Hashable], Attributes] | None = None,
     ) -> None:
-        if inline_max_s < 0 or inline_row_max_s < 0:
-            raise ValueError("inline_max_s and inline_row_max_s must be >= 0, got "
-                             f"{inline_max_s} and {inline_row_max_s}")
+        if inline_max_s < 0:
+            raise ValueError(f"inline_max_s must be >= 0, got {inline_max_s}")
         self._threads = ModelThreads(threads, name=name)
         self._placement = placement
         self._inline_max = inline_max_s
-        self._inline_row_max = inline_row_max_s
         self._on_call = on_call
         self._describe = describe
         self._calls = 0
@@ -284,7 +281,8 @@ class Executor:
         self._least_small: float | None = None  # min(self._recent_small), kept at each call
         self._since_small = 0  # calls of more rows since the last small one (or since taken)
         self._waited = 0  # consecutive inline calls slow by the wall clock, short in CPU time
-        self._thread_only = 0  # calls left in the thread since the model was seen waiting
+        self._slow = 0  # consecutive inline calls longer than ``inline_max_s`` in CPU time
+        self._thread_only = 0  # calls left in the thread since the model was seen slow
         self._warned = False
         if _gc_probe not in gc.callbacks:
             gc.callbacks.append(_gc_probe)
@@ -336,10 +334,8 @@ class Executor:
         """Would a call with ``rows`` rows run inline now?"""
         if self._placement != "auto":
             return self._placement == "inline"
-        per_row = self._cpu_row_s
         return (self.measured and not self._thread_only
-                and self.predicted_s(rows) <= self._inline_max
-                and (rows <= _SMALL_ROWS or per_row is None or per_row <= self._inline_row_max))
+                and self.predicted_s(rows) <= self._inline_max)
 
     async def run(self, fn: Callable[[Hashable, np.ndarray], R], unit: Hashable,
                   rows: np.ndarray) -> R:
@@ -412,9 +408,13 @@ class Executor:
             old = self._cpu_row_s
             self._cpu_row_s = per_row if not old else old + _ALPHA * (
                 min(per_row, old * _OUTLIER) - old)
-        if inline and cpu_s > self._inline_max:  # one slow call is enough: to the thread
-            self._thread_only = _WAITED_CALLS
+        if inline and cpu_s > self._inline_max:
+            self._slow += 1
+            if self._slow >= 2:  # twice in a row is the model, not a moment of the machine's
+                self._slow = 0
+                self._thread_only = _WAITED_CALLS
         elif inline:
+            self._slow = 0
             if seconds > self._inline_max and cpu_s < seconds / 2 and blocked:
                 # Mostly waiting, and the thread blocked: the model waited on something
                 # (its own threads, I/O, a lock). Twice in a row is no accident.
