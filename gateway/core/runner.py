@@ -29,14 +29,13 @@ at a time, and seeing one call end and handing over the next takes it several st
 waiting for it between calls would idle as long as it computes.
 A model that slows down moves back to the thread after two slow calls in a row (one alone
 may be time the machine took from the process), for its next ``_WAITED_CALLS`` calls. A call
-counts in an average as at most ``_OUTLIER`` times the
-average, and a call of more rows bounds the cost of a small one: one outlier (a cold cache, a
-burst of page faults) cannot pin the averages while the load leaves no small calls to correct
-them. One that waits on
-something other than the CPU (two inline calls in a row longer than ``inline_max_s`` by the
-wall clock, over half of it blocked: the thread gave up the CPU, which preemption by other
-processes does not count as) goes to the thread for its next ``_WAITED_CALLS`` calls, then is
-tried inline again. Under load every call may be a batch; after ``_SMALL_DUE_CALLS`` of them
+counts in an average as at most ``_OUTLIER`` times the average, and a call of more rows bounds
+the cost of a small one: one outlier (a cold cache, a burst of page faults) cannot pin the
+averages while the load leaves no small calls to correct them. One that waits on something
+other than the CPU (two inline calls in a row longer than ``inline_max_s`` by the wall clock,
+over half of it blocked: the thread gave up the CPU, which preemption by other processes does
+not count as) goes to the thread for its next ``_WAITED_CALLS`` calls, then is tried inline
+again. Under load every call may be a batch; after ``_SMALL_DUE_CALLS`` of them
 in a row, a lone row is computed in a call of its own (``Executor.take_small_call``), so the
 cost of a lone call, by which the Redis rule judges a lone row, is measured again.
 """
