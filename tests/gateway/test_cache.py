@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -31,6 +32,27 @@ def test_l1_expires_by_age_and_evicts_least_recently_used() -> None:
     assert (l1.get("a"), l1.get("b"), l1.get("c")) == (1, None, 3)
     now[0] = 10.5
     assert l1.get("a") is None and l1.get("c") is None and len(l1) == 0
+
+
+def test_l1_entries_leave_the_garbage_collector_nothing_to_scan() -> None:
+    """Churning a full L1 (each new entry evicting an old one) adds no object the collector
+    tracks: nothing builds up for the next young collection to scan."""
+    l1 = L1Cache(1_000, 10.0)
+    l1.put_many([f"old{i}" for i in range(1_000)], [b"v%d" % i for i in range(1_000)])
+    keys = [f"new{i}" for i in range(10_000)]
+    values = [b"v%d" % i for i in range(10_000)]
+    gc.disable()
+    try:
+        gc.collect()
+        before = len(gc.get_objects(generation=0))
+        l1.put_many(keys, values)
+        for key in keys[-100:]:
+            l1.put(key, b"again")
+        assert l1.get_many(keys[-3:]) == [b"again"] * 3
+        assert len(gc.get_objects(generation=0)) - before < 50
+    finally:
+        gc.enable()
+    assert len(l1) == 1_000 and l1.get("old0") is None
 
 
 def url(proc: Any) -> str:
