@@ -256,6 +256,10 @@ class GatewayProcess:
         return self.process.stop(signal.SIGTERM, timeout_s)
 
 
+_PORT_TRIES = 3
+_IN_USE = "Address already in use"  # a gateway's own message when its port was taken
+
+
 @contextmanager
 def _serving(argvs: Sequence[tuple[list[str], int | None]], env: Mapping[str, str], *,
              uds: Path | None = None, workers: int = 1,
@@ -284,16 +288,26 @@ def gateways(count: int, env: Mapping[str, str], *, uds: Path | None = None, wor
              open_files: int | None = None) -> Iterator[list[GatewayProcess]]:
     """``count`` processes of ``python -m gateway`` with ``GATEWAY_*`` settings from ``env``,
     each on a free port (or the one on ``uds``) and with an open-file limit if given, started
-    together; yielded once each is serving, stopped with SIGTERM when the context ends."""
+    together; yielded once each is serving, stopped with SIGTERM when the context ends. A port
+    taken between its pick and the bind (by another process's outgoing connection: the kernel
+    picks both from one range) is picked again, up to ``_PORT_TRIES`` times in all."""
     if uds is not None and count != 1:
         raise ValueError("one gateway per unix socket")
-    argvs = []
-    for _ in range(count):
-        port = None if uds else free_port()
-        where = ["--uds", str(uds)] if uds else ["--port", str(port)]
-        argvs.append(([sys.executable, "-m", "gateway", *where, "--workers", str(workers),
-                       "--log-level", "info", *args], port))
-    with _serving(argvs, env, uds=uds, workers=workers, open_files=open_files) as started:
+    with ExitStack() as stack:
+        for attempt in range(1, _PORT_TRIES + 1):
+            argvs = []
+            for _ in range(count):
+                port = None if uds else free_port()
+                where = ["--uds", str(uds)] if uds else ["--port", str(port)]
+                argvs.append(([sys.executable, "-m", "gateway", *where, "--workers",
+                               str(workers), "--log-level", "info", *args], port))
+            try:
+                started = stack.enter_context(
+                    _serving(argvs, env, uds=uds, workers=workers, open_files=open_files))
+                break
+            except RuntimeError as exc:
+                if uds is not None or attempt == _PORT_TRIES or _IN_USE not in str(exc):
+                    raise
         yield started
 
 

@@ -1,8 +1,10 @@
-"""``bench.procs.free_port``: the kernel's pick, or a port of ``$BENCH_PORTS``."""
+"""``bench.procs.free_port``: the kernel's pick, or a port of ``$BENCH_PORTS``; a gateway started
+again when its port was taken."""
 
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -47,3 +49,21 @@ def test_without_a_range_the_kernel_picks(monkeypatch: pytest.MonkeyPatch) -> No
     port = free_port()
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))  # it was free
+
+
+@pytest.mark.e2e
+def test_a_gateway_whose_port_was_taken_starts_on_another(
+        session_store: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The port picked for a gateway is taken before it binds: it is started again on a new
+    pick, and serves."""
+    from bench import procs
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        picks = iter([taken.getsockname()[1]])
+        monkeypatch.setattr(procs, "free_port", lambda: next(picks, None) or free_port())
+        with procs.gateways(1, {"GATEWAY_MODEL_ROOT": str(session_store)}) as (gw,):
+            assert gw.port != taken.getsockname()[1]
+            with gw.client() as client:
+                assert client.get("/readyz").status_code == 200
