@@ -360,11 +360,10 @@ class RedisCache:
                 async with asyncio.timeout(self._timeout * 2):
                     await pipe.execute()
                 self._succeeded()
-            except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
-                self._failed(exc)
-                self._metrics.l2_writes_dropped.inc(len(chunk))
             except Exception as exc:  # a client's own defect must not stop every later write
-                log.warning("redis write failed unexpectedly: %r", exc, exc_info=True)
+                if not isinstance(exc, (RedisError, RedisClusterException, OSError,
+                                        TimeoutError)):
+                    log.warning("redis write failed unexpectedly: %r", exc, exc_info=True)
                 self._failed(exc)
                 self._metrics.l2_writes_dropped.inc(len(chunk))
 

@@ -563,6 +563,8 @@ class Pipeline:
             return
         still = []
         invalid = 0
+        found_keys: list[str] = []
+        found: list[bytes] = []
         for i, blob in zip(missing, raw, strict=True):
             value = None if blob is None else runner.decode_value(block.unit, blob)
             if value is None:
@@ -571,8 +573,10 @@ class Pipeline:
                 continue
             block.values[i] = value
             block.sources[i] = "l2"
-            if self._l1 is not None:
-                self._l1.put(keys[i], value)
+            found_keys.append(keys[i])
+            found.append(value)
+        if self._l1 is not None and found:
+            self._l1.put_many(found_keys, found)
         self._count_l2(runner, len(missing), len(missing) - len(still), invalid)
         block.missing = still
         if trace is not None:
