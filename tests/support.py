@@ -243,6 +243,29 @@ async def wait_for(predicate: Callable[[], bool], *, steps: int = 100_000) -> No
     raise AssertionError("condition not reached")
 
 
+class LoopSteps:
+    """Counts the event loop's steps while started: a callback that schedules itself again
+    runs once a step, so ``now`` after some code minus ``now`` before is how many steps it
+    waited through."""
+
+    def __init__(self) -> None:
+        self.now = 0
+        self._handle: asyncio.Handle | None = None
+
+    def start(self) -> LoopSteps:
+        self._handle = asyncio.get_running_loop().call_soon(self._tick)
+        return self
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _tick(self) -> None:
+        self.now += 1
+        self._handle = asyncio.get_running_loop().call_soon(self._tick)
+
+
 async def wait_thread_event(event: threading.Event) -> None:
     """Await a ``threading.Event`` set by a worker thread."""
     done = asyncio.Event()

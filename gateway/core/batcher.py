@@ -1,26 +1,32 @@
 """Adaptive micro-batcher over blocks of rows: blocks that arrive together share one call.
 
-One dispatcher task per batcher (one batcher per loaded model version). A caller submits a
-*block* (a matrix of rows, all for the same ``unit`` of work); the dispatcher concatenates
-queued blocks of one unit, oldest first, up to ``max_batch_size`` rows, and makes one call.
-Batches form by themselves from load, with no timer on the idle path:
+One batcher per loaded model version. A caller submits a *block* (a matrix of rows, all for
+the same ``unit`` of work); a dispatch concatenates queued blocks of one unit, oldest first, up
+to ``max_batch_size`` rows, and makes one call. Batches form by themselves from load, with no
+timer on the idle path:
 
 * when an execution slot is free (``concurrency`` slots), whatever is queued is dispatched at
-  once: a lone block at low load goes out as it is, without waiting;
+  the end of the loop step it was submitted in (blocks submitted in one step share the call):
+  a lone block at low load goes out as it is, without waiting;
 * while every slot is busy, blocks accumulate; the next free slot takes up to
   ``max_batch_size`` rows of them; a block larger than that is split on submit;
 * ``max_delay_s > 0`` holds a dispatch up to that long for the batch to fill;
 * while every slot is busy and a whole batch (``max_batch_size`` rows) is queued, up to
-  ``ahead`` more batches are handed to ``run``, to wait for a free slot there (a model thread's
-  queue): under load the next call then starts as the previous one ends, rather than once the
-  event loop has seen it end.
+  ``ahead`` more batches are handed to ``start``, to wait for a free slot there (a model
+  thread's queue): under load the next call then starts as the previous one ends, rather than
+  once the event loop has seen it end.
+
+No task stands between a call and its callers: ``start`` reports a call's outcome to a
+callback, which resolves the callers' futures and dispatches what has queued meanwhile in the
+same callback. Under load the loop takes milliseconds a step, and every hop through a task of
+its own would add one step to each request's wait.
 
 Each submitted block gets its own future, resolved exactly once: with one result per row
 (a failing call is retried row by row, so one bad row fails alone, as ``Failure``), or with
 ``BatcherClosed`` at shutdown. A caller that goes away (cancelled, or its deadline passed)
 before its block is dispatched is dropped from the queue; one cancelled while its batch runs is
 skipped at fan-out, never breaking it for the others. The batch function runs wherever the
-caller's ``run`` puts it (a worker thread, or inline when measured tiny).
+caller's ``start`` puts it (a worker thread, or inline when measured tiny).
 
 Traces (``gateway.tracing``): a block submitted for a sampled request gets a ``batch queue``
 span until its dispatch, and its batch's call runs with ``tracing.calls`` naming every sampled
@@ -30,9 +36,10 @@ request it serves (the ``model call`` span links to each).
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -65,7 +72,9 @@ class Failure:
 
 
 BatchFn = Callable[[Hashable, np.ndarray], Sequence[R]]
-Runner = Callable[[BatchFn[R], Hashable, np.ndarray], Awaitable[Sequence["R | Failure"]]]
+Outcome = Callable[[Any, BaseException | None], None]
+Starter = Callable[[Callable[[Hashable, np.ndarray], Sequence["R | Failure"]], Hashable,
+                    np.ndarray, Outcome], None]
 
 
 @dataclass(eq=False, slots=True)
@@ -79,22 +88,31 @@ class _Entry(Generic[R]):
     sink: list[Any] | None = None  # where its call's span context goes (``tracing.sink``)
 
 
+@dataclass(eq=False, slots=True)
+class _Running(Generic[R]):
+    """A batch handed to ``start`` whose outcome has not been told yet."""
+
+    entries: list[_Entry[R]]
+    rows: int
+
+
 class MicroBatcher(Generic[R]):
     """Batches ``submit(unit, rows)`` calls into ``fn(unit, stacked_rows)`` calls, which
     return one result per row in order.
 
-    ``run(call, unit, rows)`` executes a call (e.g. in a thread) and returns its results;
-    ``MicroBatcher.call`` is the ``call`` it is given: ``fn`` with the row-by-row retry.
-    Raises ValueError for limits out of range. ``on_batch(rows)`` observes each dispatch
-    (metrics); it runs on the event loop and must not block.
+    ``start(call, unit, rows, then)`` executes a call (e.g. in a thread, ``Executor.start``)
+    and tells ``then(results, None)`` or ``then(None, error)`` on the event loop, at most once
+    (before returning, for a call made inline); ``MicroBatcher.call`` is the ``call`` it is
+    given: ``fn`` with the row-by-row retry. Raises ValueError for limits out of range.
+    ``on_batch(rows)`` observes each dispatch (metrics); it runs on the event loop and must not
+    block.
     """
 
     def __init__(
         self,
         fn: BatchFn[R],
         *,
-        run: Callable[[Callable[[Hashable, np.ndarray], Sequence[R | Failure]], Hashable,
-                       np.ndarray], Awaitable[Sequence[R | Failure]]],
+        start: Starter[R],
         max_batch_size: int = 64,
         max_delay_s: float = 0.0,
         max_queue: int = 4096,
@@ -112,32 +130,35 @@ class MicroBatcher(Generic[R]):
             raise ValueError(f"concurrency must be >= 1 and ahead >= 0, got {concurrency} and "
                              f"{ahead}")
         self._fn = fn
-        self._run = run
+        self._start = start
         self._max_batch = max_batch_size
         self._max_delay = max_delay_s
         self._max_queue = max_queue
         self._concurrency = concurrency
         self._ahead = ahead
-        self._busy = 0  # batches handed to ``run`` and not ended
-        self.running_rows = 0  # their rows
         self._on_batch = on_batch
         self._queue: deque[_Entry[R]] = deque()
         self.queued_rows = 0  # rows of entries in _queue with queued=True
-        self._running: set[asyncio.Task[None]] = set()
+        self._running: set[_Running[R]] = set()  # handed to ``start``, outcome not told yet
+        self.running_rows = 0  # their rows
         self._closed = False
-        # Created in start(), inside the running loop.
-        self._wake: asyncio.Event | None = None
-        self._dispatcher: asyncio.Task[None] | None = None
+        self._due = False  # a dispatch is scheduled for the end of this loop step
+        self._dispatching = False  # inside ``_dispatch`` (an inline call ends within it)
+        self._fill_timer: asyncio.TimerHandle | None = None  # ``max_delay_s`` running out
+        self._filled = False  # ``max_delay_s`` has run out for the batch being formed
+        # Set in start(), inside the running loop.
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._changed: asyncio.Event | None = None  # a batch ended or a caller left
 
     def start(self) -> None:
-        """Start the dispatcher on the running loop."""
-        self._wake = asyncio.Event()
-        self._dispatcher = asyncio.get_running_loop().create_task(self._dispatch_loop())
+        """Take rows, on the running loop."""
+        self._loop = asyncio.get_running_loop()
+        self._changed = asyncio.Event()
 
     @property
     def accepting(self) -> bool:
         """Started and not closed: ``submit`` takes rows."""
-        return not self._closed and self._wake is not None
+        return not self._closed and self._loop is not None
 
     async def submit(self, unit: Hashable, rows: np.ndarray) -> list[R | Failure]:
         """Queue ``rows`` (one block of one unit) and wait for one result per row.
@@ -147,14 +168,14 @@ class MicroBatcher(Generic[R]):
             QueueFull: the queue has no room for the block now (raised at once).
             BatcherClosed: shutting down.
         """
-        if self._closed or self._wake is None:
+        loop = self._loop
+        if self._closed or loop is None:
             raise BatcherClosed("not accepting rows")
         n = len(rows)
         if n > self._max_queue:
             raise BlockTooLarge(f"{n} uncached rows exceed the queue limit of {self._max_queue}")
         if self.queued_rows + n > self._max_queue:
             raise QueueFull(f"{self.queued_rows} rows queued (limit {self._max_queue})")
-        loop = asyncio.get_running_loop()
         step = self._max_batch
         entries = [_Entry(unit, rows[i:i + step], loop.create_future())
                    for i in range(0, n, step)]
@@ -165,7 +186,9 @@ class MicroBatcher(Generic[R]):
                 e.trace, e.queued_ns, e.sink = trace, now, to
         self._queue.extend(entries)
         self.queued_rows += n
-        self._wake.set()
+        if not self._due:
+            self._due = True
+            loop.call_soon(self._dispatch)
         try:
             if len(entries) == 1:
                 return list(await entries[0].future)
@@ -178,46 +201,47 @@ class MicroBatcher(Generic[R]):
                     self.queued_rows -= len(e.rows)
                     if not e.future.done():
                         e.future.cancel()
+                    if self._changed is not None:
+                        self._changed.set()
 
-    async def _dispatch_loop(self) -> None:
-        assert self._wake is not None
-        while True:
-            while not self._may_hand_over():
-                if not self.queued_rows:
-                    self._queue.clear()  # only entries whose callers left remain
-                self._wake.clear()
-                await self._wake.wait()
-            if self._max_delay and self.queued_rows < self._max_batch:
-                await self._fill(time.monotonic() + self._max_delay)
-            batch = self._take()
-            if not batch:
-                continue
-            n = sum(len(e.rows) for e in batch)
-            self._busy += 1
-            self.running_rows += n
-            task = asyncio.get_running_loop().create_task(self._execute(batch, n))
-            self._running.add(task)
-            task.add_done_callback(self._running.discard)
+    def _dispatch(self) -> None:
+        """Hand over every batch due now (see the module docstring); a partial batch waits
+        for ``max_delay_s`` first, once."""
+        self._due = False
+        if self._dispatching:  # (an inline call's end, inside the loop below)
+            return
+        self._dispatching = True
+        try:
+            while self._may_hand_over():
+                if self._max_delay and self.queued_rows < self._max_batch and not self._filled:
+                    if self._fill_timer is None:
+                        assert self._loop is not None
+                        self._fill_timer = self._loop.call_later(self._max_delay,
+                                                                 self._fill_ended)
+                    return
+                if self._fill_timer is not None:
+                    self._fill_timer.cancel()
+                    self._fill_timer = None
+                self._filled = False
+                batch = self._take()
+                if batch:
+                    self._hand_over(batch)
+            if not self.queued_rows:
+                self._queue.clear()  # only entries whose callers left remain
+        finally:
+            self._dispatching = False
+
+    def _fill_ended(self) -> None:
+        self._fill_timer = None
+        self._filled = True
+        self._dispatch()
 
     def _may_hand_over(self) -> bool:
-        """Is a batch to be handed to ``run`` now: rows are queued and a slot is free, or a
+        """Is a batch to be handed to ``start`` now: rows are queued and a slot is free, or a
         whole batch is queued and fewer than ``ahead`` wait for a slot?"""
-        busy = self._busy
+        busy = len(self._running)
         return bool(self.queued_rows) and (busy < self._concurrency or (
             busy < self._concurrency + self._ahead and self.queued_rows >= self._max_batch))
-
-    async def _fill(self, deadline: float) -> None:
-        assert self._wake is not None
-        while self.queued_rows < self._max_batch:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return
-            self._wake.clear()
-            try:
-                async with asyncio.timeout(remaining):
-                    await self._wake.wait()
-            except TimeoutError:
-                return
 
     def _take(self) -> list[_Entry[R]]:
         """Oldest live entries of the first live entry's unit, up to ``max_batch_size`` rows."""
@@ -242,33 +266,49 @@ class MicroBatcher(Generic[R]):
                                       {"gateway.rows": len(entry.rows)})
         return batch
 
-    async def _execute(self, batch: list[_Entry[R]], n: int) -> None:
-        """Run ``batch`` (``n`` rows) and resolve its entries' futures."""
-        assert self._wake is not None
+    def _hand_over(self, batch: list[_Entry[R]]) -> None:
+        """Start one call for ``batch``; ``_ended`` resolves its entries' futures."""
+        rows = batch[0].rows if len(batch) == 1 else np.concatenate([e.rows for e in batch])
+        running = _Running(batch, len(rows))
+        self._running.add(running)
+        self.running_rows += len(rows)
+        if self._on_batch is not None:
+            self._on_batch(len(rows))
+        served = [e.trace for e in batch if e.trace is not None]
+        token = calls.set(Call(served, [e.sink for e in batch if e.sink is not None])) \
+            if served else None
         try:
-            rows = batch[0].rows if len(batch) == 1 else np.concatenate([e.rows for e in batch])
-            if self._on_batch is not None:
-                self._on_batch(len(rows))
-            served = [e.trace for e in batch if e.trace is not None]
-            if served:  # (this task's own context)
-                calls.set(Call(served, [e.sink for e in batch if e.sink is not None]))
-            results = await self._run(self.call, batch[0].unit, rows)
-            start = 0
-            for entry in batch:
-                end = start + len(entry.rows)
-                if not entry.future.done():  # its caller may have left while the batch ran
-                    entry.future.set_result(results[start:end])
-                start = end
-        except BaseException:
-            for entry in batch:
-                if not entry.future.done():
-                    entry.future.set_exception(BatcherClosed("batch interrupted"))
-            raise
+            self._start(self.call, batch[0].unit, rows, functools.partial(self._ended, running))
+        except BaseException as exc:  # the call could not start: its callers are told
+            self._ended(running, None, exc)
+            if not isinstance(exc, Exception):
+                raise
         finally:
-            self._busy -= 1
-            self.running_rows -= n
-            if self.queued_rows:  # (else the dispatcher waits for a submit anyway)
-                self._wake.set()
+            if token is not None:
+                calls.reset(token)
+
+    def _ended(self, running: _Running[R], results: Sequence[R | Failure] | None,
+               error: BaseException | None) -> None:
+        """A call's outcome: its callers' futures resolved, what queued meanwhile dispatched.
+        Nothing for a batch given up at shutdown."""
+        if running not in self._running:
+            return
+        self._running.discard(running)
+        self.running_rows -= running.rows
+        start = 0
+        for entry in running.entries:
+            if entry.future.done():  # its caller left while the batch ran
+                start += len(entry.rows)
+            elif error is not None or results is None:
+                entry.future.set_exception(BatcherClosed(f"batch interrupted: {error!r}"))
+            else:
+                end = start + len(entry.rows)
+                entry.future.set_result(results[start:end])
+                start = end
+        if self._changed is not None:
+            self._changed.set()
+        if self.queued_rows:
+            self._dispatch()
 
     def call(self, unit: Hashable, rows: np.ndarray) -> list[R | Failure]:
         """``fn`` on the whole batch, or row by row if the batch raises."""
@@ -290,20 +330,20 @@ class MicroBatcher(Generic[R]):
 
     async def aclose(self, grace_s: float = 5.0) -> None:
         """Stop intake, let queued and running rows finish within ``grace_s``, then fail the
-        rest with BatcherClosed and stop the dispatcher. Idempotent."""
+        rest with BatcherClosed (a call still running in a thread ends unobserved).
+        Idempotent."""
         self._closed = True
+        changed = self._changed
         try:
             async with asyncio.timeout(grace_s):
-                while self.queued_rows or self._running:
-                    if self._running:
-                        await asyncio.wait(set(self._running), return_when="FIRST_COMPLETED")
-                    else:
-                        await asyncio.sleep(0)  # a free slot: the dispatcher takes the queue
+                while changed is not None and (self.queued_rows or self._running):
+                    changed.clear()
+                    await changed.wait()
         except TimeoutError:
             pass
-        if self._dispatcher is not None:
-            self._dispatcher.cancel()
-            await asyncio.gather(self._dispatcher, return_exceptions=True)
+        if self._fill_timer is not None:
+            self._fill_timer.cancel()
+            self._fill_timer = None
         while self._queue:
             entry = self._queue.popleft()
             if entry.queued:
@@ -311,6 +351,9 @@ class MicroBatcher(Generic[R]):
                 if not entry.future.done():
                     entry.future.set_exception(BatcherClosed("shut down before dispatch"))
         self.queued_rows = 0
-        for task in list(self._running):
-            task.cancel()
-        await asyncio.gather(*self._running, return_exceptions=True)
+        for running in list(self._running):
+            self._running.discard(running)
+            self.running_rows -= running.rows
+            for entry in running.entries:
+                if not entry.future.done():
+                    entry.future.set_exception(BatcherClosed("shut down while running"))

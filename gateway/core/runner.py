@@ -66,7 +66,7 @@ from gateway.tracing import Attributes, model_call
 from model_store import LoadedModel
 
 __all__ = ["Executor", "ModelRunner", "ModelThreads", "Output", "Placement", "SwitchInterval",
-           "Unit"]
+           "Then", "Unit"]
 
 log = logging.getLogger("gateway.runner")
 
@@ -124,16 +124,22 @@ def _blocked_count() -> int:
     return resource.getrusage(_RUSAGE_THREAD).ru_nvcsw
 
 
-class _Job:
-    """One call handed to a model thread; ``done`` runs on the event loop once it ended."""
+Then = Callable[[Any, BaseException | None], None]
+"""Told a call's outcome on the event loop: ``(result, None)`` or ``(None, error)``."""
 
-    __slots__ = ("done", "fn", "future", "loop", "rows", "unit")
+
+class _Job:
+    """One call handed to a model thread; ``done`` runs on the event loop once it ended, then
+    ``then`` is told its outcome, or else ``future`` gets it."""
+
+    __slots__ = ("done", "fn", "future", "loop", "rows", "then", "unit")
 
     def __init__(self, fn: Callable[[Hashable, np.ndarray], Any], unit: Hashable,
                  rows: np.ndarray, loop: asyncio.AbstractEventLoop,
-                 done: Callable[[], None]) -> None:
+                 done: Callable[[], None], then: Then | None) -> None:
         self.fn, self.unit, self.rows, self.loop, self.done = fn, unit, rows, loop, done
-        self.future: asyncio.Future[Any] = loop.create_future()
+        self.then = then
+        self.future: asyncio.Future[Any] | None = None if then else loop.create_future()
 
 
 class SwitchInterval:
@@ -191,7 +197,18 @@ class ModelThreads:
         runs on the loop when the call ended, before the future is resolved (not for a call
         skipped because its future was cancelled before it started). Cancelling the future
         does not stop a call that has started."""
-        job = _Job(fn, unit, rows, asyncio.get_running_loop(), done)
+        job = _Job(fn, unit, rows, asyncio.get_running_loop(), done, None)
+        self._put(job)
+        assert job.future is not None
+        return job.future
+
+    def start(self, fn: Callable[[Hashable, np.ndarray], R], unit: Hashable,
+              rows: np.ndarray, done: Callable[[], None], then: Then) -> None:
+        """Queue ``fn(unit, rows)``; when it has ended, ``done()`` and then ``then`` run in
+        one callback on the loop, so what ``then`` resolves is seen in the loop's next step."""
+        self._put(_Job(fn, unit, rows, asyncio.get_running_loop(), done, then))
+
+    def _put(self, job: _Job) -> None:
         self._jobs.put(job)
         with self._lock:
             if self._live < self._count:
@@ -199,7 +216,6 @@ class ModelThreads:
                 with ModelThreads._alive_lock:
                     ModelThreads.alive += 1
                 threading.Thread(target=self._work, name=self._name, daemon=True).start()
-        return job.future
 
     def _work(self) -> None:
         jobs = self._jobs
@@ -214,7 +230,7 @@ class ModelThreads:
                             ModelThreads.alive -= 1
                         return
                 continue
-            if job.future.cancelled():  # its caller left before it started
+            if job.future is not None and job.future.cancelled():  # its caller left
                 continue
             busy_s = SwitchInterval.busy_s
             if busy_s is not None:
@@ -236,7 +252,9 @@ def _settle(job: _Job, result: Any, error: BaseException | None) -> None:
     try:
         job.done()
     finally:  # the caller gets its answer whatever observing the call did
-        if not job.future.done():
+        if job.then is not None:
+            job.then(result, error)
+        elif job.future is not None and not job.future.done():
             if error is None:
                 job.future.set_result(result)
             else:
@@ -343,6 +361,32 @@ class Executor:
         (and is measured), one that has not is skipped."""
         if self.inline_for(len(rows)):
             return self.run_inline(fn, unit, rows)
+        timed, done = self._in_thread(fn, unit, len(rows))
+        return await self._threads.submit(timed, unit, rows, done)
+
+    def start(self, fn: Callable[[Hashable, np.ndarray], R], unit: Hashable,
+              rows: np.ndarray, then: Then) -> None:
+        """``fn(unit, rows)``, inline or in a model thread, its outcome told to ``then``:
+        before this returns for an inline call, else on the loop as the call ends, in the same
+        callback (no loop step in between). An error ``fn`` raises goes to ``then``; a
+        ``BaseException`` that is not an ``Exception`` (inline) propagates after it."""
+        if not self.inline_for(len(rows)):
+            timed, done = self._in_thread(fn, unit, len(rows))
+            self._threads.start(timed, unit, rows, done, then)
+            return
+        try:
+            result = self.run_inline(fn, unit, rows)
+        except BaseException as exc:
+            then(None, exc)
+            if not isinstance(exc, Exception):
+                raise
+            return
+        then(result, None)
+
+    def _in_thread(self, fn: Callable[[Hashable, np.ndarray], R], unit: Hashable, rows: int
+                   ) -> tuple[Callable[[Hashable, np.ndarray], R], Callable[[], None]]:
+        """``fn`` timed for a model thread (the model's own time, without the hop), and the
+        ``done`` that observes it on the loop."""
         call = model_call()
         start_ns = time.time_ns() if call is not None else 0
         took = [0.0, 0.0]
@@ -357,11 +401,11 @@ class Executor:
                 took[1] = time.thread_time() - cpu - gc_s
 
         def done() -> None:
-            self._observe(False, unit, len(rows), took[0], took[1])
+            self._observe(False, unit, rows, took[0], took[1])
             if call is not None:
-                call.record(start_ns, self._span_attributes(unit, len(rows), "thread"))
+                call.record(start_ns, self._span_attributes(unit, rows, "thread"))
 
-        return await self._threads.submit(timed, unit, rows, done)
+        return timed, done
 
     def run_inline(self, fn: Callable[[Hashable, np.ndarray], R], unit: Hashable,
                    rows: np.ndarray) -> R:
@@ -501,7 +545,7 @@ class ModelRunner:
         self.batcher: MicroBatcher[bytes] | None = None
         if batching:
             self.batcher = MicroBatcher(
-                self._call, run=self.executor.run, max_batch_size=max_batch_size,
+                self._call, start=self.executor.start, max_batch_size=max_batch_size,
                 max_delay_s=max_delay_s, max_queue=max_queue, concurrency=concurrency,
                 ahead=_AHEAD_BATCHES,
                 on_batch=lambda n: tally.observe(metrics.batch_rows, n),

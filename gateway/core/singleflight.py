@@ -3,15 +3,16 @@
 A call names a block of keys. Keys already in flight are *joined*: the caller waits for the
 computation that owns them. The rest are *owned* by one new computation for the whole block,
 ``fn(positions)``, which the group runs in a task of its own; every caller (the first included)
-awaits it through ``asyncio.shield``. So:
+awaits a future of its own, which the task resolves the moment ``fn`` returns (a caller
+resumes in the loop's next step, not two steps later as through ``asyncio.shield``). So:
 
 * a caller that is cancelled (client gone, its own deadline) leaves the others waiting on the
   same task, untouched;
 * an error raised by ``fn`` reaches every caller waiting on that computation at that moment,
   and nothing of it is kept: the next call for those keys computes again;
-* a key is free again once its computation's task has finished, which is after ``fn``
-  returned, so a result that ``fn`` stores before returning (the L1 cache) is visible before
-  the key frees.
+* a key is free again once its computation has its outcome, which is after ``fn`` returned,
+  so a result that ``fn`` stores before returning (the L1 cache) is visible before the key
+  frees.
 
 With ``abandon=True`` a computation is cancelled when its last caller leaves before it
 finished, so work nobody waits for any more is dropped (queued rows never reach the model); a
@@ -37,7 +38,7 @@ __all__ = ["SingleFlight"]
 class _Flight(Generic[K, V]):
     keys: list[K]  # written once: the keys this computation owns, in its result's order
     task: asyncio.Task[Sequence[V]] = field(init=False)  # written once, right after creation
-    waiters: int = 0  # callers awaiting the task now; event-loop thread only
+    waiters: list[asyncio.Future[Sequence[V]]] = field(default_factory=list)  # callers' now
     abandoned: bool = False  # set once, when the last caller left and the task was cancelled
 
 
@@ -61,7 +62,7 @@ class SingleFlight(Generic[K, V]):
 
     def waiting(self) -> int:
         """Callers waiting now, over all computations."""
-        return sum(f.waiters for f in {id(f): f for f, _ in self._keys.values()}.values())
+        return sum(len(f.waiters) for f in {id(f): f for f, _ in self._keys.values()}.values())
 
     async def do(
         self, keys: Sequence[K], fn: Callable[[list[int]], Awaitable[Sequence[V]]]
@@ -95,29 +96,60 @@ class SingleFlight(Generic[K, V]):
                 owned.append(pos)
                 self._keys[key] = (mine, j)
             where.append((mine, j))
+        loop = asyncio.get_running_loop()
         if mine is not None:
-            mine.task = asyncio.get_running_loop().create_task(_run(fn, owned))
+            mine.task = loop.create_task(self._run(mine, fn, owned))
             mine.task.add_done_callback(functools.partial(self._finished, mine))
         flights = list({id(f): f for f, _ in where}.values())
-        for f in flights:
-            f.waiters += 1
+        mine_waits: list[asyncio.Future[Sequence[V]]] = [loop.create_future() for _ in flights]
+        for f, w in zip(flights, mine_waits, strict=True):
+            f.waiters.append(w)
         try:
             results = {}
-            for f in flights:
-                results[id(f)] = await asyncio.shield(f.task)
+            for f, w in zip(flights, mine_waits, strict=True):
+                results[id(f)] = await w
         finally:
-            for f in flights:
-                f.waiters -= 1
-                if self._abandon and f.waiters == 0 and not f.task.done():
+            for f, w in zip(flights, mine_waits, strict=True):
+                f.waiters.remove(w)
+                if w.done() and not w.cancelled():
+                    w.exception()  # retrieved: this caller may have left before reading it
+                if self._abandon and not f.waiters and not f.task.done():
                     f.abandoned = True
                     f.task.cancel()
         return [results[id(f)][j] for f, j in where], shared
 
-    def _finished(self, flight: _Flight[K, V], _task: object) -> None:
+    async def _run(self, flight: _Flight[K, V],
+                   fn: Callable[[list[int]], Awaitable[Sequence[V]]], owned: list[int]
+                   ) -> Sequence[V]:
+        try:
+            result = await fn(owned)
+        except BaseException as exc:
+            self._tell(flight, None, exc)
+            raise
+        self._tell(flight, result, None)
+        return result
+
+    def _tell(self, flight: _Flight[K, V], result: Sequence[V] | None,
+              error: BaseException | None) -> None:
+        """The computation's outcome: its keys freed (a later call computes them again, or
+        finds what ``fn`` stored), its callers' futures resolved."""
         for key in flight.keys:
             if self._keys.get(key, (None,))[0] is flight:
                 del self._keys[key]
-        if not flight.task.cancelled():
+        for w in flight.waiters:
+            if w.done():
+                continue
+            if error is None:
+                w.set_result(result)  # type: ignore[arg-type]  # (None only with an error)
+            elif isinstance(error, asyncio.CancelledError):
+                w.cancel()
+            else:
+                w.set_exception(error)
+
+    def _finished(self, flight: _Flight[K, V], _task: object) -> None:
+        if flight.task.cancelled():  # before it started (aclose): nobody was told
+            self._tell(flight, None, asyncio.CancelledError())
+        else:
             flight.task.exception()  # retrieved: an error nobody awaited is not logged as lost
 
     async def aclose(self) -> None:
@@ -127,7 +159,3 @@ class SingleFlight(Generic[K, V]):
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-
-async def _run(fn: Callable[[list[int]], Awaitable[Sequence[V]]], owned: list[int]
-               ) -> Sequence[V]:
-    return await fn(owned)

@@ -10,7 +10,7 @@ import pytest
 
 from gateway.core.batcher import BatcherClosed, BlockTooLarge, Failure, MicroBatcher, QueueFull
 from gateway.core.runner import Executor
-from tests.support import wait_for, wait_thread_event
+from tests.support import LoopSteps, wait_for, wait_thread_event
 
 pytestmark = pytest.mark.anyio
 
@@ -43,7 +43,7 @@ class Doubler:
 
 def make(fn: Doubler, **kw: Any) -> MicroBatcher[float]:
     ex = Executor(placement="thread")
-    b: MicroBatcher[float] = MicroBatcher(fn, run=ex.run, **kw)
+    b: MicroBatcher[float] = MicroBatcher(fn, start=ex.start, **kw)
     b.start()
     return b
 
@@ -222,7 +222,7 @@ def test_bad_limits_raise() -> None:
 async def test_a_whole_batch_is_handed_ahead_while_the_slot_is_busy_a_partial_one_is_not() -> None:
     fn = Doubler()
     ex = Executor(placement="thread")
-    b: MicroBatcher[float] = MicroBatcher(fn, run=ex.run, max_batch_size=4, ahead=1)
+    b: MicroBatcher[float] = MicroBatcher(fn, start=ex.start, max_batch_size=4, ahead=1)
     b.start()
     first = await hold_first(fn, b)
     partial = asyncio.create_task(submit(b, 1, 2, 3))
@@ -239,5 +239,40 @@ async def test_a_whole_batch_is_handed_ahead_while_the_slot_is_busy_a_partial_on
     assert answers == [[0], [2, 4, 6], [8], [10, 12, 14, 16]]
     assert fn.sizes() == [1, 4, 4]
     with pytest.raises(ValueError, match="ahead"):
-        MicroBatcher(fn, run=ex.run, ahead=-1)
+        MicroBatcher(fn, start=ex.start, ahead=-1)
     await b.aclose()
+
+
+async def test_an_inline_call_answers_its_caller_two_loop_steps_after_the_submit() -> None:
+    """The dispatch runs in the step after the submit (blocks of one step share it) and the
+    caller resumes in the next: no task of the batcher's stands in between."""
+    fn = Doubler()
+    b: MicroBatcher[float] = MicroBatcher(fn, start=Executor(placement="inline").start)
+    b.start()
+    assert await submit(b, 0.0) == [0.0]  # (the batcher idle again, as under a steady load)
+    steps = LoopSteps().start()
+    try:
+        before = steps.now
+        assert await submit(b, 1.0) == [2.0]
+        assert steps.now - before <= 2
+    finally:
+        steps.stop()
+        await b.aclose()
+
+
+async def test_a_call_in_the_thread_answers_its_caller_in_the_step_after_it_ended() -> None:
+    """The call's end is seen in one callback on the loop (``on_call`` observes it there),
+    which resolves the caller's future: the caller resumes in the next step."""
+    steps = LoopSteps()
+    ended: list[int] = []
+    ex = Executor(placement="thread", on_call=lambda *_: ended.append(steps.now))
+    fn = Doubler()
+    b: MicroBatcher[float] = MicroBatcher(fn, start=ex.start)
+    b.start()
+    steps.start()
+    try:
+        assert await submit(b, 1.0, 2.0) == [2.0, 4.0]
+        assert len(ended) == 1 and steps.now - ended[0] <= 1
+    finally:
+        steps.stop()
+        await b.aclose()

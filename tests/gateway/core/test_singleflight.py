@@ -6,7 +6,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from gateway.core.singleflight import SingleFlight
-from tests.support import wait_for
+from tests.support import LoopSteps, wait_for
 
 pytestmark = pytest.mark.anyio
 
@@ -138,3 +138,39 @@ async def test_without_abandon_the_work_finishes_for_nobody_and_frees_the_key() 
     await wait_for(lambda: "k" not in group)
     assert stored == ["value"]
     await group.aclose()
+
+
+async def test_callers_resume_in_the_step_after_the_computation_returns() -> None:
+    group: SingleFlight[str, str] = SingleFlight()
+    steps = LoopSteps().start()
+    returned: list[int] = []
+
+    async def fn(positions: list[int]) -> list[str]:
+        await asyncio.sleep(0)
+        returned.append(steps.now)
+        return ["v" for _ in positions]
+
+    try:
+        assert await group.do(["k"], fn) == (["v"], 0)
+        resumed = steps.now
+    finally:
+        steps.stop()
+    assert resumed - returned[0] <= 1
+
+
+async def test_a_call_made_as_soon_as_a_computation_failed_computes_again() -> None:
+    """The keys are freed with the outcome: a caller calling again the moment it has the
+    error starts a new computation rather than joining the failed one."""
+    group: SingleFlight[str, str] = SingleFlight()
+    runs: list[list[int]] = []
+
+    async def fn(positions: list[int]) -> list[str]:
+        runs.append(positions)
+        if len(runs) == 1:
+            raise ValueError("first")
+        return ["v"]
+
+    with pytest.raises(ValueError, match="first"):
+        await group.do(["k"], fn)
+    assert await group.do(["k"], fn) == (["v"], 0)
+    assert runs == [[0], [0]] and "k" not in group
