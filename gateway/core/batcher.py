@@ -49,7 +49,7 @@ from gateway.tracing import Call, Traced, calls, current, sink
 
 R = TypeVar("R")
 
-__all__ = ["BatcherClosed", "BlockTooLarge", "Failure", "MicroBatcher", "QueueFull"]
+__all__ = ["BatcherClosed", "BlockTooLarge", "Failure", "MicroBatcher", "Outcome", "QueueFull"]
 
 
 class QueueFull(Exception):
@@ -73,6 +73,7 @@ class Failure:
 
 BatchFn = Callable[[Hashable, np.ndarray], Sequence[R]]
 Outcome = Callable[[Any, BaseException | None], None]
+"""Told a call's outcome on the event loop: ``(result, None)`` or ``(None, error)``."""
 Starter = Callable[[Callable[[Hashable, np.ndarray], Sequence["R | Failure"]], Hashable,
                     np.ndarray, Outcome], None]
 

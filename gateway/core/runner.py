@@ -59,14 +59,21 @@ from typing import Any, Literal, TypeVar
 import numpy as np
 import orjson
 
-from gateway.core.batcher import BatcherClosed, BlockTooLarge, Failure, MicroBatcher, QueueFull
+from gateway.core.batcher import (
+    BatcherClosed,
+    BlockTooLarge,
+    Failure,
+    MicroBatcher,
+    Outcome,
+    QueueFull,
+)
 from gateway.errors import GatewayError, ModelFailed, Overloaded, TooManyRows, Unavailable
 from gateway.metrics import Metrics
 from gateway.tracing import Attributes, model_call
 from model_store import LoadedModel
 
 __all__ = ["Executor", "ModelRunner", "ModelThreads", "Output", "Placement", "SwitchInterval",
-           "Then", "Unit"]
+           "Unit"]
 
 log = logging.getLogger("gateway.runner")
 
@@ -124,10 +131,6 @@ def _blocked_count() -> int:
     return resource.getrusage(_RUSAGE_THREAD).ru_nvcsw
 
 
-Then = Callable[[Any, BaseException | None], None]
-"""Told a call's outcome on the event loop: ``(result, None)`` or ``(None, error)``."""
-
-
 class _Job:
     """One call handed to a model thread; ``done`` runs on the event loop once it ended, then
     ``then`` is told its outcome, or else ``future`` gets it."""
@@ -136,7 +139,7 @@ class _Job:
 
     def __init__(self, fn: Callable[[Hashable, np.ndarray], Any], unit: Hashable,
                  rows: np.ndarray, loop: asyncio.AbstractEventLoop,
-                 done: Callable[[], None], then: Then | None) -> None:
+                 done: Callable[[], None], then: Outcome | None) -> None:
         self.fn, self.unit, self.rows, self.loop, self.done = fn, unit, rows, loop, done
         self.then = then
         self.future: asyncio.Future[Any] | None = None if then else loop.create_future()
@@ -203,7 +206,7 @@ class ModelThreads:
         return job.future
 
     def start(self, fn: Callable[[Hashable, np.ndarray], R], unit: Hashable,
-              rows: np.ndarray, done: Callable[[], None], then: Then) -> None:
+              rows: np.ndarray, done: Callable[[], None], then: Outcome) -> None:
         """Queue ``fn(unit, rows)``; when it has ended, ``done()`` and then ``then`` run in
         one callback on the loop, so what ``then`` resolves is seen in the loop's next step."""
         self._put(_Job(fn, unit, rows, asyncio.get_running_loop(), done, then))
@@ -365,7 +368,7 @@ class Executor:
         return await self._threads.submit(timed, unit, rows, done)
 
     def start(self, fn: Callable[[Hashable, np.ndarray], R], unit: Hashable,
-              rows: np.ndarray, then: Then) -> None:
+              rows: np.ndarray, then: Outcome) -> None:
         """``fn(unit, rows)``, inline or in a model thread, its outcome told to ``then``:
         before this returns for an inline call, else on the loop as the call ends, in the same
         callback (no loop step in between). An error ``fn`` raises goes to ``then``; a
