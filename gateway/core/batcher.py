@@ -75,7 +75,7 @@ BatchFn = Callable[[Hashable, np.ndarray], Sequence[R]]
 Outcome = Callable[[Any, BaseException | None], None]
 """Told a call's outcome on the event loop: ``(result, None)`` or ``(None, error)``."""
 Starter = Callable[[Callable[[Hashable, np.ndarray], Sequence["R | Failure"]], Hashable,
-                    np.ndarray, Outcome], None]
+                    np.ndarray, Outcome], Callable[[], None] | None]
 
 
 @dataclass(eq=False, slots=True)
@@ -95,6 +95,7 @@ class _Running(Generic[R]):
 
     entries: list[_Entry[R]]
     rows: int
+    skip: Callable[[], None] | None = None  # drops the call if it has not started
 
 
 class MicroBatcher(Generic[R]):
@@ -103,8 +104,9 @@ class MicroBatcher(Generic[R]):
 
     ``start(call, unit, rows, then)`` executes a call (e.g. in a thread, ``Executor.start``)
     and tells ``then(results, None)`` or ``then(None, error)`` on the event loop, at most once
-    (before returning, for a call made inline); ``MicroBatcher.call`` is the ``call`` it is
-    given: ``fn`` with the row-by-row retry. Raises ValueError for limits out of range.
+    (before returning, for a call made inline); it returns a function that drops the call if
+    it has not started, or None. ``MicroBatcher.call`` is the ``call`` it is given: ``fn``
+    with the row-by-row retry. Raises ValueError for limits out of range.
     ``on_batch(rows)`` observes each dispatch (metrics); it runs on the event loop and must not
     block.
     """
@@ -279,7 +281,8 @@ class MicroBatcher(Generic[R]):
         token = calls.set(Call(served, [e.sink for e in batch if e.sink is not None])) \
             if served else None
         try:
-            self._start(self.call, batch[0].unit, rows, functools.partial(self._ended, running))
+            running.skip = self._start(self.call, batch[0].unit, rows,
+                                       functools.partial(self._ended, running))
         except BaseException as exc:  # the call could not start: its callers are told
             self._ended(running, None, exc)
             if not isinstance(exc, Exception):
@@ -331,8 +334,8 @@ class MicroBatcher(Generic[R]):
 
     async def aclose(self, grace_s: float = 5.0) -> None:
         """Stop intake, let queued and running rows finish within ``grace_s``, then fail the
-        rest with BatcherClosed (a call still running in a thread ends unobserved).
-        Idempotent."""
+        rest with BatcherClosed (a call handed to a thread and not started is dropped; one
+        running there ends unobserved). Idempotent."""
         self._closed = True
         changed = self._changed
         try:
@@ -355,6 +358,8 @@ class MicroBatcher(Generic[R]):
         for running in list(self._running):
             self._running.discard(running)
             self.running_rows -= running.rows
+            if running.skip is not None:
+                running.skip()
             for entry in running.entries:
                 if not entry.future.done():
                     entry.future.set_exception(BatcherClosed("shut down while running"))

@@ -135,7 +135,7 @@ class _Job:
     """One call handed to a model thread; ``done`` runs on the event loop once it ended, then
     ``then`` is told its outcome, or else ``future`` gets it."""
 
-    __slots__ = ("done", "fn", "future", "loop", "rows", "then", "unit")
+    __slots__ = ("done", "fn", "future", "loop", "rows", "skipped", "then", "unit")
 
     def __init__(self, fn: Callable[[Hashable, np.ndarray], Any], unit: Hashable,
                  rows: np.ndarray, loop: asyncio.AbstractEventLoop,
@@ -143,6 +143,10 @@ class _Job:
         self.fn, self.unit, self.rows, self.loop, self.done = fn, unit, rows, loop, done
         self.then = then
         self.future: asyncio.Future[Any] | None = None if then else loop.create_future()
+        self.skipped = False  # set on the loop: not to be started
+
+    def skip(self) -> None:
+        self.skipped = True
 
 
 class SwitchInterval:
@@ -206,10 +210,13 @@ class ModelThreads:
         return job.future
 
     def start(self, fn: Callable[[Hashable, np.ndarray], R], unit: Hashable,
-              rows: np.ndarray, done: Callable[[], None], then: Outcome) -> None:
+              rows: np.ndarray, done: Callable[[], None], then: Outcome) -> Callable[[], None]:
         """Queue ``fn(unit, rows)``; when it has ended, ``done()`` and then ``then`` run in
-        one callback on the loop, so what ``then`` resolves is seen in the loop's next step."""
-        self._put(_Job(fn, unit, rows, asyncio.get_running_loop(), done, then))
+        one callback on the loop, so what ``then`` resolves is seen in the loop's next step.
+        Returns a function that skips the call if it has not started (nothing runs then)."""
+        job = _Job(fn, unit, rows, asyncio.get_running_loop(), done, then)
+        self._put(job)
+        return job.skip
 
     def _put(self, job: _Job) -> None:
         self._jobs.put(job)
@@ -233,7 +240,7 @@ class ModelThreads:
                             ModelThreads.alive -= 1
                         return
                 continue
-            if job.future is not None and job.future.cancelled():  # its caller left
+            if job.skipped or (job.future is not None and job.future.cancelled()):
                 continue
             busy_s = SwitchInterval.busy_s
             if busy_s is not None:
@@ -368,23 +375,25 @@ class Executor:
         return await self._threads.submit(timed, unit, rows, done)
 
     def start(self, fn: Callable[[Hashable, np.ndarray], R], unit: Hashable,
-              rows: np.ndarray, then: Outcome) -> None:
+              rows: np.ndarray, then: Outcome) -> Callable[[], None] | None:
         """``fn(unit, rows)``, inline or in a model thread, its outcome told to ``then``:
         before this returns for an inline call, else on the loop as the call ends, in the same
         callback (no loop step in between). An error ``fn`` raises goes to ``then``; a
-        ``BaseException`` that is not an ``Exception`` (inline) propagates after it."""
+        ``BaseException`` that is not an ``Exception`` (inline) propagates after it. Returns,
+        for a call handed to the thread, a function that skips it if it has not started
+        (``then`` is never told); None for a call made inline."""
         if not self.inline_for(len(rows)):
             timed, done = self._in_thread(fn, unit, len(rows))
-            self._threads.start(timed, unit, rows, done, then)
-            return
+            return self._threads.start(timed, unit, rows, done, then)
         try:
             result = self.run_inline(fn, unit, rows)
         except BaseException as exc:
             then(None, exc)
             if not isinstance(exc, Exception):
                 raise
-            return
+            return None
         then(result, None)
+        return None
 
     def _in_thread(self, fn: Callable[[Hashable, np.ndarray], R], unit: Hashable, rows: int
                    ) -> tuple[Callable[[Hashable, np.ndarray], R], Callable[[], None]]:

@@ -203,6 +203,23 @@ async def test_shutdown_fails_leftovers_after_grace() -> None:
         await first
 
 
+async def test_a_batch_handed_ahead_and_not_started_is_dropped_at_shutdown() -> None:
+    fn = Doubler()
+    ex = Executor(placement="thread")
+    b: MicroBatcher[float] = MicroBatcher(fn, start=ex.start, max_batch_size=2, ahead=1)
+    b.start()
+    first = await hold_first(fn, b)
+    ahead = asyncio.create_task(submit(b, 1, 2))
+    await wait_for(lambda: b.running_rows == 3)  # handed to the model's thread, behind first
+    await b.aclose(grace_s=0)
+    for task in (first, ahead):
+        with pytest.raises(BatcherClosed):
+            await task
+    fn.gate.set()
+    assert await ex.run(fn, "u", np.array([[9.0]])) == [18.0]  # the thread took its queue
+    assert fn.sizes() == [1, 1]  # first and the last call: the batch ahead never ran
+
+
 async def test_max_delay_grows_the_batch() -> None:
     fn = Doubler()
     b = make(fn, max_batch_size=4, max_delay_s=1.0)
