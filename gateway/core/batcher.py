@@ -5,9 +5,9 @@ the same ``unit`` of work); a dispatch concatenates queued blocks of one unit, o
 to ``max_batch_size`` rows, and makes one call. Batches form by themselves from load, with no
 timer on the idle path:
 
-* when an execution slot is free (``concurrency`` slots), whatever is queued is dispatched at
-  the end of the loop step it was submitted in (blocks submitted in one step share the call):
-  a lone block at low load goes out as it is, without waiting;
+* when an execution slot is free (``concurrency`` slots), whatever is queued is dispatched by
+  a callback scheduled (``call_soon``) at its submit, so the blocks submitted before that
+  callback runs share the call: a lone block at low load goes out as it is, without waiting;
 * while every slot is busy, blocks accumulate; the next free slot takes up to
   ``max_batch_size`` rows of them; a block larger than that is split on submit;
 * ``max_delay_s > 0`` holds a dispatch up to that long for the batch to fill;
@@ -145,7 +145,7 @@ class MicroBatcher(Generic[R]):
         self._running: set[_Running[R]] = set()  # handed to ``start``, outcome not told yet
         self.running_rows = 0  # their rows
         self._closed = False
-        self._due = False  # a dispatch is scheduled for the end of this loop step
+        self._due = False  # a dispatch callback is scheduled (``call_soon``)
         self._dispatching = False  # inside ``_dispatch`` (an inline call ends within it)
         self._fill_timer: asyncio.TimerHandle | None = None  # ``max_delay_s`` running out
         self._filled = False  # ``max_delay_s`` has run out for the batch being formed

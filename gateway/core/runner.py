@@ -142,7 +142,8 @@ class _Job:
                  done: Callable[[], None], then: Outcome | None) -> None:
         self.fn, self.unit, self.rows, self.loop, self.done = fn, unit, rows, loop, done
         self.then = then
-        self.future: asyncio.Future[Any] | None = None if then else loop.create_future()
+        self.future: asyncio.Future[Any] | None = (
+            None if then is not None else loop.create_future())
         self.skipped = False  # set on the loop: not to be started
 
     def skip(self) -> None:
