@@ -41,8 +41,9 @@ class Doubler:
         return [len(values) for _, values in self.batches]
 
 
-def make(fn: Doubler, **kw: Any) -> MicroBatcher[float]:
-    ex = Executor(placement="thread")
+def make(fn: Doubler, ex: Executor | None = None, **kw: Any) -> MicroBatcher[float]:
+    """A started batcher of ``fn`` whose calls run on ``ex`` (default: a thread's)."""
+    ex = ex or Executor(placement="thread")
     b: MicroBatcher[float] = MicroBatcher(fn, start=ex.start, **kw)
     b.start()
     return b
@@ -206,8 +207,7 @@ async def test_shutdown_fails_leftovers_after_grace() -> None:
 async def test_a_batch_handed_ahead_and_not_started_is_dropped_at_shutdown() -> None:
     fn = Doubler()
     ex = Executor(placement="thread")
-    b: MicroBatcher[float] = MicroBatcher(fn, start=ex.start, max_batch_size=2, ahead=1)
-    b.start()
+    b = make(fn, ex, max_batch_size=2, ahead=1)
     first = await hold_first(fn, b)
     ahead = asyncio.create_task(submit(b, 1, 2))
     await wait_for(lambda: b.running_rows == 3)  # handed to the model's thread, behind first
@@ -239,8 +239,7 @@ def test_bad_limits_raise() -> None:
 async def test_a_whole_batch_is_handed_ahead_while_the_slot_is_busy_a_partial_one_is_not() -> None:
     fn = Doubler()
     ex = Executor(placement="thread")
-    b: MicroBatcher[float] = MicroBatcher(fn, start=ex.start, max_batch_size=4, ahead=1)
-    b.start()
+    b = make(fn, ex, max_batch_size=4, ahead=1)
     first = await hold_first(fn, b)
     partial = asyncio.create_task(submit(b, 1, 2, 3))
     await wait_for(lambda: b.queued_rows == 3)
@@ -264,8 +263,7 @@ async def test_an_inline_call_answers_its_caller_two_loop_steps_after_the_submit
     """The dispatch runs in the step after the submit (blocks of one step share it) and the
     caller resumes in the next: no task of the batcher's stands in between."""
     fn = Doubler()
-    b: MicroBatcher[float] = MicroBatcher(fn, start=Executor(placement="inline").start)
-    b.start()
+    b = make(fn, Executor(placement="inline"))
     assert await submit(b, 0.0) == [0.0]  # (the batcher idle again, as under a steady load)
     steps = LoopSteps().start()
     try:
@@ -284,8 +282,7 @@ async def test_a_call_in_the_thread_answers_its_caller_in_the_step_after_it_ende
     ended: list[int] = []
     ex = Executor(placement="thread", on_call=lambda *_: ended.append(steps.now))
     fn = Doubler()
-    b: MicroBatcher[float] = MicroBatcher(fn, start=ex.start)
-    b.start()
+    b = make(fn, ex)
     steps.start()
     try:
         assert await submit(b, 1.0, 2.0) == [2.0, 4.0]
