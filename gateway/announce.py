@@ -21,11 +21,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import orjson
-from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.cache import RedisCache
 from gateway.errors import GatewayError
-from gateway.redis_client import listen
+from gateway.redis_client import REDIS_FAILURES, listen
 
 __all__ = ["Announcer"]
 
@@ -64,7 +63,7 @@ class Announcer:
         try:
             async with asyncio.timeout(self._cache.timeout_s):
                 heard = int(await self._cache.client.publish(self.channel, message))
-        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+        except REDIS_FAILURES as exc:
             self._cache.failed(exc)
             return None
         self._cache.succeeded()

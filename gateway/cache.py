@@ -31,10 +31,10 @@ from typing import Literal
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.breaker import CircuitBreaker
 from gateway.metrics import Metrics
+from gateway.redis_client import REDIS_FAILURES
 from gateway.tracing import Traced, current
 
 __all__ = ["INVALID", "L1Cache", "RedisCache"]
@@ -190,7 +190,7 @@ class RedisCache:
         self._writer = loop.create_task(self._write_loop())
         try:
             await self._ping(self._timeout * 4, timed=False)  # also connects: not a round trip
-        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+        except REDIS_FAILURES as exc:
             self._failed(exc)
             log.warning("redis not reachable at startup (%s); serving from L1 + model", exc)
         self._prober = loop.create_task(self._probe_loop())
@@ -214,7 +214,7 @@ class RedisCache:
                 continue
             try:
                 await self._ping(self._timeout)
-            except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+            except REDIS_FAILURES as exc:
                 self._failed(exc)
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None] | None:
@@ -305,7 +305,7 @@ class RedisCache:
                 else:
                     values = await self._client.mget(keys)  # type: ignore[assignment]
             self._succeeded()
-        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+        except REDIS_FAILURES as exc:
             self._failed(exc)
         except BaseException:  # cancelled (shutdown): the probe slot must not stay taken
             self._breaker.failure()
@@ -361,8 +361,7 @@ class RedisCache:
                     await pipe.execute()
                 self._succeeded()
             except Exception as exc:  # a client's own defect must not stop every later write
-                if not isinstance(exc, (RedisError, RedisClusterException, OSError,
-                                        TimeoutError)):
+                if not isinstance(exc, REDIS_FAILURES):
                     log.warning("redis write failed unexpectedly: %r", exc, exc_info=True)
                 self._failed(exc)
                 self._metrics.l2_writes_dropped.inc(len(chunk))

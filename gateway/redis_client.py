@@ -56,14 +56,18 @@ from redis.asyncio.connection import (
 from redis.asyncio.retry import Retry
 from redis.backoff import DEFAULT_BASE, DEFAULT_CAP, ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MaxConnectionsError, RedisError
+from redis.exceptions import MaxConnectionsError, RedisClusterException, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-__all__ = ["CLUSTER_SCHEMES", "BoundedRedis", "Packed", "bulk", "connect_node",
+__all__ = ["CLUSTER_SCHEMES", "REDIS_FAILURES", "BoundedRedis", "Packed", "bulk", "connect_node",
            "connect_redis", "connect_redis_cluster", "is_cluster_url", "listen",
            "subscriber_for"]
 
 CLUSTER_SCHEMES = ("redis+cluster", "rediss+cluster")
+
+REDIS_FAILURES = (RedisError, RedisClusterException, OSError, TimeoutError)
+"""What a Redis call may fail with, client or cluster, network or timeout: the gateway serves
+on without Redis for each of them."""
 
 log = logging.getLogger("gateway.redis")
 

@@ -40,13 +40,13 @@ from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import NoScriptError
 
 from gateway.cache import INVALID, RedisCache
 from gateway.core.batcher import Failure
 from gateway.core.runner import ModelRunner, Unit
 from gateway.metrics import Metrics
-from gateway.redis_client import Packed, bulk, connect_node, listen
+from gateway.redis_client import REDIS_FAILURES, Packed, bulk, connect_node, listen
 from gateway.tracing import current, remote_context, sink, traceparent_of
 
 __all__ = ["BLOCK_LOOP_S", "Lookup", "Remote"]
@@ -257,7 +257,7 @@ class Remote:
             async with asyncio.timeout(timeout_s):
                 for script, _ in self._scripts.values():  # loaded (on every master) up front
                     script.sha = await self._client.script_load(script.script)
-        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+        except REDIS_FAILURES as exc:
             log.warning("cross-replica coalescing: scripts not loaded yet (%r)", exc)
         try:
             async with asyncio.timeout(timeout_s):
@@ -571,7 +571,7 @@ class Remote:
                 if isinstance(reply, list):
                     for i, r in zip(idx, reply, strict=True):
                         results[i] = r
-        except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
+        except REDIS_FAILURES as exc:
             self._cache.failed(exc)
         finally:
             for start, end, fut in call.futures:
