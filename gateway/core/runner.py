@@ -132,18 +132,16 @@ def _blocked_count() -> int:
 
 
 class _Job:
-    """One call handed to a model thread; ``done`` runs on the event loop once it ended, then
-    ``then`` is told its outcome, or else ``future`` gets it."""
+    """One call handed to a model thread; once it ended, ``done`` runs on the event loop and
+    then ``then`` is told its outcome."""
 
-    __slots__ = ("done", "fn", "future", "loop", "rows", "skipped", "then", "unit")
+    __slots__ = ("done", "fn", "loop", "rows", "skipped", "then", "unit")
 
     def __init__(self, fn: Callable[[Hashable, np.ndarray], Any], unit: Hashable,
                  rows: np.ndarray, loop: asyncio.AbstractEventLoop,
-                 done: Callable[[], None], then: Outcome | None) -> None:
+                 done: Callable[[], None], then: Outcome) -> None:
         self.fn, self.unit, self.rows, self.loop, self.done = fn, unit, rows, loop, done
         self.then = then
-        self.future: asyncio.Future[Any] | None = (
-            None if then is not None else loop.create_future())
         self.skipped = False  # set on the loop: not to be started
 
     def skip(self) -> None:
@@ -199,27 +197,13 @@ class ModelThreads:
         """Calls handed over and not started yet."""
         return self._jobs.qsize()
 
-    def submit(self, fn: Callable[[Hashable, np.ndarray], R], unit: Hashable,
-               rows: np.ndarray, done: Callable[[], None]) -> asyncio.Future[R]:
-        """Queue ``fn(unit, rows)``; the future gets its result or exception. ``done()``
-        runs on the loop when the call ended, before the future is resolved (not for a call
-        skipped because its future was cancelled before it started). Cancelling the future
-        does not stop a call that has started."""
-        job = _Job(fn, unit, rows, asyncio.get_running_loop(), done, None)
-        self._put(job)
-        assert job.future is not None
-        return job.future
-
     def start(self, fn: Callable[[Hashable, np.ndarray], R], unit: Hashable,
               rows: np.ndarray, done: Callable[[], None], then: Outcome) -> Callable[[], None]:
         """Queue ``fn(unit, rows)``; when it has ended, ``done()`` and then ``then`` run in
         one callback on the loop, so what ``then`` resolves is seen in the loop's next step.
-        Returns a function that skips the call if it has not started (nothing runs then)."""
+        Returns a function that skips the call if it has not started (nothing runs then); a
+        call that has started runs to its end."""
         job = _Job(fn, unit, rows, asyncio.get_running_loop(), done, then)
-        self._put(job)
-        return job.skip
-
-    def _put(self, job: _Job) -> None:
         self._jobs.put(job)
         with self._lock:
             if self._live < self._count:
@@ -227,6 +211,7 @@ class ModelThreads:
                 with ModelThreads._alive_lock:
                     ModelThreads.alive += 1
                 threading.Thread(target=self._work, name=self._name, daemon=True).start()
+        return job.skip
 
     def _work(self) -> None:
         jobs = self._jobs
@@ -241,7 +226,7 @@ class ModelThreads:
                             ModelThreads.alive -= 1
                         return
                 continue
-            if job.skipped or (job.future is not None and job.future.cancelled()):
+            if job.skipped:  # its caller left before it started
                 continue
             busy_s = SwitchInterval.busy_s
             if busy_s is not None:
@@ -263,13 +248,7 @@ def _settle(job: _Job, result: Any, error: BaseException | None) -> None:
     try:
         job.done()
     finally:  # the caller gets its answer whatever observing the call did
-        if job.then is not None:
-            job.then(result, error)
-        elif job.future is not None and not job.future.done():
-            if error is None:
-                job.future.set_result(result)
-            else:
-                job.future.set_exception(error)
+        job.then(result, error)
 
 
 class Executor:
@@ -372,8 +351,23 @@ class Executor:
         (and is measured), one that has not is skipped."""
         if self.inline_for(len(rows)):
             return self.run_inline(fn, unit, rows)
+        answer: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+
+        def then(result: R, error: BaseException | None) -> None:
+            if answer.done():
+                return
+            if error is None:
+                answer.set_result(result)
+            else:
+                answer.set_exception(error)
+
         timed, done = self._in_thread(fn, unit, len(rows))
-        return await self._threads.submit(timed, unit, rows, done)
+        skip = self._threads.start(timed, unit, rows, done, then)
+        try:
+            return await answer
+        except asyncio.CancelledError:
+            skip()
+            raise
 
     def start(self, fn: Callable[[Hashable, np.ndarray], R], unit: Hashable,
               rows: np.ndarray, then: Outcome) -> Callable[[], None] | None:

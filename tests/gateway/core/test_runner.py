@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import sys
 import threading
@@ -368,8 +369,10 @@ async def test_model_threads_alive_are_counted_until_they_end(
         others = set(threading.enumerate())
         before = ModelThreads.alive
         threads = ModelThreads(name="counted")
-        assert await threads.submit(lambda _u, rows: len(rows), "u", np.zeros((3, 1)),
-                                    lambda: None) == 3
+        answer: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        threads.start(lambda _u, rows: len(rows), "u", np.zeros((3, 1)), lambda: None,
+                      lambda result, _error, answer=answer: answer.set_result(result))
+        assert await answer == 3
         started = ModelThreads.alive
         (worker,) = [t for t in threading.enumerate() if t.name == "counted"]
         await anyio.to_thread.run_sync(worker.join)
