@@ -11,14 +11,23 @@ trees the load makes it walk.
 
 Each of ``repeats`` rounds times ``calls`` calls and keeps their median; the figure is the
 median of the rounds, with their minimum and maximum. ``python -m bench.limit`` prints it.
+
+The limit is measured with the machine's other cores idle; a serving process keeps one of them
+busy with its event loop. ``--beside-busy`` measures the same calls again while plain Python
+keeps every other core busy (``busy_cores``) and prints how much longer a call takes then:
+whether the limit measured alone holds beside a busy core on this machine.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -28,7 +37,7 @@ import numpy as np
 from bench.doors import MAX_SALT, unique_rows
 from model_store import LoadedModel, ModelStore
 
-__all__ = ["Limit", "describe_backend", "measure", "measure_loaded"]
+__all__ = ["Limit", "busy_cores", "describe_backend", "measure", "measure_loaded"]
 
 _SALT = MAX_SALT - 1  # rows no bench run sends (runs' salts count up from 1)
 
@@ -136,6 +145,37 @@ def measure(root: Path, name: str, version: int | None = None, **kw: Any) -> Lim
     return measure_loaded(store.load_sync(name, version or store.latest(name)), **kw)
 
 
+_BUSY = """import sys, time
+end = time.monotonic() + float(sys.argv[1])
+print("busy", flush=True)
+while time.monotonic() < end:
+    pass
+"""
+
+
+@contextlib.contextmanager
+def busy_cores(count: int, *, seconds: float = 600.0) -> Iterator[list[int]]:
+    """``count`` processes of plain Python each keeping a core busy for the block, their PIDs
+    yielded once every one of them runs; killed when the block ends (each also ends by itself
+    after ``seconds``). Raises RuntimeError when one does not start."""
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for _ in range(count):
+            procs.append(subprocess.Popen([sys.executable, "-c", _BUSY, str(seconds)],
+                                          stdout=subprocess.PIPE, text=True))
+        for proc in procs:
+            assert proc.stdout is not None
+            if proc.stdout.readline().strip() != "busy":
+                raise RuntimeError(f"a busy process ended at once ({proc.wait()})")
+        yield [proc.pid for proc in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.limit", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -145,9 +185,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=64)
     p.add_argument("--calls", type=int, default=50)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--beside-busy", action="store_true",
+                   help="measure again with every other core busy in plain Python")
     args = p.parse_args(argv)
-    print(measure(args.model_root, args.model, args.version, rows=args.rows,
-                  calls=args.calls, repeats=args.repeats).sentence())
+    store = ModelStore(args.model_root)
+    model = store.load_sync(args.model, args.version or store.latest(args.model))
+    kw = {"rows": args.rows, "calls": args.calls, "repeats": args.repeats}
+    alone = measure_loaded(model, **kw)
+    print(alone.sentence())
+    if args.beside_busy:
+        others = max(1, (os.cpu_count() or 2) - 1)
+        with busy_cores(others):
+            beside = measure_loaded(model, **kw)
+        print(f"beside {others} core(s) busy in plain Python: {beside.sentence()}; a call "
+              f"{beside.call_us / alone.call_us:.2f}x as long")
     return 0
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bench.heavy import ensure_heavy
-from bench.limit import Limit, main, measure
+from bench.limit import Limit, busy_cores, main, measure
 from bench.report import (
     aggregate,
     aggregate_open,
@@ -57,6 +57,28 @@ def test_the_limit_command_prints_one_line(session_store: Path,
                  "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("iris v1 (label=sklearn") and "rows/s" in out
+
+
+@pytest.mark.e2e  # starts processes
+def test_the_limit_command_measures_again_beside_busy_cores(
+        session_store: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--model-root", str(session_store), "--model", "iris", "--calls", "2",
+                 "--repeats", "1", "--beside-busy"]) == 0
+    alone, beside = capsys.readouterr().out.splitlines()
+    assert alone.startswith("iris v1 (label=sklearn")
+    assert beside.startswith("beside ") and " core(s) busy in plain Python: iris v1" in beside
+    assert beside.endswith("x as long")
+
+
+@pytest.mark.e2e  # starts processes
+def test_busy_cores_run_for_the_block_and_end_with_it() -> None:
+    with busy_cores(2, seconds=60) as pids:
+        assert len(pids) == 2
+        for pid in pids:  # running (R) or runnable, not ended
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            assert state in ("R", "S")
+    for pid in pids:
+        assert not Path(f"/proc/{pid}").exists()
 
 
 def test_arguments_are_checked(session_store: Path) -> None:
