@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -35,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from bench.doors import MAX_SALT, unique_rows
+from bench.procs import Process
 from model_store import LoadedModel, ModelStore
 
 __all__ = ["Limit", "busy_cores", "describe_backend", "measure", "measure_loaded"]
@@ -141,8 +143,12 @@ def measure_loaded(model: LoadedModel, *, rows: int = 64, calls: int = 50,
 
 def measure(root: Path, name: str, version: int | None = None, **kw: Any) -> Limit:
     """The limit of ``name`` (latest version unless given) in the store at ``root``."""
+    return measure_loaded(_load(root, name, version), **kw)
+
+
+def _load(root: Path, name: str, version: int | None) -> LoadedModel:
     store = ModelStore(root)
-    return measure_loaded(store.load_sync(name, version or store.latest(name)), **kw)
+    return store.load_sync(name, version or store.latest(name))
 
 
 _BUSY = """import sys, time
@@ -158,22 +164,15 @@ def busy_cores(count: int, *, seconds: float = 600.0) -> Iterator[list[int]]:
     """``count`` processes of plain Python each keeping a core busy for the block, their PIDs
     yielded once every one of them runs; killed when the block ends (each also ends by itself
     after ``seconds``). Raises RuntimeError when one does not start."""
-    procs: list[subprocess.Popen[str]] = []
-    try:
+    with contextlib.ExitStack() as stack:
+        procs = []
         for _ in range(count):
-            procs.append(subprocess.Popen([sys.executable, "-c", _BUSY, str(seconds)],
-                                          stdout=subprocess.PIPE, text=True))
+            proc = Process([sys.executable, "-c", _BUSY, str(seconds)], stdout=subprocess.STDOUT)
+            stack.callback(proc.stop, signal.SIGKILL)
+            procs.append(proc)
         for proc in procs:
-            assert proc.stdout is not None
-            if proc.stdout.readline().strip() != "busy":
-                raise RuntimeError(f"a busy process ended at once ({proc.wait()})")
+            proc.wait_for("^busy$", timeout_s=60)
         yield [proc.pid for proc in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
-            if proc.stdout is not None:
-                proc.stdout.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -188,8 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--beside-busy", action="store_true",
                    help="measure again with every other core busy in plain Python")
     args = p.parse_args(argv)
-    store = ModelStore(args.model_root)
-    model = store.load_sync(args.model, args.version or store.latest(args.model))
+    model = _load(args.model_root, args.model, args.version)
     kw = {"rows": args.rows, "calls": args.calls, "repeats": args.repeats}
     alone = measure_loaded(model, **kw)
     print(alone.sentence())
